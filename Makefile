@@ -1,0 +1,30 @@
+# bnnctl: `make run` sets up and runs the main job; `make test` sets up and runs the tests.
+# Both work on a fresh CPU-only machine (no GPU, no downloads beyond the package registries).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; on a CUDA machine install your torch build into the venv first (README).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup run test bench clean
+
+setup: $(VENV)/.bnnctl-installed
+
+$(VENV)/.bnnctl-installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+run: setup
+	$(VENV)/bin/bnnctl models summary
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) tests/benchmarks/bench_binary_vs_real.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

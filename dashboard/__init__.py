@@ -1,0 +1,1 @@
+"""Read-only views of studies: ablation tables, exports and the web page."""

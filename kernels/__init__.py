@@ -1,0 +1,1 @@
+"""Binary convolution kernels (XNOR + popcount); imports nothing of the project."""

@@ -1,0 +1,1 @@
+"""Study specs, planning, state, execution and tracking."""

@@ -1,0 +1,22 @@
+"""The ``bnnctl`` command line: one small Typer app per command group, composed here.
+
+Heavy libraries (torch, ray, mlflow) are imported inside the commands, so ``bnnctl --help`` is fast.
+"""
+from __future__ import annotations
+
+import typer
+
+from . import models
+
+app = typer.Typer(
+    name="bnnctl",
+    help="Distributed ablation studies of binary neural networks.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(models.app, name="models")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,55 @@
+"""Helpers shared by the CLI command groups: user errors become one clear paragraph and exit 1."""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+import typer
+
+F = TypeVar("F", bound=Callable)
+
+
+def fail(message: str) -> "typer.Exit":
+    """Print ``message`` as the error paragraph on stderr and return the exit to raise."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=1)
+
+
+def user_errors(fn: F) -> F:
+    """Decorator: a BnnctlError raised by the command is printed (no traceback) and exits 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from bnnctl.workers.errors import BnnctlError
+
+        try:
+            return fn(*args, **kwargs)
+        except BnnctlError as err:
+            raise fail(str(err)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_assignments(items: list[str], option: str) -> dict[str, object]:
+    """``["a.b=1", "c=prelu"]`` -> ``{"a.b": 1, "c": "prelu"}``; values are parsed as YAML scalars."""
+    import yaml
+
+    from bnnctl.workers.errors import ConfigError
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(option, f"expected KEY=VALUE (for example activation.kind=prelu), got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def console():
+    from rich.console import Console
+
+    return Console(file=sys.stdout, soft_wrap=False, width=max(120, Console().width))

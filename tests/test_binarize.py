@@ -1,0 +1,106 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bnnctl.workers.binarize import APPROXIMATIONS, AlphaScale, BinarizeConfig, Quantizer, hard_sign, sign_ste
+from bnnctl.workers.errors import ConfigError
+from bnnctl.workers.layers import ActivationConfig, BinaryConv2d
+
+
+def test_sign_maps_zero_to_plus_one_and_is_exactly_two_valued():
+    x = torch.tensor([-2.0, -1e-30, 0.0, -0.0, 1e-30, 3.0])
+    assert hard_sign(x).tolist() == [-1.0, -1.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_ste_gradient_is_one_inside_clip_and_zero_outside():
+    x = torch.tensor([-3.0, -1.5, -1.0, -0.3, 0.0, 0.7, 1.0, 1.0001, 2.0], requires_grad=True)
+    sign_ste(x).backward(torch.full_like(x, 2.0))
+    assert x.grad.tolist() == [0.0, 0.0, 2.0, 2.0, 2.0, 2.0, 2.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("kind", APPROXIMATIONS.names())
+def test_approximation_tends_to_sign_with_finite_gradient(kind):
+    fn = APPROXIMATIONS.get(kind)
+    x = torch.cat([torch.linspace(-2, -0.05, 50), torch.linspace(0.05, 2, 50)])
+    errors = []
+    for lam in (1.0, 10.0, 100.0, 1e3, 1e4, 1e5):
+        xi = x.clone().requires_grad_(True)
+        y = fn(xi, torch.tensor(lam))
+        assert y.abs().max() <= 1.0
+        errors.append(float((y.detach() - hard_sign(x)).abs().max()))
+        y.sum().backward()
+        assert torch.isfinite(xi.grad).all()
+        # also at exactly 0, where the slope is steepest
+        z = torch.zeros(3, requires_grad=True)
+        fn(z, torch.tensor(lam)).sum().backward()
+        assert torch.isfinite(z.grad).all() and (z.grad > 0).all()
+    assert all(a >= b for a, b in zip(errors, errors[1:])), errors
+    assert errors[0] > 0.5 and errors[2] < errors[1] and errors[-1] < 1e-3
+
+
+def test_quantizer_uses_approximation_in_training_and_exact_sign_in_eval():
+    q = Quantizer("tanh", lambda_init=2.0)
+    x = torch.tensor([-0.5, 0.1, 0.8])
+    assert torch.allclose(q(x), torch.tanh(2.0 * x))
+    q.lam.fill_(5.0)
+    assert torch.allclose(q(x), torch.tanh(5.0 * x))
+    assert "lam" in q.state_dict()
+    q.eval()
+    assert q(x).tolist() == [-1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("alpha", ["none", "analytic", "learned"])
+def test_binarized_weights_take_exactly_plus_minus_alpha_per_channel(alpha):
+    layer = BinaryConv2d(6, 5, 3, binarize=BinarizeConfig(alpha=alpha))
+    if alpha == "learned":  # free to change sign and magnitude
+        with torch.no_grad():
+            layer.alpha.value.copy_(torch.tensor([0.5, -2.0, 1e-3, 3.0, -0.1]))
+    w = layer.effective_weight().detach()
+    latent = layer.latent_weight().detach()
+    expected_alpha = {"none": torch.ones(5), "analytic": latent.abs().flatten(1).mean(1),
+                      "learned": torch.tensor([0.5, -2.0, 1e-3, 3.0, -0.1])}[alpha]
+    for o in range(5):
+        values = set(w[o].flatten().tolist())
+        a = float(expected_alpha[o])
+        assert values <= {a, -a} and len(values) == 2
+        assert torch.equal(w[o], a * hard_sign(latent[o]))
+
+
+def test_learned_alpha_starts_at_the_analytic_value_and_receives_gradient():
+    layer = BinaryConv2d(4, 3, 3, binarize=BinarizeConfig(alpha="learned"))
+    latent = layer.latent_weight().detach()
+    assert torch.allclose(layer.alpha.value, latent.abs().flatten(1).mean(1))
+    layer(torch.randn(2, 4, 6, 6)).square().sum().backward()
+    assert layer.alpha.value.grad is not None and layer.alpha.value.grad.abs().sum() > 0
+
+
+def test_weight_gradient_is_zero_beyond_the_ste_clip():
+    layer = BinaryConv2d(2, 2, 1, binarize=BinarizeConfig(alpha="none"), activation=ActivationConfig("none"))
+    with torch.no_grad():
+        layer.weight_source.weight.copy_(torch.tensor([1.5, -0.5, 0.2, -3.0]).view(2, 2, 1, 1))
+    out = layer(torch.randn(4, 2, 3, 3))
+    (out * torch.randn_like(out)).sum().backward()
+    g = layer.weight_source.weight.grad.flatten()
+    assert g[0] == 0 and g[3] == 0 and g[1] != 0 and g[2] != 0
+
+
+@pytest.mark.parametrize("acts,weights", [(True, True), (True, False), (False, True), (False, False)])
+def test_independent_switches_for_activations_and_weights(acts, weights):
+    layer = BinaryConv2d(3, 4, 3, binarize=BinarizeConfig(activations=acts, weights=weights),
+                         activation=ActivationConfig("none")).eval()
+    x = torch.randn(2, 3, 5, 5)
+    normed = layer.bn(x)
+    xin = hard_sign(normed) if acts else normed
+    latent = layer.latent_weight()
+    w = latent.abs().flatten(1).mean(1).view(-1, 1, 1, 1) * hard_sign(latent) if weights else latent
+    assert torch.allclose(layer(x), F.conv2d(xin, w, padding=1), atol=1e-5)
+    assert (layer.input_quantizer is not None) == acts and (layer.weight_quantizer is not None) == weights
+
+
+def test_bad_binarize_settings_are_rejected():
+    with pytest.raises(ConfigError, match="lambda_init"):
+        BinarizeConfig(lambda_init=0.0)
+    with pytest.raises(ConfigError, match="alpha"):
+        AlphaScale("median", 3)
+    with pytest.raises(ConfigError, match="valid names: sigmoid, softsign, tanh"):
+        Quantizer("arctan")

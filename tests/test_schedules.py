@@ -1,0 +1,49 @@
+import math
+
+import pytest
+
+from bnnctl.workers.binarize import BinarizeConfig
+from bnnctl.workers.config import from_dict
+from bnnctl.workers.errors import ConfigError
+from bnnctl.workers.models import ModelConfig, build_model
+from bnnctl.workers.schedules import LambdaSchedule, LambdaScheduler, quantizers, set_lambda
+
+
+def test_schedule_values():
+    lin = LambdaSchedule("linear", 1.0, 9.0, total=8)
+    assert [lin.value(t) for t in (0, 2, 4, 8, 20)] == [1.0, 3.0, 5.0, 9.0, 9.0]
+    exp = LambdaSchedule("exponential", 1.0, 100.0, total=10)
+    assert math.isclose(exp.value(5), 10.0) and math.isclose(exp.value(10), 100.0)
+    step = LambdaSchedule("step", 1.0, 1000.0, total=40, steps=4)
+    assert [round(step.value(t), 6) for t in (0, 9, 10, 25, 39, 40)] == [1.0, 1.0, 10.0, 100.0, 1000.0, 1000.0]
+    assert LambdaSchedule("constant", 3.0, 3.0).value(100) == 3.0
+    # the total may come from the trainer
+    assert LambdaSchedule("linear", 0.0 + 1.0, 3.0).value(1, total=2) == 2.0
+
+
+@pytest.mark.parametrize("data,path", [
+    ({"kind": "linear", "lambda_start": 10.0, "lambda_end": 1.0}, "schedule.lambda_end"),
+    ({"kind": "linear", "lambda_start": -1.0}, "schedule.lambda_start"),
+    ({"kind": "cosine"}, "schedule.kind"),
+    ({"kind": "step", "steps": 1}, "schedule.steps"),
+])
+def test_bad_schedules_name_the_field(data, path):
+    with pytest.raises(ConfigError) as err:
+        from_dict(LambdaSchedule, data, "schedule")
+    assert err.value.path == path
+
+
+def test_scheduler_sets_the_lambda_buffers_of_a_model_and_of_one_group():
+    cfg = ModelConfig(width=16, depth=1, stacks=2, num_outputs=2,
+                      binarize=BinarizeConfig(quantizer="tanh", weight_quantizer="tanh"))
+    model = build_model(cfg)
+    scheduler = LambdaScheduler(model, LambdaSchedule("linear", 1.0, 5.0, total=4))
+    assert all(float(q.lam) == 1.0 for q in quantizers(model))
+    assert scheduler.step(2) == 3.0
+    assert {float(q.lam) for q in quantizers(model)} == {3.0}
+    groups = {q.group for q in quantizers(model)}
+    assert {"stem", "stacks.0", "stacks.1"} <= groups
+    n = set_lambda(model, 42.0, group="stacks.1")
+    assert n == len(quantizers(model, "stacks.1")) > 0
+    assert {float(q.lam) for q in quantizers(model, "stacks.0")} == {3.0}
+    assert {float(q.lam) for q in quantizers(model, "stacks.1")} == {42.0}

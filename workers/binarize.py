@@ -1,0 +1,187 @@
+"""Binarization: sign with the straight-through estimator, smooth approximations of sign whose
+sharpness lambda grows during training (IT §3.4), and the per-output-channel weight scale alpha
+(XNOR-Net analytic, or learned as in MT §4.3).
+
+Convention: sign(0) = +1, so every binary value is exactly +1 or -1 (a bit: 1 for +1, 0 for -1).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .config import require
+from .registry import Registry
+
+#: The STE passes the gradient where |x| <= STE_CLIP and zeroes it elsewhere (IT §3.1).
+STE_CLIP = 1.0
+
+QuantizerKind = Literal["sign", "tanh", "sigmoid", "softsign"]
+AlphaMode = Literal["none", "analytic", "learned"]
+
+
+def hard_sign(x: Tensor) -> Tensor:
+    """Exact sign with sign(0) = +1; values are exactly +1.0 or -1.0 in ``x``'s dtype."""
+    return torch.where(x >= 0, torch.ones((), dtype=x.dtype, device=x.device),
+                       -torch.ones((), dtype=x.dtype, device=x.device))
+
+
+class SignSTE(torch.autograd.Function):
+    """sign(x) forward; straight-through estimator backward: grad * 1[|x| <= 1]."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return hard_sign(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= STE_CLIP).to(grad.dtype)
+
+
+def sign_ste(x: Tensor) -> Tensor:
+    """Binarize ``x`` to ±1 with the straight-through gradient."""
+    return SignSTE.apply(x)
+
+
+# Smooth approximations of sign, parametrized by the sharpness lambda (IT §3.4, Fig. 6). Each maps
+# to (-1, 1) and tends to sign(x) for x != 0 as lambda -> inf; gradients are the true derivatives.
+APPROXIMATIONS: Registry[Callable[[Tensor, Tensor], Tensor]] = Registry("sign approximation")
+
+
+@APPROXIMATIONS.register("tanh")
+def tanh_approx(x: Tensor, lam: Tensor) -> Tensor:
+    return torch.tanh(lam * x)
+
+
+@APPROXIMATIONS.register("sigmoid")
+def sigmoid_approx(x: Tensor, lam: Tensor) -> Tensor:
+    return 2.0 * torch.sigmoid(lam * x) - 1.0
+
+
+@APPROXIMATIONS.register("softsign")
+def softsign_approx(x: Tensor, lam: Tensor) -> Tensor:
+    z = lam * x
+    return z / (1.0 + z.abs())
+
+
+QUANTIZER_KINDS = ("sign", *APPROXIMATIONS.names())
+
+
+class Quantizer(nn.Module):
+    """Maps real values to ±1.
+
+    In training, ``kind="sign"`` is sign with the STE and any other kind is its smooth approximation
+    at the current sharpness ``lam`` (a buffer, so it is checkpointed and moved with the module).
+    In evaluation it is always the exact sign: validation measures the binary network.
+
+    Args:
+        kind: "sign", "tanh", "sigmoid" or "softsign".
+        lambda_init: initial sharpness (ignored for "sign").
+        group: name of the layer group, so lambda schedules can address parts of the network.
+    """
+
+    def __init__(self, kind: str = "sign", lambda_init: float = 1.0, group: str = "") -> None:
+        super().__init__()
+        if kind != "sign":
+            APPROXIMATIONS.get(kind)
+        self.kind = kind
+        self.group = group
+        self.register_buffer("lam", torch.tensor(float(lambda_init)))
+
+    @property
+    def exact(self) -> bool:
+        """True when the output is exactly ±1 (plain sign, or any kind in eval mode)."""
+        return self.kind == "sign" or not self.training
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.exact:
+            return sign_ste(x)
+        return APPROXIMATIONS.get(self.kind)(x, self.lam.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, lam={float(self.lam):g}" + (f", group={self.group}" if self.group else "")
+
+
+class AlphaScale(nn.Module):
+    """The per-output-channel scale of binary weights.
+
+    - "none": no scale (alpha = 1).
+    - "analytic": alpha = mean |W| over each output channel's weights (XNOR-Net), recomputed from the
+      latent weights at every forward pass; gradients flow through it.
+    - "learned": a free parameter, initialized from the analytic value, that back-propagation may
+      make larger, smaller or negative (MT §4.3).
+    - "fixed": a stored buffer; what :func:`bnnctl.workers.reparam.materialize` leaves behind.
+    """
+
+    def __init__(self, mode: str, out_channels: int) -> None:
+        super().__init__()
+        require(mode in ("none", "analytic", "learned", "fixed"), "alpha",
+                f"unknown alpha mode {mode!r}; valid: analytic, fixed, learned, none")
+        self.mode = mode
+        if mode == "learned":
+            self.value = nn.Parameter(torch.ones(out_channels))
+        elif mode == "fixed":
+            self.register_buffer("value", torch.ones(out_channels))
+
+    @staticmethod
+    def analytic(latent: Tensor) -> Tensor:
+        return latent.abs().flatten(1).mean(dim=1)
+
+    @torch.no_grad()
+    def reset(self, latent: Tensor) -> None:
+        """Re-initialize a learned (or fixed) alpha from the analytic value of ``latent``."""
+        if self.mode in ("learned", "fixed"):
+            self.value.copy_(self.analytic(latent))
+
+    def forward(self, latent: Tensor) -> Tensor | None:
+        if self.mode == "none":
+            return None
+        if self.mode == "analytic":
+            return self.analytic(latent)
+        return self.value
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}"
+
+
+@dataclass(frozen=True)
+class BinarizeConfig:
+    """What a layer binarizes and how.
+
+    Attributes:
+        activations: binarize the layer's input (features).
+        weights: binarize the layer's weights.
+        quantizer: the function used for activations in training: "sign" (STE) or a smooth
+            approximation ("tanh", "sigmoid", "softsign") for progressive binarization.
+        weight_quantizer: the same for weights ("sign" by default, as in the papers).
+        alpha: weight scale: "none", "analytic" (mean |W|) or "learned".
+        lambda_init: the approximation's sharpness before any schedule sets it.
+
+    ``activations=False, weights=False`` is the real-valued network with the same architecture;
+    ``activations=True, weights=False`` is stage 1 of reverse-order initialization (IT §3.3).
+    """
+
+    activations: bool = True
+    weights: bool = True
+    quantizer: QuantizerKind = "sign"
+    weight_quantizer: QuantizerKind = "sign"
+    alpha: AlphaMode = "analytic"
+    lambda_init: float = 1.0
+
+    def __post_init__(self) -> None:
+        require(math.isfinite(self.lambda_init) and self.lambda_init > 0, "lambda_init",
+                f"must be a positive number, got {self.lambda_init}")
+
+    @property
+    def any(self) -> bool:
+        return self.activations or self.weights
+
+    @classmethod
+    def real(cls) -> "BinarizeConfig":
+        """The real-valued setting: nothing binarized."""
+        return cls(activations=False, weights=False)
