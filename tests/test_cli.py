@@ -1,0 +1,74 @@
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from bnnctl.orchestrator.cli import app
+from bnnctl.workers.accounting import account
+from bnnctl.workers.models import ModelConfig, build_model
+
+runner = CliRunner()
+
+
+def test_summary_reports_the_accounting_of_the_default_model():
+    result = runner.invoke(app, ["models", "summary", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    expected = account(build_model(ModelConfig()), 256)
+    assert out["params"] == expected.params and out["bops"] == expected.bops
+    assert out["config"]["arch"] == "hourglass" and out["config"]["block"] == "hpm"
+    assert out["config"]["width"] == 256 and out["input_size"] == 256
+
+
+def test_summary_table_and_options():
+    result = runner.invoke(app, ["models", "summary", "--arch", "resnet18", "--width", "8", "--real",
+                                 "--input-size", "32", "--layers"])
+    assert result.exit_code == 0, result.output
+    assert "resnet18 · real-valued" in result.output and "layers.3.1.conv2" in result.output
+
+
+def test_set_overrides_any_field(tmp_path):
+    spec = tmp_path / "model.yaml"
+    spec.write_text("arch: hourglass\nwidth: 16\ndepth: 2\nstacks: 2\n")
+    result = runner.invoke(app, ["models", "summary", "--json", "--config", str(spec), "--input-size", "32",
+                                 "--set", "activation.kind=leaky_relu", "--set", "decomposition.kind=svd"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["config"]["activation"]["kind"] == "leaky_relu" and out["config"]["stacks"] == 2
+    assert out["trained_params"] != out["params"]  # factors are trained, not deployed
+
+
+def _fails(args, *phrases):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    for phrase in phrases:
+        assert phrase in result.output, result.output
+
+
+def test_bad_input_gives_one_clear_error(tmp_path):
+    _fails(["models", "summary", "--arch", "vgg"], "model.arch", "valid names: alexnet, hourglass")
+    _fails(["models", "summary", "--set", "activation.kind=gelu"], "model.activation.kind", "leaky_relu, none")
+    _fails(["models", "summary", "--set", "activation"], "--set", "KEY=VALUE")
+    _fails(["models", "summary", "--set", "colour=red"], "model.colour", "unknown key")
+    _fails(["models", "summary", "--config", str(tmp_path / "missing.yaml")], "cannot read")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("arch: [unclosed\n")
+    _fails(["models", "summary", "--config", str(bad)], "not valid YAML")
+    bad.write_text("- a list\n")
+    _fails(["models", "summary", "--config", str(bad)], "must hold a mapping")
+
+
+def test_list_names():
+    result = runner.invoke(app, ["models", "list"])
+    assert result.exit_code == 0
+    assert "holistic_tucker" in result.output and "unet_hourglass" in result.output
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = ("import sys; from bnnctl.orchestrator.cli import app; "
+            "heavy = [m for m in ('torch', 'tensorly', 'ray', 'mlflow', 'optuna', 'sqlalchemy', 'cupy') if m in sys.modules]; "
+            "print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

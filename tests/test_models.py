@@ -1,0 +1,96 @@
+"""Every model runs forward and backward at a tiny size in every combination of
+block x activation x decomposition x binary/real (timm-style registry test)."""
+import itertools
+
+import pytest
+import torch
+
+from bnnctl.workers.accounting import account
+from bnnctl.workers.binarize import BinarizeConfig
+from bnnctl.workers.blocks import BLOCKS
+from bnnctl.workers.errors import UnknownNameError
+from bnnctl.workers.layers import ACTIVATIONS, ActivationConfig, binary_layers
+from bnnctl.workers.models import MODELS, ModelConfig, build_model
+from bnnctl.workers.reparam import DecompositionConfig
+
+TINY = {
+    "hourglass": (dict(width=16, depth=2, stacks=2, num_outputs=3), 32),
+    "unet_hourglass": (dict(width=16, depth=2, stacks=2, num_outputs=3, merge_groups=2), 32),
+    "resnet18": (dict(width=8, num_outputs=5), 32),
+    "alexnet": (dict(width=8, num_outputs=5), 64),
+}
+DECOMPOSITIONS = ["none", "svd", "tucker", "holistic_tucker"]
+
+
+def _cases():
+    for arch in MODELS.names():
+        blocks = BLOCKS.names() if MODELS.get(arch).block else [None]
+        for block, act, dec, binary in itertools.product(blocks, ACTIVATIONS.names(), DECOMPOSITIONS, (True, False)):
+            yield pytest.param(arch, block, act, dec, binary, id=f"{arch}-{block}-{act}-{dec}-{'bin' if binary else 'real'}")
+
+
+@pytest.mark.parametrize("arch,block,act,dec,binary", list(_cases()))
+def test_forward_backward_every_combination(arch, block, act, dec, binary):
+    kwargs, size = TINY[arch]
+    cfg = ModelConfig(arch=arch, block=block, activation=ActivationConfig(act),
+                      decomposition=DecompositionConfig(dec),
+                      binarize=BinarizeConfig() if binary else BinarizeConfig.real(), **kwargs)
+    model = build_model(cfg)
+    outputs = model(torch.randn(2, 3, size, size))
+    outputs = outputs if isinstance(outputs, list) else [outputs]
+    if arch.endswith("hourglass"):
+        assert len(outputs) == 2 and outputs[-1].shape == (2, 3, size // 4, size // 4)
+    else:
+        assert outputs[0].shape == (2, 5)
+    loss = sum(o.square().mean() for o in outputs)
+    assert torch.isfinite(loss)
+    loss.backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with_grad = [p for p in trainable if p.grad is not None and p.grad.abs().sum() > 0]
+    assert len(with_grad) > 0.5 * len(trainable)
+    assert all(torch.isfinite(p.grad).all() for p in trainable if p.grad is not None)
+    layers = binary_layers(model)
+    assert layers and all(l.binary_inputs == binary and l.binary_weights == binary
+                          for n, l in layers if getattr(l, "reparametrizable", True))
+
+
+def test_binary_layers_see_only_plus_minus_one_inputs_in_eval():
+    model = build_model(ModelConfig(width=16, depth=2, num_outputs=3)).eval()
+    seen = []
+    for _, layer in binary_layers(model):
+        layer.input_quantizer.register_forward_hook(lambda m, i, o: seen.append(o))
+    model(torch.randn(1, 3, 32, 32))
+    assert seen and all(set(torch.unique(o).tolist()) <= {-1.0, 1.0} for o in seen)
+
+
+def test_join_layers_binary_or_real():
+    binary = build_model(ModelConfig(width=16, depth=1, stacks=2, num_outputs=3))
+    real = build_model(ModelConfig(width=16, depth=1, stacks=2, num_outputs=3, join_binary=False))
+    assert binary.stacks[0].join_features.binary_weights and binary.stacks[0].join_heatmaps.binary_inputs
+    assert not real.stacks[0].join_features.binary_weights and not real.stacks[0].join_heatmaps.binary_inputs
+    assert not hasattr(binary.stacks[1], "join_features")  # the last stack has no joining layers
+
+
+def test_first_and_last_layers_stay_real():
+    for arch, (kwargs, _) in TINY.items():
+        model = build_model(ModelConfig(arch=arch, **kwargs))
+        convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        assert convs[0].weight.shape[1] == 3  # the image-facing conv is a plain real layer
+        assert isinstance(convs[-1], (torch.nn.Conv2d, torch.nn.Linear))
+
+
+def test_paper_width_hourglass_has_the_papers_parameter_count():
+    """IT Table 2: 1-stack binary hourglass with HPM blocks, 6.2M parameters."""
+    acc = account(build_model(ModelConfig()), 64)
+    assert abs(acc.params - 6.2e6) / 6.2e6 < 0.01
+    assert acc.binary_params > 0.99 * acc.params
+
+
+def test_resnet18_real_has_resnet18_size():
+    acc = account(build_model(ModelConfig(arch="resnet18").real()), 64)
+    assert abs(acc.params - 11.69e6) / 11.69e6 < 0.005
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(UnknownNameError, match="valid names: alexnet, hourglass, resnet18, unet_hourglass"):
+        ModelConfig(arch="vgg16")
