@@ -31,3 +31,15 @@ class UnknownNameError(ConfigError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
         return ConfigError.__str__(self)
+
+
+class DataError(BnnctlError):
+    """A dataset is missing or malformed; the message names the file (and record) and the expected layout."""
+
+
+class TrainingError(BnnctlError):
+    """A run cannot continue (non-finite loss, a missing checkpoint); ``reason`` is a short code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)

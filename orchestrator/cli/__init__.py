@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from . import models
+from . import data, models, train
 
 app = typer.Typer(
     name="bnnctl",
@@ -16,6 +16,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(models.app, name="models")
+app.add_typer(data.app, name="data")
+app.add_typer(train.app, name="train")
 
 
 def main() -> None:

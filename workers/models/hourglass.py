@@ -111,15 +111,18 @@ class StackedHourglass(nn.Module):
             HourglassStack(cfg, make, last=(i == cfg.stacks - 1), merge=merge) for i in range(cfg.stacks)
         )
 
-    def forward(self, x: Tensor) -> list[Tensor]:
+    def forward(self, x: Tensor, return_features: bool = False):
+        """Heatmaps of every stack; with ``return_features``, also each stack's features before
+        its head (used for feature-matching distillation)."""
         x = self.stem(x)
-        outputs = []
+        outputs, features_out = [], []
         for stack in self.stacks:
             features, heatmaps = stack(x)
             outputs.append(heatmaps)
+            features_out.append(features)
             if hasattr(stack, "join_features"):
                 x = x + stack.join_features(features) + stack.join_heatmaps(heatmaps)
-        return outputs
+        return (outputs, features_out) if return_features else outputs
 
 
 MODELS.register("hourglass")(Architecture(lambda cfg: StackedHourglass(cfg, "sum"), "pose", 256, 16, 256))

@@ -1,0 +1,134 @@
+"""The variant trainer, end to end on tiny configurations of the embedded data sets."""
+import dataclasses
+
+import pytest
+import torch
+
+from bnnctl.workers.binarize import BinarizeConfig
+from bnnctl.workers.config import from_dict
+from bnnctl.workers.data.synthetic import SyntheticConfig
+from bnnctl.workers.errors import ConfigError, TrainingError
+from bnnctl.workers.layers import binary_layers
+from bnnctl.workers.models import ModelConfig
+from bnnctl.workers.schedules import LambdaSchedule
+from bnnctl.workers.train import DataConfig, DistillConfig, LocalReporter, OptimConfig, TrainConfig, run_variant
+from bnnctl.workers.train.checkpoint import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data") / "synthetic")
+
+
+def tiny(root, **kw):
+    base = dict(
+        model=ModelConfig(width=16, depth=2),
+        data=DataConfig(root=root, synthetic=SyntheticConfig(train=48, valid=16), input_size=32),
+        optim=OptimConfig(lr=2e-3), epochs=3, batch_size=8, loss="mse", threads=1, seed=1,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_short_training_lowers_the_loss(synth_root, tmp_path):
+    rep = LocalReporter(tmp_path / "ck")
+    result = run_variant(tiny(synth_root, epochs=4, model=ModelConfig(width=16, depth=2).real()), rep)
+    losses = [m["train_loss"] for _, m in rep.history]
+    assert losses[-1] < 0.7 * losses[0]
+    assert result.status == "completed" and result.epochs_done == 4
+    assert set(result.per_joint) >= {"r_ankle", "head_top"} and 0 <= result.metrics["pckh"] <= 100
+    assert result.accounting["binary_params"] == 0 and result.accounting["params"] > 0
+    ckpt = load_checkpoint(result.last_checkpoint)
+    assert ckpt["epoch"] == 4 and ckpt["config"]["epochs"] == 4
+
+
+def test_stop_and_resume_ends_exactly_like_an_uninterrupted_run(synth_root, tmp_path):
+    cfg = tiny(synth_root, model=ModelConfig(width=16, depth=2, binarize=BinarizeConfig(quantizer="tanh", alpha="learned")),
+               lambda_schedule=LambdaSchedule("linear", 1.0, 20.0))
+    full = run_variant(cfg, LocalReporter(tmp_path / "full"))
+    first = run_variant(cfg, LocalReporter(tmp_path / "split", stop_after=1))
+    assert first.status == "stopped" and first.epochs_done == 1
+    resumed_rep = LocalReporter(tmp_path / "split")
+    resumed = run_variant(cfg, resumed_rep)
+    assert [e for e, _ in resumed_rep.history] == [2, 3]  # only the missing epochs ran
+    assert resumed.status == "completed"
+    for key in ("pckh", "val_loss", "train_loss", "pckh_approx", "lambda"):
+        assert resumed.metrics[key] == full.metrics[key], key
+    a = load_checkpoint(full.last_checkpoint)["model"]
+    b = load_checkpoint(resumed.last_checkpoint)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resumed_finished_run_trains_nothing(synth_root, tmp_path):
+    cfg = tiny(synth_root, epochs=1)
+    first = run_variant(cfg, LocalReporter(tmp_path / "ck"))
+    rep = LocalReporter(tmp_path / "ck")
+    again = run_variant(cfg, rep)
+    assert rep.history == [] and again.metrics["pckh"] == first.metrics["pckh"]
+
+
+def test_checkpoint_of_another_config_is_refused(synth_root, tmp_path):
+    run_variant(tiny(synth_root, epochs=1), LocalReporter(tmp_path / "ck"))
+    with pytest.raises(TrainingError, match="different configuration"):
+        run_variant(tiny(synth_root, epochs=2, seed=5), LocalReporter(tmp_path / "ck"))
+
+
+def test_nan_loss_fails_with_a_reason_and_no_result(synth_root, tmp_path):
+    cfg = tiny(synth_root, optim=OptimConfig(name="sgd", lr=1e30), model=ModelConfig(width=16, depth=2).real())
+    with pytest.raises(TrainingError) as err:
+        run_variant(cfg, LocalReporter(tmp_path / "ck"))
+    assert err.value.reason == "nan_loss" and "epoch 1" in str(err.value)
+    assert not (tmp_path / "ck" / "best.pt").exists()
+
+
+def test_reverse_order_initialization_stage2_starts_from_stage1(synth_root, tmp_path):
+    stage1_model = ModelConfig(width=16, depth=2, binarize=BinarizeConfig(weights=False))
+    stage1 = run_variant(tiny(synth_root, epochs=1, model=stage1_model), LocalReporter(tmp_path / "s1"))
+    state1 = load_checkpoint(stage1.last_checkpoint)["model"]
+    cfg2 = tiny(synth_root, epochs=1, init_from=stage1.last_checkpoint,
+                model=ModelConfig(width=16, depth=2, binarize=BinarizeConfig(alpha="learned")), optim=OptimConfig(lr=1e-12))
+    stage2 = run_variant(cfg2, LocalReporter(tmp_path / "s2"))
+    state2 = load_checkpoint(stage2.last_checkpoint)["model"]
+    latent = [k for k in state1 if k.endswith("weight_source.weight")]
+    assert latent and all(torch.allclose(state1[k], state2[k], atol=1e-6) for k in latent)
+    assert any(k.endswith("alpha.value") for k in state2)
+    assert stage2.accounting["binary_params"] > 0 and stage1.accounting["binary_params"] == 0
+
+
+def test_distillation_uses_the_teacher(synth_root, tmp_path):
+    teacher = run_variant(tiny(synth_root, epochs=1, model=ModelConfig(width=16, depth=2).real(), loss="bce"),
+                          LocalReporter(tmp_path / "teacher"))
+    base = tiny(synth_root, epochs=1)
+    plain = run_variant(base, LocalReporter(tmp_path / "plain"))
+    zero = run_variant(dataclasses.replace(base, distill=DistillConfig(teacher=teacher.best_checkpoint, weight=0.0)),
+                       LocalReporter(tmp_path / "zero"))
+    half = run_variant(dataclasses.replace(base, distill=DistillConfig(teacher=teacher.best_checkpoint, weight=0.5,
+                                                                        feature_weight=1.0)),
+                       LocalReporter(tmp_path / "half"))
+    assert zero.metrics["train_loss"] == plain.metrics["train_loss"]  # weight 0 = no distillation
+    assert half.metrics["train_loss"] != plain.metrics["train_loss"]
+    with pytest.raises(TrainingError, match="checkpoint not found"):
+        run_variant(dataclasses.replace(base, distill=DistillConfig(teacher=str(tmp_path / "nope.pt"))),
+                    LocalReporter(tmp_path / "x"))
+
+
+def test_classification_on_the_embedded_digits(tmp_path):
+    cfg = TrainConfig(model=ModelConfig(arch="resnet18", width=8),
+                      data=DataConfig(dataset="digits", root=str(tmp_path / "digits"), input_size=32,
+                                      train_limit=600, val_limit=200),
+                      optim=OptimConfig(name="adam", lr=3e-3), epochs=3, batch_size=32, loss="ce", threads=1)
+    rep = LocalReporter(tmp_path / "ck")
+    result = run_variant(cfg, rep)
+    assert result.metric == "top1" and result.metrics["top5"] >= result.metrics["top1"]
+    assert result.metrics["top1"] > 25.0  # chance is 10%
+    assert rep.history[-1][1]["train_loss"] < rep.history[0][1]["train_loss"]
+
+
+def test_config_mismatches_are_config_errors():
+    with pytest.raises(ConfigError, match="is a pose dataset but model 'resnet18'"):
+        TrainConfig(model=ModelConfig(arch="resnet18"))
+    with pytest.raises(ConfigError, match="use one of ce"):
+        TrainConfig(model=ModelConfig(arch="resnet18"), data=DataConfig(dataset="digits"), loss="bce")
+    with pytest.raises(ConfigError) as err:
+        from_dict(TrainConfig, {"optim": {"lr": -1}})
+    assert err.value.path == "optim.lr"

@@ -1,0 +1,170 @@
+"""The frozen, typed configuration of one training run: everything needed to reproduce it."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..config import require
+from ..data.classification import ClassAugmentConfig
+from ..data.pose import AugmentConfig
+from ..data.synthetic import SyntheticConfig
+from ..models import ModelConfig
+from ..schedules import LambdaSchedule
+
+DatasetKind = Literal["synthetic", "mpii", "lsp", "imagenet", "digits"]
+POSE_DATASETS = ("synthetic", "mpii", "lsp")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data is and how samples are prepared.
+
+    Attributes:
+        dataset: "synthetic" (embedded, written on first use), "mpii", "lsp", "imagenet",
+            "digits" (embedded real set, written on first use).
+        root: dataset folder. For the embedded sets, ``None`` means ``.bnnctl/data/<name>`` under
+            the working directory.
+        synthetic: size and difficulty of the synthetic set.
+        input_size: side of the network input in pixels.
+        heatmap_size: side of the heatmaps (pose); ``None`` = input_size / 4 (the hourglass stride).
+        sigma: Gaussian heatmap sigma in heatmap pixels.
+        augment / class_augment: pose / classification training augmentation; ``None`` = none.
+        flip_test: average predictions with the mirrored image's at evaluation.
+        train_limit, val_limit: use only the first N samples (quick runs).
+        workers: DataLoader worker processes (0 = load in the training process).
+    """
+
+    dataset: DatasetKind = "synthetic"
+    root: str | None = None
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    input_size: int = 64
+    heatmap_size: int | None = None
+    sigma: float = 1.0
+    augment: AugmentConfig | None = field(default_factory=lambda: AugmentConfig(flip=False))
+    class_augment: ClassAugmentConfig | None = field(default_factory=ClassAugmentConfig)
+    flip_test: bool = False
+    train_limit: int | None = None
+    val_limit: int | None = None
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.input_size >= 16, "input_size", f"must be >= 16, got {self.input_size}")
+        require(self.heatmap_size is None or self.heatmap_size >= 4, "heatmap_size", "must be >= 4")
+        require(self.sigma > 0, "sigma", f"must be positive, got {self.sigma}")
+        for name in ("train_limit", "val_limit"):
+            v = getattr(self, name)
+            require(v is None or v >= 1, name, f"must be a positive integer, got {v}")
+        require(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+
+    @property
+    def task(self) -> str:
+        return "pose" if self.dataset in POSE_DATASETS else "classification"
+
+    @property
+    def resolved_heatmap_size(self) -> int:
+        return self.heatmap_size or self.input_size // 4
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule.
+
+    Attributes:
+        name: "rmsprop" (IT, MT, SG pose), "adam" (IT ImageNet), "sgd".
+        lr: initial learning rate (IT's value was lost in extraction; 2.5e-4 assumed).
+        lr_steps: epochs at which the rate is multiplied by ``lr_gamma`` (IT pose: 40, 80).
+        weight_decay: L2 on conv / linear weights and re-parametrization factors only.
+        decay_all: also decay BatchNorm, alpha, PReLU, gates and biases (off by default).
+    """
+
+    name: Literal["rmsprop", "adam", "sgd"] = "rmsprop"
+    lr: float = 2.5e-4
+    lr_steps: tuple[int, ...] = ()
+    lr_gamma: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    decay_all: bool = False
+
+    def __post_init__(self) -> None:
+        require(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be a positive number, got {self.lr}")
+        require(0 < self.lr_gamma <= 1, "lr_gamma", f"must be in (0, 1], got {self.lr_gamma}")
+        require(all(s >= 1 for s in self.lr_steps) and list(self.lr_steps) == sorted(self.lr_steps), "lr_steps",
+                f"must be increasing positive epochs, got {list(self.lr_steps)}")
+        require(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate during ``epoch`` (0-based): a pure function, so nothing to checkpoint."""
+        return self.lr * self.lr_gamma ** sum(1 for s in self.lr_steps if epoch >= s)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation from a trained teacher (IT §3.6).
+
+    Attributes:
+        teacher: checkpoint of the teacher (written by a previous run); ``None`` = no distillation.
+        weight: pose: the loss is (1 - weight) BCE(ground truth) + weight BCE(teacher heatmaps);
+            classification: (1 - weight) CE + weight T^2 KL. The paper's value was lost (0.5 assumed).
+        feature_weight: feature matching (attention maps of each stack's features), for binary teachers.
+        temperature: classification softening temperature.
+    """
+
+    teacher: str | None = None
+    weight: float = 0.5
+    feature_weight: float = 0.0
+    temperature: float = 4.0
+
+    def __post_init__(self) -> None:
+        require(0.0 <= self.weight <= 1.0, "weight", f"must be in [0, 1], got {self.weight}")
+        require(self.feature_weight >= 0, "feature_weight", f"must be >= 0, got {self.feature_weight}")
+        require(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One variant's training run.
+
+    Attributes:
+        model, data, optim, distill: see their classes.
+        epochs, batch_size: training length and batch.
+        loss: "bce" on heatmap logits (IT), "mse" on heatmaps (SG), "ce" (classification).
+        lambda_schedule: sharpness schedule of sign approximations (progressive binarization);
+            its ``total`` defaults to the run's epochs (or steps).
+        init_from: a checkpoint whose model weights initialize this run (reverse-order
+            initialization: stage 2 starts from stage 1).
+        seed: everything random derives from it (initialization, data order, augmentation).
+        max_batches: stop each epoch after this many batches (quick runs and tests).
+        threads: torch CPU threads (``None`` = torch's default).
+        device: "auto" (CUDA when available), "cpu" or "cuda".
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    epochs: int = 120
+    batch_size: int = 16
+    loss: Literal["bce", "mse", "ce"] = "bce"
+    lambda_schedule: LambdaSchedule = field(default_factory=LambdaSchedule)
+    init_from: str | None = None
+    seed: int = 0
+    max_batches: int | None = None
+    threads: int | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.max_batches is None or self.max_batches >= 1, "max_batches", "must be >= 1")
+        require(self.threads is None or self.threads >= 1, "threads", "must be >= 1")
+        task = self.model.architecture.task
+        require(task == self.data.task, "data.dataset",
+                f"{self.data.dataset!r} is a {self.data.task} dataset but model {self.model.arch!r} is a {task} model")
+        allowed = ("bce", "mse") if task == "pose" else ("ce",)
+        require(self.loss in allowed, "loss", f"{self.loss!r} does not fit a {task} model; use one of {', '.join(allowed)}")
+
+    @property
+    def task(self) -> str:
+        return self.data.task

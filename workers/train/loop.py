@@ -1,0 +1,251 @@
+"""``run_variant(config, reporter) -> TrainResult``: train and evaluate one variant end to end.
+
+A readable, linear loop (after nanoGPT): build the task and the model, restore the last checkpoint
+if there is one, then per epoch: train, evaluate with the exact sign (and, during progressive
+binarization, with the approximation too), checkpoint, report. Everything random derives from the
+seed, and every per-epoch quantity (learning rate, lambda, data order, augmentation) is a pure
+function of the epoch, so a run resumed from its last checkpoint ends exactly as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..accounting import account
+from ..binarize import Quantizer
+from ..config import to_dict
+from ..diagnostics import FlipTracker, clip_fractions
+from ..errors import ConfigError, TrainingError
+from ..models import build_model
+from ..schedules import LambdaScheduler
+from .checkpoint import init_from_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .reporter import Reporter
+from .tasks import make_task
+
+LAST, BEST = "last.pt", "best.pt"
+#: Parameters whose names contain these are not weight-decayed unless ``optim.decay_all``.
+NO_DECAY = ("bn", "bias", "alpha", "gate", "act.weight", "head.bias")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished (or stopped) run produced. Only finished runs are results of a study."""
+
+    status: str  # "completed" or "stopped" (the reporter asked to stop)
+    epochs_done: int
+    metric: str  # the model-selection metric: "pckh", "pck" or "top1"
+    metrics: dict[str, float]  # validation metrics of the last epoch
+    per_joint: dict[str, float]
+    best_metric: float
+    best_epoch: int
+    accounting: dict[str, Any]
+    last_checkpoint: str
+    best_checkpoint: str
+    timings: dict[str, float]
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("device", "cuda was requested but torch sees no CUDA device")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if (not o.decay_all and any(k in name for k in NO_DECAY)) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if o.name == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=o.lr, momentum=o.momentum)
+    if o.name == "adam":
+        return torch.optim.Adam(groups, lr=o.lr)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+
+
+def _loader(dataset, cfg: TrainConfig, shuffle: bool, epoch: int = 0):
+    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch) if shuffle else None
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle, generator=generator,
+                                       num_workers=cfg.data.workers, drop_last=False)
+
+
+def _move(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _approximating(model: nn.Module) -> list[Quantizer]:
+    return [m for m in model.modules() if isinstance(m, Quantizer) and m.kind != "sign"]
+
+
+def run_variant(config: TrainConfig, reporter: Reporter) -> TrainResult:
+    """Train ``config`` to the end (or until the reporter says stop), resuming from
+    ``reporter.checkpoint_dir / last.pt`` when it exists.
+
+    Raises:
+        TrainingError: the loss became NaN or infinite (reason "nan_loss"), or a checkpoint is
+            unusable. No result is returned for a failed run.
+        DataError, ConfigError: the data or the config is wrong.
+    """
+    t_start = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = _device(config)
+    task = make_task(config)
+    model_cfg = config.model
+    if model_cfg.num_outputs is None:
+        model_cfg = dataclasses.replace(model_cfg, num_outputs=task.num_outputs)
+    elif model_cfg.num_outputs != task.num_outputs:
+        raise ConfigError("model.num_outputs", f"is {model_cfg.num_outputs} but the dataset has {task.num_outputs}")
+    model_cfg = model_cfg.resolved()
+    if model_cfg.input_size != config.data.input_size:
+        model_cfg = dataclasses.replace(model_cfg, input_size=config.data.input_size)
+
+    torch.manual_seed(config.seed)
+    model = build_model(model_cfg)
+    if config.init_from:
+        init_from_checkpoint(model, config.init_from)
+    model.to(device)
+    teacher, teacher_loss = None, None
+    if config.distill.teacher:
+        teacher, _, tdata = model_from_checkpoint(config.distill.teacher)
+        teacher_loss = tdata["config"]["loss"]
+        teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    optimizer = _optimizer(model, config)
+
+    ckpt_dir = Path(reporter.checkpoint_dir)
+    last_path, best_path = ckpt_dir / LAST, ckpt_dir / BEST
+    config_data = to_dict(config)
+    start_epoch, best, best_epoch = 0, -math.inf, 0
+    if last_path.exists():
+        state = load_checkpoint(last_path)
+        if state["config"] != config_data:
+            raise TrainingError("checkpoint_mismatch", f"{last_path} was written by a different configuration; "
+                                "use another checkpoint folder or delete it to start over")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start_epoch, best, best_epoch = state["epoch"], state["best"], state["best_epoch"]
+
+    steps_per_epoch = len(_loader(task.train_set, config, True))
+    if config.max_batches:
+        steps_per_epoch = min(steps_per_epoch, config.max_batches)
+    schedule = config.lambda_schedule
+    total = config.epochs if schedule.unit == "epoch" else config.epochs * steps_per_epoch
+    lam = LambdaScheduler(model, schedule, total)
+    flips = FlipTracker(model)
+    val_loader = _loader(task.val_set, config, False)
+    train_s = eval_s = 0.0
+    metrics: dict[str, Any] = {}
+    status = "completed"
+
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = config.optim.lr_at(epoch)
+        task.train_set.set_epoch(epoch)
+        if schedule.unit == "epoch":
+            lam.step(epoch)
+        model.train()
+        losses = []
+        for step, batch in enumerate(_loader(task.train_set, config, True, epoch)):
+            if step >= steps_per_epoch:
+                break
+            if schedule.unit == "step":
+                lam.step(epoch * steps_per_epoch + step)
+            batch = _move(batch, device)
+            teacher_out = None
+            if teacher is not None:
+                fm = config.distill.feature_weight > 0
+                teacher_out = task.teacher_targets(teacher, teacher_loss, batch["image"], fm)
+                if fm:
+                    outputs, teacher_out["student_features"] = model(batch["image"], return_features=True)
+                else:
+                    outputs = model(batch["image"])
+            else:
+                outputs = model(batch["image"])
+            loss = task.loss(outputs, batch, teacher_out)
+            if not torch.isfinite(loss):
+                raise TrainingError("nan_loss", f"the training loss became {float(loss.detach())} at epoch {epoch + 1}, "
+                                    f"batch {step + 1}; lower optim.lr or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            reporter.progress(step + 1, steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}")
+        t1 = time.perf_counter()
+        train_s += t1 - t0
+
+        model.eval()
+        metrics = task.evaluate(model, val_loader, device)
+        approx = _approximating(model)
+        if approx:  # the same network with the smooth approximation instead of sign
+            for q in approx:
+                q.train()
+            metrics[f"{task.metric}_approx"] = task.evaluate(model, val_loader, device)[task.metric]
+            for q in approx:
+                q.eval()
+        t2 = time.perf_counter()
+        eval_s += t2 - t1
+        ratios = flips.update()
+        clips = clip_fractions(model)
+        metrics.update({
+            "train_loss": sum(losses) / max(len(losses), 1),
+            "lr": config.optim.lr_at(epoch),
+            "lambda": lam.current,
+            "flip_ratio": sum(ratios.values()) / len(ratios) if ratios else 0.0,
+            "clip_fraction": sum(clips.values()) / len(clips) if clips else 0.0,
+            "epoch_time": t2 - t0,
+        })
+        value = metrics[task.metric]
+        improved = value > best
+        if improved:
+            best, best_epoch = value, epoch + 1
+        payload = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+            "epoch": epoch + 1, "best": best, "best_epoch": best_epoch, "config": config_data,
+            "model_config": to_dict(model_cfg), "metrics": {k: v for k, v in metrics.items() if k != "per_joint"},
+        }
+        save_checkpoint(last_path, payload)
+        if improved:
+            save_checkpoint(best_path, payload)
+        reporter.report(epoch + 1, {k: v for k, v in metrics.items() if k != "per_joint"})
+        if epoch + 1 < config.epochs and reporter.should_stop():
+            status = "stopped"
+            break
+
+    if not metrics:  # resumed a run that had already finished: report its last metrics again
+        state = load_checkpoint(last_path)
+        metrics = dict(state["metrics"])
+        model.eval()
+        metrics["per_joint"] = task.evaluate(model, val_loader, device).get("per_joint", {})
+    epochs_done = load_checkpoint(last_path)["epoch"] if status == "stopped" else config.epochs
+    acc = account(model, config.data.input_size, model_cfg.in_channels)
+    return TrainResult(
+        status=status,
+        epochs_done=epochs_done,
+        metric=task.metric,
+        metrics={k: float(v) for k, v in metrics.items() if k != "per_joint"},
+        per_joint=dict(metrics.get("per_joint", {})),
+        best_metric=float(best),
+        best_epoch=best_epoch,
+        accounting={"params": acc.params, "binary_params": acc.binary_params, "real_params": acc.real_params,
+                    "trained_params": acc.trained_params, "bops": acc.bops, "flops": acc.flops,
+                    "deployed_bytes": acc.deployed_bytes, "trained_bytes": acc.trained_bytes},
+        last_checkpoint=str(last_path),
+        best_checkpoint=str(best_path),
+        timings={"train_s": train_s, "eval_s": eval_s, "total_s": time.perf_counter() - t_start},
+    )

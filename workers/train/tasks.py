@@ -1,0 +1,178 @@
+"""What differs between pose estimation and classification: datasets, loss and evaluation."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.classification import ImageFolderDataset, write_digits_imagefolder
+from ..data.geometry import apply_affine, invert_affine
+from ..data.heatmaps import HeatmapCodec, flip_heatmaps
+from ..data.pose import (LSP_FLIP_PAIRS, LSP_JOINTS, MPII_FLIP_PAIRS, MPII_JOINTS, PoseDataset, read_lsp,
+                         read_mpii)
+from ..data.synthetic import write_synthetic_mpii
+from ..metrics import PCKH_STRICT_THRESHOLD, pck_lsp, pckh, topk_accuracy
+from .config import TrainConfig
+
+EMBEDDED_ROOT = Path(".bnnctl") / "data"
+
+
+def dataset_root(cfg: TrainConfig) -> Path:
+    if cfg.data.root is not None:
+        return Path(cfg.data.root)
+    if cfg.data.dataset == "synthetic":
+        s = cfg.data.synthetic
+        return EMBEDDED_ROOT / f"synthetic-{s.train}-{s.valid}-{s.image_size}-seed{s.seed}"
+    if cfg.data.dataset == "digits":
+        return EMBEDDED_ROOT / "digits"
+    from ..errors import DataError
+
+    raise DataError(f"data.root is required for the {cfg.data.dataset!r} dataset (the folder that holds it)")
+
+
+def _limit(items: list, n: int | None) -> list:
+    return items if n is None else items[:n]
+
+
+def _attention(f: Tensor) -> Tensor:
+    """Spatial attention map of features (mean of squares over channels, L2-normalized per sample)."""
+    a = f.pow(2).mean(dim=1).flatten(1)
+    return F.normalize(a, dim=1)
+
+
+class PoseTask:
+    metric = "pckh"
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        root = dataset_root(cfg)
+        d = cfg.data
+        if d.dataset == "synthetic":
+            write_synthetic_mpii(root, d.synthetic)
+        if d.dataset == "lsp":
+            train, val = read_lsp(root, "train"), read_lsp(root, "test")
+            self.joints, self.pairs, self.metric = LSP_JOINTS, LSP_FLIP_PAIRS, "pck"
+        else:
+            train, val = read_mpii(root, "train"), read_mpii(root, "valid")
+            self.joints, self.pairs = MPII_JOINTS, MPII_FLIP_PAIRS
+        self.codec = HeatmapCodec(d.input_size, d.resolved_heatmap_size, d.sigma)
+        images = root / "images"
+        self.train_set = PoseDataset(_limit(train, d.train_limit), images, self.codec, self.pairs, d.augment, cfg.seed)
+        self.val_set = PoseDataset(_limit(val, d.val_limit), images, self.codec, self.pairs, None, cfg.seed)
+        self.num_outputs = len(self.joints)
+
+    # -- loss -------------------------------------------------------------------------------------
+    def heatmaps(self, logits: Tensor) -> Tensor:
+        """Network output -> heatmaps in [0, 1] (sigmoid for BCE-trained networks)."""
+        return torch.sigmoid(logits) if self.cfg.loss == "bce" else logits
+
+    def _one(self, out: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+        w = weight[:, :, None, None]
+        if self.cfg.loss == "bce":
+            per = F.binary_cross_entropy_with_logits(out, target, reduction="none")
+        else:
+            per = (out - target).pow(2)
+        return (per * w).mean()
+
+    def loss(self, outputs: list[Tensor], batch: dict, teacher: dict | None = None) -> Tensor:
+        """Supervision on every stack. With a teacher: the ground truth and the teacher's heatmaps
+        (soft labels, for every joint) mixed by ``distill.weight`` in the same loss (IT §3.6)."""
+        target, weight = batch["target"], batch["weight"]
+        dw = self.cfg.distill.weight if teacher is not None else 0.0
+        total = outputs[0].new_zeros(())
+        for out in outputs:
+            total = total + (1 - dw) * self._one(out, target, weight)
+            if teacher is not None:
+                total = total + dw * self._one(out, teacher["soft"], torch.ones_like(weight))
+        if teacher is not None and self.cfg.distill.feature_weight > 0:
+            fm = sum(F.mse_loss(_attention(s), _attention(t)) for s, t in zip(teacher["student_features"], teacher["features"]))
+            total = total + self.cfg.distill.feature_weight * fm
+        return total
+
+    def teacher_targets(self, teacher: nn.Module, teacher_loss: str, images: Tensor, features: bool) -> dict:
+        with torch.no_grad():
+            out, feats = teacher(images, return_features=True)
+            last = out[-1]
+            soft = torch.sigmoid(last) if teacher_loss == "bce" else last.clamp(0, 1)
+        return {"soft": soft, "features": feats if features else None}
+
+    # -- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader, device: torch.device) -> dict[str, Any]:
+        preds, losses = [], []
+        for batch in loader:
+            images = batch["image"].to(device)
+            outputs = model(images)
+            losses.append(float(self.loss(outputs, {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)})))
+            hm = self.heatmaps(outputs[-1])
+            if self.cfg.data.flip_test:
+                flipped = self.heatmaps(model(images.flip(-1))[-1])
+                hm = 0.5 * (hm + flip_heatmaps(flipped, self.pairs))
+            coords, _ = self.codec.decode(hm.float().cpu())
+            for c, crop in zip(coords.numpy(), batch["crop"].numpy()):
+                preds.append(apply_affine(c, invert_affine(crop)))
+        records = self.val_set.records
+        pred = np.stack(preds)
+        gt = np.stack([r.joints for r in records])
+        labeled = np.stack([r.visible for r in records])
+        metrics: dict[str, Any] = {"val_loss": float(np.mean(losses))}
+        if self.metric == "pck":
+            res = pck_lsp(pred, gt, labeled)
+            metrics["pck"] = res.groups["Mean"]
+        else:
+            boxes = np.stack([r.head_box for r in records])
+            res = pckh(pred, gt, labeled, boxes)
+            metrics["pckh"] = res.groups["Mean"]
+            metrics["pckh@0.1"] = pckh(pred, gt, labeled, boxes, PCKH_STRICT_THRESHOLD).groups["Mean"]
+            for name, value in res.groups.items():
+                if name != "Mean":
+                    metrics[f"pckh_{name.lower()}"] = value
+        metrics["per_joint"] = {name: float(v) for name, v in zip(self.joints, res.per_joint)}
+        return metrics
+
+
+class ClassificationTask:
+    metric = "top1"
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        root = dataset_root(cfg)
+        d = cfg.data
+        if d.dataset == "digits":
+            write_digits_imagefolder(root)
+        self.train_set = ImageFolderDataset(root, "train", d.input_size, d.class_augment, cfg.seed, d.train_limit)
+        self.val_set = ImageFolderDataset(root, "val", d.input_size, None, cfg.seed, d.val_limit)
+        self.num_outputs = len(self.train_set.classes)
+
+    def loss(self, outputs: Tensor, batch: dict, teacher: dict | None = None) -> Tensor:
+        ce = F.cross_entropy(outputs, batch["label"])
+        if teacher is None:
+            return ce
+        t = self.cfg.distill.temperature
+        kl = F.kl_div(F.log_softmax(outputs / t, 1), F.log_softmax(teacher["soft"] / t, 1),
+                      log_target=True, reduction="batchmean") * t * t
+        w = self.cfg.distill.weight
+        return (1 - w) * ce + w * kl
+
+    def teacher_targets(self, teacher: nn.Module, teacher_loss: str, images: Tensor, features: bool) -> dict:
+        with torch.no_grad():
+            return {"soft": teacher(images), "features": None}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader, device: torch.device) -> dict[str, Any]:
+        logits, labels, losses = [], [], []
+        for batch in loader:
+            out = model(batch["image"].to(device))
+            losses.append(float(F.cross_entropy(out, batch["label"].to(device))))
+            logits.append(out.float().cpu().numpy())
+            labels.append(batch["label"].numpy())
+        acc = topk_accuracy(np.concatenate(logits), np.concatenate(labels), (1, 5))
+        return {"val_loss": float(np.mean(losses)), "top1": acc[1], "top5": acc[5]}
+
+
+def make_task(cfg: TrainConfig):
+    return PoseTask(cfg) if cfg.task == "pose" else ClassificationTask(cfg)
