@@ -37,7 +37,7 @@ def test_errors_name_the_dotted_path(data, path, words):
     ({"arch": "vgg"}, "model", "alexnet, hourglass, resnet18, unet_hourglass"),
     ({"block": "dense"}, "block", "basic, bottleneck, hpm"),
     ({"activation": {"kind": "gelu"}}, "activation", "leaky_relu, none, prelu, relu"),
-    ({"backend": "xnor9"}, "conv backend", "float"),
+    ({"backend": "xnor9"}, "conv backend", "auto, float, xnor"),
 ])
 def test_unknown_names_list_the_valid_ones(data, kind, valid):
     with pytest.raises(UnknownNameError) as err:

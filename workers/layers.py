@@ -132,6 +132,102 @@ def float_conv(layer: "BinaryConv2d", x: Tensor, w: Tensor, alpha: Tensor | None
     return _scale(F.conv2d(x, w, None, layer.stride, layer.padding, 1, layer.groups), alpha)
 
 
+class _XnorConvFunction(torch.autograd.Function):
+    """Forward: the XNOR-popcount kernel on exactly binary operands (bit-identical to F.conv2d of
+    them). Backward: F.conv2d's gradients in float, i.e. the straight-through estimator continues
+    upstream exactly as with the float backend."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, stride: int, padding: int, packed) -> Tensor:  # type: ignore[override]
+        from bnnctl import kernels
+
+        ctx.save_for_backward(x, w)
+        ctx.stride, ctx.padding = stride, padding
+        return kernels.xnor_conv2d(x, w, None, stride, padding, packed).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.nn.grad.conv2d_input(x.shape, w, grad, ctx.stride, ctx.padding)
+        if ctx.needs_input_grad[1]:
+            gw = torch.nn.grad.conv2d_weight(x, w.shape, grad, ctx.stride, ctx.padding)
+        return gx, gw, None, None, None
+
+
+def _xnor_possible(layer: "BinaryConv2d", x: Tensor, exact: bool) -> bool:
+    if not exact or layer.groups != 1 or x.dim() != 4 or x.dtype != torch.float32:
+        return False
+    from bnnctl import kernels
+
+    return kernels.available(x.device.type)
+
+
+def _packed_weight(layer: "BinaryConv2d", w: Tensor):
+    """Pack the binary weight, reusing the packing while the stored weight is unchanged (inference)."""
+    from bnnctl import kernels
+
+    src = layer.weight_source
+    if torch.is_grad_enabled() or not isinstance(src, DenseWeight):
+        return kernels.pack_weight(w)
+    key = (src.weight.data_ptr(), src.weight._version, w.device, layer.weight_quantizer.kind)
+    cached = getattr(layer, "_xnor_packed", None)
+    if cached is None or cached[0] != key:
+        cached = (key, kernels.pack_weight(w))
+        layer._xnor_packed = cached
+    return cached[1]
+
+
+@CONV_BACKENDS.register("xnor")
+def xnor_conv(layer: "BinaryConv2d", x: Tensor, w: Tensor, alpha: Tensor | None, exact: bool) -> Tensor:
+    """The XNOR kernel whenever both operands are exactly ±1 (eval, or training with plain sign) and
+    groups = 1; the float emulation otherwise. Outputs are bit-identical to the float backend."""
+    if not _xnor_possible(layer, x, exact):
+        return float_conv(layer, x, w, alpha, exact)
+    y = _XnorConvFunction.apply(x, w, layer.stride, layer.padding, _packed_weight(layer, w))
+    return _scale(y, alpha)
+
+
+#: (device type, input shape, weight shape, stride, padding) -> whether XNOR was faster.
+_AUTO_CHOICE: dict[tuple, bool] = {}
+AUTO_REPEATS = 3
+
+
+def _time(fn: Callable[[], Tensor], sync: Callable[[], None]) -> float:
+    import time
+
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(AUTO_REPEATS):
+        fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+@CONV_BACKENDS.register("auto")
+def auto_conv(layer: "BinaryConv2d", x: Tensor, w: Tensor, alpha: Tensor | None, exact: bool) -> Tensor:
+    """XNOR where it is measured faster than the float emulation for this layer shape (timed once
+    per shape and device), the float emulation elsewhere; the outputs are identical either way."""
+    if not _xnor_possible(layer, x, exact):
+        return float_conv(layer, x, w, alpha, exact)
+    key = (x.device.type, tuple(x.shape), tuple(w.shape), layer.stride, layer.padding)
+    if key not in _AUTO_CHOICE:
+        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+        with torch.no_grad():
+            xd, wd = x.detach(), w.detach()
+            t_float = _time(lambda: F.conv2d(xd, wd, None, layer.stride, layer.padding), sync)
+            packed = _packed_weight(layer, wd)
+            from bnnctl import kernels
+
+            t_xnor = _time(lambda: kernels.xnor_conv2d(xd, wd, None, layer.stride, layer.padding, packed), sync)
+        _AUTO_CHOICE[key] = t_xnor < t_float
+    if _AUTO_CHOICE[key]:
+        return xnor_conv(layer, x, w, alpha, exact)
+    return float_conv(layer, x, w, alpha, exact)
+
+
 # --------------------------------------------------------------------------- layers
 
 

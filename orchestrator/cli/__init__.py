@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from . import data, models, train
+from . import data, export, models, train
 
 app = typer.Typer(
     name="bnnctl",
@@ -18,6 +18,7 @@ app = typer.Typer(
 app.add_typer(models.app, name="models")
 app.add_typer(data.app, name="data")
 app.add_typer(train.app, name="train")
+app.command("export")(export.export)
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import torch
 from bnnctl.workers.data.synthetic import SyntheticConfig
 from bnnctl.workers.models import ModelConfig
 from bnnctl.workers.train import DataConfig, LocalReporter, OptimConfig, TrainConfig, run_variant
-from bnnctl.workers.train.tasks import dataset_root
+from bnnctl.workers.train.tasks import prepare_root
 
 
 class BudgetReporter(LocalReporter):
@@ -60,10 +60,7 @@ def main() -> None:
           f"{data.synthetic.valid} val, input {data.input_size}; 1-stack hourglass width {args.width} depth {args.depth}, "
           f"HPM blocks, PReLU, MSE, RMSprop lr {args.lr}, batch 16; budget {args.budget:.0f} s each")
     t0 = time.perf_counter()
-    root = dataset_root(TrainConfig(data=data))
-    from bnnctl.workers.data.synthetic import write_synthetic_mpii
-
-    write_synthetic_mpii(root, data.synthetic)
+    root = prepare_root(TrainConfig(data=data))
     print(f"  synthetic set ready at {root} in {time.perf_counter() - t0:.1f} s")
     summary = {}
     for label, m in variants.items():

@@ -73,13 +73,14 @@ class AugmentConfig:
     """Training augmentation (IT §4.2): flip with left/right swap, scale jitter, rotation.
 
     Attributes:
-        flip: mirror half of the samples.
+        flip: mirror half of the samples; ``None`` = the dataset's default (on for MPII and LSP, off
+            for the synthetic set, whose left/right colour code a mirror image would contradict).
         scale: the crop scale is multiplied by U(1 - scale, 1 + scale) (0.25 = 0.75-1.25).
         rotation: rotation by U(-rotation, rotation) degrees ...
         rotation_prob: ... applied to this fraction of the samples.
     """
 
-    flip: bool = True
+    flip: bool | None = None
     scale: float = 0.25
     rotation: float = 30.0
     rotation_prob: float = 1.0

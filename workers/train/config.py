@@ -1,6 +1,7 @@
 """The frozen, typed configuration of one training run: everything needed to reproduce it."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -30,7 +31,8 @@ class DataConfig:
         heatmap_size: side of the heatmaps (pose); ``None`` = input_size / 4 (the hourglass stride).
         sigma: Gaussian heatmap sigma in heatmap pixels.
         augment / class_augment: pose / classification training augmentation; ``None`` = none.
-        flip_test: average predictions with the mirrored image's at evaluation.
+        flip_test: average predictions with the mirrored image's at evaluation; ``None`` = on for
+            MPII and LSP, off for the synthetic set (see ``AugmentConfig.flip``).
         train_limit, val_limit: use only the first N samples (quick runs).
         workers: DataLoader worker processes (0 = load in the training process).
     """
@@ -41,9 +43,9 @@ class DataConfig:
     input_size: int = 64
     heatmap_size: int | None = None
     sigma: float = 1.0
-    augment: AugmentConfig | None = field(default_factory=lambda: AugmentConfig(flip=False))
+    augment: AugmentConfig | None = field(default_factory=AugmentConfig)
     class_augment: ClassAugmentConfig | None = field(default_factory=ClassAugmentConfig)
-    flip_test: bool = False
+    flip_test: bool | None = None
     train_limit: int | None = None
     val_limit: int | None = None
     workers: int = 0
@@ -60,6 +62,21 @@ class DataConfig:
     @property
     def task(self) -> str:
         return "pose" if self.dataset in POSE_DATASETS else "classification"
+
+    @property
+    def mirror_consistent(self) -> bool:
+        """Whether a mirrored sample with swapped left/right labels is still a valid sample."""
+        return self.dataset != "synthetic"
+
+    @property
+    def resolved_augment(self) -> AugmentConfig | None:
+        if self.augment is None or self.augment.flip is not None:
+            return self.augment
+        return dataclasses.replace(self.augment, flip=self.mirror_consistent)
+
+    @property
+    def resolved_flip_test(self) -> bool:
+        return self.mirror_consistent if self.flip_test is None else self.flip_test
 
     @property
     def resolved_heatmap_size(self) -> int:

@@ -34,6 +34,16 @@ def dataset_root(cfg: TrainConfig) -> Path:
     raise DataError(f"data.root is required for the {cfg.data.dataset!r} dataset (the folder that holds it)")
 
 
+def prepare_root(cfg: TrainConfig) -> Path:
+    """The dataset folder, with the embedded sets (synthetic, digits) written there on first use."""
+    root = dataset_root(cfg)
+    if cfg.data.dataset == "synthetic":
+        write_synthetic_mpii(root, cfg.data.synthetic)
+    elif cfg.data.dataset == "digits":
+        write_digits_imagefolder(root)
+    return root
+
+
 def _limit(items: list, n: int | None) -> list:
     return items if n is None else items[:n]
 
@@ -49,10 +59,8 @@ class PoseTask:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        root = dataset_root(cfg)
+        root = prepare_root(cfg)
         d = cfg.data
-        if d.dataset == "synthetic":
-            write_synthetic_mpii(root, d.synthetic)
         if d.dataset == "lsp":
             train, val = read_lsp(root, "train"), read_lsp(root, "test")
             self.joints, self.pairs, self.metric = LSP_JOINTS, LSP_FLIP_PAIRS, "pck"
@@ -61,7 +69,7 @@ class PoseTask:
             self.joints, self.pairs = MPII_JOINTS, MPII_FLIP_PAIRS
         self.codec = HeatmapCodec(d.input_size, d.resolved_heatmap_size, d.sigma)
         images = root / "images"
-        self.train_set = PoseDataset(_limit(train, d.train_limit), images, self.codec, self.pairs, d.augment, cfg.seed)
+        self.train_set = PoseDataset(_limit(train, d.train_limit), images, self.codec, self.pairs, d.resolved_augment, cfg.seed)
         self.val_set = PoseDataset(_limit(val, d.val_limit), images, self.codec, self.pairs, None, cfg.seed)
         self.num_outputs = len(self.joints)
 
@@ -109,7 +117,7 @@ class PoseTask:
             outputs = model(images)
             losses.append(float(self.loss(outputs, {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)})))
             hm = self.heatmaps(outputs[-1])
-            if self.cfg.data.flip_test:
+            if self.cfg.data.resolved_flip_test:
                 flipped = self.heatmaps(model(images.flip(-1))[-1])
                 hm = 0.5 * (hm + flip_heatmaps(flipped, self.pairs))
             coords, _ = self.codec.decode(hm.float().cpu())
@@ -140,10 +148,8 @@ class ClassificationTask:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        root = dataset_root(cfg)
+        root = prepare_root(cfg)
         d = cfg.data
-        if d.dataset == "digits":
-            write_digits_imagefolder(root)
         self.train_set = ImageFolderDataset(root, "train", d.input_size, d.class_augment, cfg.seed, d.train_limit)
         self.val_set = ImageFolderDataset(root, "val", d.input_size, None, cfg.seed, d.val_limit)
         self.num_outputs = len(self.train_set.classes)

@@ -1,0 +1,186 @@
+"""The compiled CPU XNOR-popcount convolution (``xnor_cpu.c``), built at first use.
+
+The C source is compiled with the machine's C compiler (``cc``, or ``$CC``) at ``-O3
+-march=native`` into a cache folder (``$BNNCTL_KERNEL_CACHE``, else ``~/.cache/bnnctl/kernels``),
+keyed by the source, the flags and the machine, and loaded with ctypes. Inputs are validated here,
+before any launch. Without a compiler, :func:`available` is False and callers fall back to the
+float emulation.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .packing import words_for
+
+SOURCE = Path(__file__).with_name("xnor_cpu.c")
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c99")
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("BNNCTL_KERNEL_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "bnnctl" / "kernels"
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC or install gcc)")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(FLAGS).encode() + platform.machine().encode()
+                         + platform.node().encode() + compiler.encode()).hexdigest()[:16]
+    target = _cache_dir() / f"xnor_cpu-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True)
+            os.replace(tmp, target)
+        except subprocess.CalledProcessError as err:
+            Path(tmp).unlink(missing_ok=True)
+            raise RuntimeError(f"compiling {SOURCE.name} failed: {err.stderr.strip()[:500]}") from None
+    lib = ctypes.CDLL(str(target))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.bnn_pack_input.argtypes = [ptr] + [i64] * 8 + [ptr]
+    lib.bnn_pack_weight.argtypes = [ptr] + [i64] * 6 + [ptr, ptr]
+    lib.bnn_xnor_conv.argtypes = [ptr, ptr, ptr, ptr, ptr] + [i64] * 15
+    lib.bnn_xnor_conv_scalar.argtypes = lib.bnn_xnor_conv.argtypes
+    for f in (lib.bnn_pack_input, lib.bnn_pack_weight, lib.bnn_xnor_conv, lib.bnn_xnor_conv_scalar):
+        f.restype = None
+    lib.bnn_xnor_conv_nchw.argtypes = [ptr, ptr, ptr, ptr, ptr] + [i64] * 14 + [ctypes.c_int]
+    lib.bnn_xnor_conv_nchw.restype = ctypes.c_int
+    for f in (lib.bnn_has_avx512, lib.bnn_out_block, lib.bnn_pixel_block):
+        f.argtypes = []
+        f.restype = ctypes.c_int
+    return lib
+
+
+def library() -> ctypes.CDLL:
+    """The compiled kernel library (built on first call). Raises RuntimeError if it cannot be built."""
+    global _lib, _error
+    with _lock:
+        if _lib is None and _error is None:
+            try:
+                _lib = _build()
+            except (RuntimeError, OSError) as err:
+                _error = str(err)
+        if _lib is None:
+            raise RuntimeError(f"the CPU XNOR kernel is unavailable: {_error}")
+        return _lib
+
+
+def available() -> bool:
+    try:
+        library()
+        return True
+    except RuntimeError:
+        return False
+
+
+def vector_popcount() -> bool:
+    """Whether the compiled kernel uses AVX-512 vector popcounts on this machine."""
+    return bool(library().bnn_has_avx512())
+
+
+#: MAX_TAPS and PXB in xnor_cpu.c.
+MAX_TAPS = 64
+PIXEL_BLOCK = 16
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """Weights packed for the CPU kernel: (KH*KW, CW, OP) words, OP = O rounded up to the kernel's
+    output block, and the per-tap popcounts used to correct taps that fall in the zero padding."""
+
+    words: Tensor
+    popcounts: Tensor
+    shape: tuple[int, int, int, int]
+
+
+def _ptr(t: Tensor) -> int:
+    return t.data_ptr()
+
+
+def pack_weight(w: Tensor) -> PackedWeight:
+    """Pack the signs of an (O, C, KH, KW) weight for :func:`xnor_conv2d` (cache it when reused)."""
+    lib = library()
+    w = w.detach().to(torch.float32).contiguous().cpu()
+    o, c, kh, kw = w.shape
+    block = lib.bnn_out_block()
+    op = -(-o // block) * block
+    words = torch.empty((kh * kw, words_for(c), op), dtype=torch.int64)
+    pops = torch.empty((kh * kw, op), dtype=torch.int64)
+    lib.bnn_pack_weight(_ptr(w), o, c, kh, kw, words_for(c), op, _ptr(words), _ptr(pops))
+    return PackedWeight(words, pops, (o, c, kh, kw))
+
+
+def pack_input(x: Tensor, padding: int, width: int) -> Tensor:
+    """(N, C, H, W) float32 -> (N, H + 2p, CW, width) packed signs, image at offset (p, p)."""
+    x = x.detach().contiguous()
+    n, c, h, w = x.shape
+    out = torch.empty((n, h + 2 * padding, words_for(c), width), dtype=torch.int64)
+    library().bnn_pack_input(_ptr(x), n, c, h, w, words_for(c), padding, h + 2 * padding, width, _ptr(out))
+    return out
+
+
+def check_operands(x: Tensor, w_shape: tuple[int, ...], alpha: Tensor | None, stride: int, padding: int) -> tuple[int, int]:
+    """Validate before launch; returns the output size (OH, OW)."""
+    if x.dim() != 4 or len(w_shape) != 4:
+        raise ValueError(f"expected 4-d input and weight, got {tuple(x.shape)} and {tuple(w_shape)}")
+    if x.shape[1] != w_shape[1]:
+        raise ValueError(f"input has {x.shape[1]} channels but the weight expects {w_shape[1]} (groups=1 only)")
+    if stride < 1 or padding < 0:
+        raise ValueError(f"stride must be >= 1 and padding >= 0, got {stride}, {padding}")
+    if w_shape[2] * w_shape[3] > MAX_TAPS:
+        raise ValueError(f"kernels up to {MAX_TAPS} taps (8x8) are supported, got {tuple(w_shape[2:])}")
+    if alpha is not None and alpha.numel() != w_shape[0]:
+        raise ValueError(f"alpha has {alpha.numel()} values for {w_shape[0]} output channels")
+    oh = (x.shape[2] + 2 * padding - w_shape[2]) // stride + 1
+    ow = (x.shape[3] + 2 * padding - w_shape[3]) // stride + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"the kernel {tuple(w_shape[2:])} does not fit the padded input {tuple(x.shape[2:])}")
+    return oh, ow
+
+
+def xnor_conv2d(x: Tensor, w: Tensor | PackedWeight, alpha: Tensor | None = None, stride: int = 1,
+                padding: int = 0, portable: bool = False) -> Tensor:
+    """F.conv2d(sign(x), sign(w), stride=stride, padding=padding) * alpha, bit-exact, on the CPU.
+
+    Args:
+        x: (N, C, H, W) float32 on the CPU; only its signs are used (x >= 0 is +1).
+        w: (O, C, KH, KW) float32 (only its signs are used), or its :func:`pack_weight`.
+        alpha: (O,) per-output-channel scale, or None.
+        portable: use the scalar kernel even where the vector one exists (tests compare both).
+    """
+    lib = library()
+    packed = w if isinstance(w, PackedWeight) else pack_weight(w)
+    oh, ow = check_operands(x, packed.shape, alpha, stride, padding)
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        raise ValueError("the CPU kernel takes a float32 input on the CPU")
+    n, c, h, wd = x.shape
+    o, _, kh, kw = packed.shape
+    width = max(wd + 2 * padding, -(-ow // PIXEL_BLOCK) * PIXEL_BLOCK * stride + kw + 16)
+    a = None if alpha is None else alpha.detach().to(torch.float32).contiguous().cpu()
+    x = x.detach().contiguous()
+    y = torch.empty((n, o, oh, ow), dtype=torch.float32)
+    status = lib.bnn_xnor_conv_nchw(_ptr(x), _ptr(packed.words), _ptr(packed.popcounts),
+                                    None if a is None else _ptr(a), _ptr(y), n, c, h, wd, words_for(c), o,
+                                    packed.words.shape[2], kh, kw, stride, padding, width, oh, ow, int(portable))
+    if status != 0:
+        raise MemoryError("the CPU XNOR kernel could not allocate its packing buffer")
+    return y

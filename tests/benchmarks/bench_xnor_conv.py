@@ -1,0 +1,103 @@
+"""Benchmark (not a test): the XNOR-popcount convolution against float convolution on the papers'
+layer shapes, after a correctness check on each shape.
+
+- CPU: compiled kernel (input packing included, weights packed once) vs F.conv2d float32, one thread.
+  Target (issue 7): >= 8x.
+- GPU (when CUDA and CuPy are present): CuPy kernel vs cuDNN FP16 and BF16 at batch 1 and 32, timed
+  with CUDA events. Target: >= 1x at batch 1.
+
+    .venv/bin/python tests/benchmarks/bench_xnor_conv.py [--batch 1] [--repeats 20]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bnnctl import kernels
+from bnnctl.kernels import cpu
+
+# (name, channels, spatial size): hourglass 3x3 convs and ResNet-18 3x3 layers
+SHAPES = [("hourglass", 128, 64), ("hourglass", 128, 32), ("hourglass", 128, 16),
+          ("hourglass", 256, 64), ("hourglass", 256, 32), ("hourglass", 256, 16),
+          ("resnet18", 64, 56), ("resnet18", 128, 28), ("resnet18", 256, 14), ("resnet18", 512, 7)]
+
+
+def sign(t):
+    return torch.where(t >= 0, 1.0, -1.0).to(t.dtype)
+
+
+def cpu_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_cpu(batch: int, repeats: int) -> None:
+    torch.set_num_threads(1)
+    print(f"CPU, 1 thread, torch {torch.__version__}, batch {batch}; compiled kernel with AVX-512 popcount: "
+          f"{cpu.vector_popcount()}")
+    print(f"  {'layer':10s} {'C':>4s} {'HxW':>6s} {'float32 ms':>11s} {'xnor ms':>8s} {'speed-up':>8s}")
+    ratios = []
+    for name, c, size in SHAPES:
+        x = torch.randn(batch, c, size, size)
+        w = torch.randn(c, c, 3, 3)
+        xs, ws = sign(x), sign(w)
+        packed = cpu.pack_weight(w)
+        assert torch.equal(cpu.xnor_conv2d(x, packed, None, 1, 1), F.conv2d(xs, ws, padding=1)), "mismatch"
+        t_f = cpu_time(lambda: F.conv2d(xs, ws, padding=1), repeats)
+        t_x = cpu_time(lambda: cpu.xnor_conv2d(x, packed, None, 1, 1), repeats)
+        ratios.append(t_f / t_x)
+        print(f"  {name:10s} {c:4d} {size:3d}x{size:<3d}{t_f * 1e3:11.2f} {t_x * 1e3:8.2f} {t_f / t_x:7.1f}x")
+    print(f"  geometric mean speed-up: {statistics.geometric_mean(ratios):.1f}x (target >= 8x)")
+
+
+def run_gpu(repeats: int) -> None:
+    if not kernels.available("cuda"):
+        print("GPU: no CUDA device with CuPy here: the GPU kernels were NOT run or timed.")
+        return
+    print(f"GPU {torch.cuda.get_device_name()}: CUDA events, median of {repeats}")
+    for batch in (1, 32):
+        for name, c, size in SHAPES:
+            x = torch.randn(batch, c, size, size, device="cuda")
+            w = torch.randn(c, c, 3, 3, device="cuda")
+            packed = kernels.pack_weight(w)
+            ref = F.conv2d(sign(x), sign(w), padding=1)
+            assert torch.equal(kernels.xnor_conv2d(x, w, None, 1, 1, packed), ref), "mismatch"
+            row = []
+            for label, fn in (("fp16", lambda: F.conv2d(sign(x).half(), sign(w).half(), padding=1)),
+                              ("bf16", lambda: F.conv2d(sign(x).bfloat16(), sign(w).bfloat16(), padding=1)),
+                              ("xnor", lambda: kernels.xnor_conv2d(x, w, None, 1, 1, packed))):
+                fn()
+                times = []
+                for _ in range(repeats):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn()
+                    end.record()
+                    torch.cuda.synchronize()
+                    times.append(start.elapsed_time(end))
+                row.append((label, statistics.median(times)))
+            d = dict(row)
+            print(f"  batch {batch:2d} {name:10s} {c:4d} {size:3d}  " + "  ".join(f"{k} {v:.3f} ms" for k, v in row)
+                  + f"  xnor vs fp16 {d['fp16'] / d['xnor']:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    run_cpu(args.batch, args.repeats)
+    run_gpu(args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""XNOR-popcount kernels: packing, exactness against the float emulation, layer integration."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnnctl import kernels
+from bnnctl.kernels import cpu
+from bnnctl.workers.binarize import BinarizeConfig, hard_sign
+from bnnctl.workers.layers import ActivationConfig, BinaryConv2d
+from bnnctl.workers.models import ModelConfig, build_model
+
+needs_cpu_kernel = pytest.mark.skipif(not cpu.available(), reason="no C compiler for the CPU kernel")
+needs_cuda = pytest.mark.skipif(not kernels.available("cuda"), reason="no CUDA device with CuPy")
+
+
+def emulate(x, w, alpha, stride, padding):
+    y = F.conv2d(hard_sign(x), hard_sign(w), stride=stride, padding=padding)
+    return y if alpha is None else y * alpha.view(1, -1, 1, 1)
+
+
+@given(c=st.integers(1, 200), bits=st.sampled_from([32, 64]), seed=st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None)
+def test_pack_unpack_round_trip_any_channel_count(c, bits, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, c, 3, 2, generator=g)
+    x[0, 0, 0, 0] = 0.0  # sign(0) = +1
+    packed = kernels.pack_bits(x, bits)
+    assert packed.shape == (2, 3, 2, kernels.words_for(c, bits))
+    assert torch.equal(kernels.unpack_bits(packed, c, bits), hard_sign(x))
+
+
+def test_bit_layout():
+    x = -torch.ones(1, 70, 1, 1)
+    x[0, [0, 3, 64, 69]] = 1.0
+    words = kernels.pack_bits(x, 64)[0, 0, 0]
+    assert words.tolist() == [(1 << 0) | (1 << 3), (1 << 0) | (1 << 5)]
+
+
+@needs_cpu_kernel
+@given(n=st.integers(1, 3), c=st.integers(1, 150), h=st.integers(1, 11), w=st.integers(1, 11),
+       o=st.integers(1, 70), k=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]),
+       padding=st.integers(0, 2), use_alpha=st.booleans(), seed=st.integers(0, 2**16))
+@settings(max_examples=120, deadline=None)
+def test_cpu_kernel_equals_the_float_emulation_exactly(n, c, h, w, o, k, stride, padding, use_alpha, seed):
+    if h + 2 * padding < k or w + 2 * padding < k:
+        return
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g)
+    x[x.abs() < 0.05] = 0.0  # exact zeros must count as +1
+    wt = torch.randn(o, c, k, k, generator=g)
+    alpha = torch.rand(o, generator=g) * 2 - 0.5 if use_alpha else None
+    assert torch.equal(cpu.xnor_conv2d(x, wt, alpha, stride, padding), emulate(x, wt, alpha, stride, padding))
+
+
+@needs_cpu_kernel
+def test_papers_layer_shapes_exact():
+    for c, size in ((128, 16), (256, 8)):
+        x, w = torch.randn(2, c, size, size), torch.randn(c, c, 3, 3)
+        alpha = torch.rand(c)
+        packed = cpu.pack_weight(w)
+        assert torch.equal(cpu.xnor_conv2d(x, packed, alpha, 1, 1), emulate(x, w, alpha, 1, 1))
+        assert torch.equal(cpu.xnor_conv2d(x, packed, alpha, 2, 1), emulate(x, w, alpha, 2, 1))
+
+
+@needs_cpu_kernel
+def test_inputs_are_validated_before_launch():
+    x = torch.randn(1, 8, 5, 5)
+    with pytest.raises(ValueError, match="channels"):
+        cpu.xnor_conv2d(x, torch.randn(4, 9, 3, 3))
+    with pytest.raises(ValueError, match="alpha"):
+        cpu.xnor_conv2d(x, torch.randn(4, 8, 3, 3), torch.ones(3))
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu.xnor_conv2d(torch.randn(1, 8, 2, 2), torch.randn(4, 8, 3, 3))
+    with pytest.raises(ValueError, match="float32"):
+        cpu.xnor_conv2d(x.double(), torch.randn(4, 8, 3, 3))
+
+
+def _pair(backend, **kw):
+    torch.manual_seed(0)
+    a = BinaryConv2d(24, 40, kw.pop("k", 3), kw.pop("stride", 1), binarize=kw.pop("binarize", BinarizeConfig()),
+                     activation=ActivationConfig("prelu"), backend="float", **kw)
+    b = BinaryConv2d(a.in_channels, a.out_channels, a.kernel_size, a.stride, groups=a.groups, binarize=a.binarize,
+                     activation=ActivationConfig("prelu"), backend=backend)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("backend", ["xnor", "auto"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_layer_backend_is_bit_identical_in_eval_and_training(backend, stride):
+    a, b = _pair(backend, stride=stride)
+    x = torch.randn(3, 24, 9, 9)
+    a.eval(), b.eval()
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+    a.train(), b.train()
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = a(xa), b(xb)
+    assert torch.equal(ya, yb)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    assert torch.equal(xa.grad, xb.grad)
+    assert torch.equal(a.weight_source.weight.grad, b.weight_source.weight.grad)
+
+
+@needs_cpu_kernel
+def test_xnor_backend_runs_the_kernel_only_when_both_operands_are_binary(monkeypatch):
+    calls = []
+    real = kernels.xnor_conv2d
+    monkeypatch.setattr(kernels, "xnor_conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(2, 24, 6, 6)
+    _, sign = _pair("xnor")
+    sign.eval()(x)
+    assert calls == [1]
+    _, approx = _pair("xnor", binarize=BinarizeConfig(quantizer="tanh"))
+    a, b = _pair("float", binarize=BinarizeConfig(quantizer="tanh"))
+    approx.train()(x)  # tanh activations are not binary in training: float path
+    assert calls == [1]
+    approx.eval()(x)  # but exactly binary in evaluation
+    assert calls == [1, 1]
+    _, grouped = _pair("xnor", groups=2)
+    grouped.eval()(x)  # groups > 1: float path
+    assert calls == [1, 1]
+
+
+@needs_cpu_kernel
+def test_whole_model_with_the_xnor_backend_matches_the_float_one():
+    cfg = ModelConfig(width=32, depth=2, num_outputs=4)
+    torch.manual_seed(1)
+    ref = build_model(cfg).eval()
+    torch.manual_seed(1)
+    fast = build_model(ModelConfig(width=32, depth=2, num_outputs=4, backend="xnor")).eval()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ref(x)[-1], fast(x)[-1])
+        assert torch.equal(fast(x)[-1], fast(x)[-1])  # the cached packed weights stay valid
+
+
+def test_cuda_sources_compile_for_sm80_and_sm90(tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not installed")
+    source = Path(kernels.__file__).with_name("xnor_cuda.cu")
+    for arch in ("sm_80", "sm_90"):
+        out = subprocess.run([nvcc, f"-arch={arch}", "-cubin", "-o", str(tmp_path / f"{arch}.cubin"), str(source)],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert (tmp_path / f"{arch}.cubin").stat().st_size > 0
+
+
+@needs_cuda
+@pytest.mark.parametrize("c,size,stride,padding", [(5, 7, 1, 1), (130, 9, 2, 1), (256, 16, 1, 1), (64, 8, 1, 0)])
+def test_gpu_kernel_equals_the_float_emulation_exactly(c, size, stride, padding):
+    x = torch.randn(2, c, size, size, device="cuda")
+    w = torch.randn(33, c, 3, 3, device="cuda")
+    alpha = torch.rand(33, device="cuda")
+    assert torch.equal(kernels.xnor_conv2d(x, w, alpha, stride, padding), emulate(x, w, alpha, stride, padding))
