@@ -112,7 +112,8 @@ static inline __attribute__((always_inline)) __m512i load_pixels(const uint64_t 
  * tap and pixel vector. Returns 0 when no tap of any pixel does (the common, interior case). */
 typedef struct {
     __mmask8 invalid[MAX_TAPS][2];
-    __m512i valid[2];
+    __m512i valid_c[2]; /* (taps inside the image) x C, per lane */
+    __mmask8 store[2];  /* lanes that are real output pixels */
     int any;
 } border;
 
@@ -121,10 +122,14 @@ static void border_masks(const geom *g, int64_t r, int64_t s0, border *bd)
     const int64_t taps = g->kh * g->kw;
     int64_t count[2][8];
     bd->any = 0;
+    for (int v = 0; v < 2; ++v) {
+        const int64_t left_over = g->ow - (s0 + 8 * v);
+        bd->store[v] = left_over >= 8 ? (__mmask8)0xFF : left_over <= 0 ? (__mmask8)0 : (__mmask8)((1u << left_over) - 1u);
+    }
     /* interior fast path: every tap of every pixel of the block inside the image */
     const int64_t top = r * g->stride - g->pad, left = s0 * g->stride - g->pad;
     if (top >= 0 && top + g->kh <= g->h && left >= 0 && left + (PXB - 1) * g->stride + g->kw <= g->w) {
-        bd->valid[0] = bd->valid[1] = _mm512_set1_epi64(taps);
+        bd->valid_c[0] = bd->valid_c[1] = _mm512_set1_epi64(taps * g->c);
         return;
     }
     for (int v = 0; v < 2; ++v)
@@ -143,7 +148,8 @@ static void border_masks(const geom *g, int64_t r, int64_t s0, border *bd)
                 bd->any |= (int)m;
             }
         }
-    for (int v = 0; v < 2; ++v) bd->valid[v] = _mm512_loadu_si512((const void *)count[v]);
+    for (int v = 0; v < 2; ++v)
+        bd->valid_c[v] = _mm512_mullo_epi64(_mm512_loadu_si512((const void *)count[v]), _mm512_set1_epi64(g->c));
 }
 
 static inline __attribute__((always_inline)) void
@@ -179,31 +185,22 @@ static void block_avx512(const geom *g, const uint64_t *xi, const uint64_t *w, c
     if (g->stride == 1) counts_avx512(g, xi, w, r, s0, o0, 1, acc);
     else if (g->stride == 2) counts_avx512(g, xi, w, r, s0, o0, 2, acc);
     else counts_avx512(g, xi, w, r, s0, o0, g->stride, acc);
-    /* spill once, here: indexing acc below with run-time indices would keep it in memory above */
-    int64_t counts[OR][2][8];
-    for (int q = 0; q < OR; ++q) {
-        _mm512_storeu_si512((void *)counts[q][0], acc[q][0]);
-        _mm512_storeu_si512((void *)counts[q][1], acc[q][1]);
-    }
     const int64_t ohw = g->oh * g->ow;
     const int64_t taps = g->kh * g->kw;
-    const __m512i channels = _mm512_set1_epi64(g->c);
-    for (int q = 0; q < OR && o0 + q < g->o; ++q) {
-        const int64_t oc = o0 + q;
-        float *dst = y + (i * g->o + oc) * ohw + r * g->ow;
+    for (int q = 0; q < OR; ++q) {
+        const int64_t oc = o0 + q < g->o ? o0 + q : g->o - 1; /* padded channels: computed, not stored */
+        const __mmask8 keep = o0 + q < g->o ? (__mmask8)0xFF : (__mmask8)0;
+        float *dst = y + (i * g->o + oc) * ohw + r * g->ow + s0;
         const __m256 scale = _mm256_set1_ps(alpha ? alpha[oc] : 1.0f);
         for (int v = 0; v < 2; ++v) {
-            const int64_t sv = s0 + 8 * v;
-            if (sv >= g->ow) break;
-            const int64_t n_out = (g->ow - sv) < 8 ? (g->ow - sv) : 8;
-            __m512i count = _mm512_loadu_si512((const void *)counts[q][v]);
+            __m512i count = acc[q][v];
             if (bd->any)  /* padded taps added popcount(w): take it out again, lane by lane */
                 for (int64_t t = 0; t < taps; ++t)
                     if (bd->invalid[t][v])
                         count = _mm512_mask_sub_epi64(count, bd->invalid[t][v], count,
                                                       _mm512_set1_epi64(wpop[t * g->op + oc]));
-            const __m512i dot = _mm512_sub_epi64(_mm512_mullo_epi64(bd->valid[v], channels), _mm512_slli_epi64(count, 1));
-            _mm256_mask_storeu_ps(dst + sv, (__mmask8)((1u << n_out) - 1u), _mm256_mul_ps(_mm512_cvtepi64_ps(dot), scale));
+            const __m512i dot = _mm512_sub_epi64(bd->valid_c[v], _mm512_slli_epi64(count, 1));
+            _mm256_mask_storeu_ps(dst + 8 * v, bd->store[v] & keep, _mm256_mul_ps(_mm512_cvtepi64_ps(dot), scale));
         }
     }
 }

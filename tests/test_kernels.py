@@ -44,10 +44,11 @@ def test_bit_layout():
 
 @needs_cpu_kernel
 @given(n=st.integers(1, 3), c=st.integers(1, 150), h=st.integers(1, 11), w=st.integers(1, 11),
-       o=st.integers(1, 70), k=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]),
-       padding=st.integers(0, 2), use_alpha=st.booleans(), seed=st.integers(0, 2**16))
-@settings(max_examples=120, deadline=None)
-def test_cpu_kernel_equals_the_float_emulation_exactly(n, c, h, w, o, k, stride, padding, use_alpha, seed):
+       o=st.integers(1, 70), k=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2, 3]),
+       padding=st.integers(0, 2), use_alpha=st.booleans(), portable=st.booleans(), seed=st.integers(0, 2**16))
+@settings(max_examples=150, deadline=None)
+def test_cpu_kernel_equals_the_float_emulation_exactly(n, c, h, w, o, k, stride, padding, use_alpha, portable, seed):
+    """Both the vector (AVX-512, where the CPU has it) and the portable kernel."""
     if h + 2 * padding < k or w + 2 * padding < k:
         return
     g = torch.Generator().manual_seed(seed)
@@ -55,7 +56,8 @@ def test_cpu_kernel_equals_the_float_emulation_exactly(n, c, h, w, o, k, stride,
     x[x.abs() < 0.05] = 0.0  # exact zeros must count as +1
     wt = torch.randn(o, c, k, k, generator=g)
     alpha = torch.rand(o, generator=g) * 2 - 0.5 if use_alpha else None
-    assert torch.equal(cpu.xnor_conv2d(x, wt, alpha, stride, padding), emulate(x, wt, alpha, stride, padding))
+    result = cpu.xnor_conv2d(x, wt, alpha, stride, padding, portable=portable)
+    assert torch.equal(result, emulate(x, wt, alpha, stride, padding))
 
 
 @needs_cpu_kernel
