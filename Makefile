@@ -18,7 +18,7 @@ $(VENV)/.bnnctl-installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(VENV)/bin/bnnctl models summary
+	$(VENV)/bin/bnnctl study run studies/quickstart.yaml
 
 test: setup
 	$(PY) -m pytest -q

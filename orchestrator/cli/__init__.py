@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from . import data, export, models, train
+from . import data, export, models, study, train
 
 app = typer.Typer(
     name="bnnctl",
@@ -15,6 +15,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.add_typer(study.app, name="study")
 app.add_typer(models.app, name="models")
 app.add_typer(data.app, name="data")
 app.add_typer(train.app, name="train")

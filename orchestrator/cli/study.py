@@ -1,0 +1,178 @@
+"""``bnnctl study``: run, inspect and export ablation studies."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._common import console, fail, user_errors
+
+app = typer.Typer(help="Run and inspect ablation studies.", no_args_is_help=True)
+
+DbOption = Annotated[Optional[str], typer.Option("--db", help="SQLAlchemy URL of the state database "
+                                                  "(default: sqlite under .bnnctl/, or $BNNCTL_DB).")]
+
+
+def _study_name(ref: str) -> str:
+    p = Path(ref)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        from bnnctl.orchestrator.spec import load_spec
+
+        return load_spec(p).name
+    return ref
+
+
+def _load(ref: str, db: str | None):
+    from bnnctl.orchestrator.store import Store
+
+    store = Store(db)
+    study = store.study(_study_name(ref))
+    if study is None:
+        known = ", ".join(s.name for s in store.studies()) or "none yet"
+        raise fail(f"no study {ref!r} in {store.url}; known studies: {known}")
+    return store, study
+
+
+def _tables(store, study):
+    from bnnctl.dashboard.tables import build_tables
+
+    members = store.members(study.id)
+    variants = store.variants([m.variant_key for m in members])
+    return build_tables(study.spec, members, variants)
+
+
+def print_tables(tables, out) -> None:
+    from rich.table import Table as RichTable
+
+    from bnnctl.dashboard.tables import HEADERS, table_cells
+
+    for t in tables:
+        rt = RichTable(title=f"{t.name} — {t.mode}, {t.metric} (Δ vs {t.baseline})")
+        for h in HEADERS:
+            rt.add_column(h, justify="left" if h == "row" else "right")
+        for row in table_cells(t):
+            rt.add_row(*row)
+        out.print(rt)
+
+
+@app.command("run")
+@user_errors
+def run(
+    file: Annotated[Path, typer.Argument(help="The study spec (YAML).")],
+    db: DbOption = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: sqlite under .bnnctl/).")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: $RAY_ADDRESS or a local cluster).")] = None,
+    cpus: Annotated[Optional[int], typer.Option(help="CPUs of the local Ray cluster (default: all).")] = None,
+    max_parallel: Annotated[Optional[int], typer.Option(help="Variants at once (default: the spec's).")] = None,
+    no_track: Annotated[bool, typer.Option("--no-track", help="Do not log to MLflow.")] = False,
+) -> None:
+    """Run a study (or continue it): finished variants are reused, unfinished ones resume."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from bnnctl.orchestrator.executor import Events
+    from bnnctl.orchestrator.store import Store
+    from bnnctl.orchestrator.study import run_study
+    from bnnctl.orchestrator.tracking import default_uri
+
+    out = console()
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeElapsedColumn(), console=out, transient=False)
+    tasks: dict[str, int] = {}
+    overall = progress.add_task("study", total=None)
+
+    def started(v):
+        tasks[v.key] = progress.add_task(f"  {v.label}", total=v.config.epochs)
+
+    def epoch(v, e, metrics):
+        if v.key in tasks:
+            metric = next((k for k in ("pckh", "pck", "top1") if k in metrics), None)
+            desc = f"  {v.label}" + (f"  {metric} {metrics[metric]:.1f}" if metric else "")
+            progress.update(tasks[v.key], completed=e, description=desc)
+
+    def finished(v, status, error):
+        if v.key in tasks:
+            progress.update(tasks[v.key], visible=False)
+        if status != "retrying":
+            progress.advance(overall)
+        if status == "failed":
+            progress.console.print(f"[red]failed[/]: {v.label}: {error}")
+        elif status == "retrying":
+            progress.console.print(f"[yellow]retrying[/] {v.label} ({error}); it resumes from its checkpoint")
+
+    with progress:
+        outcome = run_study(file, db=db, tracking_uri=tracking_uri, address=address, cpus=cpus,
+                            max_parallel=max_parallel, events=Events(started=started, epoch=epoch, finished=finished),
+                            track=not no_track)
+    store, study = _load(outcome.study, db)
+    print_tables(_tables(store, study), out)
+    out.print(f"study {outcome.study}: {outcome.status} ({', '.join(f'{n} {s}' for s, n in sorted(outcome.counts.items()))}; "
+              f"{outcome.trained} trained or resumed in this run)")
+    if not no_track:
+        uri = tracking_uri or default_uri()
+        out.print(f"compare the runs in MLflow: mlflow ui --backend-store-uri {uri}")
+    if outcome.status != "completed":
+        raise typer.Exit(code=1)
+
+
+@app.command("show")
+@user_errors
+def show(
+    study: Annotated[str, typer.Argument(help="Study name or spec file.")],
+    fmt: Annotated[str, typer.Option("--format", help="table, md, csv or latex.")] = "table",
+    db: DbOption = None,
+) -> None:
+    """Print a study's ablation tables (or export them as Markdown, CSV or LaTeX)."""
+    from bnnctl.dashboard.tables import to_csv, to_latex, to_markdown
+
+    store, s = _load(study, db)
+    tables = _tables(store, s)
+    exporters = {"md": to_markdown, "csv": to_csv, "latex": to_latex}
+    if fmt == "table":
+        print_tables(tables, console())
+    elif fmt in exporters:
+        typer.echo(exporters[fmt](tables))
+    else:
+        raise fail(f"--format: unknown format {fmt!r}; allowed: table, md, csv, latex")
+
+
+@app.command("status")
+@user_errors
+def status(study: Annotated[str, typer.Argument(help="Study name or spec file.")], db: DbOption = None) -> None:
+    """Show the state of every variant of a study."""
+    from rich.table import Table as RichTable
+
+    store, s = _load(study, db)
+    members = store.members(s.id)
+    variants = store.variants([m.variant_key for m in members])
+    t = RichTable(title=f"{s.name}: {s.status}")
+    for col in ("variant", "kind", "status", "attempts", "result / error"):
+        t.add_column(col)
+    seen = set()
+    for m in members:
+        v = variants.get(m.variant_key)
+        if v is None or v.key in seen:
+            continue
+        seen.add(v.key)
+        detail = v.error or (f"{v.result['metric']} {v.result['metrics'][v.result['metric']]:.2f}" if v.result else "")
+        t.add_row(v.label, v.kind, v.status, str(len(store.attempts(v.key))), detail)
+    console().print(t)
+
+
+@app.command("list")
+@user_errors
+def list_studies(db: DbOption = None) -> None:
+    """List the studies in the state database."""
+    from bnnctl.orchestrator.store import Store
+
+    store = Store(db)
+    studies = store.studies()
+    if not studies:
+        typer.echo(f"no studies yet in {store.url}")
+    for s in studies:
+        counts: dict[str, int] = {}
+        members = store.members(s.id)
+        for v in store.variants([m.variant_key for m in members]).values():
+            counts[v.status] = counts.get(v.status, 0) + 1
+        typer.echo(f"{s.name:30s} {s.status:10s} {', '.join(f'{n} {k}' for k, n in sorted(counts.items())):40s} "
+                   f"{s.updated_at:%Y-%m-%d %H:%M}  {s.spec_file}")

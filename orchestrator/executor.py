@@ -1,0 +1,210 @@
+"""Ray execution of a plan: ready variants run as Ray tasks with their resources, respecting the DAG
+and a parallelism limit. Workers report per-epoch metrics through a Ray queue; the driver (this
+process) is the single writer of the state store and of MLflow.
+
+Failures: a lost worker or node (the task's process died) is retried up to ``retries`` times and
+resumes from its last checkpoint; an application error (invalid config, missing data, NaN loss)
+fails the variant at once with its reason, and the rest of the study goes on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from bnnctl.workers.config import from_dict, to_dict
+from bnnctl.workers.train import TrainConfig
+
+from .plan import Plan, Variant
+from .store import Store
+
+RUNS_DIR = Path(".bnnctl") / "runs"
+LAST, BEST = "last.pt", "best.pt"
+
+
+class RayReporter:
+    """The workers' Reporter, inside a Ray task: messages go to the driver through a Ray queue."""
+
+    PROGRESS_INTERVAL = 1.0
+
+    def __init__(self, key: str, checkpoint_dir: str, queue: Any) -> None:
+        self.key, self._dir, self.queue = key, Path(checkpoint_dir), queue
+        self._last_progress = 0.0
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self._dir
+
+    def report(self, epoch: int, metrics) -> None:
+        self.queue.put(("metrics", self.key, epoch, dict(metrics)))
+
+    def should_stop(self) -> bool:
+        return False
+
+    def progress(self, done: int, total: int, message: str = "") -> None:
+        now = time.monotonic()
+        if now - self._last_progress >= self.PROGRESS_INTERVAL or done == total:
+            self._last_progress = now
+            self.queue.put(("progress", self.key, done, total, message))
+
+
+def train_task(key: str, config: dict, checkpoint_dir: str, queue: Any) -> dict:
+    """Body of the Ray task: train one variant; application errors come back as data (no retry)."""
+    from bnnctl.workers.errors import BnnctlError
+    from bnnctl.workers.train import run_variant
+
+    node = socket.gethostname()
+    # the worker's pid beside the checkpoints: operators (and the fault-injection tests) can find it
+    Path(checkpoint_dir, "worker.pid").write_text(str(os.getpid()))
+    try:
+        cfg = from_dict(TrainConfig, config)
+        result = run_variant(cfg, RayReporter(key, checkpoint_dir, queue))
+    except BnnctlError as err:
+        return {"error": str(err), "reason": getattr(err, "reason", type(err).__name__), "node": node}
+    return {"result": dataclasses.asdict(result), "node": node, "pid": os.getpid()}
+
+
+@dataclass
+class Events:
+    """Callbacks for progress display; all optional."""
+
+    started: Callable[[Variant], None] = lambda v: None
+    epoch: Callable[[Variant, int, dict], None] = lambda v, e, m: None
+    progress: Callable[[Variant, int, int], None] = lambda v, d, t: None
+    finished: Callable[[Variant, str, str | None], None] = lambda v, status, error: None
+
+
+def init_ray(address: str | None, cpus: int | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:  # a local cluster, sized for small machines
+        ray.init(num_cpus=cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 object_store_memory=128 * 1024 * 1024)
+
+
+class Executor:
+    def __init__(self, store: Store, tracker, runs_dir: Path | None = None, max_parallel: int = 2, retries: int = 2,
+                 events: Events | None = None) -> None:
+        self.store, self.tracker = store, tracker
+        self.runs_dir = Path(runs_dir or RUNS_DIR).resolve()
+        self.max_parallel, self.retries = max_parallel, retries
+        self.events = events or Events()
+
+    def checkpoint_dir(self, key: str) -> Path:
+        return (self.runs_dir / key).resolve()
+
+    def _resolved_config(self, v: Variant) -> dict:
+        """The variant's config with its dependencies' checkpoints filled in."""
+        cfg = v.config
+        if v.init_dep:
+            cfg = dataclasses.replace(cfg, init_from=str(self.checkpoint_dir(v.init_dep) / LAST))
+        if v.teacher_dep:
+            cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill,
+                                                                       teacher=str(self.checkpoint_dir(v.teacher_dep) / BEST)))
+        return to_dict(cfg)
+
+    def run(self, plan: Plan, study_name: str, parent_run: str | None) -> dict[str, str]:
+        """Run every unfinished variant of ``plan``; returns the final status of each variant."""
+        import ray
+        from ray.util.queue import Queue
+
+        queue = Queue()
+        remote = ray.remote(train_task)
+        status = {k: s.status for k, s in self.store.variants(list(plan.variants)).items()}
+        attempts = {k: 0 for k in plan.variants}
+        running: dict[Any, str] = {}
+        runs: dict[str, str | None] = {}
+
+        def ready(v: Variant) -> bool:
+            return status[v.key] == "pending" and all(status[d] == "completed" for d in v.deps)
+
+        def blocked(v: Variant) -> bool:
+            return status[v.key] == "pending" and any(status[d] == "failed" for d in v.deps)
+
+        def submit(v: Variant) -> None:
+            ckpt = self.checkpoint_dir(v.key)
+            ckpt.mkdir(parents=True, exist_ok=True)
+            attempts[v.key] += 1
+            self.store.start_attempt(v.key, None, str(ckpt))
+            if self.tracker is not None and parent_run is not None and v.key not in runs:
+                stored = self.store.variant(v.key)
+                run_id = self.tracker.variant_run(parent_run, stored.mlflow_run_id if stored else None, v.key,
+                                                  v.label, v.kind, v.seed, to_dict(v.config), study_name)
+                self.store.set_mlflow_run(v.key, run_id)
+                runs[v.key] = run_id
+            opts = {"num_cpus": v.resources.cpus, "num_gpus": v.resources.gpus, "max_retries": 0}
+            ref = remote.options(**opts).remote(v.key, self._resolved_config(v), str(ckpt), queue)
+            running[ref] = v.key
+            status[v.key] = "running"
+            self.events.started(v)
+
+        def drain() -> None:
+            while not queue.empty():
+                msg = queue.get_nowait()
+                v = plan.variants[msg[1]]
+                if msg[0] == "metrics":
+                    _, key, epoch, metrics = msg
+                    self.store.log_metrics(key, epoch, metrics)
+                    if runs.get(key):
+                        self.tracker.log_metrics(runs[key], epoch, metrics)
+                    self.events.epoch(v, epoch, metrics)
+                else:
+                    self.events.progress(v, msg[2], msg[3])
+
+        def settle(key: str, new: str, error: str | None, result: dict | None = None) -> None:
+            status[key] = new
+            if new == "completed":
+                self.store.finish(key, result)
+            elif new == "failed":
+                self.store.fail(key, error or "failed")
+            if runs.get(key) and new in ("completed", "failed"):
+                self.tracker.finish(runs[key], result, error)
+            self.events.finished(plan.variants[key], new, error)
+
+        while True:
+            for v in plan.order():
+                if blocked(v):
+                    failed_dep = next(d for d in v.deps if status[d] == "failed")
+                    self.store.start_attempt(v.key, None, str(self.checkpoint_dir(v.key)))
+                    settle(v.key, "failed", f"dependency {plan.variants[failed_dep].label} failed")
+            for v in plan.order():
+                if len(running) >= self.max_parallel:
+                    break
+                if ready(v):
+                    submit(v)
+            if not running:
+                break
+            done, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+            drain()
+            for ref in done:
+                key = running.pop(ref)
+                try:
+                    out = ray.get(ref)
+                except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                        ray.exceptions.ObjectLostError, ray.exceptions.TaskUnschedulableError) as err:
+                    if attempts[key] <= self.retries:
+                        self.store.requeue(key, f"worker lost: {type(err).__name__}")
+                        status[key] = "pending"
+                        self.events.finished(plan.variants[key], "retrying", type(err).__name__)
+                    else:
+                        settle(key, "failed", f"worker lost {attempts[key]} times: {type(err).__name__}")
+                    continue
+                except ray.exceptions.RayTaskError as err:  # a bug, not a user error: keep the traceback
+                    settle(key, "failed", f"crashed: {err}")
+                    continue
+                drain()
+                if "error" in out:
+                    settle(key, "failed", out["error"])
+                else:
+                    settle(key, "completed", None, out["result"])
+        drain()
+        return status

@@ -1,0 +1,117 @@
+"""The planner: a study spec becomes variants (rows x seeds, plus their prerequisites) in a DAG.
+
+- A row with ``stages: reverse_order`` runs as stage 1 (binary activations, real weights) and stage 2
+  (everything binary, ``init_from`` stage 1's checkpoint); stage 2 depends on stage 1.
+- A row with a teacher depends on the teacher's variant (trained once, with the study's first
+  seed, and shared by every student that names it).
+
+A variant's identity is a hash of its resolved config (without the checkpoint paths, which are
+filled in at execution) and of its dependencies' identities: two variants with the same identity
+are the same training run, within a study and across studies.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+from bnnctl.workers.config import to_dict, with_overrides
+from bnnctl.workers.train import TrainConfig
+
+from .spec import Resources, RowSpec, StudySpec
+
+Kind = Literal["row", "stage1", "teacher"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One training run of the plan.
+
+    Attributes:
+        key: the identity hash (also the checkpoint folder name).
+        label: human-readable name ("IT Table 1 / + PReLU / seed 0", "teacher real / seed 0").
+        config: the training config; ``init_from`` and ``distill.teacher`` are filled at execution
+            from the dependencies' checkpoints.
+        init_dep, teacher_dep: identity of the stage-1 variant and of the teacher, when any.
+        ablation, row, seed: where the variant's result goes in the tables (rows only).
+    """
+
+    key: str
+    label: str
+    kind: Kind
+    config: TrainConfig
+    resources: Resources
+    seed: int
+    ablation: str | None = None
+    row: str | None = None
+    init_dep: str | None = None
+    teacher_dep: str | None = None
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        return tuple(d for d in (self.init_dep, self.teacher_dep) if d)
+
+
+def identity(config: TrainConfig, deps: tuple[str, ...]) -> str:
+    data = to_dict(dataclasses.replace(config, init_from=None,
+                                       distill=dataclasses.replace(config.distill, teacher=None)))
+    payload = json.dumps({"config": data, "deps": sorted(deps)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class Plan:
+    variants: dict[str, Variant]  # by key, in topological order
+    rows: dict[tuple[str, str, int], str]  # (ablation, row, seed) -> variant key
+
+    def order(self) -> list[Variant]:
+        return list(self.variants.values())
+
+
+def _with_seed(cfg: TrainConfig, seed: int) -> TrainConfig:
+    return dataclasses.replace(cfg, seed=seed)
+
+
+def build_plan(spec: StudySpec) -> Plan:
+    """Expand ``spec`` into its variants and their dependencies (deduplicated by identity)."""
+    variants: dict[str, Variant] = {}
+    rows: dict[tuple[str, str, int], str] = {}
+
+    def add(v: Variant) -> str:
+        variants.setdefault(v.key, v)
+        return v.key
+
+    teacher_keys: dict[str, str] = {}
+
+    def teacher(name: str) -> str:
+        if name not in teacher_keys:
+            t = spec.teachers[name]
+            parent = teacher(t.teacher) if t.teacher else None
+            cfg = _with_seed(t.config, spec.seeds[0])
+            deps = (parent,) if parent else ()
+            key = identity(cfg, deps)
+            teacher_keys[name] = add(Variant(key, f"teacher {name} / seed {cfg.seed}", "teacher", cfg,
+                                             spec.resources, cfg.seed, teacher_dep=parent))
+        return teacher_keys[name]
+
+    def row_variant(row: RowSpec, seed: int) -> str:
+        cfg = _with_seed(row.config, seed)
+        t_key = teacher(row.teacher) if row.teacher else None
+        init_key = None
+        if row.stages == "reverse_order":
+            s1 = with_overrides(cfg, {"model.binarize.weights": False})
+            s1_deps = (t_key,) if t_key else ()
+            init_key = add(Variant(identity(s1, s1_deps), f"{row.ablation} / {row.name} / stage 1 / seed {seed}",
+                                   "stage1", s1, spec.resources, seed, teacher_dep=t_key))
+        deps = tuple(d for d in (init_key, t_key) if d)
+        key = identity(cfg, deps)
+        return add(Variant(key, f"{row.ablation} / {row.name} / seed {seed}", "row", cfg, spec.resources, seed,
+                           row.ablation, row.name, init_key, t_key))
+
+    for ab in spec.ablations:
+        for row in ab.rows:
+            for seed in spec.seeds:
+                rows[(ab.name, row.name, seed)] = row_variant(row, seed)
+    return Plan(variants, rows)

@@ -1,0 +1,369 @@
+"""Study specs: one YAML file parsed once into frozen, typed objects.
+
+A spec names a baseline training config (``base``: any field of the workers' ``TrainConfig``) and
+ablations whose rows override dotted config paths:
+
+- ``mode: incremental`` -- each row adds its overrides to all the previous rows' (IT Table 1);
+- ``mode: isolated`` -- each row alone on the baseline (IT Table 3);
+- ``mode: grid`` -- the product of named axes (MT Table 1).
+
+Rows may also run as two stages (``stages: reverse_order``: binary activations with real weights
+first, then everything binary, initialized from stage 1; IT §3.3) and distil from a named teacher
+(``teacher: NAME``, defined under ``teachers``). Every override is validated by building the row's
+full ``TrainConfig`` here, so a bad spec fails before anything is started or written; errors name
+the YAML path and line.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from bnnctl.workers.config import from_dict, to_dict, with_overrides
+from bnnctl.workers.errors import ConfigError
+from bnnctl.workers.train import TrainConfig
+
+from .errors import SpecError
+
+Mode = Literal["incremental", "isolated", "grid"]
+STAGE_KINDS = ("single", "reverse_order")
+TOP_KEYS = {"name", "description", "base", "seeds", "resources", "teachers", "ablations", "tracking", "execution",
+            "metric"}
+
+
+# --------------------------------------------------------------------------- YAML with line numbers
+
+def _construct(node: yaml.Node, path: str, lines: dict[str, int]) -> Any:
+    """Plain data from a composed YAML node, recording the line of every path (1-based)."""
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value  # keys are kept as strings (config paths, names, levels)
+            child = f"{path}.{key}" if path else str(key)
+            lines[child] = key_node.start_mark.line + 1
+            if key in out:
+                raise SpecError("", child, "duplicate key", key_node.start_mark.line + 1)
+            out[key] = _construct(value_node, child, lines)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(v, f"{path}[{i}]", lines) for i, v in enumerate(node.value)]
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_object(node, deep=True)
+    finally:
+        loader.dispose()
+
+
+def load_yaml(path: Path) -> tuple[Any, dict[str, int]]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(str(path), "", "file not found") from None
+    except OSError as err:
+        raise SpecError(str(path), "", f"cannot read the file: {err.strerror}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise SpecError(str(path), "", f"not valid YAML: {getattr(err, 'problem', err)}",
+                        mark.line + 1 if mark else None) from None
+    if node is None:
+        raise SpecError(str(path), "", "the file is empty; a study spec is a YAML mapping (see studies/quickstart.yaml)")
+    lines: dict[str, int] = {}
+    try:
+        data = _construct(node, "", lines)
+    except SpecError as err:
+        raise SpecError(str(path), err.path, "duplicate key", err.line) from None
+    return data, lines
+
+
+# --------------------------------------------------------------------------- spec objects
+
+@dataclass(frozen=True)
+class Resources:
+    """Ray resources of one variant (fractional GPUs allowed)."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class Execution:
+    max_parallel: int = 2
+    retries: int = 2
+
+
+@dataclass(frozen=True)
+class Tracking:
+    experiment: str | None = None  # default: the study name
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One row of an ablation table, fully resolved."""
+
+    name: str
+    ablation: str
+    mode: Mode
+    overrides: tuple[tuple[str, Any], ...]  # cumulative for incremental rows
+    stages: str = "single"
+    teacher: str | None = None
+    reference: float | None = None
+    config: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    name: str
+    overrides: tuple[tuple[str, Any], ...]
+    teacher: str | None
+    config: TrainConfig
+
+
+@dataclass(frozen=True)
+class Ablation:
+    name: str
+    mode: Mode
+    baseline: str
+    rows: tuple[RowSpec, ...]
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    description: str
+    file: str
+    spec_hash: str
+    base: TrainConfig
+    seeds: tuple[int, ...]
+    resources: Resources
+    teachers: dict[str, TeacherSpec]
+    ablations: tuple[Ablation, ...]
+    tracking: Tracking
+    execution: Execution
+    metric: str | None
+
+    @property
+    def rows(self) -> list[RowSpec]:
+        return [r for a in self.ablations for r in a.rows]
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+
+# --------------------------------------------------------------------------- parsing
+
+class _Parser:
+    def __init__(self, file: Path, data: Any, lines: dict[str, int]) -> None:
+        self.file, self.data, self.lines = str(file), data, lines
+
+    def fail(self, path: str, message: str) -> SpecError:
+        line = None
+        probe = path
+        while probe and line is None:
+            line = self.lines.get(probe)
+            probe = probe.rsplit(".", 1)[0] if "." in probe else ""
+        return SpecError(self.file, path, message, line)
+
+    def mapping(self, value: Any, path: str, allowed: set[str] | None = None) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(path, f"expected a mapping, got {type(value).__name__}")
+        if allowed is not None:
+            for key in value:
+                if key not in allowed:
+                    raise self.fail(f"{path}.{key}" if path else str(key),
+                                    f"unknown key {key!r}; allowed here: {', '.join(sorted(allowed))}")
+        return value
+
+    def typed(self, cls, value: Any, path: str):
+        try:
+            return from_dict(cls, self.mapping(value, path), "")
+        except ConfigError as err:
+            sub = f"{path}.{err.path}" if err.path else path
+            raise self.fail(sub, err.message) from None
+
+    def overrides(self, value: Any, path: str) -> tuple[tuple[str, Any], ...]:
+        sets = self.mapping(value, path)
+        for key in sets:
+            if not isinstance(key, str) or not key:
+                raise self.fail(path, f"override keys are dotted config paths such as model.activation.kind, got {key!r}")
+        return tuple(sets.items())
+
+    def config(self, base_data: dict, overrides: tuple[tuple[str, Any], ...], path: str) -> TrainConfig:
+        """The TrainConfig of base + overrides; errors point at the override that caused them."""
+        try:
+            cfg = from_dict(TrainConfig, base_data, "")
+        except ConfigError as err:
+            raise self.fail(f"base.{err.path}" if err.path else "base", err.message) from None
+        for key, value in overrides:
+            try:
+                cfg = with_overrides(cfg, {key: value})
+            except ConfigError as err:
+                if err.path == key or err.path.startswith(key + "."):  # the override itself is wrong
+                    raise self.fail(f"{path}.{err.path}", err.message) from None
+                raise self.fail(f"{path}.{key}", f"{err.path}: {err.message}") from None
+        return cfg
+
+    def parse(self) -> StudySpec:
+        top = self.mapping(self.data, "", TOP_KEYS)
+        name = top.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise self.fail("name", "required: the study's name (a non-empty string)")
+        base_data = self.mapping(top.get("base"), "base")
+        base = self.config(base_data, (), "base")
+        seeds = top.get("seeds", [0])
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise self.fail("seeds", "expected a non-empty list of integers")
+        if len(set(seeds)) != len(seeds):
+            raise self.fail("seeds", "seeds must be distinct")
+        resources = self.typed(Resources, top.get("resources"), "resources")
+        if resources.cpus <= 0 or resources.gpus < 0:
+            raise self.fail("resources", "cpus must be > 0 and gpus >= 0")
+        execution = self.typed(Execution, top.get("execution"), "execution")
+        if execution.max_parallel < 1 or execution.retries < 0:
+            raise self.fail("execution", "max_parallel must be >= 1 and retries >= 0")
+        tracking = self.typed(Tracking, top.get("tracking"), "tracking")
+        teachers = self.parse_teachers(top.get("teachers"), base_data)
+        ablations_raw = top.get("ablations")
+        if not isinstance(ablations_raw, list) or not ablations_raw:
+            raise self.fail("ablations", "required: a list of ablations (incremental, isolated or grid)")
+        ablations = tuple(self.parse_ablation(a, f"ablations[{i}]", base_data, teachers)
+                          for i, a in enumerate(ablations_raw))
+        seen: dict[str, str] = {}
+        for i, ab in enumerate(ablations):
+            for j, row in enumerate(ab.rows):
+                key = f"{ab.name}/{row.name}"
+                if key in seen:
+                    raise self.fail(f"ablations[{i}]", f"duplicate row name {row.name!r} in ablation {ab.name!r}")
+                seen[key] = row.name
+        names = [a.name for a in ablations]
+        if len(set(names)) != len(names):
+            raise self.fail("ablations", "duplicate ablation names")
+        metric = top.get("metric")
+        if metric is not None and metric not in ("pckh", "pck", "top1", "top5", "pckh@0.1"):
+            raise self.fail("metric", f"unknown metric {metric!r}; allowed: pckh, pckh@0.1, pck, top1, top5")
+        description = top.get("description", "")
+        return StudySpec(
+            name=name, description=str(description), file=self.file, spec_hash=spec_hash(self.data),
+            base=base, seeds=tuple(seeds), resources=resources, teachers=teachers, ablations=ablations,
+            tracking=tracking, execution=execution, metric=metric,
+        )
+
+    def parse_teachers(self, raw: Any, base_data: dict) -> dict[str, TeacherSpec]:
+        teachers = {}
+        for name, body in self.mapping(raw, "teachers").items():
+            path = f"teachers.{name}"
+            body = self.mapping(body, path, {"set", "teacher"})
+            overrides = self.overrides(body.get("set"), f"{path}.set")
+            teachers[name] = TeacherSpec(name, overrides, body.get("teacher"), self.config(base_data, overrides, f"{path}.set"))
+        # teachers of teachers must exist and must not form a cycle
+        for name, t in teachers.items():
+            chain, current = [name], t.teacher
+            while current is not None:
+                if current not in teachers:
+                    raise self.fail(f"teachers.{chain[-1]}.teacher", f"unknown teacher {current!r}; defined: {', '.join(sorted(teachers)) or 'none'}")
+                if current in chain:
+                    raise self.fail(f"teachers.{name}.teacher", f"teachers form a cycle: {' -> '.join(chain + [current])}")
+                chain.append(current)
+                current = teachers[current].teacher
+        return teachers
+
+    def row_extras(self, body: dict, path: str, teachers: dict) -> tuple[str | None, str | None, float | None]:
+        stages = body.get("stages")
+        if stages is not None and stages not in STAGE_KINDS:
+            raise self.fail(f"{path}.stages", f"unknown stages {stages!r}; allowed: {', '.join(STAGE_KINDS)}")
+        teacher = body.get("teacher")
+        if teacher is not None and teacher not in teachers:
+            raise self.fail(f"{path}.teacher", f"unknown teacher {teacher!r}; defined under teachers: "
+                            f"{', '.join(sorted(teachers)) or 'none'}")
+        reference = body.get("reference")
+        if reference is not None and (isinstance(reference, bool) or not isinstance(reference, (int, float))):
+            raise self.fail(f"{path}.reference", f"expected the paper's value (a number), got {reference!r}")
+        return stages, teacher, None if reference is None else float(reference)
+
+    def parse_ablation(self, raw: Any, path: str, base_data: dict, teachers: dict) -> Ablation:
+        body = self.mapping(raw, path, {"name", "mode", "rows", "axes", "references", "baseline"})
+        name = body.get("name")
+        if not isinstance(name, str) or not name:
+            raise self.fail(f"{path}.name", "required: the ablation's name")
+        mode = body.get("mode", "incremental")
+        if mode not in ("incremental", "isolated", "grid"):
+            raise self.fail(f"{path}.mode", f"unknown mode {mode!r}; allowed: incremental, isolated, grid")
+        rows: list[RowSpec] = []
+        if mode == "grid":
+            axes = self.mapping(body.get("axes"), f"{path}.axes")
+            if not axes:
+                raise self.fail(f"{path}.axes", "a grid needs at least one axis: {axis: {level: {path: value}}}")
+            refs = self.mapping(body.get("references"), f"{path}.references")
+            levels = []
+            for axis, values in axes.items():
+                values = self.mapping(values, f"{path}.axes.{axis}")
+                if not values:
+                    raise self.fail(f"{path}.axes.{axis}", "an axis needs at least one level")
+                levels.append([(lvl, self.overrides(v, f"{path}.axes.{axis}.{lvl}"), f"{path}.axes.{axis}.{lvl}")
+                               for lvl, v in values.items()])
+            for combo in itertools.product(*levels):
+                row_name = "/".join(str(lvl) for lvl, _, _ in combo)
+                overrides: tuple = ()
+                cfg = None
+                for lvl, ov, where in combo:
+                    overrides += ov
+                    cfg = self.config(base_data, overrides, where)
+                ref = refs.get(row_name)
+                rows.append(RowSpec(row_name, name, mode, overrides, "single", None,
+                                    None if ref is None else float(ref), cfg))
+        else:
+            raw_rows = body.get("rows")
+            if not isinstance(raw_rows, list) or not raw_rows:
+                raise self.fail(f"{path}.rows", "required: a list of rows ({name, set, reference})")
+            cumulative: tuple = ()
+            stages, teacher = "single", None
+            for j, raw_row in enumerate(raw_rows):
+                rpath = f"{path}.rows[{j}]"
+                rb = self.mapping(raw_row, rpath, {"name", "set", "stages", "teacher", "reference"})
+                rname = rb.get("name")
+                if not isinstance(rname, str) or not rname:
+                    raise self.fail(f"{rpath}.name", "required: the row's name (as in the paper's table)")
+                own = self.overrides(rb.get("set"), f"{rpath}.set")
+                r_stages, r_teacher, ref = self.row_extras(rb, rpath, teachers)
+                if mode == "incremental":
+                    cumulative = cumulative + own
+                    stages = r_stages or stages
+                    teacher = r_teacher or teacher
+                    overrides, row_stages, row_teacher = cumulative, stages, teacher
+                else:
+                    overrides, row_stages, row_teacher = own, r_stages or "single", r_teacher
+                cfg = self.config(base_data, overrides, f"{rpath}.set")
+                rows.append(RowSpec(rname, name, mode, overrides, row_stages, row_teacher, ref, cfg))
+        baseline = body.get("baseline", rows[0].name)
+        if baseline not in [r.name for r in rows]:
+            raise self.fail(f"{path}.baseline", f"no row named {baseline!r} in this ablation")
+        return Ablation(name, mode, baseline, tuple(rows))
+
+
+def spec_hash(data: Any) -> str:
+    return hashlib.sha256(yaml.safe_dump(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Parse and validate a study spec file.
+
+    Raises:
+        SpecError: the file is missing, not YAML, or invalid; the message names the YAML path and
+            line and what is allowed.
+    """
+    path = Path(path)
+    data, lines = load_yaml(path)
+    return _Parser(path, data, lines).parse()
+
+
+def config_data(cfg: TrainConfig) -> dict:
+    return to_dict(cfg)

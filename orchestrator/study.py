@@ -1,0 +1,99 @@
+"""Running a study: spec -> plan -> state store -> Ray executor -> MLflow, and reading it back."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from bnnctl.workers.errors import DataError
+
+from .executor import Events, Executor, init_ray
+from .plan import Plan, build_plan
+from .spec import StudySpec, load_spec
+from .store import Member, Store
+
+DEFAULT_METRIC = {"pose": "pckh", "classification": "top1"}
+
+
+def table_layout(spec: StudySpec) -> dict:
+    """What the tables need from the spec, stored with the study (the dashboard reads it)."""
+    metric = spec.metric or ("pck" if spec.base.data.dataset == "lsp" else DEFAULT_METRIC[spec.base.task])
+    return {
+        "name": spec.name, "description": spec.description, "seeds": list(spec.seeds), "metric": metric,
+        "ablations": [{"name": a.name, "mode": a.mode, "baseline": a.baseline,
+                       "rows": [{"name": r.name, "reference": r.reference} for r in a.rows]} for a in spec.ablations],
+    }
+
+
+def check_data(plan: Plan) -> None:
+    """Fail before anything is started when a real dataset is missing (message: where and how to get it)."""
+    from bnnctl.workers.data.classification import scan_image_folder
+    from bnnctl.workers.data.pose import check_mpii_layout, read_lsp
+    from bnnctl.workers.train.tasks import dataset_root
+
+    seen = set()
+    for v in plan.order():
+        d = v.config.data
+        if d.dataset in ("synthetic", "digits") or (d.dataset, d.root) in seen:
+            continue
+        seen.add((d.dataset, d.root))
+        root = dataset_root(v.config)
+        if d.dataset == "mpii":
+            check_mpii_layout(root)
+        elif d.dataset == "lsp":
+            read_lsp(root)
+        else:
+            scan_image_folder(root, "train")
+            scan_image_folder(root, "val")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    study: str
+    status: str
+    counts: dict[str, int]
+    trained: int
+
+
+def run_study(path: str | Path, db: str | None = None, tracking_uri: str | None = None, address: str | None = None,
+              cpus: int | None = None, max_parallel: int | None = None, events: Events | None = None,
+              track: bool = True) -> Outcome:
+    """Run (or continue) the study in ``path``. Finished variants are reused, unfinished ones resume."""
+    spec = load_spec(path)
+    plan = build_plan(spec)
+    check_data(plan)
+    store = Store(db)
+    study = store.upsert_study(spec.name, str(path), spec.spec_hash, table_layout(spec))
+    for v in plan.order():
+        store.ensure_variant(v.key, v.label, v.kind, _config_dict(v), list(v.deps))
+    members = [Member(key, ab, row, seed) for (ab, row, seed), key in plan.rows.items()]
+    members += [Member(v.key, None, None, v.seed) for v in plan.order() if v.kind != "row"]
+    store.set_members(study.id, members)
+    before = {k: v.status for k, v in store.variants(list(plan.variants)).items()}
+    todo = [k for k, s in before.items() if s != "completed"]
+    tracker = parent = None
+    if track:
+        from .tracking import Tracker
+
+        tracker = Tracker(tracking_uri, spec.experiment)
+        parent = tracker.study_run(spec.name, study.mlflow_run_id, str(path))
+    store.set_study_status(study.id, "running", parent)
+    status: dict[str, str] = dict(before)
+    if todo:
+        init_ray(address, cpus)
+        executor = Executor(store, tracker, max_parallel=max_parallel or spec.execution.max_parallel,
+                            retries=spec.execution.retries, events=events)
+        status = executor.run(plan, spec.name, parent)
+    final = "completed" if all(s == "completed" for s in status.values()) else "failed"
+    store.set_study_status(study.id, final)
+    if tracker is not None and parent is not None:
+        tracker.end_study(parent, final)
+    counts: dict[str, int] = {}
+    for s in status.values():
+        counts[s] = counts.get(s, 0) + 1
+    return Outcome(spec.name, final, counts, len(todo))
+
+
+def _config_dict(v) -> dict:
+    from bnnctl.workers.config import to_dict
+
+    return to_dict(v.config)

@@ -1,0 +1,117 @@
+"""MLflow tracking with the explicit client: one parent run per study, one child run per variant.
+
+Runs are created once and their ids kept in the state store, so running a study again never
+duplicates runs (a resumed variant continues its run). Default store: sqlite under ``.bnnctl/``
+(MLflow 3 refuses the old ./mlruns file store); ``--tracking-uri`` for a server.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MAX_PARAM_LENGTH = 500  # MLflow accepts longer values, but the UI's table does not
+
+
+def default_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else the sqlite store under ./.bnnctl as an absolute path (MLflow caches
+    stores by URI within a process, so a relative path would follow the first working directory)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path('.bnnctl') / 'mlflow.db').resolve()}"
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """{"model": {"arch": "hourglass"}} -> {"model.arch": "hourglass"} (lists as JSON)."""
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    else:
+        out[prefix] = json.dumps(data) if isinstance(data, (list, tuple)) else str(data)
+    return out
+
+
+def metric_name(name: str) -> str:
+    """MLflow allows alphanumerics, _ - . space : / in metric names ("pckh@0.1" -> "pckh_at_0.1")."""
+    return name.replace("@", "_at_")
+
+
+class Tracker:
+    def __init__(self, uri: str | None, experiment: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri or default_uri()
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+
+    def _alive(self, run_id: str | None) -> bool:
+        if not run_id:
+            return False
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage == "active"
+        except Exception:  # deleted or from another store
+            return False
+
+    def study_run(self, name: str, existing: str | None, spec_file: str) -> str:
+        if self._alive(existing):
+            self.client.update_run(existing, status="RUNNING")
+            return existing  # type: ignore[return-value]
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={"bnnctl.study": name,
+                                                                                "bnnctl.spec_file": spec_file})
+        return run.info.run_id
+
+    def variant_run(self, parent: str, existing: str | None, key: str, label: str, kind: str, seed: int,
+                    config: dict, study: str) -> str:
+        if self._alive(existing):
+            self.client.update_run(existing, status="RUNNING")
+            return existing  # type: ignore[return-value]
+        from mlflow.entities import Param
+
+        tags = {"mlflow.parentRunId": parent, "bnnctl.study": study, "bnnctl.variant": key,
+                "bnnctl.identity": key, "bnnctl.kind": kind, "bnnctl.seed": str(seed), "bnnctl.label": label}
+        run = self.client.create_run(self.experiment_id, run_name=label, tags=tags)
+        params = [Param(k, v[:MAX_PARAM_LENGTH]) for k, v in sorted(flatten(config).items())]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(run.info.run_id, params=params[i:i + 100])
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str, epoch: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(metric_name(k), float(v), ts, epoch) for k, v in metrics.items()])
+
+    def finish(self, run_id: str, result: dict | None, error: str | None = None) -> None:
+        if result is not None:
+            from mlflow.entities import Metric
+
+            ts = int(time.time() * 1000)
+            final = {f"final.{k}": v for k, v in result["metrics"].items()}
+            final.update({f"accounting.{k}": v for k, v in result["accounting"].items()})
+            final["best." + result["metric"]] = result["best_metric"]
+            self.client.log_batch(run_id, metrics=[Metric(metric_name(k), float(v), ts, result["epochs_done"])
+                                                   for k, v in final.items()])
+            with tempfile.TemporaryDirectory() as tmp:
+                summary = Path(tmp) / "result.json"
+                summary.write_text(json.dumps(result, indent=2, default=str))
+                self.client.log_artifact(run_id, str(summary))
+                if result.get("per_joint"):
+                    table = Path(tmp) / "per_joint.csv"
+                    table.write_text("joint,value\n" + "".join(f"{k},{v:.3f}\n" for k, v in result["per_joint"].items()))
+                    self.client.log_artifact(run_id, str(table))
+            ckpt = Path(result["best_checkpoint"])
+            if ckpt.exists():
+                self.client.log_artifact(run_id, str(ckpt), artifact_path="checkpoint")
+            self.client.set_terminated(run_id, "FINISHED")
+        else:
+            if error:
+                self.client.set_tag(run_id, "bnnctl.error", error[:5000])
+            self.client.set_terminated(run_id, "FAILED")
+
+    def end_study(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, {"completed": "FINISHED", "cancelled": "KILLED"}.get(status, "FAILED"))

@@ -1,0 +1,136 @@
+"""Study specs: every file in studies/ loads and plans; malformed specs fail clearly, before anything is written."""
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bnnctl.orchestrator.cli import app
+from bnnctl.orchestrator.plan import build_plan
+from bnnctl.orchestrator.spec import SpecError, load_spec
+
+STUDIES = sorted((Path(__file__).resolve().parent.parent / "studies").glob("*.yaml"))
+runner = CliRunner()
+
+GOOD = """
+name: tiny
+base:
+  model: {width: 16, depth: 2}
+  data: {synthetic: {train: 8, valid: 4}, input_size: 32}
+  epochs: 1
+  loss: mse
+seeds: [0, 1]
+teachers:
+  real: {set: {model.binarize.activations: false, model.binarize.weights: false}}
+ablations:
+  - name: chain
+    mode: incremental
+    rows:
+      - {name: relu, set: {model.activation.kind: relu}, reference: 76.3}
+      - {name: + prelu, set: {model.activation.kind: prelu}}
+      - {name: + reverse, stages: reverse_order}
+      - {name: + distil, teacher: real}
+  - name: alone
+    mode: isolated
+    rows:
+      - {name: real, set: {model.binarize.activations: false, model.binarize.weights: false}}
+  - name: grid
+    mode: grid
+    axes:
+      dec: {none: {model.decomposition.kind: none}, svd: {model.decomposition.kind: svd}}
+      alpha: {analytic: {model.binarize.alpha: analytic}, learned: {model.binarize.alpha: learned}}
+    references: {none/analytic: 78.4}
+"""
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.name for p in STUDIES])
+def test_every_study_file_loads_and_plans(path):
+    spec = load_spec(path)
+    plan = build_plan(spec)
+    assert spec.rows and plan.variants
+    for v in plan.order():  # topological: dependencies come first
+        seen = list(plan.variants)
+        assert all(seen.index(d) < seen.index(v.key) for d in v.deps)
+    assert set(plan.rows) == {(r.ablation, r.name, s) for r in spec.rows for s in spec.seeds}
+
+
+def test_incremental_isolated_grid_and_dependencies(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text(GOOD)
+    spec = load_spec(f)
+    chain, alone, grid = spec.ablations
+    assert [r.config.model.activation.kind for r in chain.rows] == ["relu", "prelu", "prelu", "prelu"]
+    assert [r.stages for r in chain.rows] == ["single", "single", "reverse_order", "reverse_order"]
+    assert chain.rows[3].teacher == "real" and chain.rows[0].reference == 76.3
+    assert [r.name for r in grid.rows] == ["none/analytic", "none/learned", "svd/analytic", "svd/learned"]
+    assert grid.rows[3].config.model.decomposition.kind == "svd" and grid.rows[3].config.model.binarize.alpha == "learned"
+    plan = build_plan(spec)
+    distil = plan.variants[plan.rows[("chain", "+ distil", 1)]]
+    stage1 = plan.variants[distil.init_dep]
+    assert stage1.kind == "stage1" and not stage1.config.model.binarize.weights
+    teacher = plan.variants[distil.teacher_dep]
+    assert teacher.kind == "teacher" and teacher.seed == 0  # one teacher, shared by both seeds
+    assert plan.variants[plan.rows[("chain", "+ distil", 0)]].teacher_dep == teacher.key
+    # the real-valued row is the teacher's run: trained once
+    assert plan.rows[("alone", "real", 0)] == teacher.key
+    # grid "none/analytic" equals the chain's "+ prelu" row only if configs match: identities follow configs
+    assert plan.rows[("chain", "+ prelu", 0)] != plan.rows[("chain", "+ prelu", 1)]
+
+
+BAD = {
+    "unknown key": ("name: x\nbase: {}\nablations: []\ncolour: red\n", "unknown key 'colour'", 4),
+    "unknown base key": ("name: x\nbase: {epochs: 1, modle: {}}\nablations: [{name: a, rows: [{name: r}]}]\n", "base.modle", 2),
+    "wrong type": ("name: x\nbase: {epochs: many}\nablations: [{name: a, rows: [{name: r}]}]\n", "expected an integer", 2),
+    "unknown technique": ("name: x\nablations:\n  - name: a\n    rows:\n      - {name: r, set: {model.activation.kind: gelu}}\n",
+                          "valid names: leaky_relu, none, prelu, relu", 5),
+    "negative lr": ("name: x\nablations:\n  - name: a\n    rows:\n      - {name: r, set: {optim.lr: -0.1}}\n",
+                    "must be a positive number", 5),
+    "lambda end < start": ("name: x\nablations:\n  - name: a\n    rows:\n      - name: r\n        set:\n          "
+                           "lambda_schedule: {kind: linear, lambda_start: 10, lambda_end: 1}\n", "lambda_end", 7),
+    "missing teacher": ("name: x\nablations:\n  - name: a\n    rows:\n      - {name: r, teacher: ghost}\n",
+                        "unknown teacher 'ghost'", 5),
+    "cyclic teachers": ("name: x\nteachers:\n  a: {teacher: b}\n  b: {teacher: a}\nablations: [{name: a, rows: [{name: r}]}]\n",
+                        "cycle", 3),
+    "duplicate rows": ("name: x\nablations:\n  - name: a\n    rows: [{name: r}, {name: r}]\n", "duplicate row name 'r'", 3),
+    "duplicate key": ("name: x\nname: y\nablations: [{name: a, rows: [{name: r}]}]\n", "duplicate key", 2),
+    "not yaml": ("name: [unclosed\n", "not valid YAML", None),
+    "empty": ("", "empty", None),
+    "no ablations": ("name: x\n", "ablations", None),
+    "unknown mode": ("name: x\nablations: [{name: a, mode: zigzag, rows: [{name: r}]}]\n", "unknown mode 'zigzag'", 2),
+    "unknown stages": ("name: x\nablations:\n  - name: a\n    rows: [{name: r, stages: backwards}]\n", "unknown stages", 4),
+    "bad seeds": ("name: x\nseeds: [0, 0]\nablations: [{name: a, rows: [{name: r}]}]\n", "distinct", 2),
+    "task mismatch": ("name: x\nbase: {model: {arch: resnet18}}\nablations: [{name: a, rows: [{name: r}]}]\n",
+                      "is a pose dataset but model 'resnet18'", 2),
+    "bad baseline": ("name: x\nablations: [{name: a, baseline: zz, rows: [{name: r}]}]\n", "no row named 'zz'", 2),
+    "missing name": ("ablations: [{name: a, rows: [{name: r}]}]\n", "name", None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_malformed_specs_fail_clearly_and_write_nothing(tmp_path, monkeypatch, case):
+    text, words, line = BAD[case]
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpecError) as err:
+        load_spec(f)
+    assert words in str(err.value) and str(f) in str(err.value)
+    if line is not None:
+        assert f"line {line}" in str(err.value)
+    result = runner.invoke(app, ["study", "run", str(f), "--no-track"])
+    assert result.exit_code == 1 and "Traceback" not in result.output and words in result.output
+    assert not (tmp_path / ".bnnctl").exists()  # nothing started, nothing written
+
+
+def test_missing_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["study", "run", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 1 and "file not found" in result.output and not (tmp_path / ".bnnctl").exists()
+
+
+@pytest.mark.parametrize("name", ["mpii.yaml", "imagenet.yaml"])
+def test_real_data_studies_stop_before_training_without_data(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["study", "run", str(STUDIES[0].parent / name), "--no-track"])
+    assert result.exit_code == 1 and "not found at data/" in result.output
+    assert "bnnctl data" in result.output  # says how to get the data
+    assert not (tmp_path / ".bnnctl").exists()

@@ -1,0 +1,161 @@
+"""End to end on a real local Ray cluster, a real sqlite state store and a real MLflow store."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bnnctl.orchestrator.store import Store
+from bnnctl.orchestrator.study import run_study
+from bnnctl.workers.config import from_dict
+from bnnctl.workers.train import LocalReporter, TrainConfig, run_variant
+
+SPEC = """
+name: e2e
+base:
+  model: {{width: 16, depth: 2}}
+  data: {{root: {root}, synthetic: {{train: 64, valid: 16}}, input_size: 32}}
+  epochs: {epochs}
+  batch_size: 16
+  loss: mse
+  threads: 1
+seeds: [0]
+ablations:
+  - name: acts
+    mode: isolated
+    rows:
+      - {{name: relu, set: {{model.activation.kind: relu}}}}
+      - {{name: prelu, set: {{model.activation.kind: prelu}}}}
+      - {{name: leaky, set: {{model.activation.kind: leaky_relu}}}}
+tracking: {{experiment: e2e}}
+execution: {{max_parallel: 2, retries: 2}}
+"""
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _spec(tmp_path, epochs):
+    f = tmp_path / "e2e.yaml"
+    f.write_text(SPEC.format(root=tmp_path / "syn", epochs=epochs))
+    return f
+
+
+def _mlflow_runs(path):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{path}")
+    exp = c.get_experiment_by_name("e2e")
+    return c.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_run_reuse_and_tables(workdir):
+    spec = _spec(workdir, 2)
+    out = run_study(spec, cpus=2)
+    assert out.status == "completed" and out.trained == 3
+    store = Store()
+    study = store.study("e2e")
+    members = store.members(study.id)
+    variants = store.variants([m.variant_key for m in members])
+    assert all(v.status == "completed" and 0 <= v.result["metrics"]["pckh"] <= 100 for v in variants.values())
+    assert all(len(store.metrics(k)["pckh"]) == 2 for k in variants)  # per-epoch metrics reached the store
+    runs = _mlflow_runs(workdir / ".bnnctl" / "mlflow.db")
+    assert len(runs) == 4  # one parent, three children
+    t0 = time.time()
+    again = run_study(spec, cpus=2)
+    assert again.trained == 0 and again.status == "completed" and time.time() - t0 < 30
+    assert len(_mlflow_runs(workdir / ".bnnctl" / "mlflow.db")) == 4  # no duplicates
+    from bnnctl.dashboard.tables import build_tables
+
+    tables = build_tables(study.spec, members, variants)
+    assert [r.name for r in tables[0].rows] == ["relu", "prelu", "leaky"]
+    assert all(r.cell.mean is not None for r in tables[0].rows)
+
+
+def _wait(predicate, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_killed_driver_resumes_without_retraining_or_duplicate_runs(workdir):
+    spec = _spec(workdir, 6)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cli = [sys.executable, "-c", "from bnnctl.orchestrator.cli import main; main()",
+           "study", "run", str(spec), "--cpus", "2", "--max-parallel", "1"]
+    proc = subprocess.Popen(cli, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        def one_done_one_running():
+            if not (workdir / ".bnnctl" / "state.db").exists():
+                return False
+            vs = Store().variants([])
+            store = Store()
+            s = store.study("e2e")
+            if s is None:
+                return False
+            states = [v.status for v in store.variants([m.variant_key for m in store.members(s.id)]).values()]
+            return states.count("completed") >= 1 and states.count("running") >= 1
+        assert _wait(one_done_one_running, 240)
+        time.sleep(1.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    store = Store()
+    s = store.study("e2e")
+    before = {k: v.status for k, v in store.variants([m.variant_key for m in store.members(s.id)]).items()}
+    done_before = [k for k, st in before.items() if st == "completed"]
+    out = run_study(spec, cpus=2)
+    errors = {k: v.error for k, v in store.variants(list(before)).items()}
+    assert out.status == "completed" and out.trained == 3 - len(done_before), (out, before, errors)
+    for k in done_before:
+        assert len(store.attempts(k)) == 1  # not retrained
+    runs = _mlflow_runs(workdir / ".bnnctl" / "mlflow.db")
+    assert len(runs) == 4, [(r.info.run_name, r.info.status, r.data.tags.get("bnnctl.variant")) for r in runs]
+
+
+def test_killed_worker_is_retried_and_resumes_to_the_same_metrics(workdir):
+    spec = _spec(workdir, 5)
+    import threading
+
+    from bnnctl.orchestrator.plan import build_plan
+    from bnnctl.orchestrator.spec import load_spec
+
+    plan = build_plan(load_spec(spec))
+    victim = plan.rows[("acts", "prelu", 0)]
+    ckpt = workdir / ".bnnctl" / "runs" / victim
+    killed = {}
+
+    def killer():
+        def ready():
+            return (ckpt / "last.pt").exists() and (ckpt / "worker.pid").exists()
+        if _wait(ready, 240):
+            pid = int((ckpt / "worker.pid").read_text())
+            os.kill(pid, signal.SIGKILL)
+            killed["pid"] = pid
+
+    t = threading.Thread(target=killer)
+    t.start()
+    out = run_study(spec, cpus=2, track=False)
+    t.join()
+    assert killed, "the worker was never seen running"
+    store = Store()
+    attempts = store.attempts(victim)
+    assert [a.status for a in attempts] == ["lost", "completed"]
+    assert out.status == "completed"
+    resumed = store.variant(victim).result["metrics"]
+    reference = run_variant(from_dict(TrainConfig, store.variant(victim).config), LocalReporter(workdir / "ref"))
+    for key in ("pckh", "val_loss", "train_loss"):
+        assert resumed[key] == reference.metrics[key], key
