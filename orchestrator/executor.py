@@ -112,8 +112,13 @@ class Executor:
                                                                        teacher=str(self.checkpoint_dir(v.teacher_dep) / BEST)))
         return to_dict(cfg)
 
-    def run(self, plan: Plan, study_name: str, parent_run: str | None) -> dict[str, str]:
-        """Run every unfinished variant of ``plan``; returns the final status of each variant."""
+    def run(self, plan: Plan, study_name: str, parent_run: str | None,
+            cancelled: Callable[[], bool] = lambda: False) -> dict[str, str]:
+        """Run every unfinished variant of ``plan``; returns the final status of each variant.
+
+        ``cancelled`` is polled while waiting: when it returns True, nothing new starts, running
+        variants are stopped and put back to pending (a later run resumes them from their checkpoints).
+        """
         import ray
         from ray.util.queue import Queue
 
@@ -123,6 +128,8 @@ class Executor:
         attempts = {k: 0 for k in plan.variants}
         running: dict[Any, str] = {}
         runs: dict[str, str | None] = {}
+        # MLflow work for finished variants waits until the freed worker has new work (overlap)
+        to_track: list[tuple[str, dict | None, str | None]] = []
 
         def ready(v: Variant) -> bool:
             return status[v.key] == "pending" and all(status[d] == "completed" for d in v.deps)
@@ -167,10 +174,19 @@ class Executor:
             elif new == "failed":
                 self.store.fail(key, error or "failed")
             if runs.get(key) and new in ("completed", "failed"):
-                self.tracker.finish(runs[key], result, error)
+                to_track.append((runs[key], result, error))
             self.events.finished(plan.variants[key], new, error)
 
         while True:
+            if cancelled():
+                for ref, key in list(running.items()):
+                    ray.cancel(ref, force=True)
+                    self.store.requeue(key, "study cancelled")
+                    status[key] = "pending"
+                    self.events.finished(plan.variants[key], "cancelled", None)
+                running.clear()
+                drain()
+                break
             for v in plan.order():
                 if blocked(v):
                     failed_dep = next(d for d in v.deps if status[d] == "failed")
@@ -181,6 +197,8 @@ class Executor:
                     break
                 if ready(v):
                     submit(v)
+            while to_track:
+                self.tracker.finish(*to_track.pop(0))
             if not running:
                 break
             done, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
@@ -207,4 +225,6 @@ class Executor:
                 else:
                     settle(key, "completed", None, out["result"])
         drain()
+        while to_track:
+            self.tracker.finish(*to_track.pop(0))
         return status

@@ -82,8 +82,11 @@ def run_study(path: str | Path, db: str | None = None, tracking_uri: str | None 
         init_ray(address, cpus)
         executor = Executor(store, tracker, max_parallel=max_parallel or spec.execution.max_parallel,
                             retries=spec.execution.retries, events=events)
-        status = executor.run(plan, spec.name, parent)
-    final = "completed" if all(s == "completed" for s in status.values()) else "failed"
+        status = executor.run(plan, spec.name, parent, cancelled=_poller(store, study.id))
+    if store.study(study.id).status == "cancelled":
+        final = "cancelled"
+    else:
+        final = "completed" if all(s == "completed" for s in status.values()) else "failed"
     store.set_study_status(study.id, final)
     if tracker is not None and parent is not None:
         tracker.end_study(parent, final)
@@ -91,6 +94,37 @@ def run_study(path: str | Path, db: str | None = None, tracking_uri: str | None 
     for s in status.values():
         counts[s] = counts.get(s, 0) + 1
     return Outcome(spec.name, final, counts, len(todo))
+
+
+def _poller(store: Store, study_id: int, every: float = 2.0):
+    """A cheap 'was the study cancelled?' check for the executor loop (one query every ``every`` s)."""
+    import time
+
+    last = [0.0, False]
+
+    def cancelled() -> bool:
+        now = time.monotonic()
+        if now - last[0] >= every:
+            last[0] = now
+            last[1] = store.study(study_id).status == "cancelled"
+        return last[1]
+
+    return cancelled
+
+
+def cancel_study(name: str, db: str | None = None) -> bool:
+    """Mark a study cancelled: its running driver stops starting variants, stops the running ones
+    (they resume from their checkpoints when the study is run again). False if it is not running."""
+    store = Store(db)
+    study = store.study(name)
+    if study is None:
+        from bnnctl.workers.errors import ConfigError
+
+        raise ConfigError("study", f"no study named {name!r}")
+    if study.status != "running":
+        return False
+    store.set_study_status(study.id, "cancelled")
+    return True
 
 
 def _config_dict(v) -> dict:

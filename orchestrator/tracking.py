@@ -104,6 +104,9 @@ class Tracker:
                     table = Path(tmp) / "per_joint.csv"
                     table.write_text("joint,value\n" + "".join(f"{k},{v:.3f}\n" for k, v in result["per_joint"].items()))
                     self.client.log_artifact(run_id, str(table))
+            image = result.get("predictions_image")
+            if image and Path(image).exists():
+                self.client.log_artifact(run_id, image)
             ckpt = Path(result["best_checkpoint"])
             if ckpt.exists():
                 self.client.log_artifact(run_id, str(ckpt), artifact_path="checkpoint")

@@ -71,6 +71,13 @@ def test_run_reuse_and_tables(workdir):
     assert all(len(store.metrics(k)["pckh"]) == 2 for k in variants)  # per-epoch metrics reached the store
     runs = _mlflow_runs(workdir / ".bnnctl" / "mlflow.db")
     assert len(runs) == 4  # one parent, three children
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / '.bnnctl' / 'mlflow.db'}")
+    child = next(r for r in runs if r.data.tags.get("bnnctl.kind") == "row")
+    names = {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert {"result.json", "per_joint.csv", "predictions.png", "checkpoint"} <= names
+    assert child.data.params["model.arch"] == "hourglass" and "pckh" in child.data.metrics
     t0 = time.time()
     again = run_study(spec, cpus=2)
     assert again.trained == 0 and again.status == "completed" and time.time() - t0 < 30
@@ -159,3 +166,28 @@ def test_killed_worker_is_retried_and_resumes_to_the_same_metrics(workdir):
     reference = run_variant(from_dict(TrainConfig, store.variant(victim).config), LocalReporter(workdir / "ref"))
     for key in ("pckh", "val_loss", "train_loss"):
         assert resumed[key] == reference.metrics[key], key
+
+
+def test_cancel_stops_the_study_and_a_rerun_finishes_it(workdir):
+    import threading
+
+    from bnnctl.orchestrator.study import cancel_study
+
+    spec = _spec(workdir, 8)
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("out", run_study(spec, cpus=2, track=False)))
+    t.start()
+    assert _wait(lambda: (workdir / ".bnnctl" / "state.db").exists() and Store().study("e2e") is not None
+                 and any(Store().metrics(v.key) for v in Store().variants(
+                     [m.variant_key for m in Store().members(Store().study("e2e").id)]).values()), 240)
+    assert cancel_study("e2e")
+    t.join(timeout=120)
+    assert not t.is_alive() and result["out"].status == "cancelled"
+    store = Store()
+    states = {v.status for v in store.variants([m.variant_key for m in store.members(store.study("e2e").id)]).values()}
+    assert "running" not in states and "pending" in states
+    import ray
+
+    ray.shutdown()
+    assert run_study(spec, cpus=2, track=False).status == "completed"
+    assert not cancel_study("e2e")  # not running any more

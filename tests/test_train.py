@@ -40,6 +40,10 @@ def test_short_training_lowers_the_loss(synth_root, tmp_path):
     assert result.accounting["binary_params"] == 0 and result.accounting["params"] > 0
     ckpt = load_checkpoint(result.last_checkpoint)
     assert ckpt["epoch"] == 4 and ckpt["config"]["epochs"] == 4
+    from PIL import Image
+
+    with Image.open(result.predictions_image) as im:  # predictions drawn on 8 validation crops
+        assert im.size == (8 * 128, 128)
 
 
 def test_stop_and_resume_ends_exactly_like_an_uninterrupted_run(synth_root, tmp_path):

@@ -97,6 +97,8 @@ def run(
             progress.advance(overall)
         if status == "failed":
             progress.console.print(f"[red]failed[/]: {v.label}: {error}")
+        elif status == "cancelled":
+            progress.console.print(f"[yellow]stopped[/] {v.label} (study cancelled)")
         elif status == "retrying":
             progress.console.print(f"[yellow]retrying[/] {v.label} ({error}); it resumes from its checkpoint")
 
@@ -176,3 +178,16 @@ def list_studies(db: DbOption = None) -> None:
             counts[v.status] = counts.get(v.status, 0) + 1
         typer.echo(f"{s.name:30s} {s.status:10s} {', '.join(f'{n} {k}' for k, n in sorted(counts.items())):40s} "
                    f"{s.updated_at:%Y-%m-%d %H:%M}  {s.spec_file}")
+
+
+@app.command("cancel")
+@user_errors
+def cancel(study: Annotated[str, typer.Argument(help="Study name or spec file.")], db: DbOption = None) -> None:
+    """Cancel a running study: nothing new starts and running variants stop (they resume on the next run)."""
+    from bnnctl.orchestrator.study import cancel_study
+
+    name = _study_name(study)
+    if cancel_study(name, db):
+        typer.echo(f"study {name}: cancelled; its driver stops within seconds. Run it again to continue.")
+    else:
+        typer.echo(f"study {name} is not running; nothing to cancel")

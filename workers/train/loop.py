@@ -50,6 +50,7 @@ class TrainResult:
     last_checkpoint: str
     best_checkpoint: str
     timings: dict[str, float]
+    predictions_image: str | None = None  # pose: predicted joints drawn on validation crops
 
 
 def _device(cfg: TrainConfig) -> torch.device:
@@ -233,6 +234,10 @@ def run_variant(config: TrainConfig, reporter: Reporter) -> TrainResult:
         model.eval()
         metrics["per_joint"] = task.evaluate(model, val_loader, device).get("per_joint", {})
     epochs_done = load_checkpoint(last_path)["epoch"] if status == "stopped" else config.epochs
+    predictions = None
+    if status == "completed" and hasattr(task, "render_predictions"):
+        model.eval()
+        predictions = task.render_predictions(model, ckpt_dir / "predictions.png", device)
     acc = account(model, config.data.input_size, model_cfg.in_channels)
     return TrainResult(
         status=status,
@@ -248,4 +253,5 @@ def run_variant(config: TrainConfig, reporter: Reporter) -> TrainResult:
         last_checkpoint=str(last_path),
         best_checkpoint=str(best_path),
         timings={"train_s": train_s, "eval_s": eval_s, "total_s": time.perf_counter() - t_start},
+        predictions_image=str(predictions) if predictions else None,
     )

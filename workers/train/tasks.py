@@ -143,6 +143,41 @@ class PoseTask:
         return metrics
 
 
+    @torch.no_grad()
+    def render_predictions(self, model: nn.Module, path: Path, device: torch.device, count: int = 8) -> Path | None:
+        """A PNG of the first validation crops with the predicted (red/blue by side) and true (white)
+        joints, for the run's artifacts."""
+        from PIL import Image, ImageDraw
+
+        from ..data.pose import IMAGENET_MEAN, IMAGENET_STD
+
+        items = [self.val_set[i] for i in range(min(count, len(self.val_set)))]
+        if not items:
+            return None
+        images = torch.stack([it["image"] for it in items]).to(device)
+        coords, _ = self.codec.decode(self.heatmaps(model(images)[-1]).float().cpu())
+        size = self.codec.input_size
+        scale = max(1, 128 // size)
+        sheet = Image.new("RGB", (size * scale * len(items), size * scale))
+        mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        for k, (item, pred) in enumerate(zip(items, coords.numpy())):
+            pixels = ((item["image"] * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+            tile = Image.fromarray(pixels).resize((size * scale, size * scale), Image.Resampling.NEAREST)
+            draw = ImageDraw.Draw(tile)
+            truth = apply_affine(self.val_set.records[item["index"]].joints, item["crop"].numpy())
+            for j, (x, y) in enumerate(pred):
+                colour = (255, 80, 60) if self.joints[j].startswith("l_") else (
+                    (60, 140, 255) if self.joints[j].startswith("r_") else (255, 230, 0))
+                cx, cy = (x + 0.5) * scale - 0.5, (y + 0.5) * scale - 0.5
+                draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=colour)
+                if item["weight"][j] > 0:
+                    tx, ty = (truth[j] + 0.5) * scale - 0.5
+                    draw.line([(cx, cy), (tx, ty)], fill=(255, 255, 255))
+            sheet.paste(tile, (k * size * scale, 0))
+        sheet.save(path)
+        return path
+
+
 class ClassificationTask:
     metric = "top1"
 
