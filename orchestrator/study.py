@@ -70,19 +70,42 @@ def run_study(path: str | Path, db: str | None = None, tracking_uri: str | None 
     store.set_members(study.id, members)
     before = {k: v.status for k, v in store.variants(list(plan.variants)).items()}
     todo = [k for k, s in before.items() if s != "completed"]
-    tracker = parent = None
+    # MLflow opens its store (seconds on first use) in a thread while Ray starts in this one and the
+    # workers import torch: the three start-up costs overlap instead of adding up.
+    opened: dict = {}
+    mlflow_thread = None
     if track:
-        from .tracking import Tracker
+        import threading
 
-        tracker = Tracker(tracking_uri, spec.experiment)
-        parent = tracker.study_run(spec.name, study.mlflow_run_id, str(path))
+        def open_tracking() -> None:
+            try:
+                from .tracking import Tracker
+
+                t = Tracker(tracking_uri, spec.experiment)
+                opened["run"] = t.study_run(spec.name, study.mlflow_run_id, str(path))
+                opened["tracker"] = t
+            except BaseException as err:  # re-raised in the main thread below
+                opened["error"] = err
+
+        mlflow_thread = threading.Thread(target=open_tracking, daemon=True)
+        mlflow_thread.start()
+    warm = []
+    if todo:
+        init_ray(address, cpus)
+        warm = warm_up(spec, max_parallel or spec.execution.max_parallel)
+    tracker = parent = None
+    if mlflow_thread is not None:
+        mlflow_thread.join()
+        if "error" in opened:
+            raise opened["error"]
+        tracker, parent = opened["tracker"], opened["run"]
     store.set_study_status(study.id, "running", parent)
     status: dict[str, str] = dict(before)
     if todo:
-        init_ray(address, cpus)
         executor = Executor(store, tracker, max_parallel=max_parallel or spec.execution.max_parallel,
                             retries=spec.execution.retries, events=events)
         status = executor.run(plan, spec.name, parent, cancelled=_poller(store, study.id))
+        _quiet_wait(warm)
     if store.study(study.id).status == "cancelled":
         final = "cancelled"
     else:
@@ -94,6 +117,32 @@ def run_study(path: str | Path, db: str | None = None, tracking_uri: str | None 
     for s in status.values():
         counts[s] = counts.get(s, 0) + 1
     return Outcome(spec.name, final, counts, len(todo))
+
+
+def _warm_task() -> int:
+    import os
+
+    import bnnctl.workers.train  # noqa: F401  (torch and the trainer, imported once per worker process)
+
+    return os.getpid()
+
+
+def warm_up(spec: StudySpec, count: int) -> list:
+    """Start ``count`` Ray worker processes that import torch and the trainer now, while the driver
+    opens MLflow; Ray reuses those processes for the study's tasks."""
+    import ray
+
+    task = ray.remote(_warm_task).options(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus, max_retries=0)
+    return [task.remote() for _ in range(count)]
+
+
+def _quiet_wait(refs: list) -> None:
+    import ray
+
+    try:
+        ray.get(refs, timeout=5)
+    except Exception:  # warm-up only: a failure here changes nothing
+        pass
 
 
 def _poller(store: Store, study_id: int, every: float = 2.0):
