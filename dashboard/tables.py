@@ -3,7 +3,6 @@ difference to the ablation's baseline row, the paper's value beside it, and the 
 Missing seeds and failed variants are shown as such, never as zeros."""
 from __future__ import annotations
 
-import math
 import statistics
 from dataclasses import dataclass
 
@@ -177,6 +176,3 @@ def to_latex(tables: list[Table]) -> str:
         parts += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{_latex_escape(t.name)}}}", r"\end{table}", ""]
     return "\n".join(parts)
 
-
-def nan_to_none(x: float | None) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x

@@ -56,12 +56,8 @@ def _build() -> ctypes.CDLL:
             raise RuntimeError(f"compiling {SOURCE.name} failed: {err.stderr.strip()[:500]}") from None
     lib = ctypes.CDLL(str(target))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.bnn_pack_input.argtypes = [ptr] + [i64] * 8 + [ptr]
     lib.bnn_pack_weight.argtypes = [ptr] + [i64] * 6 + [ptr, ptr]
-    lib.bnn_xnor_conv.argtypes = [ptr, ptr, ptr, ptr, ptr] + [i64] * 15
-    lib.bnn_xnor_conv_scalar.argtypes = lib.bnn_xnor_conv.argtypes
-    for f in (lib.bnn_pack_input, lib.bnn_pack_weight, lib.bnn_xnor_conv, lib.bnn_xnor_conv_scalar):
-        f.restype = None
+    lib.bnn_pack_weight.restype = None
     lib.bnn_xnor_conv_nchw.argtypes = [ptr, ptr, ptr, ptr, ptr] + [i64] * 14 + [ctypes.c_int]
     lib.bnn_xnor_conv_nchw.restype = ctypes.c_int
     for f in (lib.bnn_has_avx512, lib.bnn_out_block, lib.bnn_pixel_block):
@@ -97,9 +93,8 @@ def vector_popcount() -> bool:
     return bool(library().bnn_has_avx512())
 
 
-#: MAX_TAPS and PXB in xnor_cpu.c.
+#: MAX_TAPS in xnor_cpu.c.
 MAX_TAPS = 64
-PIXEL_BLOCK = 16
 
 
 @dataclass(frozen=True)
@@ -127,15 +122,6 @@ def pack_weight(w: Tensor) -> PackedWeight:
     pops = torch.empty((kh * kw, op), dtype=torch.int64)
     lib.bnn_pack_weight(_ptr(w), o, c, kh, kw, words_for(c), op, _ptr(words), _ptr(pops))
     return PackedWeight(words, pops, (o, c, kh, kw))
-
-
-def pack_input(x: Tensor, padding: int, width: int) -> Tensor:
-    """(N, C, H, W) float32 -> (N, H + 2p, CW, width) packed signs, image at offset (p, p)."""
-    x = x.detach().contiguous()
-    n, c, h, w = x.shape
-    out = torch.empty((n, h + 2 * padding, words_for(c), width), dtype=torch.int64)
-    library().bnn_pack_input(_ptr(x), n, c, h, w, words_for(c), padding, h + 2 * padding, width, _ptr(out))
-    return out
 
 
 def check_operands(x: Tensor, w_shape: tuple[int, ...], alpha: Tensor | None, stride: int, padding: int) -> tuple[int, int]:
@@ -174,7 +160,8 @@ def xnor_conv2d(x: Tensor, w: Tensor | PackedWeight, alpha: Tensor | None = None
         raise ValueError("the CPU kernel takes a float32 input on the CPU")
     n, c, h, wd = x.shape
     o, _, kh, kw = packed.shape
-    width = max(wd + 2 * padding, -(-ow // PIXEL_BLOCK) * PIXEL_BLOCK * stride + kw + 16)
+    pix = lib.bnn_pixel_block()
+    width = max(wd + 2 * padding, -(-ow // pix) * pix * stride + kw + 16)
     a = None if alpha is None else alpha.detach().to(torch.float32).contiguous().cpu()
     x = x.detach().contiguous()
     y = torch.empty((n, o, oh, ow), dtype=torch.float32)

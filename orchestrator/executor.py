@@ -22,8 +22,9 @@ from bnnctl.workers.train import TrainConfig
 from .plan import Plan, Variant
 from .store import Store
 
+from bnnctl.workers.train.loop import BEST, LAST
+
 RUNS_DIR = Path(".bnnctl") / "runs"
-LAST, BEST = "last.pt", "best.pt"
 
 
 class RayReporter:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from bnnctl.workers.config import from_dict, to_dict, with_overrides
+from bnnctl.workers.config import from_dict, with_overrides
 from bnnctl.workers.errors import ConfigError
 from bnnctl.workers.train import TrainConfig
 
@@ -364,6 +364,3 @@ def load_spec(path: str | Path) -> StudySpec:
     data, lines = load_yaml(path)
     return _Parser(path, data, lines).parse()
 
-
-def config_data(cfg: TrainConfig) -> dict:
-    return to_dict(cfg)

@@ -16,13 +16,12 @@ Contract of :class:`Store` (the orchestrator is its only writer; the dashboard o
 """
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine,
                         event, select)
@@ -367,6 +366,3 @@ class Store:
                 out.setdefault(m.name, []).append((m.epoch, m.value))
             return out
 
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)

@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from bnnctl.workers.errors import DataError
 
 from .executor import Events, Executor, init_ray
 from .plan import Plan, build_plan

@@ -4,7 +4,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -108,7 +107,6 @@ def test_killed_driver_resumes_without_retraining_or_duplicate_runs(workdir):
         def one_done_one_running():
             if not (workdir / ".bnnctl" / "state.db").exists():
                 return False
-            vs = Store().variants([])
             store = Store()
             s = store.study("e2e")
             if s is None:

@@ -8,7 +8,6 @@ from bnnctl.workers.binarize import BinarizeConfig
 from bnnctl.workers.config import from_dict
 from bnnctl.workers.data.synthetic import SyntheticConfig
 from bnnctl.workers.errors import ConfigError, TrainingError
-from bnnctl.workers.layers import binary_layers
 from bnnctl.workers.models import ModelConfig
 from bnnctl.workers.schedules import LambdaSchedule
 from bnnctl.workers.train import DataConfig, DistillConfig, LocalReporter, OptimConfig, TrainConfig, run_variant

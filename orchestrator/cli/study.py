@@ -71,7 +71,6 @@ def run(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from bnnctl.orchestrator.executor import Events
-    from bnnctl.orchestrator.store import Store
     from bnnctl.orchestrator.study import run_study
     from bnnctl.orchestrator.tracking import default_uri
 
