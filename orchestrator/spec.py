@@ -31,7 +31,7 @@ from .errors import SpecError
 
 Mode = Literal["incremental", "isolated", "grid"]
 STAGE_KINDS = ("single", "reverse_order")
-TOP_KEYS = {"name", "description", "base", "seeds", "resources", "teachers", "ablations", "tracking", "execution",
+TOP_KEYS = {"name", "description", "task", "base", "seeds", "resources", "teachers", "ablations", "tracking", "execution",
             "metric"}
 
 
@@ -219,6 +219,12 @@ class _Parser:
             raise self.fail("name", "required: the study's name (a non-empty string)")
         base_data = self.mapping(top.get("base"), "base")
         base = self.config(base_data, (), "base")
+        task = top.get("task", base.task)
+        if task not in ("pose", "classification"):
+            raise self.fail("task", f"unknown task {task!r}; allowed: pose, classification")
+        if task != base.task:
+            raise self.fail("task", f"the study is declared {task!r} but base.data.dataset "
+                            f"{base.data.dataset!r} is a {base.task} dataset")
         seeds = top.get("seeds", [0])
         if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise self.fail("seeds", "expected a non-empty list of integers")

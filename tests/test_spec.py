@@ -102,6 +102,8 @@ BAD = {
                       "is a pose dataset but model 'resnet18'", 2),
     "bad baseline": ("name: x\nablations: [{name: a, baseline: zz, rows: [{name: r}]}]\n", "no row named 'zz'", 2),
     "missing name": ("ablations: [{name: a, rows: [{name: r}]}]\n", "name", None),
+    "task mismatch declared": ("name: x\ntask: classification\nablations: [{name: a, rows: [{name: r}]}]\n",
+                               "is a pose dataset", 2),
 }
 
 
