@@ -17,6 +17,7 @@ Contract of :class:`Store` (the orchestrator is its only writer; the dashboard o
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -216,15 +217,27 @@ class Store:
             s.close()
 
     def _migrate(self) -> None:
+        # Two processes may open a new database at once (a driver and `bnnctl study status`): the
+        # loser of the CREATE TABLE race sees "already exists"; trying again finds the tables there.
+        for attempt in range(3):
+            try:
+                Base.metadata.create_all(self.engine)
+                break
+            except SQLAlchemyError as err:
+                if attempt == 2:
+                    raise StoreError(f"cannot create the state tables in {self.url}: {err}") from None
+                time.sleep(0.2)
         try:
-            Base.metadata.create_all(self.engine)
-        except SQLAlchemyError as err:
-            raise StoreError(f"cannot create the state tables in {self.url}: {err}") from None
+            with self.session() as s:
+                if s.get(SchemaInfo, 1) is None:
+                    s.add(SchemaInfo(id=1, version=SCHEMA_VERSION))
+        except StoreError:  # another opener inserted the row first: fine, it is read below
+            pass
         with self.session() as s:
             info = s.get(SchemaInfo, 1)
             if info is None:
-                s.add(SchemaInfo(id=1, version=SCHEMA_VERSION))
-            elif info.version > SCHEMA_VERSION:
+                raise StoreError(f"cannot record the schema version in {self.url}")
+            if info.version > SCHEMA_VERSION:
                 raise StoreError(f"{self.url} was written by a newer bnnctl (schema {info.version} > "
                                  f"{SCHEMA_VERSION}); upgrade bnnctl to read it")
             # future versions: migrate from info.version step by step here
