@@ -18,11 +18,10 @@ from typing import Any, Callable
 
 from bnnctl.workers.config import from_dict, to_dict
 from bnnctl.workers.train import TrainConfig
+from bnnctl.workers.train.loop import BEST, LAST
 
 from .plan import Plan, Variant
 from .store import Store
-
-from bnnctl.workers.train.loop import BEST, LAST
 
 RUNS_DIR = Path(".bnnctl") / "runs"
 

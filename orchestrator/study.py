@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from bnnctl.workers.config import to_dict
 
 from .executor import Events, Executor, init_ray
 from .plan import Plan, build_plan
@@ -63,7 +64,7 @@ def run_study(path: str | Path, db: str | None = None, tracking_uri: str | None 
     store = Store(db)
     study = store.upsert_study(spec.name, str(path), spec.spec_hash, table_layout(spec))
     for v in plan.order():
-        store.ensure_variant(v.key, v.label, v.kind, _config_dict(v), list(v.deps))
+        store.ensure_variant(v.key, v.label, v.kind, to_dict(v.config), list(v.deps))
     members = [Member(key, ab, row, seed) for (ab, row, seed), key in plan.rows.items()]
     members += [Member(v.key, None, None, v.seed) for v in plan.order() if v.kind != "row"]
     store.set_members(study.id, members)
@@ -173,9 +174,3 @@ def cancel_study(name: str, db: str | None = None) -> bool:
         return False
     store.set_study_status(study.id, "cancelled")
     return True
-
-
-def _config_dict(v) -> dict:
-    from bnnctl.workers.config import to_dict
-
-    return to_dict(v.config)

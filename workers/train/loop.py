@@ -131,6 +131,7 @@ def run_variant(config: TrainConfig, reporter: Reporter) -> TrainResult:
     last_path, best_path = ckpt_dir / LAST, ckpt_dir / BEST
     config_data = to_dict(config)
     start_epoch, best, best_epoch = 0, -math.inf, 0
+    state: dict[str, Any] | None = None
     if last_path.exists():
         state = load_checkpoint(last_path)
         if state["config"] != config_data:
@@ -152,6 +153,7 @@ def run_variant(config: TrainConfig, reporter: Reporter) -> TrainResult:
     train_s = eval_s = 0.0
     metrics: dict[str, Any] = {}
     status = "completed"
+    epochs_done = start_epoch
 
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
@@ -218,22 +220,20 @@ def run_variant(config: TrainConfig, reporter: Reporter) -> TrainResult:
         payload = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
             "epoch": epoch + 1, "best": best, "best_epoch": best_epoch, "config": config_data,
-            "model_config": to_dict(model_cfg), "metrics": {k: v for k, v in metrics.items() if k != "per_joint"},
+            "model_config": to_dict(model_cfg), "metrics": metrics,
         }
         save_checkpoint(last_path, payload)
         if improved:
             save_checkpoint(best_path, payload)
+        epochs_done = epoch + 1
         reporter.report(epoch + 1, {k: v for k, v in metrics.items() if k != "per_joint"})
         if epoch + 1 < config.epochs and reporter.should_stop():
             status = "stopped"
             break
 
-    if not metrics:  # resumed a run that had already finished: report its last metrics again
-        state = load_checkpoint(last_path)
+    if not metrics:  # resumed a run that had already finished: its last metrics are in the checkpoint
+        assert state is not None
         metrics = dict(state["metrics"])
-        model.eval()
-        metrics["per_joint"] = task.evaluate(model, val_loader, device).get("per_joint", {})
-    epochs_done = load_checkpoint(last_path)["epoch"] if status == "stopped" else config.epochs
     predictions = None
     if status == "completed" and hasattr(task, "render_predictions"):
         model.eval()
