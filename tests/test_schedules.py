@@ -47,3 +47,43 @@ def test_scheduler_sets_the_lambda_buffers_of_a_model_and_of_one_group():
     assert n == len(quantizers(model, "stacks.1")) > 0
     assert {float(q.lam) for q in quantizers(model, "stacks.0")} == {3.0}
     assert {float(q.lam) for q in quantizers(model, "stacks.1")} == {42.0}
+
+
+def test_per_group_schedules_override_the_main_one_for_their_group():
+    cfg = ModelConfig(width=16, depth=1, stacks=2, num_outputs=2, binarize=BinarizeConfig(quantizer="tanh"))
+    model = build_model(cfg)
+    late = LambdaSchedule("linear", 2.0, 50.0, total=4, group="stacks.1")
+    scheduler = LambdaScheduler(model, LambdaSchedule("linear", 1.0, 5.0), total=4, groups=(late,))
+    scheduler.step(2)
+    assert {float(q.lam) for q in quantizers(model, "stacks.0")} == {3.0}
+    assert {float(q.lam) for q in quantizers(model, "stem")} == {3.0}
+    assert {float(q.lam) for q in quantizers(model, "stacks.1")} == {26.0}
+    assert scheduler.per_group == {"stacks.1": 26.0} and scheduler.current == 3.0
+    with pytest.raises(ConfigError, match="no quantizer in group 'stack.1'; groups of this model: stacks.0, stacks.1, stem"):
+        LambdaScheduler(model, LambdaSchedule(), 4, (LambdaSchedule(group="stack.1"),))
+
+
+def test_per_group_schedules_in_the_config_are_addressable_by_index_and_keep_old_identities():
+    import dataclasses
+
+    from bnnctl.orchestrator.plan import identity
+    from bnnctl.workers.config import to_dict, with_overrides
+    from bnnctl.workers.train import TrainConfig
+
+    base = from_dict(TrainConfig, {"loss": "mse"})
+    grouped = with_overrides(base, {"lambda_groups": [{"group": "stem", "kind": "linear", "lambda_end": 5.0}]})
+    tuned = with_overrides(grouped, {"lambda_groups[0].lambda_end": 40.0})
+    assert tuned.lambda_groups[0].lambda_end == 40.0 and tuned.lambda_groups[0].group == "stem"
+    with pytest.raises(ConfigError, match=r"lambda_groups\[1\]: no item 1 \(the list has 1\)"):
+        with_overrides(grouped, {"lambda_groups[1].lambda_end": 40.0})
+    with pytest.raises(ConfigError, match="needs its `group`"):
+        with_overrides(base, {"lambda_groups": [{"kind": "linear"}]})
+    # a config without per-group schedules keeps the identity it had before the field existed
+    import hashlib
+    import json
+
+    old = to_dict(base)
+    del old["lambda_groups"]
+    payload = json.dumps({"config": old, "deps": []}, sort_keys=True)
+    assert identity(base, ()) == hashlib.sha256(payload.encode()).hexdigest()[:20]
+    assert identity(grouped, ()) != identity(base, ()) != identity(dataclasses.replace(base, seed=1), ())

@@ -62,6 +62,16 @@ def test_stop_and_resume_ends_exactly_like_an_uninterrupted_run(synth_root, tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_per_group_lambda_schedules_are_reported_each_epoch(synth_root, tmp_path):
+    cfg = tiny(synth_root, epochs=2, model=ModelConfig(width=16, depth=2, binarize=BinarizeConfig(quantizer="tanh")),
+               lambda_schedule=LambdaSchedule("linear", 1.0, 3.0),
+               lambda_groups=(LambdaSchedule("exponential", 2.0, 200.0, group="stem"),))
+    rep = LocalReporter(tmp_path / "ck")
+    run_variant(cfg, rep)
+    # lambda during epoch e (0-based) is the schedule at t = e over 2 epochs
+    assert [(m["lambda"], m["lambda/stem"]) for _, m in rep.history] == [(1.0, 2.0), (2.0, 20.0)]
+
+
 def test_a_resumed_finished_run_trains_nothing(synth_root, tmp_path):
     cfg = tiny(synth_root, epochs=1)
     first = run_variant(cfg, LocalReporter(tmp_path / "ck"))

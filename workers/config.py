@@ -171,26 +171,60 @@ def to_dict(obj: Any) -> Any:
 
 
 def with_overrides(obj: T, overrides: Mapping[str, Any], path: str = "") -> T:
-    """A copy of the config ``obj`` with dotted-path overrides applied (``{"activation.kind": "prelu"}``)
-    and validated exactly as if the result had been parsed from data.
+    """A copy of the config ``obj`` with dotted-path overrides applied (``{"activation.kind": "prelu"}``,
+    list items by index: ``{"lambda_groups[0].lambda_end": 50}``) and validated exactly as if the
+    result had been parsed from data.
 
     Raises:
         ConfigError: a path that does not exist or a value that is not allowed.
     """
     data = to_dict(obj)
     for dotted, value in overrides.items():
-        parts = dotted.split(".")
-        node = data
+        parts = path_steps(dotted)
+        node: Any = data
         for i, part in enumerate(parts[:-1]):
-            if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
-                raise ConfigError(_join(path, ".".join(parts[: i + 1])), "no such config section")
+            where = _join(path, _render(parts[: i + 1]))
+            if isinstance(part, int):
+                if not isinstance(node, list) or part >= len(node):
+                    size = len(node) if isinstance(node, list) else 0
+                    raise ConfigError(where, f"no item {part} (the list has {size})")
+                node = node[part]
+                continue
+            if not isinstance(node, dict) or part not in node or not isinstance(node[part], (dict, list)):
+                raise ConfigError(where, "no such config section")
             node = node[part]
-        if parts[-1] not in node:
-            raise ConfigError(
-                _join(path, dotted), f"unknown key; valid keys here: {', '.join(sorted(node))}"
-            )
-        node[parts[-1]] = to_dict(value)
+        last = parts[-1]
+        if isinstance(last, int):
+            if not isinstance(node, list) or last >= len(node):
+                raise ConfigError(_join(path, dotted), f"no item {last} in this list")
+        elif not isinstance(node, dict) or last not in node:
+            valid = ", ".join(sorted(node)) if isinstance(node, dict) else "none (a list)"
+            raise ConfigError(_join(path, dotted), f"unknown key; valid keys here: {valid}")
+        node[last] = to_dict(value)
     return from_dict(type(obj), data, path)
+
+
+def path_steps(dotted: str) -> list[str | int]:
+    """``"lambda_groups[1].lambda_end"`` -> ``["lambda_groups", 1, "lambda_end"]``."""
+    steps: list[str | int] = []
+    for part in dotted.split("."):
+        name, bracket, rest = part.partition("[")
+        if name:
+            steps.append(name)
+        while bracket:
+            index, _, rest = rest.partition("]")
+            if not index.isdigit():
+                raise ConfigError(dotted, "a list index is a non-negative integer in brackets: name[0]")
+            steps.append(int(index))
+            _, bracket, rest = rest.partition("[")
+    return steps
+
+
+def _render(steps: list[str | int]) -> str:
+    out = ""
+    for s in steps:
+        out = f"{out}[{s}]" if isinstance(s, int) else (f"{out}.{s}" if out else s)
+    return out
 
 
 def require(condition: bool, path: str, message: str) -> None:

@@ -82,16 +82,30 @@ def set_lambda(model: nn.Module, value: float, group: str = "") -> int:
 
 
 class LambdaScheduler:
-    """Steps the lambda buffers of a model by a schedule: call ``step(t)`` at each epoch or step."""
+    """Steps the lambda buffers of a model by a schedule: call ``step(t)`` at each epoch or step.
 
-    def __init__(self, model: nn.Module, schedule: LambdaSchedule, total: int | None = None) -> None:
+    ``groups`` are per-layer-group schedules applied after the main one, each to its own group; a
+    group that matches no quantizer is an error (a typo would otherwise tune nothing).
+    """
+
+    def __init__(self, model: nn.Module, schedule: LambdaSchedule, total: int | None = None,
+                 groups: tuple[LambdaSchedule, ...] = ()) -> None:
         self.model = model
         self.schedule = schedule
+        self.groups = tuple(groups)
         self.total = total
-        self.current = schedule.value(0, total)
-        set_lambda(model, self.current, schedule.group)
+        for i, g in enumerate(self.groups):
+            if not quantizers(model, g.group):
+                known = sorted({q.group for q in quantizers(model)})
+                require(False, f"lambda_groups[{i}].group", f"no quantizer in group {g.group!r}; groups of this "
+                        f"model: {', '.join(known) or 'none'}")
+        self.step(0)
 
     def step(self, t: float) -> float:
         self.current = self.schedule.value(t, self.total)
         set_lambda(self.model, self.current, self.schedule.group)
+        self.per_group = {}
+        for g in self.groups:
+            self.per_group[g.group] = g.value(t, self.total)
+            set_lambda(self.model, self.per_group[g.group], g.group)
         return self.current

@@ -26,7 +26,7 @@ from ..errors import ConfigError, TrainingError
 from ..models import build_model
 from ..schedules import LambdaScheduler
 from .checkpoint import init_from_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, comparable
 from .reporter import Reporter
 from .tasks import make_task
 
@@ -134,7 +134,7 @@ def run_variant(config: TrainConfig, reporter: Reporter) -> TrainResult:
     state: dict[str, Any] | None = None
     if last_path.exists():
         state = load_checkpoint(last_path)
-        if state["config"] != config_data:
+        if comparable(state["config"]) != comparable(config_data):
             raise TrainingError("checkpoint_mismatch", f"{last_path} was written by a different configuration; "
                                 "use another checkpoint folder or delete it to start over")
         model.load_state_dict(state["model"])
@@ -147,7 +147,7 @@ def run_variant(config: TrainConfig, reporter: Reporter) -> TrainResult:
         steps_per_epoch = min(steps_per_epoch, config.max_batches)
     schedule = config.lambda_schedule
     total = config.epochs if schedule.unit == "epoch" else config.epochs * steps_per_epoch
-    lam = LambdaScheduler(model, schedule, total)
+    lam = LambdaScheduler(model, schedule, total, config.lambda_groups)
     flips = FlipTracker(model)
     val_loader = _loader(task.val_set, config, False)
     train_s = eval_s = 0.0
@@ -209,6 +209,7 @@ def run_variant(config: TrainConfig, reporter: Reporter) -> TrainResult:
             "train_loss": sum(losses) / max(len(losses), 1),
             "lr": config.optim.lr_at(epoch),
             "lambda": lam.current,
+            **{f"lambda/{g}": v for g, v in lam.per_group.items()},
             "flip_ratio": sum(ratios.values()) / len(ratios) if ratios else 0.0,
             "clip_fraction": sum(clips.values()) / len(clips) if clips else 0.0,
             "epoch_time": t2 - t0,
