@@ -1,0 +1,204 @@
+"""What each dashboard page shows, as plain data assembled from the orchestrator's store (read-only).
+
+The web app (``app.py``) renders these with templates and serves them as JSON for live refresh;
+nothing here writes anything.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+
+from bnnctl.orchestrator.tracking import flatten
+
+from .tables import ALPHA, Table, build_tables, format_delta, format_value
+
+TRACKED = ("train_loss", "val_loss", "pckh", "pck", "top1", "top5", "pckh_approx", "lambda", "lr",
+           "flip_ratio", "clip_fraction")
+
+
+class NotFound(LookupError):
+    """An unknown study, tuning or variant: the app answers 404."""
+
+
+def _counts(statuses: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in statuses:
+        out[s] = out.get(s, 0) + 1
+    return out
+
+
+def studies(store) -> list[dict]:
+    """The studies page: name, kind, spec file, status, variants by state, last activity."""
+    out = []
+    for s in store.studies():
+        members = store.members(s.id)
+        variants = store.variants(sorted({m.variant_key for m in members}))
+        last = max([s.updated_at] + [v.updated_at for v in variants.values()])
+        out.append({"name": s.name, "kind": s.spec.get("kind", "study"), "spec_file": s.spec_file, "status": s.status,
+                    "counts": _counts([v.status for v in variants.values()]), "total": len(variants),
+                    "last_activity": _iso(last)})
+    return out
+
+
+def _iso(t: datetime | None) -> str | None:
+    return None if t is None else t.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _study(store, name: str, kind: str):
+    s = store.study(name)
+    if s is None or s.spec.get("kind", "study") != kind:
+        raise NotFound(f"no {kind} named {name!r}")
+    return s
+
+
+def study(store, name: str) -> dict:
+    """A study page: its tables, per-joint table, chart data and the variants behind every cell."""
+    s = _study(store, name, "study")
+    members = store.members(s.id)
+    variants = store.variants(sorted({m.variant_key for m in members}))
+    tables = build_tables(s.spec, members, variants)
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for m in members:
+        if m.ablation is not None:
+            v = variants.get(m.variant_key)
+            cells.setdefault((m.ablation, m.row), []).append(
+                {"seed": m.seed, "key": m.variant_key, "status": v.status if v else "pending"})
+    prereqs = [variants[m.variant_key] for m in members if m.ablation is None and m.variant_key in variants]
+    return {
+        "name": s.name, "status": s.status, "spec_file": s.spec_file, "description": s.spec.get("description", ""),
+        "metric": s.spec["metric"], "seeds": s.spec["seeds"], "alpha": ALPHA,
+        "counts": _counts([v.status for v in variants.values()]), "updated": _iso(s.updated_at),
+        "tables": [table_data(t, cells) for t in tables],
+        "per_joint": per_joint(s.spec, members, variants),
+        "prerequisites": [{"key": v.key, "label": v.label, "status": v.status} for v in prereqs],
+    }
+
+
+def table_data(t: Table, cells: dict | None = None) -> dict:
+    rows = []
+    for r in t.rows:
+        rows.append({
+            "name": r.name, "value": format_value(r.cell), "mean": r.cell.mean, "std": r.cell.std,
+            "status": r.cell.status, "seeds_done": len(r.cell.values), "seeds": r.cell.expected,
+            "delta": format_delta(r), "delta_value": r.delta, "p_value": r.p_value, "significant": r.significant,
+            "reference": r.reference, "params": r.params, "bops": r.bops, "deployed_bytes": r.deployed_bytes,
+            "baseline": r.is_baseline, "best": r.best,
+            "variants": sorted((cells or {}).get((t.name, r.name), []), key=lambda c: c["seed"]),
+        })
+    return {"name": t.name, "mode": t.mode, "metric": t.metric, "baseline": t.baseline, "rows": rows}
+
+
+def per_joint(layout: dict, members: list, variants: dict) -> dict | None:
+    """Pose studies: per-joint PCKh of every row (mean over finished seeds), in spec order."""
+    rows, joints = [], []
+    by_row: dict[tuple[str, str], list] = {}
+    for m in members:
+        if m.ablation is not None:
+            by_row.setdefault((m.ablation, m.row), []).append(variants.get(m.variant_key))
+    for ab in layout["ablations"]:
+        for r in ab["rows"]:
+            tables = [v.result["per_joint"] for v in by_row.get((ab["name"], r["name"]), [])
+                      if v is not None and v.status == "completed" and v.result and v.result.get("per_joint")]
+            if not tables:
+                rows.append({"ablation": ab["name"], "row": r["name"], "by_joint": {}})
+                continue
+            for j in tables[0]:
+                if j not in joints:
+                    joints.append(j)
+            rows.append({"ablation": ab["name"], "row": r["name"],
+                         "by_joint": {j: sum(t[j] for t in tables) / len(tables) for j in tables[0]}})
+    if not joints:
+        return None
+    return {"joints": joints, "rows": rows}
+
+
+def variant(store, key: str, study_name: str | None = None, mlflow_url: str | None = None) -> dict:
+    """A variant page: config (and its diff against the baseline row's variant), curves, accounting,
+    diagnostics, status and attempts, and its MLflow run."""
+    v = store.variant(key)
+    if v is None:
+        raise NotFound(f"no variant {key!r}")
+    baseline = place = experiment = None
+    if study_name:
+        s = store.study(study_name)
+        if s is None:
+            raise NotFound(f"no study named {study_name!r}")
+        experiment = s.spec.get("mlflow_experiment_id")
+        members = store.members(s.id)
+        mine = next((m for m in members if m.variant_key == key), None)
+        if mine is not None and mine.ablation is not None and s.spec.get("kind", "study") == "study":
+            place = {"ablation": mine.ablation, "row": mine.row, "seed": mine.seed}
+            ab = next(a for a in s.spec["ablations"] if a["name"] == mine.ablation)
+            base = next((m for m in members if m.ablation == mine.ablation and m.row == ab["baseline"]
+                         and m.seed == mine.seed), None)
+            if base is not None and base.variant_key != key:
+                baseline = store.variant(base.variant_key)
+    mine_flat = flatten(v.config)
+    diff = []
+    if baseline is not None:
+        base_flat = flatten(baseline.config)
+        for path in sorted(set(mine_flat) | set(base_flat)):
+            if mine_flat.get(path) != base_flat.get(path):
+                diff.append({"path": path, "baseline": base_flat.get(path), "value": mine_flat.get(path)})
+    history = store.metrics(key)
+    curves = {name: {"epochs": [e for e, _ in pts], "values": [x for _, x in pts]}
+              for name, pts in history.items() if name in TRACKED or name.startswith("lambda/")}
+    result = v.result or {}
+    run = v.mlflow_run_id
+    return {
+        "key": v.key, "label": v.label, "kind": v.kind, "status": v.status, "error": v.error,
+        "study": study_name, "place": place, "baseline": None if baseline is None else
+        {"key": baseline.key, "label": baseline.label},
+        "config": mine_flat, "diff": diff, "curves": curves,
+        "metrics": result.get("metrics", {}), "best_metric": result.get("best_metric"),
+        "best_epoch": result.get("best_epoch"), "metric": result.get("metric"),
+        "accounting": result.get("accounting", {}), "per_joint": result.get("per_joint", {}),
+        "timings": result.get("timings", {}), "epochs_done": result.get("epochs_done"),
+        "predictions": bool(result.get("predictions_image")),
+        "attempts": [{"number": a.number, "status": a.status, "node": a.node, "error": a.error,
+                      "started": _iso(a.started_at), "ended": _iso(a.ended_at)} for a in store.attempts(key)],
+        "mlflow_run": run,
+        "mlflow_link": f"{mlflow_url.rstrip('/')}/#/experiments/{experiment}/runs/{run}"
+        if run and mlflow_url and experiment is not None else None,
+        "deps": v.deps, "updated": _iso(v.updated_at),
+    }
+
+
+def tuning(store, name: str, studies_by_arm: dict) -> dict:
+    """A tuning page: per arm the trials, optimization history, importances and the best schedule."""
+    from bnnctl.orchestrator.tuning import summarize
+    from bnnctl.workers.config import from_dict, with_overrides
+    from bnnctl.workers.schedules import LambdaSchedule
+
+    s = _study(store, name, "tuning")
+    layout = s.spec
+    arms = []
+    for arm in layout["arms"]:
+        summary = summarize(studies_by_arm[arm["name"]])
+        history, best_so_far, running_best = [], [], None
+        maximize = layout["direction"] == "maximize"
+        for t in sorted(summary["trials"], key=lambda t: t["number"]):
+            if t["state"] == "COMPLETE" and t["value"] is not None:
+                if running_best is None or (t["value"] > running_best if maximize else t["value"] < running_best):
+                    running_best = t["value"]
+                history.append({"number": t["number"], "value": t["value"]})
+            best_so_far.append({"number": t["number"], "best": running_best})
+        schedule = None
+        if summary["best"] is not None:  # the best lambda schedule as a curve (when one was searched)
+            params = summary["best"]["params"]
+            if any(p.startswith("lambda_schedule.") for p in params):
+                base = from_dict(LambdaSchedule, layout["data"].get("base", {}).get("lambda_schedule") or {})
+                sched = with_overrides(base, {p.removeprefix("lambda_schedule."): v for p, v in params.items()
+                                              if p.startswith("lambda_schedule.")})
+                epochs = int(layout["data"].get("base", {}).get("epochs", 120))
+                default_sched = base
+                schedule = {"epochs": list(range(epochs + 1)),
+                            "best": [sched.value(e, epochs) for e in range(epochs + 1)],
+                            "default": [default_sched.value(e, epochs) for e in range(epochs + 1)]}
+        arms.append({"name": arm["name"], "trials": summary["trials"], "best": summary["best"],
+                     "default": summary["default"], "importances": summary["importances"],
+                     "history": history, "best_so_far": best_so_far, "schedule": schedule,
+                     "finished": sum(1 for t in summary["trials"] if t["state"] in ("COMPLETE", "PRUNED", "FAIL"))})
+    return {"name": s.name, "status": s.status, "spec_file": s.spec_file, "description": layout.get("description", ""),
+            "metric": layout["metric"], "direction": layout["direction"], "value": layout["value"],
+            "trials": layout["trials"], "sampler": layout["sampler"], "pruner": layout["pruner"],
+            "params": layout["params"], "arms": arms, "updated": _iso(s.updated_at)}

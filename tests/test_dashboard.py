@@ -1,0 +1,318 @@
+"""The dashboard in a real headless Chromium (Debian's chromium + chromedriver, driven by Selenium),
+against a store filled by a real small study and a real small tuning (Ray, sqlite, MLflow)."""
+import hashlib
+import os
+import shutil
+import socket
+import sqlite3
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from bnnctl.dashboard.tables import build_tables, format_value
+from bnnctl.orchestrator.store import Store
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+if not (CHROMIUM and DRIVER):
+    if os.environ.get("CI"):
+        raise RuntimeError("CI must install Debian's chromium and chromium-driver (.ci/run does)")
+    pytest.skip("headless Chromium not installed (apt-get install chromium chromium-driver)", allow_module_level=True)
+
+STUDY = """
+name: dash
+description: A tiny isolated ablation over two seeds.
+base:
+  model: {{width: 8, depth: 2}}
+  data: {{root: {root}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
+  epochs: 2
+  batch_size: 16
+  loss: mse
+  threads: 1
+seeds: [0, 1]
+ablations:
+  - name: acts
+    mode: isolated
+    rows:
+      - {{name: relu, set: {{model.activation.kind: relu}}, reference: 76.3}}
+      - {{name: prelu, set: {{model.activation.kind: prelu}}, reference: 79.1}}
+tracking: {{experiment: dash}}
+execution: {{max_parallel: 2}}
+"""
+
+TUNING = """
+kind: tuning
+name: dash-tune
+base:
+  model: {{width: 8, depth: 2, binarize: {{quantizer: tanh}}}}
+  data: {{root: {root}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
+  epochs: 2
+  batch_size: 16
+  loss: mse
+  threads: 1
+  lambda_schedule: {{kind: exponential, lambda_start: 1.0, lambda_end: 20.0}}
+search:
+  lambda_schedule.lambda_end: {{type: float, low: 5, high: 100, log: true}}
+trials: 4
+sampler: {{name: random, seed: 0}}
+pruner: {{name: none}}
+execution: {{max_parallel: 2}}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """The dashboard app on uvicorn in a thread, on a free loopback port."""
+
+    def __init__(self, db: str, runs_dir: Path, mlflow_url: str | None = None) -> None:
+        import uvicorn
+
+        from bnnctl.dashboard.app import create_app
+
+        self.port = _free_port()
+        app = create_app(db, runs_dir, mlflow_url, refresh_s=1.0)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert self.server.started
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory):
+    """A store filled by a real study and a real tuning, and the dashboard serving it."""
+    import ray
+
+    from bnnctl.orchestrator.study import run_study
+    from bnnctl.orchestrator.tuning import run_tuning
+
+    root = tmp_path_factory.mktemp("dash")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        (root / "dash.yaml").write_text(STUDY.format(root=root / "syn"))
+        (root / "tune.yaml").write_text(TUNING.format(root=root / "syn"))
+        assert run_study(root / "dash.yaml", cpus=2).status == "completed"
+        assert run_tuning(root / "tune.yaml", cpus=2, track=False).status == "completed"
+        ray.shutdown()
+        db = f"sqlite:///{root / '.bnnctl' / 'state.db'}"
+        before = _fingerprint(root)
+        server = Server(db, root / ".bnnctl" / "runs", mlflow_url="http://127.0.0.1:5000")
+        yield {"root": root, "db": db, "server": server, "fingerprint": before}
+        server.stop()
+    finally:
+        os.chdir(cwd)
+
+
+def _fingerprint(root: Path) -> dict:
+    """The bytes of the state database (and its WAL) and SQLite's own change counter."""
+    out = {}
+    for name in ("state.db", "state.db-wal"):
+        p = root / ".bnnctl" / name
+        out[name] = hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else None
+    with sqlite3.connect(f"file:{root / '.bnnctl' / 'state.db'}?mode=ro", uri=True) as c:
+        out["rows"] = [c.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                       for t in ("bnnctl_studies", "bnnctl_variants", "bnnctl_attempts", "bnnctl_metrics", "trials")]
+    return out
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1400,1800"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def _shot(browser, name: str, tmp_path) -> Path:
+    """A screenshot (also copied to $BNNCTL_SCREENSHOTS when set, to look at)."""
+    path = tmp_path / f"{name}.png"
+    browser.save_screenshot(str(path))
+    assert path.stat().st_size > 10_000  # a rendered page, not a blank one
+    if os.environ.get("BNNCTL_SCREENSHOTS"):
+        Path(os.environ["BNNCTL_SCREENSHOTS"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(os.environ["BNNCTL_SCREENSHOTS"]) / path.name)
+    return path
+
+
+def _wait(fn, timeout=20.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.2)
+    return fn()
+
+
+def _charts_drawn(browser) -> int:
+    return browser.execute_script("return document.querySelectorAll('[data-plot] .main-svg').length")
+
+
+def test_studies_page(filled, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(filled["server"].url + "/")
+    rows = {r.get_attribute("data-name"): r for r in browser.find_elements(By.CSS_SELECTOR, "#studies tbody tr")}
+    assert set(rows) == {"dash", "dash-tune"}
+    cells = [c.text for c in rows["dash"].find_elements(By.TAG_NAME, "td")]
+    assert cells[1] == "study" and cells[2].endswith("dash.yaml") and cells[3] == "completed"
+    assert cells[4] == "4 completed"  # 2 rows x 2 seeds, straight from the store
+    assert rows["dash-tune"].find_elements(By.TAG_NAME, "td")[1].text == "tuning"
+    _shot(browser, "studies", tmp_path)
+
+
+def test_study_page_numbers_match_the_store(filled, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    store = Store(filled["db"], readonly=True)
+    s = store.study("dash")
+    members = store.members(s.id)
+    (table,) = build_tables(s.spec, members, store.variants([m.variant_key for m in members]))
+    browser.get(filled["server"].url + "/study/dash")
+    page_rows = browser.find_elements(By.CSS_SELECTOR, "table.ablation-table tbody tr")
+    assert [r.get_attribute("data-row") for r in page_rows] == ["relu", "prelu"]  # spec order
+    for row, expected in zip(page_rows, table.rows):
+        value = row.find_element(By.CSS_SELECTOR, "td.value")
+        assert value.text == format_value(expected.cell)
+        assert float(value.get_attribute("data-mean")) == pytest.approx(expected.cell.mean)
+        assert len(expected.cell.values) == 2  # both seeds
+        assert row.find_element(By.CSS_SELECTOR, "td.paper").text == f"{expected.reference:.4g}"
+        assert ("best" in row.get_attribute("class").split()) == expected.best
+        links = row.find_elements(By.CSS_SELECTOR, "td.links a")
+        assert [a.text for a in links] == ["seed 0", "seed 1"]
+    assert page_rows[0].find_element(By.CSS_SELECTOR, "td.delta").text == "baseline"
+    assert _wait(lambda: _charts_drawn(browser) >= 1)  # the bar chart, drawn by Plotly served locally
+    joints = browser.find_elements(By.CSS_SELECTOR, "#per-joint thead th")
+    assert "head_top" in [j.text for j in joints]
+    _shot(browser, "study", tmp_path)
+
+
+def test_variant_page(filled, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    store = Store(filled["db"], readonly=True)
+    s = store.study("dash")
+    prelu = next(m for m in store.members(s.id) if m.row == "prelu" and m.seed == 1)
+    v = store.variant(prelu.variant_key)
+    browser.get(f"{filled['server'].url}/study/dash/variant/{v.key}")
+    assert browser.find_element(By.ID, "variant-status").text == "completed"
+    assert browser.find_element(By.ID, "best-metric").text == f"{v.result['best_metric']:.4g}"
+    diff = {tr.find_elements(By.TAG_NAME, "td")[0].text: tr.find_elements(By.TAG_NAME, "td")[2].text
+            for tr in browser.find_elements(By.CSS_SELECTOR, "#config-diff tbody tr")}
+    assert diff == {"model.activation.kind": "prelu"}  # against relu, same seed
+    attempts = browser.find_elements(By.CSS_SELECTOR, "#attempts tbody tr")
+    assert len(attempts) == len(store.attempts(v.key)) >= 1
+    link = browser.find_element(By.ID, "mlflow-link").get_attribute("href")
+    assert link.endswith(f"/runs/{v.mlflow_run_id}") and s.spec["mlflow_experiment_id"] in link
+    assert _wait(lambda: _charts_drawn(browser) >= 3)  # loss, metric, lambda + flips
+    assert browser.execute_script("return document.getElementById('predictions').naturalWidth") > 0
+    _shot(browser, "variant", tmp_path)
+
+
+def test_tuning_page(filled, browser, tmp_path):
+    import optuna
+
+    from selenium.webdriver.common.by import By
+
+    storage = optuna.storages.RDBStorage(filled["db"])
+    study = optuna.load_study(study_name="dash-tune/base", storage=storage)
+    browser.get(filled["server"].url + "/tuning/dash-tune")
+    rows = browser.find_elements(By.CSS_SELECTOR, "table.trials tbody tr")
+    assert len(rows) == len(study.trials) == 4
+    for tr, t in zip(rows, sorted(study.trials, key=lambda t: t.number)):
+        cells = tr.find_elements(By.TAG_NAME, "td")
+        assert cells[1].text == t.state.name == "COMPLETE" and cells[2].text == f"{t.value:.4g}"
+    best = browser.find_element(By.CSS_SELECTOR, "#arms tr[data-arm=base] td.best").text
+    assert best == f"{study.best_value:.4g}"
+    assert _wait(lambda: _charts_drawn(browser) >= 3)  # history, importances, lambda schedule
+    _shot(browser, "tuning", tmp_path)
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url) as r:
+            return r.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_bad_requests_and_the_store_is_never_written(filled, browser):
+    from selenium.webdriver.common.by import By
+
+    base = filled["server"].url
+    assert _status(base + "/study/no-such-study") == 404
+    assert _status(base + "/api/study/no-such-study") == 404
+    assert _status(base + "/tuning/dash") == 404  # a study is not a tuning
+    browser.get(base + "/study/no-such-study")
+    assert "no study named 'no-such-study'" in browser.find_element(By.ID, "not-found").text
+    store = Store(filled["db"], readonly=True)
+    key = store.studies()[0] and next(iter(store.variants([m.variant_key for m in store.members(1)])))
+    assert _status(f"{base}/files/{key}/predictions.png") == 200
+    assert _status(f"{base}/files/{key}/last.pt") == 403  # checkpoints are not served
+    assert _status(f"{base}/files/{key}/..%2F..%2Fstate.db") == 404
+    # a server whose runs folder is elsewhere refuses the same image: it lies outside its folder
+    other = Server(filled["db"], filled["root"] / "elsewhere")
+    try:
+        assert _status(f"{other.url}/files/{key}/predictions.png") == 403
+    finally:
+        other.stop()
+    assert _fingerprint(filled["root"]) == filled["fingerprint"]  # every page above read, nothing written
+
+
+def test_a_running_study_page_refreshes_itself(filled, browser, tmp_path):
+    """While the orchestrator writes (here: the test, as its stand-in), an open page updates in place."""
+    from selenium.webdriver.common.by import By
+
+    copy = tmp_path / "state.db"
+    src = sqlite3.connect(filled["root"] / ".bnnctl" / "state.db")
+    dst = sqlite3.connect(copy)
+    src.backup(dst)
+    src.close()
+    dst.close()
+    writer = Store(f"sqlite:///{copy}")
+    s = writer.study("dash")
+    writer.set_study_status(s.id, "running")
+    server = Server(f"sqlite:///{copy}", filled["root"] / ".bnnctl" / "runs")
+    try:
+        browser.get(server.url + "/study/dash")
+        cell = lambda: browser.find_element(By.CSS_SELECTOR, "tr[data-row=prelu] td.value").text  # noqa: E731
+        before = cell()
+        key = next(m.variant_key for m in writer.members(s.id) if m.row == "prelu" and m.seed == 0)
+        result = dict(writer.variant(key).result)
+        result["metrics"] = {**result["metrics"], "pckh": 99.0}
+        writer.finish(key, result)
+        assert _wait(lambda: cell() != before, timeout=20)
+        other = next(v for v in writer.variants([key]).values())
+        assert other.result["metrics"]["pckh"] == 99.0
+        assert browser.execute_script("return document.querySelector('main').dataset.refreshed") >= "1"
+        assert browser.current_url.endswith("/study/dash")  # no reload, no navigation
+    finally:
+        server.stop()
