@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; on a CUDA machine install your torch build into the venv first (README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench clean browser
 
 setup: $(VENV)/.bnnctl-installed
 
@@ -20,7 +20,16 @@ $(VENV)/.bnnctl-installed: pyproject.toml
 run: setup
 	$(VENV)/bin/bnnctl study run studies/quickstart.yaml
 
-test: setup
+# The dashboard's browser tests drive Debian's headless Chromium through chromedriver: installed
+# here when missing (as root or with sudo); without them those tests skip (and fail under CI=true).
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    ( $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null ) \
+	    || echo "warning: could not install chromium + chromium-driver; the browser tests will skip"; \
+	fi
+
+test: setup browser
 	$(PY) -m pytest -q
 
 bench: setup

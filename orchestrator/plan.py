@@ -19,8 +19,9 @@ from typing import Literal
 
 from bnnctl.workers.config import to_dict, with_overrides
 from bnnctl.workers.train import TrainConfig
+from bnnctl.workers.train.config import comparable
 
-from .spec import Resources, RowSpec, StudySpec
+from .spec import Resources, RowSpec, StudySpec, TeacherSpec
 
 Kind = Literal["row", "stage1", "teacher"]
 
@@ -55,8 +56,8 @@ class Variant:
 
 
 def identity(config: TrainConfig, deps: tuple[str, ...]) -> str:
-    data = to_dict(dataclasses.replace(config, init_from=None,
-                                       distill=dataclasses.replace(config.distill, teacher=None)))
+    data = comparable(to_dict(dataclasses.replace(config, init_from=None,
+                                                  distill=dataclasses.replace(config.distill, teacher=None))))
     payload = json.dumps({"config": data, "deps": sorted(deps)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
@@ -74,6 +75,19 @@ def _with_seed(cfg: TrainConfig, seed: int) -> TrainConfig:
     return dataclasses.replace(cfg, seed=seed)
 
 
+def add_teacher(teachers: dict[str, TeacherSpec], name: str, seed: int, resources: Resources,
+                variants: dict[str, Variant]) -> str:
+    """Add teacher ``name`` (and its own teachers, first) to ``variants``; returns its key. A teacher
+    is trained once, with ``seed``, and shared by every variant that names it."""
+    t = teachers[name]
+    parent = add_teacher(teachers, t.teacher, seed, resources, variants) if t.teacher else None
+    cfg = _with_seed(t.config, seed)
+    key = identity(cfg, (parent,) if parent else ())
+    variants.setdefault(key, Variant(key, f"teacher {name} / seed {seed}", "teacher", cfg, resources, seed,
+                                     teacher_dep=parent))
+    return key
+
+
 def build_plan(spec: StudySpec) -> Plan:
     """Expand ``spec`` into its variants and their dependencies (deduplicated by identity)."""
     variants: dict[str, Variant] = {}
@@ -83,18 +97,8 @@ def build_plan(spec: StudySpec) -> Plan:
         variants.setdefault(v.key, v)
         return v.key
 
-    teacher_keys: dict[str, str] = {}
-
     def teacher(name: str) -> str:
-        if name not in teacher_keys:
-            t = spec.teachers[name]
-            parent = teacher(t.teacher) if t.teacher else None
-            cfg = _with_seed(t.config, spec.seeds[0])
-            deps = (parent,) if parent else ()
-            key = identity(cfg, deps)
-            teacher_keys[name] = add(Variant(key, f"teacher {name} / seed {cfg.seed}", "teacher", cfg,
-                                             spec.resources, cfg.seed, teacher_dep=parent))
-        return teacher_keys[name]
+        return add_teacher(spec.teachers, name, spec.seeds[0], spec.resources, variants)
 
     def row_variant(row: RowSpec, seed: int) -> str:
         cfg = _with_seed(row.config, seed)

@@ -213,6 +213,8 @@ class _Parser:
         return cfg
 
     def parse(self) -> StudySpec:
+        if isinstance(self.data, dict) and self.data.get("kind") == "tuning":
+            raise self.fail("kind", "this is a tuning spec; run it with `bnnctl tune run`")
         top = self.mapping(self.data, "", TOP_KEYS)
         name = top.get("name")
         if not isinstance(name, str) or not name.strip():

@@ -4,41 +4,58 @@ Contract of :class:`Store` (the orchestrator is its only writer; the dashboard o
 
 - A *variant* is one training run identified by its identity hash; it may belong to several studies
   (through ``study_variants``, one row per (study, ablation, row, seed)).
-- Variant states: ``pending -> running -> completed | failed``; ``running -> pending`` when its
-  worker was lost (the next attempt resumes from the checkpoint); ``failed -> pending`` only when a
-  study is run again. ``completed`` is final: a completed variant is never trained again.
+- Variant states: ``pending -> running -> completed | failed | stopped``; ``running -> pending`` when
+  its worker was lost (the next attempt resumes from the checkpoint); ``failed -> pending`` and
+  ``stopped -> pending`` only when a study or tuning asks for the variant again (a stopped variant,
+  e.g. a pruned trial, resumes from its checkpoint). ``completed`` is final: a completed variant is
+  never trained again.
 - Every state change of a variant is an *attempt* row (number, node, start, end, outcome, error).
 - Every write goes through :meth:`Store.session`, which commits, rolls back on error and maps
   database errors to :class:`StoreError`. Reads return plain frozen snapshots, never live ORM objects.
 - Default database: sqlite under ``.bnnctl/`` (WAL, busy timeout); any SQLAlchemy URL works
-  (PostgreSQL on a cluster). The schema is versioned (``schema_info``): a database written by a newer
+  (PostgreSQL on a cluster). The schema is versioned (``bnnctl_schema_info``): a database written by a newer
   bnnctl is refused rather than misread.
 """
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
-from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine,
-                        event, select)
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+)
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from .errors import StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Every table is prefixed, so that Optuna's tables (``studies``, ``trials``...) can live in the same
+#: database. Schema 1 had unprefixed names; opening such a database renames its tables in place.
+PREFIX = "bnnctl_"
+V1_TABLES = ("schema_info", "studies", "variants", "study_variants", "attempts", "metrics")
 DEFAULT_DIR = Path(".bnnctl")
-VARIANT_STATES = ("pending", "running", "completed", "failed")
+VARIANT_STATES = ("pending", "running", "completed", "failed", "stopped")
 STUDY_STATES = ("pending", "running", "completed", "failed", "cancelled")
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):
@@ -46,13 +63,13 @@ class Base(DeclarativeBase):
 
 
 class SchemaInfo(Base):
-    __tablename__ = "schema_info"
+    __tablename__ = "bnnctl_schema_info"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version: Mapped[int] = mapped_column(Integer)
 
 
 class StudyRow(Base):
-    __tablename__ = "studies"
+    __tablename__ = "bnnctl_studies"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     spec_file: Mapped[str] = mapped_column(Text)
@@ -65,7 +82,7 @@ class StudyRow(Base):
 
 
 class VariantRow(Base):
-    __tablename__ = "variants"
+    __tablename__ = "bnnctl_variants"
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     label: Mapped[str] = mapped_column(Text)
     kind: Mapped[str] = mapped_column(String(20))
@@ -81,20 +98,20 @@ class VariantRow(Base):
 
 
 class StudyVariantRow(Base):
-    __tablename__ = "study_variants"
+    __tablename__ = "bnnctl_study_variants"
     __table_args__ = (UniqueConstraint("study_id", "ablation", "row", "seed"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
-    variant_key: Mapped[str] = mapped_column(ForeignKey("variants.key"))
+    study_id: Mapped[int] = mapped_column(ForeignKey("bnnctl_studies.id", ondelete="CASCADE"))
+    variant_key: Mapped[str] = mapped_column(ForeignKey("bnnctl_variants.key"))
     ablation: Mapped[str | None] = mapped_column(Text, nullable=True)  # None for prerequisites
     row: Mapped[str | None] = mapped_column(Text, nullable=True)
     seed: Mapped[int] = mapped_column(Integer)
 
 
 class AttemptRow(Base):
-    __tablename__ = "attempts"
+    __tablename__ = "bnnctl_attempts"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    variant_key: Mapped[str] = mapped_column(ForeignKey("variants.key"))
+    variant_key: Mapped[str] = mapped_column(ForeignKey("bnnctl_variants.key"))
     number: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(20))
     node: Mapped[str | None] = mapped_column(String(200), nullable=True)
@@ -104,10 +121,10 @@ class AttemptRow(Base):
 
 
 class MetricRow(Base):
-    __tablename__ = "metrics"
+    __tablename__ = "bnnctl_metrics"
     __table_args__ = (UniqueConstraint("variant_key", "epoch", "name"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    variant_key: Mapped[str] = mapped_column(ForeignKey("variants.key"))
+    variant_key: Mapped[str] = mapped_column(ForeignKey("bnnctl_variants.key"))
     epoch: Mapped[int] = mapped_column(Integer)
     name: Mapped[str] = mapped_column(String(100))
     value: Mapped[float] = mapped_column(Float)
@@ -180,24 +197,43 @@ def default_url() -> str:
 class Store:
     """The SQL implementation of the state store (see the module docstring for the contract)."""
 
-    def __init__(self, url: str | None = None) -> None:
+    def __init__(self, url: str | None = None, readonly: bool = False) -> None:
+        """Open (and create or migrate) the store at ``url``. ``readonly`` (the dashboard): never
+        create, migrate or write anything; sqlite is opened read-only, so a write would fail."""
         self.url = url or default_url()
+        self.readonly = readonly
+        engine_url = self.url
         if self.url.startswith("sqlite:///"):
-            Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            path = Path(self.url.removeprefix("sqlite:///"))
+            if readonly:
+                if not path.exists():
+                    raise StoreError(f"no state database at {path}; run a study first (bnnctl study run FILE) "
+                                     "or pass --db")
+                engine_url = f"sqlite:///file:{path.resolve()}?mode=ro&uri=true"
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.engine = create_engine(self.url, connect_args={"timeout": 30} if self.url.startswith("sqlite") else {})
+            self.engine = create_engine(engine_url, connect_args={"timeout": 30} if self.url.startswith("sqlite") else {})
         except (SQLAlchemyError, ImportError) as err:
             raise StoreError(f"cannot open the state database {self.url}: {err}") from None
         if self.url.startswith("sqlite"):
             @event.listens_for(self.engine, "connect")
             def _pragmas(conn, _record) -> None:  # WAL lets the dashboard read while the orchestrator writes
                 cur = conn.cursor()
-                cur.execute("PRAGMA journal_mode=WAL")
+                if not readonly:
+                    cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA busy_timeout=30000")
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.close()
+        elif readonly:
+            @event.listens_for(self.engine, "begin")
+            def _readonly(conn) -> None:  # PostgreSQL: every transaction of this engine is read-only
+                conn.exec_driver_sql("SET TRANSACTION READ ONLY")
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._migrate()
+        if readonly:
+            self._check_version()
+        else:
+            self._migrate()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -216,11 +252,37 @@ class Store:
         finally:
             s.close()
 
+    def _rename_v1_tables(self) -> None:
+        """Schema 1 -> 2: prefix the table names (foreign keys follow the renames on SQLite >= 3.26 and
+        PostgreSQL), in one transaction."""
+        from sqlalchemy import inspect
+
+        names = set(inspect(self.engine).get_table_names())
+        if "schema_info" not in names or PREFIX + "schema_info" in names:
+            return
+        with self.engine.begin() as conn:
+            for table in V1_TABLES:
+                if table in names:
+                    conn.exec_driver_sql(f"ALTER TABLE {table} RENAME TO {PREFIX}{table}")
+            conn.exec_driver_sql(f"UPDATE {PREFIX}schema_info SET version = 2 WHERE id = 1 AND version = 1")
+
+    def _check_version(self) -> None:
+        try:
+            with self.session() as s:
+                info = s.get(SchemaInfo, 1)
+        except StoreError as err:
+            raise StoreError(f"{self.url} is not a bnnctl state database of this version (schema "
+                             f"{SCHEMA_VERSION}); open it once with `bnnctl study list` to migrate it ({err})") from None
+        if info is None or info.version != SCHEMA_VERSION:
+            raise StoreError(f"{self.url} has schema {info.version if info else 'none'}, this bnnctl reads "
+                             f"{SCHEMA_VERSION}; `bnnctl study list` migrates an older one")
+
     def _migrate(self) -> None:
         # Two processes may open a new database at once (a driver and `bnnctl study status`): the
         # loser of the CREATE TABLE race sees "already exists"; trying again finds the tables there.
         for attempt in range(3):
             try:
+                self._rename_v1_tables()
                 Base.metadata.create_all(self.engine)
                 break
             except SQLAlchemyError as err:
@@ -250,7 +312,8 @@ class Store:
                 row = StudyRow(name=name, spec_file=spec_file, spec_hash=spec_hash, spec=spec, status="pending")
                 s.add(row)
             else:
-                row.spec_file, row.spec_hash, row.spec, row.updated_at = spec_file, spec_hash, spec, _now()
+                kept = {k: v for k, v in row.spec.items() if k == "mlflow_experiment_id"}  # annotations
+                row.spec_file, row.spec_hash, row.spec, row.updated_at = spec_file, spec_hash, {**spec, **kept}, _now()
             s.flush()
             return _study(row)
 
@@ -273,6 +336,12 @@ class Store:
             if mlflow_run_id:
                 row.mlflow_run_id = mlflow_run_id
 
+    def annotate_study(self, study_id: int, **info) -> None:
+        """Merge ``info`` into the study's stored layout (e.g. its MLflow experiment id)."""
+        with self.session() as s:
+            row = s.get(StudyRow, study_id)
+            row.spec = {**row.spec, **info}
+
     def set_members(self, study_id: int, members: list[Member]) -> None:
         """Make the study's table membership exactly ``members`` (a changed spec adds and removes rows)."""
         with self.session() as s:
@@ -288,6 +357,18 @@ class Store:
                     s.add(StudyVariantRow(study_id=study_id, variant_key=m.variant_key, ablation=m.ablation,
                                           row=m.row, seed=m.seed))
 
+    def add_member(self, study_id: int, member: Member) -> None:
+        """Add one variant to a study (a tuning adds its trials one by one); no-op if present."""
+        with self.session() as s:
+            found = s.scalar(select(StudyVariantRow).where(
+                StudyVariantRow.study_id == study_id, StudyVariantRow.ablation == member.ablation,
+                StudyVariantRow.row == member.row, StudyVariantRow.seed == member.seed))
+            if found is None:
+                s.add(StudyVariantRow(study_id=study_id, variant_key=member.variant_key, ablation=member.ablation,
+                                      row=member.row, seed=member.seed))
+            elif found.variant_key != member.variant_key:
+                found.variant_key = member.variant_key
+
     def members(self, study_id: int) -> list[Member]:
         with self.session() as s:
             return [Member(r.variant_key, r.ablation, r.row, r.seed)
@@ -301,7 +382,7 @@ class Store:
             if row is None:
                 row = VariantRow(key=key, label=label, kind=kind, config=config, deps=deps, status="pending")
                 s.add(row)
-            elif row.status == "failed":  # a new run of the study retries failed variants
+            elif row.status in ("failed", "stopped"):  # asked for again: retried / resumed
                 row.status, row.error, row.updated_at = "pending", None, _now()
             elif row.status == "running":  # the previous driver died: the run resumes from its checkpoint
                 row.status, row.updated_at = "pending", _now()
@@ -344,6 +425,13 @@ class Store:
             row = s.get(VariantRow, key)
             row.status, row.error, row.updated_at = "failed", error, _now()
             self._end_attempt(s, key, "failed", error)
+
+    def stop(self, key: str, result: dict) -> None:
+        """The run was stopped early on request (a pruned trial): its partial result is kept."""
+        with self.session() as s:
+            row = s.get(VariantRow, key)
+            row.status, row.result, row.error, row.updated_at = "stopped", result, None, _now()
+            self._end_attempt(s, key, "stopped", None)
 
     def requeue(self, key: str, error: str) -> None:
         """The worker was lost: the attempt failed, the variant goes back to pending (it will resume)."""

@@ -26,17 +26,22 @@ def table_layout(spec: StudySpec) -> dict:
 
 def check_data(plan: Plan) -> None:
     """Fail before anything is started when a real dataset is missing (message: where and how to get it)."""
+    check_configs([v.config for v in plan.order()])
+
+
+def check_configs(configs) -> None:
+    """Check that the dataset of every config is present (embedded sets are written on first use)."""
     from bnnctl.workers.data.classification import scan_image_folder
     from bnnctl.workers.data.pose import check_mpii_layout, read_lsp
     from bnnctl.workers.train.tasks import dataset_root
 
     seen = set()
-    for v in plan.order():
-        d = v.config.data
+    for cfg in configs:
+        d = cfg.data
         if d.dataset in ("synthetic", "digits") or (d.dataset, d.root) in seen:
             continue
         seen.add((d.dataset, d.root))
-        root = dataset_root(v.config)
+        root = dataset_root(cfg)
         if d.dataset == "mpii":
             check_mpii_layout(root)
         elif d.dataset == "lsp":
@@ -99,6 +104,7 @@ def run_study(path: str | Path, db: str | None = None, tracking_uri: str | None 
         if "error" in opened:
             raise opened["error"]
         tracker, parent = opened["tracker"], opened["run"]
+        store.annotate_study(study.id, mlflow_experiment_id=tracker.experiment_id)
     store.set_study_status(study.id, "running", parent)
     status: dict[str, str] = dict(before)
     if todo:
@@ -127,7 +133,7 @@ def _warm_task() -> int:
     return os.getpid()
 
 
-def warm_up(spec: StudySpec, count: int) -> list:
+def warm_up(spec, count: int) -> list:
     """Start ``count`` Ray worker processes that import torch and the trainer now, while the driver
     opens MLflow; Ray reuses those processes for the study's tasks."""
     import ray

@@ -86,8 +86,13 @@ class Tracker:
         ts = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(metric_name(k), float(v), ts, epoch) for k, v in metrics.items()])
 
-    def finish(self, run_id: str, result: dict | None, error: str | None = None) -> None:
-        if result is not None:
+    def finish(self, run_id: str, result: dict | None, error: str | None = None, stopped: bool = False) -> None:
+        """Final metrics and artifacts of a finished run; a run stopped early (a pruned trial) keeps
+        its metrics and ends KILLED; a failed run keeps its reason as a tag and ends FAILED."""
+        if result is not None and stopped:
+            self.client.set_tag(run_id, "bnnctl.state", "stopped")
+            self.client.set_terminated(run_id, "KILLED")
+        elif result is not None:
             from mlflow.entities import Metric
 
             ts = int(time.time() * 1000)
@@ -115,6 +120,26 @@ class Tracker:
             if error:
                 self.client.set_tag(run_id, "bnnctl.error", error[:5000])
             self.client.set_terminated(run_id, "FAILED")
+
+    def trial_started(self, run_id: str, arm: str, number: int, params: dict[str, Any]) -> None:
+        """Mark a variant's run as an Optuna trial: trial number and sampled values as tags, and the
+        sampled values as ``trial.<path>`` params (the config params hold them under their paths too)."""
+        from mlflow.entities import Param, RunTag
+
+        tags = [RunTag("bnnctl.trial", str(number)), RunTag("bnnctl.arm", arm), RunTag("bnnctl.trial_state", "RUNNING")]
+        try:
+            self.client.log_batch(run_id, params=[Param("trial.number", str(number))]
+                                  + [Param(f"trial.{k}", str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(params.items())],
+                                  tags=tags)
+        except Exception:  # the run is shared with an earlier trial (same config): params are immutable
+            self.client.log_batch(run_id, tags=tags)
+
+    def trial_finished(self, run_id: str, state: str, objective: float | None) -> None:
+        from mlflow.entities import Metric
+
+        self.client.set_tag(run_id, "bnnctl.trial_state", state)
+        if objective is not None:
+            self.client.log_batch(run_id, metrics=[Metric("objective", float(objective), int(time.time() * 1000), 0)])
 
     def end_study(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, {"completed": "FINISHED", "cancelled": "KILLED"}.get(status, "FAILED"))

@@ -103,3 +103,45 @@ threads: 1
     _fails(["train", "run", str(spec), "--set", "epochs=0"], "epochs", "must be >= 1")
     _fails(["train", "run", str(spec), "--set", "data.dataset=mpii", "--set", f"data.root={tmp_path / 'none'}"],
            "MPII dataset not found", "bnnctl data synth")
+
+
+def test_dashboard_prints_its_url_serves_and_refuses_what_it_cannot_do(tmp_path):
+    import os
+    import socket
+    import time
+    import urllib.request
+
+    _fails(["dashboard", "--db", f"sqlite:///{tmp_path / 'none.db'}"], "no state database", "run a study first")
+    from bnnctl.orchestrator.store import Store
+
+    Store(f"sqlite:///{tmp_path / 'state.db'}").upsert_study("s", "s.yaml", "h", {"metric": "pckh", "seeds": [0],
+                                                                                  "ablations": []})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        busy = runner.invoke(app, ["dashboard", "--db", f"sqlite:///{tmp_path / 'state.db'}", "--port", str(port)])
+        assert busy.exit_code == 1 and "cannot listen on 127.0.0.1" in busy.output
+    cli = [sys.executable, "-c", "from bnnctl.orchestrator.cli import main; main()", "dashboard",
+           "--db", f"sqlite:///{tmp_path / 'state.db'}", "--port", str(port)]
+    proc = subprocess.Popen(cli, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stdout.readline().startswith(f"bnnctl dashboard: http://127.0.0.1:{port}/")
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/") as r:
+                    page = r.read().decode()
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert 'href="/study/s"' in page
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_help_of_every_command_group():
+    for group in ("study", "tune", "models", "data", "train"):
+        result = runner.invoke(app, [group, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output
+    result = runner.invoke(app, ["dashboard", "--help"])
+    assert "127.0.0.1" in result.output and "--mlflow-url" in result.output

@@ -44,3 +44,21 @@ def test_no_unsafe_loading():
         for path in (ROOT / layer).rglob("*.py"):
             text = path.read_text()
             assert "yaml.load(" not in text and "eval(" not in text.replace("model.eval(", "").replace(".eval()", "")
+
+
+def test_the_wheel_ships_templates_static_files_and_kernel_sources(tmp_path):
+    """A non-editable install must find the dashboard's pages and the kernels' C/CUDA sources."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("bnnctl-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for folder, pattern in (("dashboard/templates", "*.html"), ("dashboard/static", "*"), ("kernels", "*.c"),
+                            ("kernels", "*.cu")):
+        files = [p for p in (ROOT / folder).glob(pattern) if p.is_file()]
+        assert files
+        for p in files:
+            assert f"bnnctl/{p.relative_to(ROOT)}" in names, p

@@ -5,9 +5,8 @@ import subprocess
 import sys
 import time
 
-import pytest
 
-from bnnctl.orchestrator.store import Store
+from bnnctl.orchestrator.store import SCHEMA_VERSION, Store
 from bnnctl.orchestrator.study import run_study
 from bnnctl.workers.config import from_dict
 from bnnctl.workers.train import LocalReporter, TrainConfig, run_variant
@@ -32,16 +31,6 @@ ablations:
 tracking: {{experiment: e2e}}
 execution: {{max_parallel: 2, retries: 2}}
 """
-
-
-@pytest.fixture()
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    yield tmp_path
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 def _spec(tmp_path, epochs):
@@ -205,7 +194,7 @@ def test_concurrent_first_opens_of_the_store_do_not_race(tmp_path):
         outcomes = [results.get(timeout=120) for _ in procs]
         for p in procs:
             p.join()
-        assert outcomes == [1] * 6, outcomes
+        assert outcomes == [SCHEMA_VERSION] * 6, outcomes
 
 
 def _open_store(url, barrier, results):

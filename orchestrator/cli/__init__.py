@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from . import data, export, models, study, train
+from . import dashboard, data, export, models, study, train, tune
 
 app = typer.Typer(
     name="bnnctl",
@@ -16,10 +16,12 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(study.app, name="study")
+app.add_typer(tune.app, name="tune")
 app.add_typer(models.app, name="models")
 app.add_typer(data.app, name="data")
 app.add_typer(train.app, name="train")
 app.command("export")(export.export)
+app.command("dashboard")(dashboard.dashboard)
 
 
 def main() -> None:

@@ -37,6 +37,8 @@ def _load(ref: str, db: str | None):
 def _tables(store, study):
     from bnnctl.dashboard.tables import build_tables
 
+    if study.spec.get("kind") == "tuning":
+        raise fail(f"{study.name!r} is a tuning, not a study; see it with: bnnctl tune show {study.name}")
     members = store.members(study.id)
     variants = store.variants([m.variant_key for m in members])
     return build_tables(study.spec, members, variants)
@@ -120,21 +122,27 @@ def run(
 @user_errors
 def show(
     study: Annotated[str, typer.Argument(help="Study name or spec file.")],
-    fmt: Annotated[str, typer.Option("--format", help="table, md, csv or latex.")] = "table",
+    fmt: Annotated[str, typer.Option("--format", help="table, md, csv, latex or html.")] = "table",
     db: DbOption = None,
 ) -> None:
-    """Print a study's ablation tables (or export them as Markdown, CSV or LaTeX)."""
+    """Print a study's ablation tables (or export them as Markdown, CSV, LaTeX or standalone HTML)."""
     from bnnctl.dashboard.tables import to_csv, to_latex, to_markdown
 
     store, s = _load(study, db)
     tables = _tables(store, s)
-    exporters = {"md": to_markdown, "csv": to_csv, "latex": to_latex}
+
+    def to_html(ts):
+        from bnnctl.dashboard.app import to_html as render
+
+        return render(ts, f"{s.name} — ablation tables")
+
+    exporters = {"md": to_markdown, "csv": to_csv, "latex": to_latex, "html": to_html}
     if fmt == "table":
         print_tables(tables, console())
     elif fmt in exporters:
         typer.echo(exporters[fmt](tables))
     else:
-        raise fail(f"--format: unknown format {fmt!r}; allowed: table, md, csv, latex")
+        raise fail(f"--format: unknown format {fmt!r}; allowed: table, md, csv, latex, html")
 
 
 @app.command("status")

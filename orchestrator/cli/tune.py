@@ -1,0 +1,180 @@
+"""``bnnctl tune``: Optuna searches of lambda schedules, distillation weights (any config path)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._common import console, fail, user_errors
+
+app = typer.Typer(help="Tune lambda schedules, distillation weights (any config value) with Optuna.",
+                  no_args_is_help=True)
+
+DbOption = Annotated[Optional[str], typer.Option("--db", help="SQLAlchemy URL of the state database, which also "
+                                                  "holds Optuna's storage (default: sqlite under .bnnctl/).")]
+
+
+def _name(ref: str) -> str:
+    p = Path(ref)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        from bnnctl.orchestrator.tunespec import load_tune_spec
+
+        return load_tune_spec(p).name
+    return ref
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _params(params: dict) -> str:
+    return ", ".join(f"{k.rsplit('.', 1)[-1] if k.count('.') else k}={_fmt(v)}" for k, v in params.items())
+
+
+@app.command("run")
+@user_errors
+def run(
+    file: Annotated[Path, typer.Argument(help="The tuning spec (YAML, `kind: tuning`).")],
+    db: DbOption = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: sqlite under .bnnctl/).")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: $RAY_ADDRESS or a local cluster).")] = None,
+    cpus: Annotated[Optional[int], typer.Option(help="CPUs of the local Ray cluster (default: all).")] = None,
+    max_parallel: Annotated[Optional[int], typer.Option(help="Trials at once (default: the spec's execution.max_parallel).")] = None,
+    no_track: Annotated[bool, typer.Option("--no-track", help="Do not log to MLflow.")] = False,
+) -> None:
+    """Run a tuning, or continue it up to its number of trials (the same command resumes it)."""
+    from rich.markup import escape
+
+    from bnnctl.orchestrator.executor import Events
+    from bnnctl.orchestrator.tracking import default_uri
+    from bnnctl.orchestrator.tuning import run_tuning
+
+    out = console()
+
+    def on_trial(e) -> None:
+        colour = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}[e.state]
+        value = f"{_fmt(e.value)}" if e.value is not None else ""
+        best = f"  best so far {_fmt(e.best_value)} (trial {e.best_number})" if e.best_number is not None else ""
+        reason = f"  [red]{escape(e.reason)}[/]" if e.reason else ""
+        out.print(f"{escape('[' + e.arm + ']')} trial {e.number:3d} [{colour}]{e.state:8s}[/] {value:>8s}  {_params(e.params)}{best}{reason}",
+                  highlight=False)
+
+    def finished(v, status, error) -> None:
+        if v.kind == "teacher":
+            out.print(f"teacher {v.label}: {status}" + (f" ({error})" if error else ""))
+        elif status == "retrying":
+            out.print(f"[yellow]retrying[/] {v.label} ({error}); it resumes from its checkpoint")
+
+    outcome = run_tuning(file, db=db, tracking_uri=tracking_uri, address=address, cpus=cpus, max_parallel=max_parallel,
+                         events=Events(finished=finished), track=not no_track, on_trial=on_trial)
+    _show(outcome.name, db, out, trials=False)
+    out.print(f"tuning {outcome.name}: {outcome.status} "
+              f"({', '.join(f'{arm}: {n} finished trials' for arm, n in outcome.finished.items())}; "
+              f"{outcome.trained} trained in this run)")
+    out.print(f"details: bnnctl tune show {outcome.name}    Optuna's dashboard: optuna-dashboard "
+              f"{_storage_url(db)}")
+    if not no_track:
+        out.print(f"compare the trials in MLflow: mlflow ui --backend-store-uri {tracking_uri or default_uri()}")
+    if outcome.status != "completed":
+        raise typer.Exit(code=1)
+
+
+def _storage_url(db: str | None) -> str:
+    from bnnctl.orchestrator.store import default_url
+
+    return db or default_url()
+
+
+def _show(name: str, db: str | None, out, trials: bool = True) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from bnnctl.orchestrator.tuning import load_tuning, summarize
+
+    _, row, studies = load_tuning(name, db)
+    layout = row.spec
+    metric = f"{layout['metric']} ({layout['value']} epoch, {layout['direction']})"
+    summary_table = Table(title=f"tuning {row.name}: {row.status} — objective {metric}, {layout['sampler']} sampler, "
+                                f"{layout['pruner']} pruner")
+    for col in ("arm", "finished", "default", "best", "Δ", "best trial", "best values"):
+        summary_table.add_column(col, justify="left" if col in ("arm", "best values") else "right")
+    summaries = {arm: summarize(study) for arm, study in studies.items()}
+    for arm, s in summaries.items():
+        finished = sum(1 for t in s["trials"] if t["state"] in ("COMPLETE", "PRUNED", "FAIL"))
+        d = s["default"]["value"] if s["default"] else None
+        b = s["best"]["value"] if s["best"] else None
+        delta = f"{b - d:+.3g}" if b is not None and d is not None else "—"
+        summary_table.add_row(arm, f"{finished}/{layout['trials']}", _fmt(d), _fmt(b), delta,
+                              str(s["best"]["number"]) if s["best"] else "—",
+                              _params(s["best"]["params"]) if s["best"] else "—")
+    out.print(summary_table)
+    if not trials:
+        return
+    for arm, s in summaries.items():
+        t = Table(title=f"{arm}: trials")
+        for col in ("#", "state", "value", "epochs", "values", "note"):
+            t.add_column(col, justify="left" if col in ("values", "note", "state") else "right")
+        for tr in s["trials"]:
+            note = "default" if tr["default"] else ""
+            if tr["reason"]:
+                note = (note + "; " if note else "") + tr["reason"]
+            if s["best"] and tr["number"] == s["best"]["number"]:
+                note = (note + "; " if note else "") + "best"
+            value = _fmt(tr["value"]) if tr["state"] == "COMPLETE" else (
+                f"({_fmt(tr['value'])} @ {tr['epochs']})" if tr["state"] == "PRUNED" and tr["value"] is not None else "—")
+            t.add_row(str(tr["number"]), tr["state"], value, str(tr["epochs"]), escape(_params(tr["params"])),
+                      escape(note))
+        out.print(t)
+        if s["importances"]:
+            out.print(f"{arm}: parameter importances (fANOVA): "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in s["importances"].items()))
+        else:
+            out.print(f"{arm}: parameter importances need at least 3 completed trials with different values")
+
+
+@app.command("show")
+@user_errors
+def show(
+    tuning: Annotated[str, typer.Argument(help="Tuning name or spec file.")],
+    db: DbOption = None,
+) -> None:
+    """Best values against the default, every trial with its state, and parameter importances."""
+    _show(_name(tuning), db, console())
+
+
+@app.command("best")
+@user_errors
+def best(
+    tuning: Annotated[str, typer.Argument(help="Tuning name or spec file.")],
+    as_spec: Annotated[Path, typer.Option("--as-spec", help="Write a study spec (YAML) comparing each arm's "
+                                          "default with its best values.")],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
+    db: DbOption = None,
+) -> None:
+    """Write the best values into a study spec, runnable with `bnnctl study run`."""
+    import yaml
+
+    from bnnctl.orchestrator.tuning import best_as_spec, load_tuning
+
+    _, row, studies = load_tuning(_name(tuning), db)
+    spec = best_as_spec(row.spec, studies)
+    if as_spec.exists() and not force:
+        raise fail(f"--as-spec: {as_spec} exists; choose another file or add --force to overwrite it")
+    text = (f"# Written by `bnnctl tune best {row.name}`: each arm's default against its best trial.\n"
+            + yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
+    tmp = as_spec.with_name(as_spec.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(as_spec)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise fail(f"--as-spec: cannot write {as_spec}: {err.strerror}") from None
+    from bnnctl.orchestrator.spec import load_spec
+
+    load_spec(as_spec)  # what we wrote is a valid study spec
+    typer.echo(f"wrote {as_spec}; run it with: bnnctl study run {as_spec}")

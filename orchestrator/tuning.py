@@ -1,0 +1,498 @@
+"""Running a tuning: Optuna ask/tell in the driver, every trial a variant on the Ray executor.
+
+- One Optuna study per arm (``<tuning>/<arm>``), in Optuna's RDB storage inside the orchestrator's
+  own database (sqlite by default, PostgreSQL on a cluster). Only this driver writes it: workers
+  report through the executor's queue, so parallel trials never contend for sqlite's lock.
+- Every trial is a variant with its identity (the sampled config): a trial that repeats an earlier
+  config, in this tuning or in a study, reuses its result. Its MLflow run is a child of the tuning's
+  run, tagged with the trial number and sampled values; the objective is logged as ``objective``.
+- The base config (each arm's own values) is enqueued as the first trial, and never pruned: its
+  value is the default the tuned result is compared with.
+- Pruning: every epoch's validation metric is reported to the trial; when the pruner says stop, the
+  worker stops after that epoch (its checkpoint stays), and the trial is PRUNED in Optuna and in
+  MLflow (run KILLED, tag ``bnnctl.trial_state=PRUNED``).
+- Resume: running the same spec again continues the same Optuna studies up to ``trials`` finished
+  trials (COMPLETE, PRUNED or FAIL) per arm; trials that were running when the driver died resume
+  from their checkpoints. Trials lost with a worker are retried by the executor; failed trials keep
+  their reason (user attribute ``fail_reason``).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bnnctl.workers.config import to_dict
+from bnnctl.workers.errors import ConfigError
+
+from .errors import SpecError, StoreError
+from .executor import Events, Executor, Hooks, init_ray
+from .plan import Plan, Variant, add_teacher, identity
+from .store import Member, Store
+from .study import check_configs, warm_up
+from .tunespec import Arm, TuneSpec, default_params, load_tune_spec, trial_config
+
+FINISHED = ("COMPLETE", "PRUNED", "FAIL")
+
+
+def optuna_storage(url: str, readonly: bool = False):
+    """Optuna's RDB storage in the orchestrator's database (sqlite: a 30 s busy timeout).
+    ``readonly``: creates no table and checks no version (a reader such as the dashboard)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, skip_table_creation=readonly,
+                                      skip_compatibility_check=readonly)
+
+
+def make_sampler(spec: TuneSpec):
+    import optuna
+
+    s = spec.sampler
+    seed = s.get("seed")
+    if s.name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if s.name == "grid":
+        return optuna.samplers.GridSampler({p.path: p.grid() for p in spec.params}, seed=seed)
+    if s.name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=int(s.get("startup_trials", 10)))
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(s.get("startup_trials", 10)))
+
+
+def make_pruner(spec: TuneSpec):
+    import optuna
+
+    p = spec.pruner
+    startup, warmup = int(p.get("startup_trials", 5)), int(p.get("warmup_epochs", 0))
+    if p.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=warmup)
+    if p.name == "percentile":
+        return optuna.pruners.PercentilePruner(float(p.get("percentile", 25.0)), n_startup_trials=startup,
+                                               n_warmup_steps=warmup)
+    if p.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=int(p.get("min_epochs", 1)), max_resource=spec.base.epochs,
+                                              reduction_factor=int(p.get("reduction_factor", 3)))
+    if p.name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=int(p.get("min_epochs", 1)),
+                                                      reduction_factor=int(p.get("reduction_factor", 4)))
+    if p.name == "threshold":
+        return optuna.pruners.ThresholdPruner(lower=p.get("lower"), upper=p.get("upper"), n_warmup_steps=warmup)
+    return optuna.pruners.NopPruner()
+
+
+def tuning_layout(spec: TuneSpec) -> dict:
+    """What ``tune show``, ``tune best`` and the dashboard need, stored with the tuning."""
+    return {
+        "kind": "tuning", "name": spec.name, "description": spec.description, "seed": spec.seed,
+        "metric": spec.objective.metric, "direction": spec.objective.direction, "value": spec.objective.value,
+        "trials": spec.trials, "sampler": spec.sampler.name, "pruner": spec.pruner.name,
+        "space_hash": spec.space_hash,
+        "arms": [{"name": a.name, "optuna_study": spec.optuna_study(a.name), "teacher": a.teacher} for a in spec.arms],
+        "params": [{"path": p.path, "type": p.type, "describe": p.describe()} for p in spec.params],
+        "data": spec.data,
+    }
+
+
+def objective_value(metrics: dict[str, list[tuple[int, float]]], spec_metric: str, direction: str,
+                    which: str) -> float | None:
+    """The trial's objective from its per-epoch history: the best epoch's value or the last one's."""
+    history = metrics.get(spec_metric, [])
+    values = [v for _, v in history if v is not None and math.isfinite(v)]
+    if not values:
+        return None
+    if which == "last":
+        return values[-1]
+    return max(values) if direction == "maximize" else min(values)
+
+
+@dataclass
+class TrialEvent:
+    arm: str
+    number: int
+    state: str  # COMPLETE, PRUNED, FAIL
+    value: float | None
+    params: dict[str, Any]
+    best_value: float | None
+    best_number: int | None
+    reason: str | None = None
+
+
+@dataclass
+class TuneOutcome:
+    name: str
+    status: str
+    finished: dict[str, int]  # per arm
+    trained: int
+
+
+@dataclass
+class _Active:
+    arm: Arm
+    trial: Any  # optuna.Trial
+    default: bool
+
+
+@dataclass
+class _Driver(Hooks):
+    """The executor's hooks for a tuning: ask trials when slots free up, judge epochs, tell results."""
+
+    spec: TuneSpec
+    store: Store
+    study_id: int
+    studies: dict[str, Any]  # arm name -> optuna.Study
+    teacher_keys: dict[str, str]
+    tracker: Any = None
+    on_trial: Callable[[TrialEvent], None] = lambda e: None
+    orphans: list[tuple[Arm, Any]] = field(default_factory=list)  # RUNNING trials of a previous driver
+    active: dict[str, list[_Active]] = field(default_factory=dict)  # variant key -> its trials
+    reused: set[str] = field(default_factory=set)  # trials whose config had completed before
+    trained: int = 0
+
+    @property
+    def prunes(self) -> bool:
+        return self.spec.pruner.name != "none"
+
+    # -- bookkeeping --------------------------------------------------------------------------------
+    def counts(self, arm: str) -> tuple[int, int]:
+        """(finished, running) trials of an arm, as Optuna's storage records them."""
+        from optuna.trial import TrialState
+
+        trials = self.studies[arm].get_trials(deepcopy=False)
+        finished = sum(1 for t in trials if t.state.is_finished())
+        running = sum(1 for t in trials if t.state == TrialState.RUNNING)
+        return finished, running
+
+    def remaining(self) -> int:
+        return sum(max(self.spec.trials - sum(self.counts(a.name)), 0) for a in self.spec.arms)
+
+    # -- Hooks --------------------------------------------------------------------------------------
+    def feed(self, free: int) -> list[Variant]:
+        out: list[Variant] = []
+        while len(out) < free:
+            if self.orphans:
+                arm, trial = self.orphans.pop(0)
+            else:
+                arm = self._next_arm()
+                if arm is None:
+                    break
+                trial = self.studies[arm.name].ask({p.path: p.distribution() for p in self.spec.params})
+            v = self._variant(arm, trial)
+            if v is not None:
+                out.append(v)
+        return out
+
+    def _next_arm(self) -> Arm | None:
+        """The arm with the fewest trials that still has budget (arms advance together)."""
+        best, best_n = None, None
+        for arm in self.spec.arms:
+            n = sum(self.counts(arm.name))
+            if n < self.spec.trials and (best_n is None or n < best_n):
+                best, best_n = arm, n
+        return best
+
+    def _variant(self, arm: Arm, trial) -> Variant | None:
+        params = dict(trial.params)
+        missing = [p.path for p in self.spec.params if p.path not in params]
+        if missing:
+            self._fail(arm, trial, f"interrupted before its values were sampled ({', '.join(missing)})")
+            return None
+        try:
+            cfg = trial_config(arm, params, self.spec.seed)
+        except ConfigError as err:
+            self._fail(arm, trial, f"invalid combination of sampled values: {err}")
+            return None
+        teacher = self.teacher_keys.get(arm.teacher) if arm.teacher else None
+        deps = (teacher,) if teacher else ()
+        key = identity(cfg, deps)
+        label = f"{self.spec.name} / {arm.name} / trial {trial.number}"
+        stored = self.store.ensure_variant(key, label, "trial", to_dict(cfg), list(deps))
+        self.store.add_member(self.study_id, Member(key, arm.name, f"trial {trial.number}", self.spec.seed))
+        trial.set_user_attr("bnnctl.variant", key)
+        default = bool(trial.user_attrs.get("bnnctl.default"))
+        self.active.setdefault(key, []).append(_Active(arm, trial, default))
+        if stored.status == "completed":
+            self.reused.add(key)
+        return Variant(key, stored.label, "trial", cfg, self.spec.resources, self.spec.seed, arm.name,
+                       f"trial {trial.number}", teacher_dep=teacher)
+
+    def started(self, v: Variant) -> None:
+        """Called by the executor's ``started`` event: the variant's MLflow run now exists."""
+        if self.tracker is None or v.key not in self.active:
+            return
+        stored = self.store.variant(v.key)
+        if stored and stored.mlflow_run_id:
+            for a in self.active[v.key]:
+                self.tracker.trial_started(stored.mlflow_run_id, a.arm.name, a.trial.number, dict(a.trial.params))
+
+    def judge(self, variant: Variant, epoch: int, metrics: dict) -> bool:
+        trials = self.active.get(variant.key)
+        value = metrics.get(self.spec.objective.metric)
+        if not trials or value is None or not math.isfinite(value):
+            return False
+        verdicts = []
+        for a in trials:
+            a.trial.report(float(value), epoch)
+            verdicts.append(self.prunes and not a.default and a.trial.should_prune())
+        return all(verdicts)
+
+    def settled(self, variant: Variant, status: str, result: dict | None, error: str | None) -> None:
+        from optuna.trial import TrialState
+
+        if variant.kind != "trial":  # a teacher; if it failed, its trials fail through the executor
+            return
+        if status in ("completed", "stopped") and variant.key not in self.reused:
+            self.trained += 1
+        for a in self.active.pop(variant.key, []):
+            study = self.studies[a.arm.name]
+            value = None
+            if status == "completed":
+                o = self.spec.objective
+                value = objective_value(self.store.metrics(variant.key), o.metric, o.direction, o.value)
+                if value is None:
+                    self._fail(a.arm, a.trial, f"the run reported no {o.metric}")
+                    continue
+                frozen = study.tell(a.trial, value)
+            elif status == "stopped":
+                frozen = study.tell(a.trial, state=TrialState.PRUNED)
+            else:
+                self._fail(a.arm, a.trial, error or "failed")
+                continue
+            self._record(a.arm, frozen, variant.key, value)
+
+    def _fail(self, arm: Arm, trial, reason: str) -> None:
+        from optuna.trial import TrialState
+
+        study = self.studies[arm.name]
+        trial.set_user_attr("fail_reason", reason)
+        frozen = study.tell(trial, state=TrialState.FAIL)
+        self._record(arm, frozen, trial.user_attrs.get("bnnctl.variant"), None, reason)
+
+    def _record(self, arm: Arm, frozen, key: str | None, value: float | None, reason: str | None = None) -> None:
+        state = frozen.state.name
+        if self.tracker is not None and key:
+            stored = self.store.variant(key)
+            if stored and stored.mlflow_run_id:
+                self.tracker.trial_finished(stored.mlflow_run_id, state, value)
+        best_value = best_number = None
+        try:
+            bt = self.studies[arm.name].best_trial
+            best_value, best_number = bt.value, bt.number
+        except ValueError:  # no completed trial yet
+            pass
+        self.on_trial(TrialEvent(arm.name, frozen.number, state, value, dict(frozen.params), best_value,
+                                 best_number, reason))
+
+
+def open_studies(spec: TuneSpec, storage) -> tuple[dict[str, Any], list[tuple[Arm, Any]]]:
+    """Create or load one Optuna study per arm; enqueue the default trial in new ones. Returns the
+    studies and the trials a previous driver left RUNNING (to resume)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    studies, orphans = {}, []
+    for arm in spec.arms:
+        name = spec.optuna_study(arm.name)
+        study = optuna.create_study(study_name=name, storage=storage, sampler=make_sampler(spec),
+                                    pruner=make_pruner(spec), direction=spec.objective.direction, load_if_exists=True)
+        attrs = study.user_attrs
+        if "bnnctl.space_hash" not in attrs:
+            study.set_user_attr("bnnctl.space_hash", spec.space_hash)
+            study.set_user_attr("bnnctl.metric", spec.objective.metric)
+            study.set_user_attr("bnnctl.arm", arm.name)
+            if spec.default_trial and not study.trials:
+                defaults = default_params(spec, arm)
+                if spec.sampler.name != "grid" or all(defaults[p.path] in p.grid() for p in spec.params):
+                    study.enqueue_trial(defaults, user_attrs={"bnnctl.default": True})
+        elif attrs["bnnctl.space_hash"] != spec.space_hash:
+            raise SpecError(spec.file, "search", f"the tuning {spec.name!r} was started with a different base, arms, "
+                            "search space, objective or seed; its trials would not be comparable. Give the changed "
+                            "spec a new name (only `trials`, `execution`, `sampler`, `pruner` and `description` may "
+                            "change between runs)")
+        if study.direction.name.lower() != spec.objective.direction:
+            raise SpecError(spec.file, "objective.direction", f"the Optuna study {name!r} exists with direction "
+                            f"{study.direction.name.lower()}")
+        studies[arm.name] = study
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            orphans.append((arm, optuna.Trial(study, t._trial_id)))
+    return studies, orphans
+
+
+def run_tuning(path: str | Path, db: str | None = None, tracking_uri: str | None = None, address: str | None = None,
+               cpus: int | None = None, max_parallel: int | None = None, events: Events | None = None,
+               track: bool = True, on_trial: Callable[[TrialEvent], None] | None = None) -> TuneOutcome:
+    """Run (or continue) the tuning in ``path`` until every arm has ``trials`` finished trials."""
+    spec = load_tune_spec(path)
+    check_configs([a.config for a in spec.arms] + [t.config for t in spec.teachers.values()])
+    store = Store(db)
+    existing = store.study(spec.name)
+    if existing is not None and existing.spec.get("kind") != "tuning":
+        raise SpecError(spec.file, "name", f"{spec.name!r} is already the name of a study in {store.url}; "
+                        "give the tuning another name")
+    row = store.upsert_study(spec.name, str(path), spec.spec_hash, tuning_layout(spec))
+    try:
+        storage = optuna_storage(store.url)
+    except Exception as err:  # noqa: BLE001 - any storage failure is reported as such
+        raise StoreError(f"cannot open Optuna's storage in {store.url}: {err}") from None
+    studies, orphans = open_studies(spec, storage)
+
+    # teachers first (trained once, shared by every trial that distils from them)
+    variants: dict[str, Variant] = {}
+    teacher_keys = {}
+    for arm in spec.arms:
+        if arm.teacher and arm.teacher not in teacher_keys:
+            teacher_keys[arm.teacher] = add_teacher(spec.teachers, arm.teacher, spec.seed, spec.resources, variants)
+    for v in variants.values():
+        store.ensure_variant(v.key, v.label, v.kind, to_dict(v.config), list(v.deps))
+    store.set_members(row.id, [Member(v.key, None, None, v.seed) for v in variants.values()]
+                      + [m for m in store.members(row.id) if m.ablation is not None])
+
+    tracker = parent = None
+    if track:
+        from .tracking import Tracker
+
+        tracker = Tracker(tracking_uri, spec.experiment)
+        parent = tracker.study_run(spec.name, row.mlflow_run_id, str(path))
+        tracker.client.set_tag(parent, "bnnctl.kind", "tuning")
+        store.annotate_study(row.id, mlflow_experiment_id=tracker.experiment_id)
+    store.set_study_status(row.id, "running", parent)
+    driver = _Driver(spec, store, row.id, studies, teacher_keys, tracker, on_trial or (lambda e: None), orphans)
+    parallel = max_parallel or spec.execution.max_parallel
+    todo = driver.remaining() + len(orphans) + sum(1 for v in variants.values() if store.variant(v.key).status != "completed")
+    if todo:
+        init_ray(address, cpus)
+        warm = warm_up(spec, parallel)
+        base_events = events or Events()
+        started = base_events.started
+
+        def on_started(v):
+            driver.started(v)
+            started(v)
+
+        ev = Events(started=on_started, epoch=base_events.epoch, progress=base_events.progress,
+                    finished=base_events.finished)
+        from .study import _poller, _quiet_wait
+
+        executor = Executor(store, tracker, max_parallel=parallel, retries=spec.execution.retries, events=ev)
+        executor.run(Plan(variants, {}), spec.name, parent, cancelled=_poller(store, row.id), hooks=driver)
+        _quiet_wait(warm)
+    finished = {a.name: driver.counts(a.name)[0] for a in spec.arms}
+    if store.study(row.id).status == "cancelled":
+        final = "cancelled"
+    else:
+        final = "completed" if all(n >= spec.trials for n in finished.values()) else "failed"
+    store.set_study_status(row.id, final)
+    if tracker is not None and parent is not None:
+        _log_summary(tracker, parent, spec, studies)
+        tracker.end_study(parent, final)
+    return TuneOutcome(spec.name, final, finished, driver.trained)
+
+
+def _log_summary(tracker, parent: str, spec: TuneSpec, studies: dict) -> None:
+    """Best and default objective per arm on the tuning's parent run."""
+    import time
+
+    from mlflow.entities import Metric
+
+    ts, metrics = int(time.time() * 1000), []
+    for arm, study in studies.items():
+        summary = summarize(study)
+        for key in ("best", "default"):
+            if summary[key] is not None and summary[key]["value"] is not None:
+                metrics.append(Metric(f"{key}.{arm}", float(summary[key]["value"]), ts, 0))
+    if metrics:
+        tracker.client.log_batch(parent, metrics=metrics)
+
+
+# --------------------------------------------------------------------------- reading back
+
+def summarize(study) -> dict:
+    """A study's trials as plain data: best and default trial, every trial, importances."""
+    trials = []
+    for t in study.get_trials(deepcopy=False):
+        trials.append({
+            "number": t.number, "state": t.state.name, "value": t.value, "params": dict(t.params),
+            "epochs": len(t.intermediate_values), "default": bool(t.user_attrs.get("bnnctl.default")),
+            "variant": t.user_attrs.get("bnnctl.variant"), "reason": t.user_attrs.get("fail_reason"),
+            "intermediate": dict(t.intermediate_values),
+            "duration_s": (t.datetime_complete - t.datetime_start).total_seconds()
+            if t.datetime_complete and t.datetime_start else None,
+        })
+    complete = [t for t in trials if t["state"] == "COMPLETE"]
+    best = None
+    if complete:
+        pick = max if study.direction.name == "MAXIMIZE" else min
+        best = pick(complete, key=lambda t: t["value"])
+    default = next((t for t in trials if t["default"]), None)
+    return {"trials": trials, "best": best, "default": default, "importances": importances(study)}
+
+
+def importances(study) -> dict[str, float] | None:
+    """Parameter importances (Optuna's fANOVA); None when there are too few completed trials."""
+    import optuna
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 3 or len({tuple(sorted(t.params.items())) for t in complete}) < 2:
+        return None
+    try:
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)  # deterministic across calls
+        return {k: float(v) for k, v in optuna.importance.get_param_importances(study, evaluator=evaluator).items()}
+    except (RuntimeError, ValueError):
+        return None
+
+
+def load_tuning(name: str, db: str | None = None) -> tuple[Store, Any, dict[str, Any]]:
+    """The stored tuning ``name``: (store, its study row, {arm: optuna.Study})."""
+    import optuna
+
+    store = Store(db)
+    row = store.study(name)
+    if row is None or row.spec.get("kind") != "tuning":
+        known = ", ".join(s.name for s in store.studies() if s.spec.get("kind") == "tuning") or "none yet"
+        raise ConfigError("tuning", f"no tuning {name!r} in {store.url}; known tunings: {known}")
+    storage = optuna_storage(store.url)
+    studies = {}
+    for arm in row.spec["arms"]:
+        try:
+            studies[arm["name"]] = optuna.load_study(study_name=arm["optuna_study"], storage=storage)
+        except KeyError:
+            raise StoreError(f"the Optuna study {arm['optuna_study']!r} is missing from {store.url}") from None
+    return store, row, studies
+
+
+def best_as_spec(row_spec: dict, studies: dict[str, Any]) -> dict:
+    """A study spec (plain data) comparing each arm's default with its best trial, ready for
+    ``bnnctl study run``."""
+    data = row_spec["data"]
+    rows = []
+    for arm in row_spec["arms"]:
+        summary = summarize(studies[arm["name"]])
+        if summary["best"] is None:
+            raise ConfigError("tuning", f"arm {arm['name']!r} has no completed trial yet; run the tuning first")
+        arm_set = next((dict(a.get("set") or {}) for a in data.get("arms") or [] if a.get("name") == arm["name"]), {})
+        prefix = "" if arm["name"] == "base" and not data.get("arms") else f"{arm['name']}: "
+        default_row: dict[str, Any] = {"name": f"{prefix}default"}
+        tuned_row: dict[str, Any] = {"name": f"{prefix}tuned (trial {summary['best']['number']})"}
+        if arm_set:
+            default_row["set"] = dict(arm_set)
+        tuned_row["set"] = {**arm_set, **summary["best"]["params"]}
+        if arm.get("teacher"):
+            default_row["teacher"] = tuned_row["teacher"] = arm["teacher"]
+        rows += [default_row, tuned_row]
+    spec: dict[str, Any] = {
+        "name": f"{data['name']}-best",
+        "description": f"Best values of the tuning {data['name']} against the defaults.",
+        "base": data.get("base") or {},
+        "seeds": [data.get("seed", 0)],
+    }
+    for key in ("task", "resources", "teachers", "execution"):
+        if data.get(key) is not None:
+            spec[key] = data[key]
+    spec["metric"] = row_spec["metric"] if row_spec["metric"] in ("pckh", "pckh@0.1", "pck", "top1", "top5") else None
+    if spec["metric"] is None:
+        del spec["metric"]
+    spec["ablations"] = [{"name": "tuned vs default", "mode": "isolated", "rows": rows}]
+    return spec

@@ -1,0 +1,309 @@
+"""Optuna tuning end to end: real Ray, real sqlite (state + Optuna storage), real MLflow, real training."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from bnnctl.orchestrator.cli import app
+from bnnctl.orchestrator.errors import SpecError
+from bnnctl.orchestrator.spec import load_spec
+from bnnctl.orchestrator.store import Store
+from bnnctl.orchestrator.tunespec import Param, load_tune_spec
+from bnnctl.orchestrator.tuning import load_tuning, objective_value, run_tuning, summarize
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+TINY = """
+kind: tuning
+name: {name}
+base:
+  model: {{width: 8, depth: 2, binarize: {{quantizer: tanh}}}}
+  data: {{root: {root}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
+  epochs: {epochs}
+  batch_size: 16
+  loss: mse
+  threads: 1
+  lambda_schedule: {{kind: exponential, lambda_start: 1.0, lambda_end: 20.0}}
+search:
+  lambda_schedule.lambda_start: {{type: float, low: 0.5, high: 5, log: true}}
+  lambda_schedule.lambda_end: {{type: float, low: 10, high: 200, log: true}}
+trials: {trials}
+sampler: {{name: random, seed: 3}}
+pruner: {pruner}
+execution: {{max_parallel: {parallel}, retries: 2}}
+tracking: {{experiment: tune-tests}}
+"""
+
+
+def _spec(tmp_path, name="t", epochs=3, trials=4, parallel=2, pruner="{name: none}", extra=""):
+    f = tmp_path / f"{name}.yaml"
+    f.write_text(TINY.format(name=name, root=tmp_path / "syn", epochs=epochs, trials=trials, parallel=parallel,
+                             pruner=pruner) + extra)
+    return f
+
+
+def _optuna(tmp_path, name):
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / '.bnnctl' / 'state.db'}")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def _mlflow_runs(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{tmp_path / '.bnnctl' / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("tune-tests")
+    return c.search_runs([exp.experiment_id], max_results=1000)
+
+
+# --------------------------------------------------------------------------- specs
+
+def test_shipped_tuning_specs_load():
+    names = {}
+    for path in sorted((ROOT / "studies").glob("tune_*.yaml")):
+        spec = load_tune_spec(path)
+        names[path.name] = spec
+        assert spec.params and spec.trials >= 8 and spec.sampler.name == "tpe" and spec.pruner.name == "median"
+    assert set(names) == {"tune_lambda.yaml", "tune_distill.yaml"}
+    assert {p.path for p in names["tune_lambda.yaml"].params} >= {"lambda_schedule.lambda_start",
+                                                                   "lambda_schedule.lambda_end"}
+    distill = names["tune_distill.yaml"]
+    assert "distill.weight" in {p.path for p in distill.params} and distill.arms[0].teacher is not None
+
+
+BAD = {
+    "low above high": ("lambda_schedule.lambda_end: {type: float, low: 200, high: 10}", "search.lambda_schedule.lambda_end",
+                       "low (200) must be below high (10)"),
+    "unknown path": ("model.colour: {type: float, low: 0, high: 1}", "search.model.colour", "unknown config path"),
+    "unknown section": ("optimiser.lr: {type: float, low: 0.1, high: 1}", "search.optimiser.lr", "unknown config path"),
+    "value the config rejects": ("distill.weight: {type: float, low: 0.5, high: 2}", "search.distill.weight",
+                                 "must be in [0, 1]"),
+    "empty choices": ("lambda_schedule.kind: {type: categorical, choices: []}", "search.lambda_schedule.kind",
+                      "non-empty list of choices"),
+    "bad choice": ("lambda_schedule.kind: {type: categorical, choices: [linear, wobbly]}", "search.lambda_schedule.kind",
+                   "'wobbly' is not allowed"),
+    "unknown type": ("optim.lr: {type: complex, low: 0, high: 1}", "search.optim.lr.type", "unknown type 'complex'"),
+    "log of zero": ("optim.lr: {type: float, low: 0, high: 1, log: true}", "search.optim.lr.low", "log-scale"),
+}
+
+
+def _bad_spec(tmp_path, search_line: str, extra: str = "") -> Path:
+    f = tmp_path / "bad.yaml"
+    f.write_text("kind: tuning\nname: bad\nbase: {loss: mse, model: {width: 8, depth: 2}}\nsearch:\n  "
+                 + search_line + "\n" + extra)
+    return f
+
+
+def _assert_refused(tmp_path, f, *words):
+    result = runner.invoke(app, ["tune", "run", str(f), "--no-track"])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and str(f) in result.output
+    for w in words:
+        assert w in result.output, result.output
+    assert not (tmp_path / ".bnnctl").exists()  # nothing started, nothing written
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_search_spaces_fail_clearly_and_write_nothing(tmp_path, monkeypatch, case):
+    monkeypatch.chdir(tmp_path)
+    line, where, words = BAD[case]
+    f = _bad_spec(tmp_path, line)
+    with pytest.raises(SpecError) as err:
+        load_tune_spec(f)
+    assert where in str(err.value) and words in str(err.value) and "line 5" in str(err.value)
+    _assert_refused(tmp_path, f, where, words)
+
+
+@pytest.mark.parametrize("extra,words", [
+    ("sampler: {name: annealing}", ("sampler.name", "unknown sampler 'annealing'", "tpe, random, grid, gp")),
+    ("pruner: {name: patience}", ("pruner.name", "unknown pruner 'patience'", "median, percentile, hyperband")),
+    ("pruner: {name: median, warmup: 2}", ("pruner.warmup", "unknown option", "startup_trials, warmup_epochs")),
+    ("objective: {metric: accuracy}", ("objective.metric", "unknown metric 'accuracy'", "pckh")),
+    ("trials: 0", ("trials", "integer >= 1")),
+    ("kind: study", ("kind", "kind: tuning")),
+    ("sampler: grid", ("search.optim.lr", "grid sampler needs categorical choices or a `step`")),
+    ("arms: [{name: a}, {name: a}]", ("arms", "duplicate arm names: a")),
+    ("teacher: ghost", ("teacher", "unknown teacher 'ghost'")),
+])
+def test_bad_tuning_options_fail_clearly_and_write_nothing(tmp_path, monkeypatch, extra, words):
+    monkeypatch.chdir(tmp_path)
+    text = _bad_spec(tmp_path, "optim.lr: {type: float, low: 0.0001, high: 0.01, log: true}", extra).read_text()
+    if extra.startswith("kind:"):
+        text = text.replace("kind: tuning\n", "")
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    _assert_refused(tmp_path, f, *words)
+
+
+def test_a_study_spec_is_not_a_tuning_and_vice_versa(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    f = _spec(tmp_path)
+    with pytest.raises(SpecError, match="tuning spec; run it with `bnnctl tune run`"):
+        load_spec(f)
+    _assert_refused(tmp_path, ROOT / "studies" / "quickstart.yaml", "kind: tuning")
+
+
+def test_grid_values_and_objective_reduction():
+    assert Param("x", "int", 1, 7, step=3).grid() == [1, 4, 7]
+    assert Param("x", "float", 0.0, 1.0, step=0.25).grid() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert Param("x", "categorical", choices=("a", "b")).grid() == ["a", "b"]
+    history = {"pckh": [(1, 10.0), (2, 30.0), (3, 20.0)], "val_loss": [(1, 0.5), (2, 0.2), (3, 0.3)]}
+    assert objective_value(history, "pckh", "maximize", "best") == 30.0
+    assert objective_value(history, "pckh", "maximize", "last") == 20.0
+    assert objective_value(history, "val_loss", "minimize", "best") == 0.2
+    assert objective_value(history, "top1", "maximize", "best") is None
+
+
+# --------------------------------------------------------------------------- running
+
+def test_pruner_stops_trials_after_the_first_epoch(workdir):
+    """A threshold pruner no run can pass: every trial but the default stops after epoch 1,
+    recorded as PRUNED in Optuna and in MLflow; the default trial is never pruned."""
+    f = _spec(workdir, name="prune", epochs=3, trials=4, pruner="{name: threshold, lower: 1000}")
+    outcome = run_tuning(f, cpus=2)
+    assert outcome.status == "completed" and outcome.finished == {"base": 4}
+    study = _optuna(workdir, "prune/base")
+    trials = sorted(study.trials, key=lambda t: t.number)
+    assert trials[0].user_attrs["bnnctl.default"] and trials[0].state.name == "COMPLETE"
+    assert sorted(trials[0].intermediate_values) == [1, 2, 3]
+    store = Store()
+    for t in trials[1:]:
+        assert t.state.name == "PRUNED"
+        assert list(t.intermediate_values) == [1]  # reported epoch 1, then stopped
+        key = t.user_attrs["bnnctl.variant"]
+        v = store.variant(key)
+        assert v.status == "stopped" and v.result["epochs_done"] == 1
+        assert sorted({e for e, _ in store.metrics(key)["pckh"]}) == [1]  # epoch 2 never trained
+    runs = {r.data.tags.get("bnnctl.trial"): r for r in _mlflow_runs(workdir) if "bnnctl.trial" in r.data.tags}
+    assert set(runs) == {"0", "1", "2", "3"}
+    assert runs["0"].info.status == "FINISHED" and runs["0"].data.tags["bnnctl.trial_state"] == "COMPLETE"
+    assert runs["0"].data.metrics["objective"] == pytest.approx(trials[0].value)
+    for n in ("1", "2", "3"):
+        assert runs[n].info.status == "KILLED" and runs[n].data.tags["bnnctl.trial_state"] == "PRUNED"
+        assert float(runs[n].data.params["trial.lambda_schedule.lambda_end"]) == pytest.approx(
+            trials[int(n)].params["lambda_schedule.lambda_end"])
+        assert runs[n].data.tags["mlflow.parentRunId"] == runs["0"].data.tags["mlflow.parentRunId"]
+
+
+@pytest.mark.parametrize("repetition", [0, 1, 2])
+def test_four_parallel_trials_on_sqlite_never_lock(workdir, repetition):
+    """4 trials at once on Ray (4 worker slots), Optuna storage and state in one sqlite file, MLflow
+    in another, and a reader polling the tuning meanwhile (as `tune show` or the dashboard would)."""
+    f = _spec(workdir, name=f"par{repetition}", epochs=2, trials=8, parallel=4,
+              pruner="{name: median, startup_trials: 2}")
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                _, _, studies = load_tuning(f"par{repetition}")
+                summarize(studies["base"])
+            except Exception as err:  # noqa: BLE001 - "no tuning yet" at the very start is fine
+                if "locked" in str(err).lower():
+                    errors.append(str(err))
+            time.sleep(0.1)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    try:
+        outcome = run_tuning(f, cpus=4)
+    finally:
+        stop.set()
+        t.join()
+    assert outcome.status == "completed" and outcome.finished == {"base": 8}
+    assert not errors
+    trials = _optuna(workdir, f"par{repetition}/base").trials
+    assert len(trials) == 8 and all(tr.state.name in ("COMPLETE", "PRUNED") for tr in trials)
+    # the trials really ran 4 at a time: some moment had 4 attempts in flight
+    store = Store()
+    spans = [(a.started_at, a.ended_at) for tr in trials for a in store.attempts(tr.user_attrs["bnnctl.variant"])]
+    peak = max(sum(1 for s, e in spans if s <= start < e) for start, _ in spans)
+    assert peak == 4
+
+
+def test_interrupted_tuning_resumes_to_exactly_the_requested_trials(workdir):
+    f = _spec(workdir, name="resume", epochs=4, trials=6, parallel=2)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cli = [sys.executable, "-c", "from bnnctl.orchestrator.cli import main; main()", "tune", "run", str(f), "--cpus", "2"]
+    proc = subprocess.Popen(cli,
+                            cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            time.sleep(0.5)
+            try:
+                trials = _optuna(workdir, "resume/base").trials
+            except Exception:  # noqa: BLE001 - not created yet
+                continue
+            done = [t for t in trials if t.state.is_finished()]
+            running = [t for t in trials if t.state.name == "RUNNING"]
+            if len(done) >= 2 and running:
+                break
+        else:
+            pytest.fail("the tuning did not get going")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray cluster
+        proc.wait()
+    interrupted = {t.number for t in _optuna(workdir, "resume/base").trials if t.state.name == "RUNNING"}
+    assert interrupted
+    outcome = run_tuning(f, cpus=2)
+    assert outcome.status == "completed"
+    trials = _optuna(workdir, "resume/base").trials
+    assert len(trials) == 6 and all(t.state.name == "COMPLETE" for t in trials)
+    store = Store()
+    for t in trials:
+        if t.number in interrupted:  # resumed: a second attempt on the same variant
+            assert len(store.attempts(t.user_attrs["bnnctl.variant"])) >= 2
+    # running it again changes nothing: the budget is reached
+    again = run_tuning(f, cpus=2)
+    assert again.trained == 0 and len(_optuna(workdir, "resume/base").trials) == 6
+    # more trials requested: the same study continues
+    bigger = f.read_text().replace("trials: 6", "trials: 7")
+    f.write_text(bigger)
+    assert run_tuning(f, cpus=2).finished == {"base": 7}
+    # a changed search space is refused (its trials would not compare)
+    f.write_text(bigger.replace("high: 200", "high: 300"))
+    with pytest.raises(SpecError, match="different base, arms, search space"):
+        run_tuning(f, cpus=2)
+
+
+def test_arms_get_the_same_budget_and_best_becomes_a_study_spec(workdir):
+    extra = ("arms:\n  - {name: relu, set: {model.activation.kind: relu}}\n"
+             "  - {name: prelu, set: {model.activation.kind: prelu}}\n")
+    f = _spec(workdir, name="arms", epochs=2, trials=3, parallel=2, extra=extra)
+    outcome = run_tuning(f, cpus=2, track=False)
+    assert outcome.finished == {"relu": 3, "prelu": 3}
+    store, row, studies = load_tuning("arms")
+    for arm, study in studies.items():
+        s = summarize(study)
+        assert len(s["trials"]) == 3 and s["default"]["number"] == 0
+        assert s["default"]["params"] == {"lambda_schedule.lambda_start": 1.0, "lambda_schedule.lambda_end": 20.0}
+        assert s["best"]["value"] == max(t["value"] for t in s["trials"] if t["state"] == "COMPLETE")
+        cfg = store.variant(s["best"]["variant"]).config
+        assert cfg["model"]["activation"]["kind"] == arm  # each arm's trials train its own config
+    shown = runner.invoke(app, ["tune", "show", "arms"])
+    assert shown.exit_code == 0 and "relu: trials" in shown.output and "prelu: trials" in shown.output
+    out = workdir / "best.yaml"
+    result = runner.invoke(app, ["tune", "best", "arms", "--as-spec", str(out)])
+    assert result.exit_code == 0, result.output
+    spec = load_spec(out)
+    rows = spec.ablations[0].rows
+    assert [r.name for r in rows][0::2] == ["relu: default", "prelu: default"]
+    best_prelu = summarize(studies["prelu"])["best"]["params"]
+    tuned = rows[3].config
+    assert tuned.model.activation.kind == "prelu"
+    assert tuned.lambda_schedule.lambda_end == pytest.approx(best_prelu["lambda_schedule.lambda_end"])
+    assert rows[2].config.lambda_schedule.lambda_end == 20.0  # the default row keeps the base values
+    again = runner.invoke(app, ["tune", "best", "arms", "--as-spec", str(out)])
+    assert again.exit_code == 1 and "--force" in again.output
+    assert yaml.safe_load(out.read_text())["name"] == "arms-best"
