@@ -66,12 +66,12 @@ def create_app(db: str | None = None, runs_dir: str | Path | None = None, mlflow
     def tuning_studies(name: str) -> dict:
         import optuna
 
-        from bnnctl.orchestrator.tuning import optuna_storage
+        from bnnctl.orchestrator.tuning import optuna_storage, readonly_url
 
         s = store.study(name)
         if s is None or s.spec.get("kind") != "tuning":
             raise NotFound(f"no tuning named {name!r}")
-        storage = optuna_storage(_ro_url(store), readonly=True)
+        storage = optuna_storage(readonly_url(store.url), readonly=True)
         return {a["name"]: optuna.load_study(study_name=a["optuna_study"], storage=storage) for a in s.spec["arms"]}
 
     @app.exception_handler(NotFound)
@@ -157,21 +157,6 @@ def create_app(db: str | None = None, runs_dir: str | Path | None = None, mlflow
         return FileResponse(target)
 
     return app
-
-
-def _ro_url(store) -> str:
-    """The store's URL for a read-only client (Optuna's storage): sqlite opened with mode=ro."""
-    if store.url.startswith("sqlite:///"):
-        return f"sqlite:///file:{Path(store.url.removeprefix('sqlite:///')).resolve()}?mode=ro&uri=true"
-    return store.url
-
-
-def serve(db: str | None = None, host: str = "127.0.0.1", port: int = 8765, runs_dir: str | None = None,
-          mlflow_url: str | None = None) -> None:
-    import uvicorn
-
-    app = create_app(db, runs_dir, mlflow_url)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 def to_html(tables, title: str) -> str:

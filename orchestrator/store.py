@@ -209,7 +209,7 @@ class Store:
                 if not path.exists():
                     raise StoreError(f"no state database at {path}; run a study first (bnnctl study run FILE) "
                                      "or pass --db")
-                engine_url = f"sqlite:///file:{path.resolve()}?mode=ro&uri=true"
+                engine_url = f"sqlite:///file:{path.resolve()}?mode=ro&uri=true"  # writes fail
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
         try:

@@ -297,8 +297,7 @@ def open_studies(spec: TuneSpec, storage) -> tuple[dict[str, Any], list[tuple[Ar
         name = spec.optuna_study(arm.name)
         study = optuna.create_study(study_name=name, storage=storage, sampler=make_sampler(spec),
                                     pruner=make_pruner(spec), direction=spec.objective.direction, load_if_exists=True)
-        attrs = study.user_attrs
-        if "bnnctl.space_hash" not in attrs:
+        if "bnnctl.space_hash" not in study.user_attrs:
             study.set_user_attr("bnnctl.space_hash", spec.space_hash)
             study.set_user_attr("bnnctl.metric", spec.objective.metric)
             study.set_user_attr("bnnctl.arm", arm.name)
@@ -306,7 +305,24 @@ def open_studies(spec: TuneSpec, storage) -> tuple[dict[str, Any], list[tuple[Ar
                 defaults = default_params(spec, arm)
                 if spec.sampler.name != "grid" or all(defaults[p.path] in p.grid() for p in spec.params):
                     study.enqueue_trial(defaults, user_attrs={"bnnctl.default": True})
-        elif attrs["bnnctl.space_hash"] != spec.space_hash:
+        studies[arm.name] = study
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            # Optuna has no public way to reopen a running trial by id; Trial(study, id) is its constructor
+            orphans.append((arm, optuna.Trial(study, t._trial_id)))
+    return studies, orphans
+
+
+def check_compatible(spec: TuneSpec, storage) -> None:
+    """Refuse, before anything is written, to continue a tuning whose comparable parts changed."""
+    import optuna
+
+    existing = set(optuna.study.get_all_study_names(storage))
+    for arm in spec.arms:
+        name = spec.optuna_study(arm.name)
+        if name not in existing:
+            continue
+        study = optuna.load_study(study_name=name, storage=storage)
+        if study.user_attrs.get("bnnctl.space_hash", spec.space_hash) != spec.space_hash:
             raise SpecError(spec.file, "search", f"the tuning {spec.name!r} was started with a different base, arms, "
                             "search space, objective or seed; its trials would not be comparable. Give the changed "
                             "spec a new name (only `trials`, `execution`, `sampler`, `pruner` and `description` may "
@@ -314,10 +330,6 @@ def open_studies(spec: TuneSpec, storage) -> tuple[dict[str, Any], list[tuple[Ar
         if study.direction.name.lower() != spec.objective.direction:
             raise SpecError(spec.file, "objective.direction", f"the Optuna study {name!r} exists with direction "
                             f"{study.direction.name.lower()}")
-        studies[arm.name] = study
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            orphans.append((arm, optuna.Trial(study, t._trial_id)))
-    return studies, orphans
 
 
 def run_tuning(path: str | Path, db: str | None = None, tracking_uri: str | None = None, address: str | None = None,
@@ -331,11 +343,12 @@ def run_tuning(path: str | Path, db: str | None = None, tracking_uri: str | None
     if existing is not None and existing.spec.get("kind") != "tuning":
         raise SpecError(spec.file, "name", f"{spec.name!r} is already the name of a study in {store.url}; "
                         "give the tuning another name")
-    row = store.upsert_study(spec.name, str(path), spec.spec_hash, tuning_layout(spec))
     try:
         storage = optuna_storage(store.url)
     except Exception as err:  # noqa: BLE001 - any storage failure is reported as such
         raise StoreError(f"cannot open Optuna's storage in {store.url}: {err}") from None
+    check_compatible(spec, storage)
+    row = store.upsert_study(spec.name, str(path), spec.spec_hash, tuning_layout(spec))
     studies, orphans = open_studies(spec, storage)
 
     # teachers first (trained once, shared by every trial that distils from them)
@@ -379,10 +392,13 @@ def run_tuning(path: str | Path, db: str | None = None, tracking_uri: str | None
         executor.run(Plan(variants, {}), spec.name, parent, cancelled=_poller(store, row.id), hooks=driver)
         _quiet_wait(warm)
     finished = {a.name: driver.counts(a.name)[0] for a in spec.arms}
+    from optuna.trial import TrialState
+
+    complete = {a: len(st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) for a, st in studies.items()}
     if store.study(row.id).status == "cancelled":
         final = "cancelled"
-    else:
-        final = "completed" if all(n >= spec.trials for n in finished.values()) else "failed"
+    else:  # every arm reached its budget, with at least one completed trial to compare
+        final = "completed" if all(n >= spec.trials and complete[a] for a, n in finished.items()) else "failed"
     store.set_study_status(row.id, final)
     if tracker is not None and parent is not None:
         _log_summary(tracker, parent, spec, studies)
@@ -448,12 +464,12 @@ def load_tuning(name: str, db: str | None = None) -> tuple[Store, Any, dict[str,
     """The stored tuning ``name``: (store, its study row, {arm: optuna.Study})."""
     import optuna
 
-    store = Store(db)
+    store = Store(db, readonly=True)
     row = store.study(name)
     if row is None or row.spec.get("kind") != "tuning":
         known = ", ".join(s.name for s in store.studies() if s.spec.get("kind") == "tuning") or "none yet"
         raise ConfigError("tuning", f"no tuning {name!r} in {store.url}; known tunings: {known}")
-    storage = optuna_storage(store.url)
+    storage = optuna_storage(readonly_url(store.url), readonly=True)
     studies = {}
     for arm in row.spec["arms"]:
         try:
@@ -461,6 +477,13 @@ def load_tuning(name: str, db: str | None = None) -> tuple[Store, Any, dict[str,
         except KeyError:
             raise StoreError(f"the Optuna study {arm['optuna_study']!r} is missing from {store.url}") from None
     return store, row, studies
+
+
+def readonly_url(url: str) -> str:
+    """``url`` for a reader that must not write: sqlite opened with mode=ro (other URLs unchanged)."""
+    if url.startswith("sqlite:///") and "mode=ro" not in url:
+        return f"sqlite:///file:{Path(url.removeprefix('sqlite:///')).resolve()}?mode=ro&uri=true"
+    return url
 
 
 def best_as_spec(row_spec: dict, studies: dict[str, Any]) -> dict:

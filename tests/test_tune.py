@@ -273,8 +273,10 @@ def test_interrupted_tuning_resumes_to_exactly_the_requested_trials(workdir):
     assert run_tuning(f, cpus=2).finished == {"base": 7}
     # a changed search space is refused (its trials would not compare)
     f.write_text(bigger.replace("high: 200", "high: 300"))
+    layout = Store().study("resume").spec
     with pytest.raises(SpecError, match="different base, arms, search space"):
         run_tuning(f, cpus=2)
+    assert Store().study("resume").spec == layout  # refused before anything was written
 
 
 def test_arms_get_the_same_budget_and_best_becomes_a_study_spec(workdir):
@@ -307,3 +309,18 @@ def test_arms_get_the_same_budget_and_best_becomes_a_study_spec(workdir):
     again = runner.invoke(app, ["tune", "best", "arms", "--as-spec", str(out)])
     assert again.exit_code == 1 and "--force" in again.output
     assert yaml.safe_load(out.read_text())["name"] == "arms-best"
+
+
+def test_failed_trials_keep_their_reason(workdir):
+    """Sampled values the config rejects (lambda_end below lambda_start) fail the trial with the reason."""
+    f = _spec(workdir, name="fails", trials=3, extra="default_trial: false\n")
+    f.write_text(f.read_text().replace("{type: float, low: 0.5, high: 5, log: true}", "{type: float, low: 300, high: 400}"))
+    outcome = run_tuning(f, cpus=2, track=False)
+    assert outcome.status == "failed" and outcome.finished == {"base": 3} and outcome.trained == 0
+    trials = _optuna(workdir, "fails/base").trials
+    assert [t.state.name for t in trials] == ["FAIL"] * 3
+    for t in trials:
+        assert "invalid combination of sampled values" in t.user_attrs["fail_reason"]
+        assert "lambda_end" in t.user_attrs["fail_reason"] and "must be >= lambda_start" in t.user_attrs["fail_reason"]
+    shown = runner.invoke(app, ["tune", "show", "fails"])
+    assert shown.exit_code == 0 and shown.output.count("FAIL") == 3 and "invalid combination" in shown.output

@@ -5,7 +5,7 @@ function drawCharts(root) {
   root.querySelectorAll("[data-plot]").forEach(function (el) {
     var spec = JSON.parse(el.getAttribute("data-plot"));
     if (spec.layout && spec.layout.title) { spec.layout.title.x = 0.01; spec.layout.title.xanchor = "left"; }
-    Plotly.newPlot(el, spec.data, spec.layout, {displaylogo: false, responsive: true});
+    Plotly.newPlot(el, spec.data, spec.layout, {displaylogo: false, responsive: true, displayModeBar: "hover"});
   });
 }
 
