@@ -52,7 +52,7 @@ def create_app(db: str | None = None, runs_dir: str | Path | None = None, mlflow
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
     from bnnctl.orchestrator.executor import RUNS_DIR
-    from bnnctl.orchestrator.store import Store
+    from bnnctl.orchestrator.store import Store, readonly_url
 
     store = Store(db, readonly=True)
     runs_root = Path(runs_dir or RUNS_DIR).resolve()
@@ -63,16 +63,17 @@ def create_app(db: str | None = None, runs_dir: str | Path | None = None, mlflow
         html = env.get_template(name).render(refresh_s=refresh_s, mlflow_url=mlflow_url, db=store.url, **ctx)
         return HTMLResponse(html, status_code=status)
 
-    def tuning_studies(name: str) -> dict:
-        import optuna
+    optuna_reader: list = []  # one read-only Optuna storage (engine) for the app's lifetime, made on first use
 
-        from bnnctl.orchestrator.tuning import optuna_storage, readonly_url
+    def tuning_studies(name: str) -> dict:
+        from bnnctl.orchestrator.tuning import arm_studies, optuna_storage
 
         s = store.study(name)
         if s is None or s.spec.get("kind") != "tuning":
             raise NotFound(f"no tuning named {name!r}")
-        storage = optuna_storage(readonly_url(store.url), readonly=True)
-        return {a["name"]: optuna.load_study(study_name=a["optuna_study"], storage=storage) for a in s.spec["arms"]}
+        if not optuna_reader:
+            optuna_reader.append(optuna_storage(readonly_url(store.url), readonly=True))
+        return arm_studies(s.spec, optuna_reader[0])
 
     @app.exception_handler(NotFound)
     async def not_found(request: Request, exc: NotFound):

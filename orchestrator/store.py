@@ -190,6 +190,14 @@ def _variant(r: VariantRow) -> Variant:
                    r.checkpoint_dir, r.mlflow_run_id, r.updated_at)
 
 
+def readonly_url(url: str) -> str:
+    """``url`` for a reader that must not write: sqlite opened with ``mode=ro`` (writes fail); other
+    URLs unchanged (the Store makes their transactions read-only)."""
+    if url.startswith("sqlite:///") and "mode=ro" not in url:
+        return f"sqlite:///file:{Path(url.removeprefix('sqlite:///')).resolve()}?mode=ro&uri=true"
+    return url
+
+
 def default_url() -> str:
     return os.environ.get("BNNCTL_DB") or f"sqlite:///{(DEFAULT_DIR / 'state.db').resolve()}"
 
@@ -209,7 +217,7 @@ class Store:
                 if not path.exists():
                     raise StoreError(f"no state database at {path}; run a study first (bnnctl study run FILE) "
                                      "or pass --db")
-                engine_url = f"sqlite:///file:{path.resolve()}?mode=ro&uri=true"  # writes fail
+                engine_url = readonly_url(self.url)
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
         try:

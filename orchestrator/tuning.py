@@ -30,8 +30,8 @@ from bnnctl.workers.errors import ConfigError
 from .errors import SpecError, StoreError
 from .executor import Events, Executor, Hooks, init_ray
 from .plan import Plan, Variant, add_teacher, identity
-from .store import Member, Store
-from .study import check_configs, warm_up
+from .store import Member, Store, readonly_url
+from .study import _poller, _quiet_wait, check_configs, warm_up
 from .tunespec import Arm, TuneSpec, default_params, load_tune_spec, trial_config
 
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
@@ -386,8 +386,6 @@ def run_tuning(path: str | Path, db: str | None = None, tracking_uri: str | None
 
         ev = Events(started=on_started, epoch=base_events.epoch, progress=base_events.progress,
                     finished=base_events.finished)
-        from .study import _poller, _quiet_wait
-
         executor = Executor(store, tracker, max_parallel=parallel, retries=spec.execution.retries, events=ev)
         executor.run(Plan(variants, {}), spec.name, parent, cancelled=_poller(store, row.id), hooks=driver)
         _quiet_wait(warm)
@@ -461,29 +459,26 @@ def importances(study) -> dict[str, float] | None:
 
 
 def load_tuning(name: str, db: str | None = None) -> tuple[Store, Any, dict[str, Any]]:
-    """The stored tuning ``name``: (store, its study row, {arm: optuna.Study})."""
-    import optuna
-
+    """The stored tuning ``name``: (store, its study row, {arm: optuna.Study}), opened read-only."""
     store = Store(db, readonly=True)
     row = store.study(name)
     if row is None or row.spec.get("kind") != "tuning":
         known = ", ".join(s.name for s in store.studies() if s.spec.get("kind") == "tuning") or "none yet"
         raise ConfigError("tuning", f"no tuning {name!r} in {store.url}; known tunings: {known}")
-    storage = optuna_storage(readonly_url(store.url), readonly=True)
+    return store, row, arm_studies(row.spec, optuna_storage(readonly_url(store.url), readonly=True))
+
+
+def arm_studies(layout: dict, storage) -> dict[str, Any]:
+    """{arm: optuna.Study} of a stored tuning layout, loaded from ``storage``."""
+    import optuna
+
     studies = {}
-    for arm in row.spec["arms"]:
+    for arm in layout["arms"]:
         try:
             studies[arm["name"]] = optuna.load_study(study_name=arm["optuna_study"], storage=storage)
         except KeyError:
-            raise StoreError(f"the Optuna study {arm['optuna_study']!r} is missing from {store.url}") from None
-    return store, row, studies
-
-
-def readonly_url(url: str) -> str:
-    """``url`` for a reader that must not write: sqlite opened with mode=ro (other URLs unchanged)."""
-    if url.startswith("sqlite:///") and "mode=ro" not in url:
-        return f"sqlite:///file:{Path(url.removeprefix('sqlite:///')).resolve()}?mode=ro&uri=true"
-    return url
+            raise StoreError(f"the Optuna study {arm['optuna_study']!r} is missing from the state database") from None
+    return studies
 
 
 def best_as_spec(row_spec: dict, studies: dict[str, Any]) -> dict:
