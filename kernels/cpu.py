@@ -2,8 +2,9 @@
 
 The C source is compiled with the machine's C compiler (``cc``, or ``$CC``) at ``-O3
 -march=native`` into a cache folder (``$BNNCTL_KERNEL_CACHE``, else ``~/.cache/bnnctl/kernels``),
-keyed by the source, the flags and the machine, and loaded with ctypes. Inputs are validated here,
-before any launch. Without a compiler, :func:`available` is False and callers fall back to the
+keyed by the source, the flags and the machine, and loaded with ctypes; with ``-fopenmp`` where the
+compiler has it, then output rows are shared among ``torch.get_num_threads()`` threads (the libgomp
+that torch loaded serves both). Inputs are validated here, before any launch. Without a compiler, :func:`available` is False and callers fall back to the
 float emulation.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,12 +38,9 @@ def _cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "bnnctl" / "kernels"
 
 
-def _build() -> ctypes.CDLL:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler found (set CC or install gcc)")
+def _compile(compiler: str, flags: tuple[str, ...]) -> Path:
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + platform.machine().encode()
+    key = hashlib.sha256(source + " ".join(flags).encode() + platform.machine().encode()
                          + platform.node().encode() + compiler.encode()).hexdigest()[:16]
     target = _cache_dir() / f"xnor_cpu-{key}.so"
     if not target.exists():
@@ -49,20 +48,33 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True)
+            subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True)
             os.replace(tmp, target)
         except subprocess.CalledProcessError as err:
             Path(tmp).unlink(missing_ok=True)
             raise RuntimeError(f"compiling {SOURCE.name} failed: {err.stderr.strip()[:500]}") from None
+    return target
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC or install gcc)")
+    try:  # with OpenMP where the compiler has it (torch has loaded its libgomp already: one runtime)
+        target = _compile(compiler, FLAGS + ("-fopenmp",))
+    except RuntimeError:
+        target = _compile(compiler, FLAGS)
     lib = ctypes.CDLL(str(target))
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.bnn_pack_weight.argtypes = [ptr] + [i64] * 6 + [ptr, ptr]
+    ptr = ctypes.c_void_p
+    lib.bnn_pack_weight.argtypes = [ptr] + [ctypes.c_int64] * 6 + [ptr, ptr]
     lib.bnn_pack_weight.restype = None
-    lib.bnn_xnor_conv_nchw.argtypes = [ptr, ptr, ptr, ptr, ptr] + [i64] * 14 + [ctypes.c_int]
+    lib.bnn_xnor_conv_nchw.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int]
     lib.bnn_xnor_conv_nchw.restype = ctypes.c_int
-    for f in (lib.bnn_has_avx512, lib.bnn_out_block, lib.bnn_pixel_block):
+    for f in (lib.bnn_has_avx512, lib.bnn_has_openmp, lib.bnn_out_block, lib.bnn_pixel_block):
         f.argtypes = []
         f.restype = ctypes.c_int
+    if lib.bnn_pixel_block() != PIXEL_BLOCK or lib.bnn_has_avx512() not in (0, 1):
+        raise RuntimeError(f"{target.name} does not match cpu.py (pixel block {lib.bnn_pixel_block()})")
     return lib
 
 
@@ -93,8 +105,14 @@ def vector_popcount() -> bool:
     return bool(library().bnn_has_avx512())
 
 
-#: MAX_TAPS in xnor_cpu.c.
+def multithreaded() -> bool:
+    """Whether the compiled kernel shares its work among torch.get_num_threads() threads (OpenMP)."""
+    return bool(library().bnn_has_openmp())
+
+
+#: MAX_TAPS and PX in xnor_cpu.c.
 MAX_TAPS = 64
+PIXEL_BLOCK = 8
 
 
 @dataclass(frozen=True)
@@ -107,10 +125,6 @@ class PackedWeight:
     shape: tuple[int, int, int, int]
 
 
-def _ptr(t: Tensor) -> int:
-    return t.data_ptr()
-
-
 def pack_weight(w: Tensor) -> PackedWeight:
     """Pack the signs of an (O, C, KH, KW) weight for :func:`xnor_conv2d` (cache it when reused)."""
     lib = library()
@@ -120,7 +134,7 @@ def pack_weight(w: Tensor) -> PackedWeight:
     op = -(-o // block) * block
     words = torch.empty((kh * kw, words_for(c), op), dtype=torch.int64)
     pops = torch.empty((kh * kw, op), dtype=torch.int64)
-    lib.bnn_pack_weight(_ptr(w), o, c, kh, kw, words_for(c), op, _ptr(words), _ptr(pops))
+    lib.bnn_pack_weight(w.data_ptr(), o, c, kh, kw, words_for(c), op, words.data_ptr(), pops.data_ptr())
     return PackedWeight(words, pops, (o, c, kh, kw))
 
 
@@ -160,14 +174,14 @@ def xnor_conv2d(x: Tensor, w: Tensor | PackedWeight, alpha: Tensor | None = None
         raise ValueError("the CPU kernel takes a float32 input on the CPU")
     n, c, h, wd = x.shape
     o, _, kh, kw = packed.shape
-    pix = lib.bnn_pixel_block()
-    width = max(wd + 2 * padding, -(-ow // pix) * pix * stride + kw + 16)
+    width = max(wd + 2 * padding, -(-ow // PIXEL_BLOCK) * PIXEL_BLOCK * stride + kw + 16)
     a = None if alpha is None else alpha.detach().to(torch.float32).contiguous().cpu()
     x = x.detach().contiguous()
     y = torch.empty((n, o, oh, ow), dtype=torch.float32)
-    status = lib.bnn_xnor_conv_nchw(_ptr(x), _ptr(packed.words), _ptr(packed.popcounts),
-                                    None if a is None else _ptr(a), _ptr(y), n, c, h, wd, words_for(c), o,
-                                    packed.words.shape[2], kh, kw, stride, padding, width, oh, ow, int(portable))
+    geometry = array("q", (n, c, h, wd, words_for(c), o, packed.words.shape[2], kh, kw, stride, padding, width, oh, ow))
+    status = lib.bnn_xnor_conv_nchw(x.data_ptr(), packed.words.data_ptr(), packed.popcounts.data_ptr(),
+                                    None if a is None else a.data_ptr(), y.data_ptr(), geometry.buffer_info()[0],
+                                    int(portable), torch.get_num_threads())
     if status != 0:
-        raise MemoryError("the CPU XNOR kernel could not allocate its packing buffer")
+        raise MemoryError("the CPU XNOR kernel could not allocate its scratch memory")
     return y

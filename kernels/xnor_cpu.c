@@ -10,16 +10,25 @@
  * consecutive pixels of a row contiguous for each word, so 8 pixels load as one vector. Weights:
  * (KH * KW, CW, OP) with OP = O rounded up to OR, plus wpop (KH * KW, OP), each tap's popcount.
  * A zero word in the padding stands for all -1, so a padded tap adds popcount(w) to the XOR count;
- * border pixels subtract it again (wpop), which keeps the inner loops free of bounds checks.
+ * border pixels subtract it again (wpop), which keeps the inner loop free of bounds checks.
+ *
+ * The taps and channel words of one output pixel form a single loop of K = KH * KW * CW steps
+ * (an offset table maps step j to its input word), so narrow layers (64 channels: one word a tap)
+ * do not pay a loop exit per tap.
  *
  * Built at first use with the machine's C compiler (-O3 -march=native). With AVX-512 VPOPCNTDQ the
- * micro-kernel computes 16 output pixels x OR output channels per step (register blocking); without
- * it a portable scalar loop computes the same numbers.
+ * micro-kernel computes 8 output pixels (one vector) x OR = 16 output channels per step, its 16
+ * accumulators held in registers: per 64 input bits and 8 pixels one xor, one popcount and one add.
+ * Without AVX-512 a portable scalar loop computes the same numbers. With OpenMP (when the compiler
+ * has it) output rows are shared among threads; the caller sets their number.
  */
 #define _ISOC11_SOURCE
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define BNN_AVX512 1
@@ -27,28 +36,79 @@
 #define BNN_AVX512 0
 #endif
 
-#define PXB 16 /* output pixels per block (2 vectors of 8) */
-#define OR 8   /* output channels per block */
+#define PX 8        /* output pixels per block (one vector of 8 words) */
+#define OR 16       /* output channels per block */
 #define MAX_TAPS 64 /* kernels up to 8x8 */
 
 int bnn_has_avx512(void) { return BNN_AVX512; }
 int bnn_out_block(void) { return OR; }
-int bnn_pixel_block(void) { return PXB; }
+int bnn_pixel_block(void) { return PX; }
+
+int bnn_has_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 /* x: (N, C, H, W) float32 -> xp: (N, HP, CW, WP), image at (pad, pad), zero words elsewhere. */
 void bnn_pack_input(const float *x, int64_t n, int64_t c, int64_t h, int64_t w, int64_t cw,
                     int64_t pad, int64_t hp, int64_t wp, uint64_t *out)
 {
-    memset(out, 0, (size_t)(n * hp * cw * wp) * sizeof(uint64_t));
-    for (int64_t i = 0; i < n; ++i)
-        for (int64_t ch = 0; ch < c; ++ch) {
-            const int bit = (int)(ch & 63);
-            for (int64_t r = 0; r < h; ++r) {
-                const float *src = x + ((i * c + ch) * h + r) * w;
-                uint64_t *dst = out + ((i * hp + r + pad) * cw + (ch >> 6)) * wp + pad;
-                for (int64_t s = 0; s < w; ++s) dst[s] |= (uint64_t)(src[s] >= 0.0f) << bit;
+    const int64_t plane = h * w;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (n * hp * cw * w > 32768)
+#endif
+    for (int64_t irow = 0; irow < n * hp; ++irow) {
+        const int64_t i = irow / hp, row = irow % hp;
+        for (int64_t k = 0; k < cw; ++k) {
+            uint64_t *dst = out + ((i * hp + row) * cw + k) * wp;
+            const int64_t r = row - pad;
+            if (r < 0 || r >= h) {
+                memset(dst, 0, (size_t)wp * sizeof(uint64_t));
+                continue;
             }
+            memset(dst, 0, (size_t)pad * sizeof(uint64_t));
+            memset(dst + pad + w, 0, (size_t)(wp - pad - w) * sizeof(uint64_t));
+            dst += pad;
+            const int64_t c0 = 64 * k, c1 = c0 + 64 < c ? c0 + 64 : c;
+            const float *src = x + (i * c + c0) * plane + r * w;
+            int64_t s = 0;
+#if BNN_AVX512
+            /* 16 pixels at a time: one compare per channel gives their 16 sign bits, or-ed into
+             * 32-bit halves (channels c0 .. c0+31 and c0+32 .. c0+63), joined into words at the end */
+            for (; s < w; s += 16) {
+                const int64_t left = w - s;
+                const __mmask16 lanes = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+                __m512i half[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+                const float *p = src + s;
+                for (int part = 0; part < 2; ++part) {
+                    const int64_t lo = c0 + 32 * part, hi = lo + 32 < c1 ? lo + 32 : c1;
+                    __m512i acc = _mm512_setzero_si512(), bit = _mm512_set1_epi32(1);
+                    for (int64_t ch = lo; ch < hi; ++ch, p += plane) {
+                        const __mmask16 m = _mm512_mask_cmp_ps_mask(lanes, _mm512_maskz_loadu_ps(lanes, p),
+                                                                    _mm512_setzero_ps(), _CMP_GE_OQ);
+                        acc = _mm512_mask_or_epi32(acc, m, acc, bit);
+                        bit = _mm512_slli_epi32(bit, 1);
+                    }
+                    half[part] = acc;
+                }
+                for (int v = 0; v < 2; ++v) {
+                    const __m512i lo = _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(half[0], v));
+                    const __m512i hi = _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(half[1], v));
+                    _mm512_mask_storeu_epi64(dst + s + 8 * v, (__mmask8)(lanes >> (8 * v)),
+                                             _mm512_or_si512(lo, _mm512_slli_epi64(hi, 32)));
+                }
+            }
+#else
+            memset(dst, 0, (size_t)w * sizeof(uint64_t));
+            for (int64_t ch = c0; ch < c1; ++ch, src += plane)
+                for (s = 0; s < w; ++s) dst[s] |= (uint64_t)(src[s] >= 0.0f) << (ch - c0);
+#endif
         }
+    }
 }
 
 /* w: (O, C, KH, KW) float32 -> (KH * KW, CW, OP) words and (KH * KW, OP) popcounts. */
@@ -80,6 +140,15 @@ static inline int inside(const geom *g, int64_t r, int64_t s, int64_t a, int64_t
     return ih >= 0 && ih < g->h && iw >= 0 && iw < g->w;
 }
 
+/* Offsets of the K = KH * KW * CW input words of one output pixel, step j = (a * KW + b) * CW + k,
+ * from the pixel's top-left word; weight row j of the packed weights belongs to the same step. */
+static void step_offsets(const geom *g, int64_t *off)
+{
+    for (int64_t a = 0; a < g->kh; ++a)
+        for (int64_t b = 0; b < g->kw; ++b)
+            for (int64_t k = 0; k < g->cw; ++k) off[(a * g->kw + b) * g->cw + k] = (a * g->cw + k) * g->wp + b;
+}
+
 /* The finished value of output (o, r, s) from its raw XOR count over all KH x KW taps. */
 static inline float finish(const geom *g, const int64_t *wpop, const float *alpha, int64_t oc, int64_t r,
                            int64_t s, int64_t count)
@@ -95,191 +164,224 @@ static inline float finish(const geom *g, const int64_t *wpop, const float *alph
 }
 
 #if BNN_AVX512
-/* 8 words of pixels s0 .. s0+7 (output columns) for tap column b, from a row of words. */
-static inline __attribute__((always_inline)) __m512i load_pixels(const uint64_t *row, int64_t col0, int64_t stride)
+/* 8 words of pixels 0 .. 7 (output columns) of a row of words, `stride` words apart. */
+static inline __attribute__((always_inline)) __m512i load_pixels(const uint64_t *p, const int64_t stride)
 {
-    if (stride == 1) return _mm512_loadu_si512((const void *)(row + col0));
+    if (stride == 1) return _mm512_loadu_si512((const void *)p);
     if (stride == 2) {
-        const __m512i lo = _mm512_loadu_si512((const void *)(row + col0));
-        const __m512i hi = _mm512_loadu_si512((const void *)(row + col0 + 8));
+        const __m512i lo = _mm512_loadu_si512((const void *)p);
+        const __m512i hi = _mm512_loadu_si512((const void *)(p + 8));
         return _mm512_permutex2var_epi64(lo, _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0), hi);
     }
     const __m512i idx = _mm512_mullo_epi64(_mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi64(stride));
-    return _mm512_i64gather_epi64(idx, (const void *)(row + col0), 8);
+    return _mm512_i64gather_epi64(idx, (const void *)p, 8);
 }
 
-/* Which taps of the 16 pixels s0 .. s0+15 of output row r fall in the padding: one 8-lane mask per
- * tap and pixel vector. Returns 0 when no tap of any pixel does (the common, interior case). */
+/* The finishing base of each output: y = (base - 2 count) * alpha with count the raw XOR count over all
+ * taps, base = (taps inside the image) * C + 2 * (sum over padded taps of popcount(w)). Interior pixels
+ * share one constant; the pixels of a vector touching the padding get their own base per output
+ * channel. Which taps fall in the padding depends on the output row only through its row class (the
+ * range of tap rows inside the image), so the tables are rebuilt only when that class changes
+ * (top rows, the interior, bottom rows), not for every row. */
 typedef struct {
-    __mmask8 invalid[MAX_TAPS][2];
-    __m512i valid_c[2]; /* (taps inside the image) x C, per lane */
-    __mmask8 store[2];  /* lanes that are real output pixels */
-    int any;
-} border;
+    int64_t a_lo, a_hi;      /* tap rows inside the image for the cached class; a_lo = -1: none yet */
+    int64_t nvec;            /* pixel vectors per output row */
+    unsigned char *edge;     /* (nvec): 1 when some tap of some pixel of the vector is padding */
+    float *base;             /* (nvec, OP, PX) bases of edge vectors */
+    float interior[OR * PX] __attribute__((aligned(32))); /* taps * C everywhere */
+} bases;
 
-static void border_masks(const geom *g, int64_t r, int64_t s0, border *bd)
+static int bases_init(const geom *g, bases *bs)
 {
-    const int64_t taps = g->kh * g->kw;
-    int64_t count[2][8];
-    bd->any = 0;
-    for (int v = 0; v < 2; ++v) {
-        const int64_t left_over = g->ow - (s0 + 8 * v);
-        bd->store[v] = left_over >= 8 ? (__mmask8)0xFF : left_over <= 0 ? (__mmask8)0 : (__mmask8)((1u << left_over) - 1u);
-    }
-    /* interior fast path: every tap of every pixel of the block inside the image */
-    const int64_t top = r * g->stride - g->pad, left = s0 * g->stride - g->pad;
-    if (top >= 0 && top + g->kh <= g->h && left >= 0 && left + (PXB - 1) * g->stride + g->kw <= g->w) {
-        bd->valid_c[0] = bd->valid_c[1] = _mm512_set1_epi64(taps * g->c);
-        return;
-    }
-    for (int v = 0; v < 2; ++v)
-        for (int p = 0; p < 8; ++p) count[v][p] = taps;
-    for (int64_t a = 0; a < g->kh; ++a)
-        for (int64_t b = 0; b < g->kw; ++b) {
-            const int64_t t = a * g->kw + b;
-            for (int v = 0; v < 2; ++v) {
-                unsigned m = 0;
-                for (int p = 0; p < 8; ++p)
-                    if (!inside(g, r, s0 + 8 * v + p, a, b)) {
-                        m |= 1u << p;
-                        --count[v][p];
-                    }
-                bd->invalid[t][v] = (__mmask8)m;
-                bd->any |= (int)m;
-            }
-        }
-    for (int v = 0; v < 2; ++v)
-        bd->valid_c[v] = _mm512_mullo_epi64(_mm512_loadu_si512((const void *)count[v]), _mm512_set1_epi64(g->c));
+    bs->a_lo = bs->a_hi = -1;
+    bs->nvec = (g->ow + PX - 1) / PX;
+    bs->edge = (unsigned char *)malloc((size_t)bs->nvec);
+    bs->base = (float *)aligned_alloc(64, (size_t)(bs->nvec * g->op * PX) * sizeof(float));
+    for (int i = 0; i < OR * PX; ++i) bs->interior[i] = (float)(g->kh * g->kw * g->c);
+    return bs->edge && bs->base;
 }
 
-static inline __attribute__((always_inline)) void
-counts_avx512(const geom *g, const uint64_t *xi, const uint64_t *w, int64_t r, int64_t s0, int64_t o0,
-              const int64_t stride, __m512i acc[OR][2])
+static void bases_free(bases *bs)
 {
-    for (int q = 0; q < OR; ++q) acc[q][0] = acc[q][1] = _mm512_setzero_si512();
-    const int64_t cw = g->cw, wp = g->wp, op = g->op;
-    for (int64_t a = 0; a < g->kh; ++a) {
-        const uint64_t *rows = xi + (r * stride + a) * cw * wp + s0 * stride;
-        for (int64_t b = 0; b < g->kw; ++b) {
-            const uint64_t *wt = w + (a * g->kw + b) * cw * op + o0;
-            const uint64_t *row = rows + b;
-            for (int64_t k = 0; k < cw; ++k, row += wp, wt += op) {
-                const __m512i x0 = load_pixels(row, 0, stride);
-                const __m512i x1 = load_pixels(row, 8 * stride, stride);
-                for (int q = 0; q < OR; ++q) {
-                    const __m512i wv = _mm512_set1_epi64((long long)wt[q]);
-                    acc[q][0] = _mm512_add_epi64(acc[q][0], _mm512_popcnt_epi64(_mm512_xor_si512(x0, wv)));
-                    acc[q][1] = _mm512_add_epi64(acc[q][1], _mm512_popcnt_epi64(_mm512_xor_si512(x1, wv)));
+    free(bs->edge);
+    free(bs->base);
+}
+
+/* Make the tables right for output row r. */
+static void bases_for_row(const geom *g, const int64_t *wpop, int64_t r, bases *bs)
+{
+    const int64_t top = r * g->stride - g->pad;
+    const int64_t a_lo = top < 0 ? -top : 0, a_hi = g->h - top < g->kh ? g->h - top : g->kh;
+    if (a_lo == bs->a_lo && a_hi == bs->a_hi) return;
+    bs->a_lo = a_lo;
+    bs->a_hi = a_hi;
+    const int64_t taps = g->kh * g->kw;
+    for (int64_t v = 0; v < bs->nvec; ++v) {
+        const int64_t left = v * PX * g->stride - g->pad;
+        bs->edge[v] = !(a_lo == 0 && a_hi == g->kh && left >= 0 && left + (PX - 1) * g->stride + g->kw <= g->w);
+        if (!bs->edge[v]) continue;
+        /* padded taps with one lane mask each; taps inside per lane */
+        int n = 0;
+        int64_t tap[MAX_TAPS], valid[PX];
+        __mmask8 mask[MAX_TAPS];
+        for (int p = 0; p < PX; ++p) valid[p] = taps;
+        for (int64_t t = 0; t < taps; ++t) {
+            const int64_t a = t / g->kw, b = t % g->kw;
+            unsigned m = 0;
+            for (int p = 0; p < PX; ++p) {
+                const int64_t col = left + p * g->stride + b;
+                if (a < a_lo || a >= a_hi || col < 0 || col >= g->w) {
+                    m |= 1u << p;
+                    --valid[p];
                 }
             }
+            if (m) {
+                tap[n] = t;
+                mask[n++] = (__mmask8)m;
+            }
+        }
+        const __m512i vc = _mm512_mullo_epi64(_mm512_loadu_si512((const void *)valid), _mm512_set1_epi64(g->c));
+        for (int64_t oc = 0; oc < g->op; ++oc) {
+            __m512i corr = _mm512_setzero_si512();
+            for (int i = 0; i < n; ++i)
+                corr = _mm512_mask_add_epi64(corr, mask[i], corr, _mm512_set1_epi64(wpop[tap[i] * g->op + oc]));
+            _mm256_store_ps(bs->base + (v * g->op + oc) * PX, _mm512_cvtepi64_ps(_mm512_add_epi64(vc, _mm512_slli_epi64(corr, 1))));
         }
     }
 }
 
-static void block_avx512(const geom *g, const uint64_t *xi, const uint64_t *w, const int64_t *wpop,
-                         const float *alpha, float *y, int64_t i, int64_t r, int64_t s0, int64_t o0,
-                         const border *bd)
+/* acc[q] = XOR counts of output channels o0 + q over the K steps, 8 pixels from x. */
+static inline __attribute__((always_inline)) void
+counts_avx512(const uint64_t *x, const int64_t *off, const uint64_t *w, int64_t op, int64_t steps,
+              const int64_t stride, __m512i acc[OR])
 {
-    __m512i acc[OR][2];
+    for (int q = 0; q < OR; ++q) acc[q] = _mm512_setzero_si512();
+    for (int64_t j = 0; j < steps; ++j, w += op) {
+        const __m512i xv = load_pixels(x + off[j], stride);
+        for (int q = 0; q < OR; ++q)
+            acc[q] = _mm512_add_epi64(acc[q], _mm512_popcnt_epi64(_mm512_xor_si512(xv, _mm512_set1_epi64((long long)w[q]))));
+    }
+}
+
+/* One block: 8 pixels x 16 output channels. base: OR x PX finishing bases (see `bases`); store: the
+ * lanes that are real output pixels. */
+static void block_avx512(const geom *g, const uint64_t *x, const int64_t *off, const uint64_t *w,
+                         const float *alpha, float *y, int64_t o0, const float *base, __mmask8 store)
+{
+    __m512i acc[OR];
+    const int64_t steps = g->kh * g->kw * g->cw;
     /* the stride is a compile-time constant in each specialization, so load_pixels folds */
-    if (g->stride == 1) counts_avx512(g, xi, w, r, s0, o0, 1, acc);
-    else if (g->stride == 2) counts_avx512(g, xi, w, r, s0, o0, 2, acc);
-    else counts_avx512(g, xi, w, r, s0, o0, g->stride, acc);
+    if (g->stride == 1) counts_avx512(x, off, w, g->op, steps, 1, acc);
+    else if (g->stride == 2) counts_avx512(x, off, w, g->op, steps, 2, acc);
+    else counts_avx512(x, off, w, g->op, steps, g->stride, acc);
     const int64_t ohw = g->oh * g->ow;
-    const int64_t taps = g->kh * g->kw;
     for (int q = 0; q < OR; ++q) {
         const int64_t oc = o0 + q < g->o ? o0 + q : g->o - 1; /* padded channels: computed, not stored */
-        const __mmask8 keep = o0 + q < g->o ? (__mmask8)0xFF : (__mmask8)0;
-        float *dst = y + (i * g->o + oc) * ohw + r * g->ow + s0;
-        const __m256 scale = _mm256_set1_ps(alpha ? alpha[oc] : 1.0f);
-        for (int v = 0; v < 2; ++v) {
-            __m512i count = acc[q][v];
-            if (bd->any)  /* padded taps added popcount(w): take it out again, lane by lane */
-                for (int64_t t = 0; t < taps; ++t)
-                    if (bd->invalid[t][v])
-                        count = _mm512_mask_sub_epi64(count, bd->invalid[t][v], count,
-                                                      _mm512_set1_epi64(wpop[t * g->op + oc]));
-            const __m512i dot = _mm512_sub_epi64(bd->valid_c[v], _mm512_slli_epi64(count, 1));
-            _mm256_mask_storeu_ps(dst + 8 * v, bd->store[v] & keep, _mm256_mul_ps(_mm512_cvtepi64_ps(dot), scale));
-        }
+        const __mmask8 keep = o0 + q < g->o ? store : (__mmask8)0;
+        /* base - 2 count in single precision: integers below 2^24, so exact, as in the emulation */
+        __m256 v = _mm256_fnmadd_ps(_mm512_cvtepi64_ps(acc[q]), _mm256_set1_ps(2.0f), _mm256_load_ps(base + q * PX));
+        if (alpha) v = _mm256_mul_ps(v, _mm256_set1_ps(alpha[oc]));
+        _mm256_mask_storeu_ps(y + oc * ohw, keep, v);
     }
 }
 #endif
 
-static void block_scalar(const geom *g, const uint64_t *xi, const uint64_t *w, const int64_t *wpop,
-                         const float *alpha, float *y, int64_t i, int64_t r, int64_t s0, int64_t o0)
+static void block_scalar(const geom *g, const uint64_t *x, const int64_t *off, const uint64_t *w,
+                         const int64_t *wpop, const float *alpha, float *y, int64_t r, int64_t s0, int64_t o0)
 {
-    int64_t acc[OR][PXB];
+    int64_t acc[OR][PX];
     memset(acc, 0, sizeof(acc));
-    for (int64_t a = 0; a < g->kh; ++a)
-        for (int64_t b = 0; b < g->kw; ++b) {
-            const uint64_t *wt = w + (a * g->kw + b) * g->cw * g->op + o0;
-            for (int64_t k = 0; k < g->cw; ++k) {
-                const uint64_t *row = xi + ((r * g->stride + a) * g->cw + k) * g->wp + s0 * g->stride + b;
-                for (int q = 0; q < OR; ++q) {
-                    const uint64_t wv = wt[k * g->op + q];
-                    for (int p = 0; p < PXB; ++p) acc[q][p] += __builtin_popcountll(row[p * g->stride] ^ wv);
-                }
-            }
-        }
+    const int64_t steps = g->kh * g->kw * g->cw;
+    for (int64_t j = 0; j < steps; ++j, w += g->op) {
+        const uint64_t *row = x + off[j];
+        for (int q = 0; q < OR; ++q)
+            for (int p = 0; p < PX; ++p) acc[q][p] += __builtin_popcountll(row[p * g->stride] ^ w[q]);
+    }
     const int64_t ohw = g->oh * g->ow;
     for (int q = 0; q < OR && o0 + q < g->o; ++q)
-        for (int p = 0; p < PXB && s0 + p < g->ow; ++p)
-            y[(i * g->o + o0 + q) * ohw + r * g->ow + s0 + p] = finish(g, wpop, alpha, o0 + q, r, s0 + p, acc[q][p]);
+        for (int p = 0; p < PX && s0 + p < g->ow; ++p)
+            y[(o0 + q) * ohw + p] = finish(g, wpop, alpha, o0 + q, r, s0 + p, acc[q][p]);
 }
 
 /* y[n, o, oh, ow] = alpha[o] * sum over taps inside the image of (C - 2 popcount(x ^ w)).
- * xp must have WP >= ceil(OW / PXB) * PXB * stride + KW + 16 words per row. */
-void bnn_xnor_conv(const uint64_t *xp, const uint64_t *w, const int64_t *wpop, const float *alpha, float *y,
-                   int64_t n, int64_t c, int64_t h, int64_t wd, int64_t cw, int64_t o, int64_t op, int64_t kh,
-                   int64_t kw, int64_t stride, int64_t pad, int64_t hp, int64_t wp, int64_t oh, int64_t ow)
+ * xp must have WP >= ceil(OW / PX) * PX * stride + KW + 16 words per row. `portable` picks the scalar
+ * kernel even where the vector one exists. Returns 0, or -1 when scratch memory cannot be had. */
+int bnn_xnor_conv(const uint64_t *xp, const uint64_t *w, const int64_t *wpop, const float *alpha, float *y,
+                  int64_t n, int64_t c, int64_t h, int64_t wd, int64_t cw, int64_t o, int64_t op, int64_t kh,
+                  int64_t kw, int64_t stride, int64_t pad, int64_t hp, int64_t wp, int64_t oh, int64_t ow,
+                  int portable)
 {
     const geom g = {n, c, h, wd, cw, o, op, kh, kw, stride, pad, hp, wp, oh, ow};
-    for (int64_t i = 0; i < n; ++i) {
-        const uint64_t *xi = xp + i * hp * cw * wp;
-        for (int64_t r = 0; r < oh; ++r)
-            for (int64_t s0 = 0; s0 < ow; s0 += PXB) {
-#if BNN_AVX512
-                border bd;
-                border_masks(&g, r, s0, &bd);
-                for (int64_t o0 = 0; o0 < o; o0 += OR) block_avx512(&g, xi, w, wpop, alpha, y, i, r, s0, o0, &bd);
-#else
-                for (int64_t o0 = 0; o0 < o; o0 += OR) block_scalar(&g, xi, w, wpop, alpha, y, i, r, s0, o0);
+    int64_t *off = (int64_t *)malloc((size_t)(kh * kw * cw) * sizeof(int64_t));
+    if (!off) return -1;
+    step_offsets(&g, off);
+    const int64_t nvec = (ow + PX - 1) / PX;
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel if (n * oh > 1 && n * oh * o * ow * kh * kw * cw > 65536)
 #endif
+    {
+#if BNN_AVX512
+        bases bs = {0};
+        if (!portable && !bases_init(&g, &bs)) failed = 1;
+        const __mmask8 tail = ow % PX ? (__mmask8)((1u << (ow % PX)) - 1u) : (__mmask8)0xFF;
+#endif
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t ir = 0; ir < n * oh; ++ir) {
+            const int64_t i = ir / oh, r = ir % oh;
+            const uint64_t *xrow = xp + (i * hp + r * stride) * cw * wp;
+            float *yrow = y + i * o * oh * ow + r * ow;
+#if BNN_AVX512
+            if (!portable) {
+                if (failed) continue;
+                bases_for_row(&g, wpop, r, &bs);
+                for (int64_t o0 = 0; o0 < o; o0 += OR)
+                    for (int64_t v = 0; v < nvec; ++v)
+                        block_avx512(&g, xrow + v * PX * stride, off, w + o0, alpha, yrow + v * PX, o0,
+                                     bs.edge[v] ? bs.base + (v * op + o0) * PX : bs.interior,
+                                     v == nvec - 1 ? tail : (__mmask8)0xFF);
+                continue;
             }
-    }
-}
-
-/* The portable kernel, also on AVX-512 machines (for testing both paths). */
-void bnn_xnor_conv_scalar(const uint64_t *xp, const uint64_t *w, const int64_t *wpop, const float *alpha,
-                          float *y, int64_t n, int64_t c, int64_t h, int64_t wd, int64_t cw, int64_t o,
-                          int64_t op, int64_t kh, int64_t kw, int64_t stride, int64_t pad, int64_t hp,
-                          int64_t wp, int64_t oh, int64_t ow)
-{
-    const geom g = {n, c, h, wd, cw, o, op, kh, kw, stride, pad, hp, wp, oh, ow};
-    for (int64_t i = 0; i < n; ++i) {
-        const uint64_t *xi = xp + i * hp * cw * wp;
-        for (int64_t r = 0; r < oh; ++r)
+#endif
             for (int64_t o0 = 0; o0 < o; o0 += OR)
-                for (int64_t s0 = 0; s0 < ow; s0 += PXB) block_scalar(&g, xi, w, wpop, alpha, y, i, r, s0, o0);
+                for (int64_t s0 = 0; s0 < ow; s0 += PX)
+                    block_scalar(&g, xrow + s0 * stride, off, w + o0, wpop, alpha, yrow + s0, r, s0, o0);
+        }
+#if BNN_AVX512
+        bases_free(&bs);
+#endif
     }
+    free(off);
+    return failed ? -1 : 0;
 }
 
 /* Pack x (N, C, H, W) float32 into a scratch buffer and run the convolution: one call from Python.
- * Returns 0, or -1 when the scratch buffer cannot be allocated. */
+ * g: n, c, h, w, cw, o, op, kh, kw, stride, pad, wp, oh, ow (one array keeps the foreign call cheap).
+ * threads: how many OpenMP threads to use (ignored without OpenMP). Returns 0, or -1 when scratch
+ * memory cannot be allocated. */
 int bnn_xnor_conv_nchw(const float *x, const uint64_t *w, const int64_t *wpop, const float *alpha, float *y,
-                       int64_t n, int64_t c, int64_t h, int64_t wd, int64_t cw, int64_t o, int64_t op, int64_t kh,
-                       int64_t kw, int64_t stride, int64_t pad, int64_t wp, int64_t oh, int64_t ow, int portable)
+                       const int64_t *g, int portable, int threads)
 {
+    const int64_t n = g[0], c = g[1], h = g[2], wd = g[3], cw = g[4], o = g[5], op = g[6], kh = g[7], kw = g[8],
+                  stride = g[9], pad = g[10], wp = g[11], oh = g[12], ow = g[13];
     const int64_t hp = h + 2 * pad;
     const size_t bytes = (size_t)(n * hp * cw * wp) * sizeof(uint64_t);
     uint64_t *xp = (uint64_t *)aligned_alloc(64, (bytes + 63) / 64 * 64);
     if (!xp) return -1;
+#ifdef _OPENMP
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(threads > 0 ? threads : 1);
+#else
+    (void)threads;
+#endif
     bnn_pack_input(x, n, c, h, wd, cw, pad, hp, wp, xp);
-    if (portable)
-        bnn_xnor_conv_scalar(xp, w, wpop, alpha, y, n, c, h, wd, cw, o, op, kh, kw, stride, pad, hp, wp, oh, ow);
-    else
-        bnn_xnor_conv(xp, w, wpop, alpha, y, n, c, h, wd, cw, o, op, kh, kw, stride, pad, hp, wp, oh, ow);
+    const int status = bnn_xnor_conv(xp, w, wpop, alpha, y, n, c, h, wd, cw, o, op, kh, kw, stride, pad, hp, wp,
+                                     oh, ow, portable);
+#ifdef _OPENMP
+    omp_set_num_threads(saved);
+#endif
     free(xp);
-    return 0;
+    return status;
 }

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from bnnctl import kernels
@@ -44,13 +44,12 @@ def test_bit_layout():
 
 @needs_cpu_kernel
 @given(n=st.integers(1, 3), c=st.integers(1, 150), h=st.integers(1, 11), w=st.integers(1, 11),
-       o=st.integers(1, 70), k=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2, 3]),
-       padding=st.integers(0, 2), use_alpha=st.booleans(), portable=st.booleans(), seed=st.integers(0, 2**16))
+       o=st.integers(1, 70), k=st.sampled_from([1, 2, 3, 5, 7]), stride=st.sampled_from([1, 2, 3]),
+       padding=st.integers(0, 3), use_alpha=st.booleans(), portable=st.booleans(), seed=st.integers(0, 2**16))
 @settings(max_examples=150, deadline=None)
 def test_cpu_kernel_equals_the_float_emulation_exactly(n, c, h, w, o, k, stride, padding, use_alpha, portable, seed):
     """Both the vector (AVX-512, where the CPU has it) and the portable kernel."""
-    if h + 2 * padding < k or w + 2 * padding < k:
-        return
+    assume(h + 2 * padding >= k and w + 2 * padding >= k)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, h, w, generator=g)
     x[x.abs() < 0.05] = 0.0  # exact zeros must count as +1
@@ -61,6 +60,24 @@ def test_cpu_kernel_equals_the_float_emulation_exactly(n, c, h, w, o, k, stride,
 
 
 @needs_cpu_kernel
+def test_cpu_kernel_gives_the_same_bits_on_any_number_of_threads():
+    """Rows are shared among OpenMP threads (where the kernel was built with OpenMP); each thread
+    keeps its own border tables, so 1, 2 and 3 threads must agree bit for bit, also on border rows."""
+    g = torch.Generator().manual_seed(3)
+    x, w, alpha = torch.randn(3, 70, 13, 11, generator=g), torch.randn(40, 70, 3, 3, generator=g), torch.rand(40, generator=g)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(cpu.xnor_conv2d(x, w, alpha, 1, 1))
+    finally:
+        torch.set_num_threads(before)
+    expected = emulate(x, w, alpha, 1, 1)
+    assert all(torch.equal(r, expected) for r in results)
+
+
+@needs_cpu_kernel
 def test_papers_layer_shapes_exact():
     for c, size in ((128, 16), (256, 8)):
         x, w = torch.randn(2, c, size, size), torch.randn(c, c, 3, 3)
@@ -68,6 +85,10 @@ def test_papers_layer_shapes_exact():
         packed = cpu.pack_weight(w)
         assert torch.equal(cpu.xnor_conv2d(x, packed, alpha, 1, 1), emulate(x, w, alpha, 1, 1))
         assert torch.equal(cpu.xnor_conv2d(x, packed, alpha, 2, 1), emulate(x, w, alpha, 2, 1))
+    x, w = torch.randn(1, 64, 56, 56), torch.randn(64, 64, 1, 1)  # ResNet shortcut 1x1, stride 2
+    assert torch.equal(cpu.xnor_conv2d(x, w, None, 2, 0), emulate(x, w, None, 2, 0))
+    x, w = torch.randn(1, 3, 32, 32), torch.randn(64, 3, 7, 7)  # stem 7x7, stride 2, padding 3
+    assert torch.equal(cpu.xnor_conv2d(x, w, None, 2, 3), emulate(x, w, None, 2, 3))
 
 
 @needs_cpu_kernel
