@@ -3,7 +3,8 @@
 ``xnor_conv2d(x, w, alpha, stride, padding)`` equals ``F.conv2d(sign(x), sign(w), stride=stride,
 padding=padding) * alpha`` bit for bit (sign(0) = +1, zero padding contributes 0), computed from
 bit-packed operands: a compiled popcount kernel on the CPU (``cpu.py``), CuPy raw kernels on CUDA
-devices (``gpu.py``, unverified on hardware so far). ``packing.py`` holds the portable bit packing.
+devices (``gpu.py``: CUDA-core popcount and 1-bit tensor-core methods, unverified on hardware so
+far). ``packing.py`` holds the portable bit packing.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def pack_weight(w: Tensor):
     if w.is_cuda:
         from . import gpu
 
-        return gpu.pack(w)
+        return gpu.pack_weight(w)
     from . import cpu
 
     return cpu.pack_weight(w)

@@ -1,8 +1,10 @@
 """XNOR-popcount kernels: packing, exactness against the float emulation, layer integration."""
+import ctypes
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -155,6 +157,23 @@ def test_xnor_backend_runs_the_kernel_only_when_both_operands_are_binary(monkeyp
 
 
 @needs_cpu_kernel
+def test_auto_backend_keeps_the_float_path_where_the_kernel_disagrees(monkeypatch):
+    """A kernel that is wrong on some device (say an unverified GPU) must not change results: auto
+    compares the bits once per shape and keeps the float emulation, with a warning."""
+    from bnnctl.workers import layers
+
+    real = kernels.xnor_conv2d
+    monkeypatch.setattr(kernels, "xnor_conv2d", lambda *a, **k: real(*a, **k) + 2.0)  # injected fault
+    monkeypatch.setattr(layers, "_AUTO_CHOICE", {})
+    a, b = _pair("auto")
+    x = torch.randn(2, 24, 7, 7)
+    with pytest.warns(RuntimeWarning, match="disagreed with the float emulation"):
+        with torch.no_grad():
+            assert torch.equal(b.eval()(x), a.eval()(x))
+    assert list(layers._AUTO_CHOICE.values()) == [False]
+
+
+@needs_cpu_kernel
 def test_whole_model_with_the_xnor_backend_matches_the_float_one():
     cfg = ModelConfig(width=32, depth=2, num_outputs=4)
     torch.manual_seed(1)
@@ -181,9 +200,89 @@ def test_cuda_sources_compile_for_sm80_and_sm90(tmp_path):
 
 
 @needs_cuda
+@pytest.mark.parametrize("method", ["popc", "mma"])
 @pytest.mark.parametrize("c,size,stride,padding", [(5, 7, 1, 1), (130, 9, 2, 1), (256, 16, 1, 1), (64, 8, 1, 0)])
-def test_gpu_kernel_equals_the_float_emulation_exactly(c, size, stride, padding):
+def test_gpu_kernel_equals_the_float_emulation_exactly(method, c, size, stride, padding):
+    from bnnctl.kernels import gpu
+
+    if method == "mma" and not gpu.tensor_cores():
+        pytest.skip("no 1-bit tensor cores with AND (compute capability < 8.0)")
     x = torch.randn(2, c, size, size, device="cuda")
     w = torch.randn(33, c, 3, 3, device="cuda")
     alpha = torch.rand(33, device="cuda")
-    assert torch.equal(kernels.xnor_conv2d(x, w, alpha, stride, padding), emulate(x, w, alpha, stride, padding))
+    expected = emulate(x, w, alpha, stride, padding)
+    assert torch.equal(gpu.xnor_conv2d(x, w, alpha, stride, padding, method=method), expected)
+    packed = gpu.pack_weight(w, method)
+    assert torch.equal(gpu.xnor_conv2d(x, w, alpha, stride, padding, packed), expected)
+
+
+# ------------------------------------------------------------------ GPU kernels: host emulation
+
+
+@pytest.fixture(scope="module")
+def cuda_emulator(tmp_path_factory):
+    """kernels/xnor_cuda.cu built as C++ for the host (tests/cuda_host_emulation.cpp)."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler for the host emulation of the CUDA kernels")
+    out = tmp_path_factory.mktemp("cuda_emulation") / "emulation.so"
+    source = Path(__file__).with_name("cuda_host_emulation.cpp")
+    build = subprocess.run([compiler, "-std=c++20", "-O2", "-shared", "-fPIC", "-DBNN_HOST_EMULATION",
+                            f"-I{Path(kernels.__file__).parent}", "-o", str(out), str(source), "-lpthread"],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    return ctypes.CDLL(str(out))
+
+
+@pytest.fixture
+def emulated_gpu(cuda_emulator, monkeypatch):
+    """kernels.gpu with its launches run by the host emulation on CPU tensors."""
+    from bnnctl.kernels import gpu
+
+    def launch(name, grid, block, args, device):
+        converted = []
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                converted.append(ctypes.c_void_p(arg.data_ptr()))
+            elif isinstance(arg, np.int64):
+                converted.append(ctypes.c_longlong(int(arg)))
+            elif isinstance(arg, np.int32):
+                converted.append(ctypes.c_int(int(arg)))
+            else:
+                raise TypeError(f"unexpected kernel argument {arg!r}")
+        gx, gy = (tuple(grid) + (1,))[:2]
+        getattr(cuda_emulator, f"emu_{name}")(ctypes.c_uint(gx), ctypes.c_uint(gy), ctypes.c_uint(block), *converted)
+
+    monkeypatch.setattr(gpu, "_launch", launch)
+    monkeypatch.setattr(gpu, "_check_device", lambda x, w: None)
+    monkeypatch.setattr(gpu, "tensor_cores", lambda device=None: True)
+    return gpu
+
+
+@pytest.mark.parametrize("method", ["popc", "mma"])
+@pytest.mark.parametrize("n,c,size,o,k,stride,padding", [
+    (2, 70, 9, 33, 3, 1, 1),    # channel and output tails, border pixels
+    (1, 130, 7, 40, 3, 2, 1),   # two 128-bit steps per tap, stride 2
+    (1, 5, 6, 8, 1, 1, 0),      # 1x1, few channels
+    (1, 32, 5, 70, 3, 1, 2),    # padding 2: taps wholly outside
+])
+def test_cuda_kernels_in_host_emulation_equal_the_float_emulation(emulated_gpu, method, n, c, size, o, k, stride,
+                                                                    padding):
+    """The CUDA source's indexing and finishing arithmetic, run on the CPU; the tensor-core kernel
+    with the mma emulated by the PTX fragment layout. Not a substitute for the GPU tests below."""
+    g = torch.Generator().manual_seed(c * 31 + o)
+    x = torch.randn(n, c, size, size, generator=g)
+    x[x.abs() < 0.05] = 0.0
+    w = torch.randn(o, c, k, k, generator=g)
+    alpha = torch.rand(o, generator=g)
+    packed = emulated_gpu.pack_weight(w, method)
+    assert packed.words.shape == (-(-o // 32) * 32, k * k, 4 * -(-c // 128) if method == "mma" else -(-c // 32))
+    for a in (alpha, None):
+        result = emulated_gpu.xnor_conv2d(x, w, a, stride, padding, packed)
+        assert torch.equal(result, emulate(x, w, a, stride, padding))
+
+
+def test_gpu_methods_are_validated(emulated_gpu):
+    x, w = torch.randn(1, 8, 5, 5), torch.randn(4, 8, 3, 3)
+    with pytest.raises(ValueError, match="method must be one of popc, mma"):
+        emulated_gpu.xnor_conv2d(x, w, method="xor")

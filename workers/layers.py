@@ -11,6 +11,7 @@ matrix/tensor re-parametrization (see ``reparam.py``). The convolution itself go
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -209,7 +210,8 @@ def _time(fn: Callable[[], Tensor], sync: Callable[[], None]) -> float:
 @CONV_BACKENDS.register("auto")
 def auto_conv(layer: "BinaryConv2d", x: Tensor, w: Tensor, alpha: Tensor | None, exact: bool) -> Tensor:
     """XNOR where it is measured faster than the float emulation for this layer shape (timed once
-    per shape and device), the float emulation elsewhere; the outputs are identical either way."""
+    per shape and device) and gave the same bits on that measurement's input; the float emulation
+    elsewhere. The outputs are identical either way."""
     if not _xnor_possible(layer, x, exact):
         return float_conv(layer, x, w, alpha, exact)
     key = (x.device.type, tuple(x.shape), tuple(w.shape), layer.stride, layer.padding)
@@ -222,7 +224,13 @@ def auto_conv(layer: "BinaryConv2d", x: Tensor, w: Tensor, alpha: Tensor | None,
             from bnnctl import kernels
 
             t_xnor = _time(lambda: kernels.xnor_conv2d(xd, wd, None, layer.stride, layer.padding, packed), sync)
-        _AUTO_CHOICE[key] = t_xnor < t_float
+            same = torch.equal(kernels.xnor_conv2d(xd, wd, None, layer.stride, layer.padding, packed),
+                               F.conv2d(xd, wd, None, layer.stride, layer.padding))
+        if not same:
+            warnings.warn(f"the XNOR kernel on {x.device.type} disagreed with the float emulation for input "
+                          f"{tuple(x.shape)} and weight {tuple(w.shape)}; backend 'auto' uses the float "
+                          f"emulation there", RuntimeWarning, stacklevel=2)
+        _AUTO_CHOICE[key] = same and t_xnor < t_float
     if _AUTO_CHOICE[key]:
         return xnor_conv(layer, x, w, alpha, exact)
     return float_conv(layer, x, w, alpha, exact)

@@ -6,8 +6,9 @@ layer shapes, after a correctness check on each shape.
   with it). Target (issue 7): >= 8x. Each operation is timed in its own loop (median of --repeats
   calls), in --rounds rounds that alternate float and XNOR after a warm-up; the speed-up reported is
   the median over rounds, so a slow spell of a shared machine does not decide it.
-- GPU (when CUDA and CuPy are present): CuPy kernel vs cuDNN FP16 and BF16 at batch 1 and 32, timed
-  with CUDA events. Target: >= 1x at batch 1.
+- GPU (when CUDA and CuPy are present): the CuPy kernels -- CUDA-core popcount and, on sm_80+, 1-bit
+  tensor cores -- vs cuDNN FP16 and BF16 at batch 1 and 32, timed with CUDA events after a
+  correctness check. Target: >= 1x at batch 1.
 
     .venv/bin/python tests/benchmarks/bench_xnor_conv.py [--batch 1] [--threads 1] [--repeats 20] [--rounds 5]
 """
@@ -79,31 +80,39 @@ def run_gpu(repeats: int) -> None:
     if not kernels.available("cuda"):
         print("GPU: no CUDA device with CuPy here: the GPU kernels were NOT run or timed.")
         return
-    print(f"GPU {torch.cuda.get_device_name()}: CUDA events, median of {repeats}")
+    from bnnctl.kernels import gpu
+
+    methods = ["popc"] + (["mma"] if gpu.tensor_cores() else [])
+    print(f"GPU {torch.cuda.get_device_name()}: CUDA events, median of {repeats}; xnor methods: {', '.join(methods)} "
+          f"(popc: CUDA cores, mma: 1-bit tensor cores); input packing included, weights packed once")
     for batch in (1, 32):
         for name, c, size in SHAPES:
             x = torch.randn(batch, c, size, size, device="cuda")
             w = torch.randn(c, c, 3, 3, device="cuda")
-            packed = kernels.pack_weight(w)
             ref = F.conv2d(sign(x), sign(w), padding=1)
-            assert torch.equal(kernels.xnor_conv2d(x, w, None, 1, 1, packed), ref), "mismatch"
-            row = []
-            for label, fn in (("fp16", lambda: F.conv2d(sign(x).half(), sign(w).half(), padding=1)),
-                              ("bf16", lambda: F.conv2d(sign(x).bfloat16(), sign(w).bfloat16(), padding=1)),
-                              ("xnor", lambda: kernels.xnor_conv2d(x, w, None, 1, 1, packed))):
+            xh, wh, xb, wb = sign(x).half(), sign(w).half(), sign(x).bfloat16(), sign(w).bfloat16()
+            fns = {"fp16": lambda: F.conv2d(xh, wh, padding=1), "bf16": lambda: F.conv2d(xb, wb, padding=1)}
+            for method in methods:
+                packed = gpu.pack_weight(w, method)
+                assert torch.equal(gpu.xnor_conv2d(x, w, None, 1, 1, packed), ref), f"{method} mismatch"
+                fns[method] = (lambda p: lambda: gpu.xnor_conv2d(x, w, None, 1, 1, p))(packed)
+            times = {}
+            for label, fn in fns.items():
                 fn()
-                times = []
+                samples = []
                 for _ in range(repeats):
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     start.record()
                     fn()
                     end.record()
                     torch.cuda.synchronize()
-                    times.append(start.elapsed_time(end))
-                row.append((label, statistics.median(times)))
-            d = dict(row)
-            print(f"  batch {batch:2d} {name:10s} {c:4d} {size:3d}  " + "  ".join(f"{k} {v:.3f} ms" for k, v in row)
-                  + f"  xnor vs fp16 {d['fp16'] / d['xnor']:.2f}x")
+                    samples.append(start.elapsed_time(end))
+                times[label] = statistics.median(samples)
+            macs = batch * c * c * 9 * size * size
+            print(f"  batch {batch:2d} {name:10s} {c:4d} {size:3d}  "
+                  + "  ".join(f"{k} {v:.3f} ms" for k, v in times.items())
+                  + "  " + "  ".join(f"{m} vs fp16 {times['fp16'] / times[m]:.2f}x ({macs / times[m] / 1e9:.1f} T binary MAC/s)"
+                                     for m in methods))
 
 
 def main() -> None:
