@@ -90,34 +90,23 @@ __device__ __forceinline__ long long bnn_origin(long long m, long long oh, long 
     return (i * hp + r * stride) * wp + s * stride;
 }
 
-// Taps of output pixel m inside the image, and the sum of wpop[t, oc] over its padded taps.
-__device__ __forceinline__ int bnn_valid_taps(long long m, long long oh, long long ow, long long h,
-                                              long long w, long long kh, long long kw, long long stride,
-                                              long long pad)
-{
-    const long long s = m % ow, r = (m / ow) % oh;
-    int valid = 0;
-    for (long long a = 0; a < kh; ++a)
-        for (long long b = 0; b < kw; ++b) {
-            const long long ih = r * stride - pad + a, iw = s * stride - pad + b;
-            valid += (ih >= 0 && ih < h && iw >= 0 && iw < w);
-        }
-    return valid;
-}
-
-__device__ __forceinline__ int bnn_padded_wpop(long long m, long long oc, const int* __restrict__ wpop,
+// The number of taps of output pixel m inside the image; *padded = the sum of wpop[t, oc] over its
+// taps in the padding (what the zero words there added to a popcount over all taps).
+__device__ __forceinline__ int bnn_taps_inside(long long m, long long oc, const int* __restrict__ wpop,
                                                long long op, long long oh, long long ow, long long h,
                                                long long w, long long kh, long long kw, long long stride,
-                                               long long pad)
+                                               long long pad, int* padded)
 {
     const long long s = m % ow, r = (m / ow) % oh;
-    int sum = 0;
+    int valid = 0, sum = 0;
     for (long long a = 0; a < kh; ++a)
         for (long long b = 0; b < kw; ++b) {
             const long long ih = r * stride - pad + a, iw = s * stride - pad + b;
-            if (!(ih >= 0 && ih < h && iw >= 0 && iw < w)) sum += wpop[(a * kw + b) * op + oc];
+            if (ih >= 0 && ih < h && iw >= 0 && iw < w) ++valid;
+            else sum += wpop[(a * kw + b) * op + oc];
         }
-    return sum;
+    *padded = sum;
+    return valid;
 }
 
 __device__ __forceinline__ void bnn_store(float* __restrict__ y, const float* __restrict__ alpha, long long m,
@@ -171,13 +160,12 @@ __global__ void bnn_xnor_conv_popc(const unsigned int* __restrict__ xq, const un
             }
         }
     if (m >= total_m) return;
-    const int valid = bnn_valid_taps(m, oh, ow, h, w, kh, kw, stride, pad);
-    const bool border = valid != taps;
 #pragma unroll
     for (int q = 0; q < POPC_OC; ++q) {
         const long long oc = oc0 + q;
         if (oc >= o) break;
-        const int padded = border ? bnn_padded_wpop(m, oc, wpop, op, oh, ow, h, w, kh, kw, stride, pad) : 0;
+        int padded;
+        const int valid = bnn_taps_inside(m, oc, wpop, op, oh, ow, h, w, kh, kw, stride, pad, &padded);
         bnn_store(y, alpha, m, oc, o, oh * ow, (int)(valid * c) - 2 * (count[q] - padded), has_alpha);
     }
 }
@@ -239,7 +227,6 @@ __global__ void bnn_xnor_conv_mma(const unsigned int* __restrict__ xq, const int
     for (int i = 0; i < 4; ++i) {
         const long long m = m0 + 8 * i + g;
         if (m >= total_m) continue;
-        const int valid = bnn_valid_taps(m, oh, ow, h, w, kh, kw, stride, pad);
         const long long origin = bnn_origin(m, oh, ow, hp, wp, stride);
         int px = 0;
         for (long long a = 0; a < kh; ++a)
@@ -250,9 +237,10 @@ __global__ void bnn_xnor_conv_mma(const unsigned int* __restrict__ xq, const int
             for (int e = 0; e < 2; ++e) {
                 const long long oc = oc0 + 8 * j + 2 * t + e;
                 if (oc >= o) continue;
-                int pw = 0;
+                int padded, pw = 0;
+                const int valid = bnn_taps_inside(m, oc, wpop, op, oh, ow, h, w, kh, kw, stride, pad, &padded);
                 for (long long tap = 0; tap < taps; ++tap) pw += wpop[tap * op + oc];
-                if (valid != taps) pw -= bnn_padded_wpop(m, oc, wpop, op, oh, ow, h, w, kh, kw, stride, pad);
+                pw -= padded;
                 bnn_store(y, alpha, m, oc, o, oh * ow, (int)(valid * c) - 2 * px - 2 * pw + 4 * acc[i][j][e], has_alpha);
             }
     }
