@@ -1,9 +1,10 @@
+import pytest
 import torch
 from typer.testing import CliRunner
 
 from bnnctl.orchestrator.cli import app
 from bnnctl.workers.binarize import BinarizeConfig
-from bnnctl.workers.errors import TrainingError
+from bnnctl.workers.errors import ConfigError, TrainingError
 from bnnctl.workers.export import export_model, load_exported
 from bnnctl.workers.models import ModelConfig, build_model
 from bnnctl.workers.reparam import DecompositionConfig
@@ -47,6 +48,29 @@ def test_classification_model_round_trip(tmp_path):
     export_model(model, cfg, tmp_path / "r.bnn")
     with torch.no_grad():
         assert torch.equal(load_exported(tmp_path / "r.bnn")(x), expected)
+
+
+def test_exported_model_runs_the_xnor_kernel_with_the_same_outputs(tmp_path, monkeypatch):
+    from bnnctl import kernels
+    from bnnctl.kernels import cpu
+
+    if not cpu.available():
+        pytest.skip("no C compiler for the CPU kernel")
+    cfg = ModelConfig(width=32, depth=2, num_outputs=4)  # trained with the float emulation
+    model = _trained(cfg)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)[-1]
+    export_model(model, cfg, tmp_path / "m.bnn")
+    calls = []
+    real = kernels.xnor_conv2d
+    monkeypatch.setattr(kernels, "xnor_conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        assert torch.equal(load_exported(tmp_path / "m.bnn", backend="xnor")(x)[-1], expected)
+        assert calls, "the exported model did not use the XNOR kernel"
+        assert torch.equal(load_exported(tmp_path / "m.bnn", backend=None)(x)[-1], expected)
+    with pytest.raises(ConfigError, match="backend"):
+        load_exported(tmp_path / "m.bnn", backend="xnor9")
 
 
 def test_not_an_export_is_refused(tmp_path):

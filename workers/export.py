@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +84,12 @@ def export_model(model: nn.Module, cfg: ModelConfig, path: str | Path) -> Export
     return ExportReport(str(path), path.stat().st_size, len(packed), bits, fp32, max(packed_bytes, 1))
 
 
-def load_exported(path: str | Path) -> nn.Module:
-    """The model stored by :func:`export_model`, in eval mode."""
+def load_exported(path: str | Path, backend: str | None = "auto") -> nn.Module:
+    """The model stored by :func:`export_model`, in eval mode.
+
+    ``backend`` is the binary convolutions' backend for inference: "auto" (default: the XNOR-popcount
+    kernel wherever it is measured faster and gives the same bits), "xnor", "float", or None for
+    the one the model was trained with. The outputs are the same with each."""
     path = Path(path)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
@@ -94,6 +98,8 @@ def load_exported(path: str | Path) -> nn.Module:
     if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
         raise TrainingError("bad_export", f"{path} is not a bnnctl exported model (format {EXPORT_FORMAT})")
     cfg = from_dict(ModelConfig, data["model_config"], "model")
+    if backend is not None:
+        cfg = replace(cfg, backend=backend)  # validated: unknown names are refused
     model = materialize(build_model(cfg))
     state = dict(data["state"])
     for key, bits in data["packed"].items():

@@ -15,7 +15,8 @@ def export(
     out: Annotated[Path, typer.Argument(help="The exported file to write.")],
 ) -> None:
     """Export a trained model for inference: binary weights packed 8 per byte, the rest in float32.
-    The file loads back with bnnctl.workers.export.load_exported and gives the same eval outputs."""
+    The file loads back with bnnctl.workers.export.load_exported (binary convolutions on the XNOR
+    kernel where it is faster) and gives the same eval outputs."""
     from bnnctl.workers.export import export_model
     from bnnctl.workers.train.checkpoint import model_from_checkpoint
 
