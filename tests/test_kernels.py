@@ -157,6 +157,45 @@ def test_xnor_backend_runs_the_kernel_only_when_both_operands_are_binary(monkeyp
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("backend", ["xnor", "auto"])
+@pytest.mark.parametrize("alpha", ["analytic", "learned"])
+def test_inference_takes_signs_in_the_kernel_with_the_same_bits(backend, alpha, monkeypatch):
+    """Under no_grad the kernel gets the raw input and latent weight (it packs x >= 0 as +1, like the
+    sign quantizer) plus alpha; the result equals the float backend bit for bit, also after the
+    weights change in place (packed weight and analytic alpha are re-derived). With gradients on,
+    the quantized operands go through autograd as before."""
+    from bnnctl.workers import layers
+
+    monkeypatch.setattr(layers, "_AUTO_CHOICE", {})
+    seen = []
+    real = kernels.xnor_conv2d
+    monkeypatch.setattr(kernels, "xnor_conv2d",
+                        lambda x, w, alpha=None, *a, **k: seen.append((bool(x.abs().ne(1).any()), alpha is not None))
+                        or real(x, w, alpha, *a, **k))
+    ref, fast = _pair(backend, binarize=BinarizeConfig(alpha=alpha))
+    if alpha == "learned":
+        with torch.no_grad():
+            fast.alpha.value.uniform_(0.5, 2.0)
+            ref.alpha.value.copy_(fast.alpha.value)
+    ref.eval(), fast.eval()
+    x = torch.randn(2, 24, 9, 9)
+    x[0, 0, :3, :3] = 0.0
+    if backend == "auto":
+        layers._AUTO_CHOICE[layers._auto_key(fast, x)] = True  # as if measured faster
+    with torch.no_grad():
+        assert torch.equal(fast(x), ref(x))
+        assert torch.equal(fast(x), ref(x))  # cached packing and alpha
+        noise = torch.randn_like(ref.weight_source.weight)
+        ref.weight_source.weight.add_(noise)
+        fast.weight_source.weight.add_(noise)
+        assert torch.equal(fast(x), ref(x))
+    assert seen == [(True, True)] * 3  # raw input, alpha applied in the kernel
+    y = fast(x.clone().requires_grad_(True))
+    assert torch.equal(y, ref(x))
+    assert seen[3] == (False, False)  # quantized input through autograd, alpha applied outside
+
+
+@needs_cpu_kernel
 def test_auto_backend_keeps_the_float_path_where_the_kernel_disagrees(monkeypatch):
     """A kernel that is wrong on some device (say an unverified GPU) must not change results: auto
     compares the bits once per shape and keeps the float emulation, with a warning."""

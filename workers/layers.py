@@ -207,6 +207,10 @@ def _time(fn: Callable[[], Tensor], sync: Callable[[], None]) -> float:
     return time.perf_counter() - t0
 
 
+def _auto_key(layer: "BinaryConv2d", x: Tensor) -> tuple:
+    return (x.device.type, tuple(x.shape), tuple(layer.weight_shape), layer.stride, layer.padding)
+
+
 @CONV_BACKENDS.register("auto")
 def auto_conv(layer: "BinaryConv2d", x: Tensor, w: Tensor, alpha: Tensor | None, exact: bool) -> Tensor:
     """XNOR where it is measured faster than the float emulation for this layer shape (timed once
@@ -214,7 +218,7 @@ def auto_conv(layer: "BinaryConv2d", x: Tensor, w: Tensor, alpha: Tensor | None,
     elsewhere. The outputs are identical either way."""
     if not _xnor_possible(layer, x, exact):
         return float_conv(layer, x, w, alpha, exact)
-    key = (x.device.type, tuple(x.shape), tuple(w.shape), layer.stride, layer.padding)
+    key = _auto_key(layer, x)
     if key not in _AUTO_CHOICE:
         sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
         with torch.no_grad():
@@ -234,6 +238,44 @@ def auto_conv(layer: "BinaryConv2d", x: Tensor, w: Tensor, alpha: Tensor | None,
     if _AUTO_CHOICE[key]:
         return xnor_conv(layer, x, w, alpha, exact)
     return float_conv(layer, x, w, alpha, exact)
+
+
+def xnor_from_raw(layer: "BinaryConv2d", x: Tensor) -> Tensor | None:
+    """Inference fast path of the "xnor" and "auto" backends: the kernel takes the signs of the raw
+    input and the latent weight itself (x >= 0 is +1, exactly as the sign quantizer) and applies
+    alpha, so evaluation skips materializing sign(x), sign(W) and the scaled product. Same bits as
+    the float emulation. None where it does not apply (gradients wanted, operands not exactly binary,
+    groups > 1, no kernel, or auto has not chosen the kernel for this shape)."""
+    if torch.is_grad_enabled() or not layer.exact_binary() or layer.groups != 1 or x.dim() != 4 \
+            or x.dtype != torch.float32:
+        return None
+    if layer.backend == "auto":
+        if not _AUTO_CHOICE.get(_auto_key(layer, x)):
+            return None
+    elif layer.backend != "xnor":
+        return None
+    from bnnctl import kernels
+
+    if not kernels.available(x.device.type):
+        return None
+    latent = layer.latent_weight()
+    return kernels.xnor_conv2d(x, latent, _inference_alpha(layer, latent), layer.stride, layer.padding,
+                               _packed_weight(layer, latent))
+
+
+def _inference_alpha(layer: "BinaryConv2d", latent: Tensor) -> Tensor | None:
+    """alpha for inference; the analytic one (mean |W| per output channel) is kept while the stored
+    weight is unchanged, like the packed weight."""
+    assert layer.alpha is not None
+    src = layer.weight_source
+    if layer.alpha.mode != "analytic" or not isinstance(src, DenseWeight):
+        return layer.alpha(latent)
+    key = (src.weight.data_ptr(), src.weight._version, latent.device)
+    cached = getattr(layer, "_xnor_alpha", None)
+    if cached is None or cached[0] != key:
+        cached = (key, layer.alpha(latent))
+        layer._xnor_alpha = cached
+    return cached[1]
 
 
 # --------------------------------------------------------------------------- layers
@@ -304,12 +346,20 @@ class _BinaryLayer(nn.Module):
     def _operate(self, x: Tensor, w: Tensor, alpha: Tensor | None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def _from_raw(self, x: Tensor) -> Tensor | None:
+        """The layer's product computed straight from the unquantized input, or None (see
+        :func:`xnor_from_raw`)."""
+        return None
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.bn(x)
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
-        w, alpha = self.quantized_weight()
-        return self.act(self._operate(x, w, alpha))
+        y = self._from_raw(x)
+        if y is None:
+            if self.input_quantizer is not None:
+                x = self.input_quantizer(x)
+            w, alpha = self.quantized_weight()
+            y = self._operate(x, w, alpha)
+        return self.act(y)
 
 
 class BinaryConv2d(_BinaryLayer):
@@ -341,6 +391,9 @@ class BinaryConv2d(_BinaryLayer):
 
     def _operate(self, x: Tensor, w: Tensor, alpha: Tensor | None) -> Tensor:
         return self._backend_fn(self, x, w, alpha, self.exact_binary())
+
+    def _from_raw(self, x: Tensor) -> Tensor | None:
+        return xnor_from_raw(self, x) if self.backend != "float" else None
 
     def extra_repr(self) -> str:
         b = self.binarize

@@ -5,7 +5,8 @@ layer shapes, after a correctness check on each shape.
   float32, one thread by default (--threads N for more; the kernel uses OpenMP where it was built
   with it). Target (issue 7): >= 8x. Each operation is timed in its own loop (median of --repeats
   calls), in --rounds rounds that alternate float and XNOR after a warm-up; the speed-up reported is
-  the median over rounds, so a slow spell of a shared machine does not decide it.
+  the median over rounds, so a slow spell of a shared machine does not decide it. Then two whole
+  networks in evaluation, backend "float" vs "xnor", with their outputs compared.
 - GPU (when CUDA and CuPy are present): the CuPy kernels -- CUDA-core popcount and, on sm_80+, 1-bit
   tensor cores -- vs cuDNN FP16 and BF16 at batch 1 and 32, timed with CUDA events after a
   correctness check. Target: >= 1x at batch 1.
@@ -76,6 +77,29 @@ def run_cpu(batch: int, threads: int, repeats: int, rounds: int) -> None:
           f"(target >= 8x)")
 
 
+def run_networks(threads: int, repeats: int) -> None:
+    """Whole networks in evaluation (torch.no_grad), backend "float" vs "xnor": everything included
+    (BatchNorm, activations, the real first and last layers, pooling)."""
+    from bnnctl.workers.models import ModelConfig, build_model
+
+    torch.set_num_threads(threads)
+    print(f"Whole networks, eval, batch 1, {threads} thread(s), median of {repeats}:")
+    for label, kw, shape in (("hourglass width 128, 1 stack", dict(width=128, num_outputs=16), (1, 3, 256, 256)),
+                             ("ResNet-18", dict(arch="resnet18", num_outputs=1000), (1, 3, 224, 224))):
+        x = torch.randn(*shape)
+        times, outputs = {}, {}
+        for backend in ("float", "xnor"):
+            torch.manual_seed(0)
+            model = build_model(ModelConfig(backend=backend, **kw)).eval()
+            with torch.no_grad():
+                out = model(x)
+                outputs[backend] = out[-1] if isinstance(out, list) else out
+                times[backend] = cpu_time(lambda m=model: m(x), repeats)
+        assert torch.equal(outputs["float"], outputs["xnor"]), "mismatch"
+        print(f"  {label:30s} float {times['float'] * 1e3:7.1f} ms  xnor {times['xnor'] * 1e3:7.1f} ms  "
+              f"{times['float'] / times['xnor']:.2f}x (outputs identical)")
+
+
 def run_gpu(repeats: int) -> None:
     if not kernels.available("cuda"):
         print("GPU: no CUDA device with CuPy here: the GPU kernels were NOT run or timed.")
@@ -123,6 +147,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     run_cpu(args.batch, args.threads, args.repeats, args.rounds)
+    run_networks(args.threads, max(args.repeats // 4, 3))
     run_gpu(args.repeats)
 
 
