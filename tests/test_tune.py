@@ -234,13 +234,15 @@ def test_interrupted_tuning_resumes_to_exactly_the_requested_trials(workdir):
     f = _spec(workdir, name="resume", epochs=4, trials=6, parallel=2)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cli = [sys.executable, "-c", "from bnnctl.orchestrator.cli import main; main()", "tune", "run", str(f), "--cpus", "2"]
-    proc = subprocess.Popen(cli,
-                            cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    log = workdir / "driver.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cli, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 240
         while time.time() < deadline:
             time.sleep(0.5)
+            if proc.poll() is not None:
+                pytest.fail(f"the tuning driver exited early ({proc.returncode}):\n{log.read_text()[-3000:]}")
             try:
                 trials = _optuna(workdir, "resume/base").trials
             except Exception:  # noqa: BLE001 - not created yet
@@ -250,7 +252,7 @@ def test_interrupted_tuning_resumes_to_exactly_the_requested_trials(workdir):
             if len(done) >= 2 and running:
                 break
         else:
-            pytest.fail("the tuning did not get going")
+            pytest.fail(f"the tuning did not get going:\n{log.read_text()[-3000:]}")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray cluster
         proc.wait()
