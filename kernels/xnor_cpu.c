@@ -315,7 +315,11 @@ int bnn_xnor_conv(const uint64_t *xp, const uint64_t *w, const int64_t *wpop, co
     int64_t *off = (int64_t *)malloc((size_t)(kh * kw * cw) * sizeof(int64_t));
     if (!off) return -1;
     step_offsets(&g, off);
+#if BNN_AVX512
     const int64_t nvec = (ow + PX - 1) / PX;
+#else
+    (void)portable; /* the scalar kernel is the only one */
+#endif
     int failed = 0;
 #ifdef _OPENMP
 #pragma omp parallel if (n * oh > 1 && n * oh * o * ow * kh * kw * cw > 65536)
@@ -323,7 +327,13 @@ int bnn_xnor_conv(const uint64_t *xp, const uint64_t *w, const int64_t *wpop, co
     {
 #if BNN_AVX512
         bases bs = {0};
-        if (!portable && !bases_init(&g, &bs)) failed = 1;
+        const int ready = portable || bases_init(&g, &bs);
+        if (!ready) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            failed = 1;
+        }
         const __mmask8 tail = ow % PX ? (__mmask8)((1u << (ow % PX)) - 1u) : (__mmask8)0xFF;
 #endif
 #ifdef _OPENMP
@@ -335,7 +345,7 @@ int bnn_xnor_conv(const uint64_t *xp, const uint64_t *w, const int64_t *wpop, co
             float *yrow = y + i * o * oh * ow + r * ow;
 #if BNN_AVX512
             if (!portable) {
-                if (failed) continue;
+                if (!ready) continue; /* reported as a failure after the loop */
                 bases_for_row(&g, wpop, r, &bs);
                 for (int64_t o0 = 0; o0 < o; o0 += OR)
                     for (int64_t v = 0; v < nvec; ++v)

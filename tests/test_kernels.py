@@ -1,5 +1,6 @@
 """XNOR-popcount kernels: packing, exactness against the float emulation, layer integration."""
 import ctypes
+import platform
 import shutil
 import subprocess
 from pathlib import Path
@@ -59,6 +60,27 @@ def test_cpu_kernel_equals_the_float_emulation_exactly(n, c, h, w, o, k, stride,
     alpha = torch.rand(o, generator=g) * 2 - 0.5 if use_alpha else None
     result = cpu.xnor_conv2d(x, wt, alpha, stride, padding, portable=portable)
     assert torch.equal(result, emulate(x, wt, alpha, stride, padding))
+
+
+@needs_cpu_kernel
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for the baseline x86-64")
+def test_cpu_kernel_built_without_avx512_is_exact_too(tmp_path, monkeypatch):
+    """Machines without AVX-512 VPOPCNTDQ get the scalar packing and kernel: build that variant here
+    (baseline x86-64, no OpenMP) and check it on border-heavy shapes."""
+    monkeypatch.setenv("BNNCTL_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu, "FLAGS", ("-O2", "-march=x86-64", "-fPIC", "-shared", "-std=c99"))
+    monkeypatch.setattr(cpu, "_compile", lambda compiler, flags: _real_compile(compiler, tuple(f for f in flags if f != "-fopenmp")))
+    monkeypatch.setattr(cpu, "_lib", None)
+    monkeypatch.setattr(cpu, "_error", None)
+    assert not cpu.vector_popcount() and not cpu.multithreaded()
+    g = torch.Generator().manual_seed(5)
+    for n, c, size, o, k, stride, padding in ((2, 70, 9, 33, 3, 1, 1), (1, 130, 7, 17, 3, 2, 2), (1, 5, 6, 8, 1, 1, 0)):
+        x, w = torch.randn(n, c, size, size, generator=g), torch.randn(o, c, k, k, generator=g)
+        alpha = torch.rand(o, generator=g)
+        assert torch.equal(cpu.xnor_conv2d(x, w, alpha, stride, padding), emulate(x, w, alpha, stride, padding))
+
+
+_real_compile = cpu._compile
 
 
 @needs_cpu_kernel
