@@ -4,8 +4,8 @@ The C source is compiled with the machine's C compiler (``cc``, or ``$CC``) at `
 -march=native`` into a cache folder (``$BNNCTL_KERNEL_CACHE``, else ``~/.cache/bnnctl/kernels``),
 keyed by the source, the flags and the machine, and loaded with ctypes; with ``-fopenmp`` where the
 compiler has it, then output rows are shared among ``torch.get_num_threads()`` threads (the libgomp
-that torch loaded serves both). Inputs are validated here, before any launch. Without a compiler, :func:`available` is False and callers fall back to the
-float emulation.
+that torch loaded serves both). Inputs are validated here, before any launch. Without a compiler,
+:func:`available` is False and callers fall back to the float emulation.
 """
 from __future__ import annotations
 
