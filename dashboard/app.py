@@ -8,9 +8,7 @@ the server binds to 127.0.0.1 unless told otherwise.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any
 
 from . import views
 from .views import NotFound
@@ -27,21 +25,13 @@ def plotly_js() -> Path:
     return path
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return "—" if not math.isfinite(value) else f"{value:.{digits}g}"
-    return str(value)
-
-
 def templates():
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
-    from .tables import _giga, _millions, _size
+    from .tables import _giga, _millions, _size, format_number
 
-    env.filters.update(fmt=_fmt, millions=_millions, mib=_size, giga=_giga)
+    env.filters.update(fmt=format_number, millions=_millions, mib=_size, giga=_giga)
     return env
 
 

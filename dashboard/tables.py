@@ -148,6 +148,15 @@ def format_delta(row: TableRow) -> str:
     return f"{row.delta:+.1f}" + (" (n.s.)" if row.significant is False else "")
 
 
+def format_number(value: object, digits: int = 4) -> str:
+    """A value for a table cell: floats to ``digits`` significant digits, None and non-finite as —."""
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return "—" if not math.isfinite(value) else f"{value:.{digits}g}"
+    return str(value)
+
+
 def _millions(n: int | None) -> str:
     if n is None:
         return "—"

@@ -3,11 +3,17 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Callable, TypeVar
+from typing import Annotated, Callable, Optional, TypeVar
 
 import typer
 
 F = TypeVar("F", bound=Callable)
+
+# Options of the commands that run variants on Ray (``study run``, ``tune run``).
+TrackingUriOption = Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: sqlite under .bnnctl/).")]
+AddressOption = Annotated[Optional[str], typer.Option(help="Ray cluster address (default: $RAY_ADDRESS or a local cluster).")]
+CpusOption = Annotated[Optional[int], typer.Option(help="CPUs of the local Ray cluster (default: all).")]
+NoTrackOption = Annotated[bool, typer.Option("--no-track", help="Do not log to MLflow.")]
 
 
 def fail(message: str) -> "typer.Exit":

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import console, fail, user_errors
+from ._common import AddressOption, CpusOption, NoTrackOption, TrackingUriOption, console, fail, user_errors
 
 app = typer.Typer(help="Run and inspect ablation studies.", no_args_is_help=True)
 
@@ -63,11 +63,11 @@ def print_tables(tables, out) -> None:
 def run(
     file: Annotated[Path, typer.Argument(help="The study spec (YAML).")],
     db: DbOption = None,
-    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: sqlite under .bnnctl/).")] = None,
-    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: $RAY_ADDRESS or a local cluster).")] = None,
-    cpus: Annotated[Optional[int], typer.Option(help="CPUs of the local Ray cluster (default: all).")] = None,
+    tracking_uri: TrackingUriOption = None,
+    address: AddressOption = None,
+    cpus: CpusOption = None,
     max_parallel: Annotated[Optional[int], typer.Option(help="Variants at once (default: the spec's).")] = None,
-    no_track: Annotated[bool, typer.Option("--no-track", help="Do not log to MLflow.")] = False,
+    no_track: NoTrackOption = False,
 ) -> None:
     """Run a study (or continue it): finished variants are reused, unfinished ones resume."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn

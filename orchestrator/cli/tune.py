@@ -6,7 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import console, fail, user_errors
+from bnnctl.dashboard.tables import format_number
+
+from ._common import AddressOption, CpusOption, NoTrackOption, TrackingUriOption, console, fail, user_errors
 
 app = typer.Typer(help="Tune lambda schedules, distillation weights (any config value) with Optuna.",
                   no_args_is_help=True)
@@ -24,16 +26,8 @@ def _name(ref: str) -> str:
     return ref
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def _params(params: dict) -> str:
-    return ", ".join(f"{k.rsplit('.', 1)[-1] if k.count('.') else k}={_fmt(v)}" for k, v in params.items())
+    return ", ".join(f"{k.rsplit('.', 1)[-1] if k.count('.') else k}={format_number(v)}" for k, v in params.items())
 
 
 @app.command("run")
@@ -41,11 +35,11 @@ def _params(params: dict) -> str:
 def run(
     file: Annotated[Path, typer.Argument(help="The tuning spec (YAML, `kind: tuning`).")],
     db: DbOption = None,
-    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: sqlite under .bnnctl/).")] = None,
-    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: $RAY_ADDRESS or a local cluster).")] = None,
-    cpus: Annotated[Optional[int], typer.Option(help="CPUs of the local Ray cluster (default: all).")] = None,
+    tracking_uri: TrackingUriOption = None,
+    address: AddressOption = None,
+    cpus: CpusOption = None,
     max_parallel: Annotated[Optional[int], typer.Option(help="Trials at once (default: the spec's execution.max_parallel).")] = None,
-    no_track: Annotated[bool, typer.Option("--no-track", help="Do not log to MLflow.")] = False,
+    no_track: NoTrackOption = False,
 ) -> None:
     """Run a tuning, or continue it up to its number of trials (the same command resumes it)."""
     from rich.markup import escape
@@ -58,8 +52,8 @@ def run(
 
     def on_trial(e) -> None:
         colour = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}[e.state]
-        value = f"{_fmt(e.value)}" if e.value is not None else ""
-        best = f"  best so far {_fmt(e.best_value)} (trial {e.best_number})" if e.best_number is not None else ""
+        value = f"{format_number(e.value)}" if e.value is not None else ""
+        best = f"  best so far {format_number(e.best_value)} (trial {e.best_number})" if e.best_number is not None else ""
         reason = f"  [red]{escape(e.reason)}[/]" if e.reason else ""
         out.print(f"{escape('[' + e.arm + ']')} trial {e.number:3d} [{colour}]{e.state:8s}[/] {value:>8s}  {_params(e.params)}{best}{reason}",
                   highlight=False)
@@ -109,7 +103,7 @@ def _show(name: str, db: str | None, out, trials: bool = True) -> None:
         d = s["default"]["value"] if s["default"] else None
         b = s["best"]["value"] if s["best"] else None
         delta = f"{b - d:+.3g}" if b is not None and d is not None else "—"
-        summary_table.add_row(arm, f"{finished}/{layout['trials']}", _fmt(d), _fmt(b), delta,
+        summary_table.add_row(arm, f"{finished}/{layout['trials']}", format_number(d), format_number(b), delta,
                               str(s["best"]["number"]) if s["best"] else "—",
                               _params(s["best"]["params"]) if s["best"] else "—")
     out.print(summary_table)
@@ -125,8 +119,8 @@ def _show(name: str, db: str | None, out, trials: bool = True) -> None:
                 note = (note + "; " if note else "") + tr["reason"]
             if s["best"] and tr["number"] == s["best"]["number"]:
                 note = (note + "; " if note else "") + "best"
-            value = _fmt(tr["value"]) if tr["state"] == "COMPLETE" else (
-                f"({_fmt(tr['value'])} @ {tr['epochs']})" if tr["state"] == "PRUNED" and tr["value"] is not None else "—")
+            value = format_number(tr["value"]) if tr["state"] == "COMPLETE" else (
+                f"({format_number(tr['value'])} @ {tr['epochs']})" if tr["state"] == "PRUNED" and tr["value"] is not None else "—")
             t.add_row(str(tr["number"]), tr["state"], value, str(tr["epochs"]), escape(_params(tr["params"])),
                       escape(note))
         out.print(t)
