@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -165,19 +165,26 @@ def _xnor_possible(layer: "BinaryConv2d", x: Tensor, exact: bool) -> bool:
     return kernels.available(x.device.type)
 
 
+def _kept_while_weight_unchanged(layer: "BinaryConv2d", attr: str, extra: tuple, compute: Callable[[], Any]) -> Any:
+    """``compute()``, kept on the layer (attribute ``attr``) while its stored dense weight is
+    unchanged and no gradients are wanted (inference); computed afresh otherwise."""
+    src = layer.weight_source
+    if torch.is_grad_enabled() or not isinstance(src, DenseWeight):
+        return compute()
+    key = (src.weight.data_ptr(), src.weight._version, *extra)
+    cached = getattr(layer, attr, None)
+    if cached is None or cached[0] != key:
+        cached = (key, compute())
+        setattr(layer, attr, cached)
+    return cached[1]
+
+
 def _packed_weight(layer: "BinaryConv2d", w: Tensor):
     """Pack the binary weight, reusing the packing while the stored weight is unchanged (inference)."""
     from bnnctl import kernels
 
-    src = layer.weight_source
-    if torch.is_grad_enabled() or not isinstance(src, DenseWeight):
-        return kernels.pack_weight(w)
-    key = (src.weight.data_ptr(), src.weight._version, w.device, layer.weight_quantizer.kind)
-    cached = getattr(layer, "_xnor_packed", None)
-    if cached is None or cached[0] != key:
-        cached = (key, kernels.pack_weight(w))
-        layer._xnor_packed = cached
-    return cached[1]
+    return _kept_while_weight_unchanged(layer, "_xnor_packed", (w.device, layer.weight_quantizer.kind),
+                                        lambda: kernels.pack_weight(w))
 
 
 @CONV_BACKENDS.register("xnor")
@@ -267,15 +274,9 @@ def _inference_alpha(layer: "BinaryConv2d", latent: Tensor) -> Tensor | None:
     """alpha for inference; the analytic one (mean |W| per output channel) is kept while the stored
     weight is unchanged, like the packed weight."""
     assert layer.alpha is not None
-    src = layer.weight_source
-    if layer.alpha.mode != "analytic" or not isinstance(src, DenseWeight):
+    if layer.alpha.mode != "analytic":
         return layer.alpha(latent)
-    key = (src.weight.data_ptr(), src.weight._version, latent.device)
-    cached = getattr(layer, "_xnor_alpha", None)
-    if cached is None or cached[0] != key:
-        cached = (key, layer.alpha(latent))
-        layer._xnor_alpha = cached
-    return cached[1]
+    return _kept_while_weight_unchanged(layer, "_xnor_alpha", (latent.device,), lambda: layer.alpha(latent))
 
 
 # --------------------------------------------------------------------------- layers
