@@ -154,7 +154,7 @@ def variant(store, key: str, study_name: str | None = None, mlflow_url: str | No
         "accounting": result.get("accounting", {}), "per_joint": result.get("per_joint", {}),
         "timings": result.get("timings", {}), "epochs_done": result.get("epochs_done"),
         "predictions": bool(result.get("predictions_image")),
-        "attempts": [{"number": a.number, "status": a.status, "node": a.node, "error": a.error,
+        "attempts": [{"number": a.number, "status": a.status, "node": a.node, "node_id": a.node_id, "error": a.error,
                       "started": _iso(a.started_at), "ended": _iso(a.ended_at)} for a in store.attempts(key)],
         "mlflow_run": run,
         "mlflow_link": f"{mlflow_url.rstrip('/')}/#/experiments/{experiment}/runs/{run}"

@@ -96,6 +96,9 @@ class Resources:
 class Execution:
     max_parallel: int = 2
     retries: int = 2
+    #: seconds a variant may wait for a worker with its resources before the progress display says
+    #: so (an autoscaling cluster may take minutes to add a node)
+    wait_warning_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -232,13 +235,7 @@ class _Parser:
             raise self.fail("seeds", "expected a non-empty list of integers")
         if len(set(seeds)) != len(seeds):
             raise self.fail("seeds", "seeds must be distinct")
-        resources = self.typed(Resources, top.get("resources"), "resources")
-        if resources.cpus <= 0 or resources.gpus < 0:
-            raise self.fail("resources", "cpus must be > 0 and gpus >= 0")
-        execution = self.typed(Execution, top.get("execution"), "execution")
-        if execution.max_parallel < 1 or execution.retries < 0:
-            raise self.fail("execution", "max_parallel must be >= 1 and retries >= 0")
-        tracking = self.typed(Tracking, top.get("tracking"), "tracking")
+        resources, execution, tracking = self.run_sections(top, base)
         teachers = self.parse_teachers(top.get("teachers"), base_data)
         ablations_raw = top.get("ablations")
         if not isinstance(ablations_raw, list) or not ablations_raw:
@@ -264,6 +261,20 @@ class _Parser:
             base=base, seeds=tuple(seeds), resources=resources, teachers=teachers, ablations=ablations,
             tracking=tracking, execution=execution, metric=metric,
         )
+
+    def run_sections(self, top: dict, base: TrainConfig) -> tuple[Resources, Execution, Tracking]:
+        """The ``resources``, ``execution`` and ``tracking`` sections (studies and tunings alike)."""
+        resources = self.typed(Resources, top.get("resources"), "resources")
+        if not (resources.cpus > 0 and resources.gpus >= 0):
+            raise self.fail("resources", "cpus must be > 0 and gpus >= 0 (fractions allowed, e.g. gpus: 0.5)")
+        if resources.gpus > 0 and base.device == "cpu":
+            raise self.fail("resources.gpus", f"{resources.gpus:g} GPUs requested but base.device is cpu; "
+                            "set device: cuda (or auto), or gpus: 0")
+        execution = self.typed(Execution, top.get("execution"), "execution")
+        if execution.max_parallel < 1 or execution.retries < 0 or not execution.wait_warning_s > 0:
+            raise self.fail("execution", "max_parallel (variants at once) must be >= 1, retries >= 0 and "
+                            "wait_warning_s > 0")
+        return resources, execution, self.typed(Tracking, top.get("tracking"), "tracking")
 
     def parse_teachers(self, raw: Any, base_data: dict) -> dict[str, TeacherSpec]:
         teachers = {}

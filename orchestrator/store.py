@@ -44,14 +44,15 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from .errors import StoreError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Every table is prefixed, so that Optuna's tables (``studies``, ``trials``...) can live in the same
 #: database. Schema 1 had unprefixed names; opening such a database renames its tables in place.
+#: Schema 3 added ``bnnctl_attempts.node_id`` (the backend's node id beside the host name).
 PREFIX = "bnnctl_"
 V1_TABLES = ("schema_info", "studies", "variants", "study_variants", "attempts", "metrics")
 DEFAULT_DIR = Path(".bnnctl")
 VARIANT_STATES = ("pending", "running", "completed", "failed", "stopped")
-STUDY_STATES = ("pending", "running", "completed", "failed", "cancelled")
+STUDY_STATES = ("pending", "running", "completed", "failed", "cancelled", "stopped")
 
 
 def _now() -> datetime:
@@ -114,7 +115,8 @@ class AttemptRow(Base):
     variant_key: Mapped[str] = mapped_column(ForeignKey("bnnctl_variants.key"))
     number: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(20))
-    node: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    node: Mapped[str | None] = mapped_column(String(200), nullable=True)  # host name
+    node_id: Mapped[str | None] = mapped_column(String(100), nullable=True)  # e.g. Ray's node id
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -169,6 +171,7 @@ class Attempt:
     error: str | None
     started_at: datetime
     ended_at: datetime | None
+    node_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -274,6 +277,17 @@ class Store:
                     conn.exec_driver_sql(f"ALTER TABLE {table} RENAME TO {PREFIX}{table}")
             conn.exec_driver_sql(f"UPDATE {PREFIX}schema_info SET version = 2 WHERE id = 1 AND version = 1")
 
+    def _add_v3_columns(self) -> None:
+        """Schema 2 -> 3: ``bnnctl_attempts.node_id`` (create_all creates tables, never columns)."""
+        from sqlalchemy import inspect
+
+        insp = inspect(self.engine)
+        if PREFIX + "attempts" not in insp.get_table_names():
+            return
+        if "node_id" not in {c["name"] for c in insp.get_columns(PREFIX + "attempts")}:
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql(f"ALTER TABLE {PREFIX}attempts ADD COLUMN node_id VARCHAR(100)")
+
     def _check_version(self) -> None:
         try:
             with self.session() as s:
@@ -291,6 +305,7 @@ class Store:
         for attempt in range(3):
             try:
                 self._rename_v1_tables()
+                self._add_v3_columns()
                 Base.metadata.create_all(self.engine)
                 break
             except SQLAlchemyError as err:
@@ -310,7 +325,8 @@ class Store:
             if info.version > SCHEMA_VERSION:
                 raise StoreError(f"{self.url} was written by a newer bnnctl (schema {info.version} > "
                                  f"{SCHEMA_VERSION}); upgrade bnnctl to read it")
-            # future versions: migrate from info.version step by step here
+            if info.version < SCHEMA_VERSION:  # the columns were added above; record the new version
+                info.version = SCHEMA_VERSION
 
     # -- studies ----------------------------------------------------------------------------------
     def upsert_study(self, name: str, spec_file: str, spec_hash: str, spec: dict) -> Study:
@@ -448,13 +464,21 @@ class Store:
             row.status, row.updated_at = "pending", _now()
             self._end_attempt(s, key, "lost", error)
 
+    def set_attempt_node(self, key: str, node: str, node_id: str | None = None) -> None:
+        """Record where the variant's running attempt runs (its worker announced itself)."""
+        with self.session() as s:
+            attempt = s.scalar(select(AttemptRow).where(AttemptRow.variant_key == key, AttemptRow.status == "running")
+                               .order_by(AttemptRow.number.desc()))
+            if attempt is not None:
+                attempt.node, attempt.node_id = node, node_id
+
     def set_mlflow_run(self, key: str, run_id: str) -> None:
         with self.session() as s:
             s.get(VariantRow, key).mlflow_run_id = run_id
 
     def attempts(self, key: str) -> list[Attempt]:
         with self.session() as s:
-            return [Attempt(a.variant_key, a.number, a.status, a.node, a.error, a.started_at, a.ended_at)
+            return [Attempt(a.variant_key, a.number, a.status, a.node, a.error, a.started_at, a.ended_at, a.node_id)
                     for a in s.scalars(select(AttemptRow).where(AttemptRow.variant_key == key).order_by(AttemptRow.number))]
 
     # -- metrics ----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Running a study: spec -> plan -> state store -> Ray executor -> MLflow, and reading it back."""
+"""Running a study: spec -> plan -> state store -> executor on a backend (Ray) -> MLflow."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,8 +6,9 @@ from pathlib import Path
 
 from bnnctl.workers.config import to_dict
 
-from .executor import Events, Executor, init_ray
+from .executor import Events
 from .plan import Plan, build_plan
+from .runcore import DriverSession, RunOptions
 from .spec import StudySpec, load_spec
 from .store import Member, Store
 
@@ -61,12 +62,15 @@ class Outcome:
 
 def run_study(path: str | Path, db: str | None = None, tracking_uri: str | None = None, address: str | None = None,
               cpus: int | None = None, max_parallel: int | None = None, events: Events | None = None,
-              track: bool = True) -> Outcome:
-    """Run (or continue) the study in ``path``. Finished variants are reused, unfinished ones resume."""
+              track: bool = True, options: RunOptions | None = None) -> Outcome:
+    """Run (or continue) the study in ``path``. Finished variants are reused, unfinished ones resume.
+
+    ``options`` (when given) replaces the separate ``db`` ... ``track`` arguments."""
+    opts = options or RunOptions(db, tracking_uri, address, cpus, max_parallel, track)
     spec = load_spec(path)
     plan = build_plan(spec)
     check_data(plan)
-    store = Store(db)
+    store = Store(opts.db)
     study = store.upsert_study(spec.name, str(path), spec.spec_hash, table_layout(spec))
     for v in plan.order():
         store.ensure_variant(v.key, v.label, v.kind, to_dict(v.config), list(v.deps))
@@ -75,96 +79,16 @@ def run_study(path: str | Path, db: str | None = None, tracking_uri: str | None 
     store.set_members(study.id, members)
     before = {k: v.status for k, v in store.variants(list(plan.variants)).items()}
     todo = [k for k, s in before.items() if s != "completed"]
-    # MLflow opens its store (seconds on first use) in a thread while Ray starts in this one and the
-    # workers import torch: the three start-up costs overlap instead of adding up.
-    opened: dict = {}
-    mlflow_thread = None
-    if track:
-        import threading
-
-        def open_tracking() -> None:
-            try:
-                from .tracking import Tracker
-
-                t = Tracker(tracking_uri, spec.experiment)
-                opened["run"] = t.study_run(spec.name, study.mlflow_run_id, str(path))
-                opened["tracker"] = t
-            except BaseException as err:  # re-raised in the main thread below
-                opened["error"] = err
-
-        mlflow_thread = threading.Thread(target=open_tracking, daemon=True)
-        mlflow_thread.start()
-    warm = []
-    if todo:
-        init_ray(address, cpus)
-        warm = warm_up(spec, max_parallel or spec.execution.max_parallel)
-    tracker = parent = None
-    if mlflow_thread is not None:
-        mlflow_thread.join()
-        if "error" in opened:
-            raise opened["error"]
-        tracker, parent = opened["tracker"], opened["run"]
-        store.annotate_study(study.id, mlflow_experiment_id=tracker.experiment_id)
-    store.set_study_status(study.id, "running", parent)
-    status: dict[str, str] = dict(before)
-    if todo:
-        executor = Executor(store, tracker, max_parallel=max_parallel or spec.execution.max_parallel,
-                            retries=spec.execution.retries, events=events)
-        status = executor.run(plan, spec.name, parent, cancelled=_poller(store, study.id))
-        _quiet_wait(warm)
-    if store.study(study.id).status == "cancelled":
-        final = "cancelled"
-    else:
-        final = "completed" if all(s == "completed" for s in status.values()) else "failed"
-    store.set_study_status(study.id, final)
-    if tracker is not None and parent is not None:
-        tracker.end_study(parent, final)
+    with DriverSession(store, study.id, spec.name, study.mlflow_run_id, str(path), spec.experiment, opts,
+                       spec.execution, spec.resources, events) as session:
+        session.begin(work=bool(todo))
+        status = session.execute(plan) if todo else dict(before)
+        final = session.final_status(all(s == "completed" for s in status.values()))
+        session.finish(final)
     counts: dict[str, int] = {}
     for s in status.values():
         counts[s] = counts.get(s, 0) + 1
     return Outcome(spec.name, final, counts, len(todo))
-
-
-def _warm_task() -> int:
-    import os
-
-    import bnnctl.workers.train  # noqa: F401  (torch and the trainer, imported once per worker process)
-
-    return os.getpid()
-
-
-def warm_up(spec, count: int) -> list:
-    """Start ``count`` Ray worker processes that import torch and the trainer now, while the driver
-    opens MLflow; Ray reuses those processes for the study's tasks."""
-    import ray
-
-    task = ray.remote(_warm_task).options(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus, max_retries=0)
-    return [task.remote() for _ in range(count)]
-
-
-def _quiet_wait(refs: list) -> None:
-    import ray
-
-    try:
-        ray.get(refs, timeout=5)
-    except Exception:  # warm-up only: a failure here changes nothing
-        pass
-
-
-def _poller(store: Store, study_id: int, every: float = 2.0):
-    """A cheap 'was the study cancelled?' check for the executor loop (one query every ``every`` s)."""
-    import time
-
-    last = [0.0, False]
-
-    def cancelled() -> bool:
-        now = time.monotonic()
-        if now - last[0] >= every:
-            last[0] = now
-            last[1] = store.study(study_id).status == "cancelled"
-        return last[1]
-
-    return cancelled
 
 
 def cancel_study(name: str, db: str | None = None) -> bool:

@@ -142,4 +142,4 @@ class Tracker:
             self.client.log_batch(run_id, metrics=[Metric("objective", float(objective), int(time.time() * 1000), 0)])
 
     def end_study(self, run_id: str, status: str) -> None:
-        self.client.set_terminated(run_id, {"completed": "FINISHED", "cancelled": "KILLED"}.get(status, "FAILED"))
+        self.client.set_terminated(run_id, {"completed": "FINISHED", "cancelled": "KILLED", "stopped": "KILLED"}.get(status, "FAILED"))

@@ -173,13 +173,7 @@ class _TuneParser(_Parser):
         seed = top.get("seed", 0)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise self.fail("seed", f"expected an integer (every trial trains with this seed), got {seed!r}")
-        resources = self.typed(Resources, top.get("resources"), "resources")
-        if resources.cpus <= 0 or resources.gpus < 0:
-            raise self.fail("resources", "cpus must be > 0 and gpus >= 0")
-        execution = self.typed(Execution, top.get("execution"), "execution")
-        if execution.max_parallel < 1 or execution.retries < 0:
-            raise self.fail("execution", "max_parallel (trials at once) must be >= 1 and retries >= 0")
-        tracking = self.typed(Tracking, top.get("tracking"), "tracking")
+        resources, execution, tracking = self.run_sections(top, base)
         teachers = self.parse_teachers(top.get("teachers"), base_data)
         teacher = self.teacher_ref(top.get("teacher"), "teacher", teachers)
         arms = self.parse_arms(top.get("arms"), base_data, teachers, teacher)

@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,14 +29,12 @@ from bnnctl.workers.config import to_dict
 from bnnctl.workers.errors import ConfigError
 
 from .errors import SpecError, StoreError
-from .executor import Events, Executor, Hooks, init_ray
+from .executor import Events, Hooks
 from .plan import Plan, Variant, add_teacher, identity
+from .runcore import DriverSession, RunOptions
 from .store import Member, Store, readonly_url
-from .study import _poller, _quiet_wait, check_configs, warm_up
+from .study import check_configs
 from .tunespec import Arm, TuneSpec, default_params, load_tune_spec, trial_config
-
-FINISHED = ("COMPLETE", "PRUNED", "FAIL")
-
 
 def optuna_storage(url: str, readonly: bool = False):
     """Optuna's RDB storage in the orchestrator's database (sqlite: a 30 s busy timeout).
@@ -334,11 +333,17 @@ def check_compatible(spec: TuneSpec, storage) -> None:
 
 def run_tuning(path: str | Path, db: str | None = None, tracking_uri: str | None = None, address: str | None = None,
                cpus: int | None = None, max_parallel: int | None = None, events: Events | None = None,
-               track: bool = True, on_trial: Callable[[TrialEvent], None] | None = None) -> TuneOutcome:
-    """Run (or continue) the tuning in ``path`` until every arm has ``trials`` finished trials."""
+               track: bool = True, on_trial: Callable[[TrialEvent], None] | None = None,
+               options: RunOptions | None = None) -> TuneOutcome:
+    """Run (or continue) the tuning in ``path`` until every arm has ``trials`` finished trials.
+
+    ``options`` (when given) replaces the separate ``db`` ... ``track`` arguments."""
+    from optuna.trial import TrialState
+
+    opts = options or RunOptions(db, tracking_uri, address, cpus, max_parallel, track)
     spec = load_tune_spec(path)
     check_configs([a.config for a in spec.arms] + [t.config for t in spec.teachers.values()])
-    store = Store(db)
+    store = Store(opts.db)
     existing = store.study(spec.name)
     if existing is not None and existing.spec.get("kind") != "tuning":
         raise SpecError(spec.file, "name", f"{spec.name!r} is already the name of a study in {store.url}; "
@@ -362,45 +367,29 @@ def run_tuning(path: str | Path, db: str | None = None, tracking_uri: str | None
     store.set_members(row.id, [Member(v.key, None, None, v.seed) for v in variants.values()]
                       + [m for m in store.members(row.id) if m.ablation is not None])
 
-    tracker = parent = None
-    if track:
-        from .tracking import Tracker
+    with DriverSession(store, row.id, spec.name, row.mlflow_run_id, str(path), spec.experiment, opts,
+                       spec.execution, spec.resources, events, kind="tuning") as session:
+        driver = _Driver(spec, store, row.id, studies, teacher_keys, None, on_trial or (lambda e: None), orphans)
+        todo = driver.remaining() + len(orphans) + sum(1 for v in variants.values()
+                                                       if store.variant(v.key).status != "completed")
+        session.begin(work=bool(todo))
+        driver.tracker = session.tracker
+        if todo:
+            base_events = events or Events()
 
-        tracker = Tracker(tracking_uri, spec.experiment)
-        parent = tracker.study_run(spec.name, row.mlflow_run_id, str(path))
-        tracker.client.set_tag(parent, "bnnctl.kind", "tuning")
-        store.annotate_study(row.id, mlflow_experiment_id=tracker.experiment_id)
-    store.set_study_status(row.id, "running", parent)
-    driver = _Driver(spec, store, row.id, studies, teacher_keys, tracker, on_trial or (lambda e: None), orphans)
-    parallel = max_parallel or spec.execution.max_parallel
-    todo = driver.remaining() + len(orphans) + sum(1 for v in variants.values() if store.variant(v.key).status != "completed")
-    if todo:
-        init_ray(address, cpus)
-        warm = warm_up(spec, parallel)
-        base_events = events or Events()
-        started = base_events.started
+            def on_started(v):
+                driver.started(v)
+                base_events.started(v)
 
-        def on_started(v):
-            driver.started(v)
-            started(v)
-
-        ev = Events(started=on_started, epoch=base_events.epoch, progress=base_events.progress,
-                    finished=base_events.finished)
-        executor = Executor(store, tracker, max_parallel=parallel, retries=spec.execution.retries, events=ev)
-        executor.run(Plan(variants, {}), spec.name, parent, cancelled=_poller(store, row.id), hooks=driver)
-        _quiet_wait(warm)
-    finished = {a.name: driver.counts(a.name)[0] for a in spec.arms}
-    from optuna.trial import TrialState
-
-    complete = {a: len(st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) for a, st in studies.items()}
-    if store.study(row.id).status == "cancelled":
-        final = "cancelled"
-    else:  # every arm reached its budget, with at least one completed trial to compare
-        final = "completed" if all(n >= spec.trials and complete[a] for a, n in finished.items()) else "failed"
-    store.set_study_status(row.id, final)
-    if tracker is not None and parent is not None:
-        _log_summary(tracker, parent, spec, studies)
-        tracker.end_study(parent, final)
+            session.execute(Plan(variants, {}), hooks=driver,
+                            events=dataclasses.replace(base_events, started=on_started))
+        finished = {a.name: driver.counts(a.name)[0] for a in spec.arms}
+        complete = {a: len(st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) for a, st in studies.items()}
+        # every arm reached its budget, with at least one completed trial to compare
+        final = session.final_status(all(n >= spec.trials and complete[a] for a, n in finished.items()))
+        if session.tracker is not None and session.parent is not None:
+            _log_summary(session.tracker, session.parent, spec, studies)
+        session.finish(final)
     return TuneOutcome(spec.name, final, finished, driver.trained)
 
 

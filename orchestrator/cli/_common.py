@@ -11,7 +11,9 @@ F = TypeVar("F", bound=Callable)
 
 # Options of the commands that run variants on Ray (``study run``, ``tune run``).
 TrackingUriOption = Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: sqlite under .bnnctl/).")]
-AddressOption = Annotated[Optional[str], typer.Option(help="Ray cluster address (default: $RAY_ADDRESS or a local cluster).")]
+AddressOption = Annotated[Optional[str], typer.Option(
+    help="Ray cluster to join: HOST:PORT of its head, or `auto` for the cluster `ray start` runs on this machine "
+         "(default: $RAY_ADDRESS, else a private local cluster started for this run).")]
 CpusOption = Annotated[Optional[int], typer.Option(help="CPUs of the local Ray cluster (default: all).")]
 NoTrackOption = Annotated[bool, typer.Option("--no-track", help="Do not log to MLflow.")]
 

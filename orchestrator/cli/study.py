@@ -103,10 +103,14 @@ def run(
         elif status == "retrying":
             progress.console.print(f"[yellow]retrying[/] {v.label} ({error}); it resumes from its checkpoint")
 
+    def waiting(v, seconds):
+        progress.console.print(f"[yellow]waiting[/] {v.label}: no worker with {v.resources.cpus:g} CPUs / "
+                               f"{v.resources.gpus:g} GPUs free for {seconds:.0f} s (the cluster may be busy or scaling up)")
+
     with progress:
         outcome = run_study(file, db=db, tracking_uri=tracking_uri, address=address, cpus=cpus,
-                            max_parallel=max_parallel, events=Events(started=started, epoch=epoch, finished=finished),
-                            track=not no_track)
+                            max_parallel=max_parallel, track=not no_track,
+                            events=Events(started=started, epoch=epoch, finished=finished, waiting=waiting))
     store, study = _load(outcome.study, db)
     print_tables(_tables(store, study), out)
     out.print(f"study {outcome.study}: {outcome.status} ({', '.join(f'{n} {s}' for s, n in sorted(outcome.counts.items()))}; "
@@ -154,8 +158,9 @@ def status(study: Annotated[str, typer.Argument(help="Study name or spec file.")
     store, s = _load(study, db)
     members = store.members(s.id)
     variants = store.variants([m.variant_key for m in members])
-    t = RichTable(title=f"{s.name}: {s.status}")
-    for col in ("variant", "kind", "status", "attempts", "result / error"):
+    reason = f" ({s.spec['stopped_reason']})" if s.status == "stopped" and s.spec.get("stopped_reason") else ""
+    t = RichTable(title=f"{s.name}: {s.status}{reason}")
+    for col in ("variant", "kind", "status", "attempts", "node (last attempt)", "result / error"):
         t.add_column(col)
     seen = set()
     for m in members:
@@ -163,9 +168,17 @@ def status(study: Annotated[str, typer.Argument(help="Study name or spec file.")
         if v is None or v.key in seen:
             continue
         seen.add(v.key)
+        attempts = store.attempts(v.key)
         detail = v.error or (f"{v.result['metric']} {v.result['metrics'][v.result['metric']]:.2f}" if v.result else "")
-        t.add_row(v.label, v.kind, v.status, str(len(store.attempts(v.key))), detail)
+        t.add_row(v.label, v.kind, v.status, str(len(attempts)), node_label(attempts[-1]) if attempts else "", detail)
     console().print(t)
+
+
+def node_label(attempt) -> str:
+    """'host (node 1a2b3c4d)' of an attempt, '' when its worker never announced itself."""
+    if not attempt.node:
+        return ""
+    return attempt.node + (f" (node {attempt.node_id[:8]})" if attempt.node_id and attempt.node_id != "in-process" else "")
 
 
 @app.command("list")

@@ -1,0 +1,224 @@
+"""The executor's seam to whatever runs variants: a small :class:`Backend` interface.
+
+The scheduling loop (:mod:`bnnctl.orchestrator.executor`: DAG, parallelism, retries, recording
+results) knows nothing of Ray. A backend starts tasks, hands back the workers' messages and the
+tasks' outcomes, and cancels tasks; that is all. Backends:
+
+- ``ray`` (:mod:`.ray_cluster`): Ray tasks on a local or remote Ray cluster (the product's default);
+- ``inprocess`` (:mod:`.inprocess`): threads of the driver's own process, for the loop's fast tests
+  and for debugging a variant without a cluster.
+
+Adding one (Ray Jobs, SLURM, a queue) is one new module with a class that implements
+:class:`Backend`, registered with :func:`register`.
+
+Contract:
+
+- ``start`` connects, refuses a per-variant resource request that no node can satisfy
+  (:class:`ResourceError`, with the cluster's resources in the message) and may warm workers up.
+- ``submit(task)`` starts a task. Its worker sends a :class:`Started` message naming its node when it
+  really starts (a task waiting for resources has sent none), then :class:`EpochMetrics` and
+  :class:`Progress` messages; ``messages()`` returns (and forgets) those that arrived.
+- ``wait(timeout)`` returns the tasks that ended within ``timeout`` seconds as :class:`Finished`
+  (``completed``, ``stopped``, ``failed`` with the reason, or ``lost``: the worker or its node died
+  or ran out of memory; the executor retries those). A cancelled task never comes back.
+- With ``verdicts=True`` a worker waits after each epoch for ``decide(key, epoch, stop)``.
+- Errors of the backend itself (the cluster went away) raise :class:`BackendError`.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Mapping
+
+from bnnctl.workers.errors import BnnctlError
+
+
+class BackendError(BnnctlError):
+    """The backend cannot go on (cluster unreachable or lost, driver-side actor gone)."""
+
+
+class ResourceError(BackendError):
+    """A variant asks for resources that no node of the cluster has."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One variant to train: its resolved config (plain data) and where its checkpoints live."""
+
+    key: str
+    config: dict
+    checkpoint_dir: str
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class Started:
+    key: str
+    node: str  # host name
+    node_id: str  # the backend's node id (Ray's hex node id)
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    key: str
+    epoch: int
+    metrics: dict
+
+
+@dataclass(frozen=True)
+class Progress:
+    key: str
+    done: int
+    total: int
+    message: str = ""
+
+
+Message = Started | EpochMetrics | Progress
+
+
+@dataclass(frozen=True)
+class Finished:
+    key: str
+    status: Literal["completed", "stopped", "failed", "lost"]
+    result: dict | None = None
+    error: str | None = None
+    node: str | None = None
+
+
+class Backend(ABC):
+    """Runs tasks for the executor (see the module docstring for the contract)."""
+
+    name: str = ""
+
+    @abstractmethod
+    def start(self, workers: int, cpus: float, gpus: float) -> None:
+        """Connect; refuse (ResourceError) a request of ``cpus``/``gpus`` per task that no node can
+        hold; optionally warm ``workers`` worker processes up."""
+
+    @abstractmethod
+    def submit(self, task: Task, verdicts: bool = False) -> None:
+        """Start ``task``; with ``verdicts`` its worker waits for ``decide`` after every epoch."""
+
+    @abstractmethod
+    def wait(self, timeout: float) -> list[Finished]:
+        """Tasks that ended within ``timeout`` seconds (possibly none)."""
+
+    @abstractmethod
+    def messages(self) -> list[Message]:
+        """Workers' messages that arrived since the last call, in order."""
+
+    @abstractmethod
+    def decide(self, key: str, epoch: int, stop: bool) -> None:
+        """The driver's verdict on ``key``'s ``epoch`` (True: stop after it)."""
+
+    @abstractmethod
+    def cancel(self, key: str) -> None:
+        """Stop a running task; it will not be reported by ``wait``."""
+
+    def describe(self) -> str:
+        """Where tasks run, for messages (e.g. the cluster's address)."""
+        return self.name
+
+    def close(self) -> None:
+        """Release what ``start`` acquired (actors, threads); the cluster itself stays."""
+
+
+BACKENDS: dict[str, Callable[..., Backend]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a Backend available under ``name``."""
+
+    def deco(cls):
+        cls.name = name
+        BACKENDS[name] = cls
+        return cls
+
+    return deco
+
+
+def make_backend(name: str, **options) -> Backend:
+    """The backend registered as ``name`` (``ray`` or ``inprocess``), built with ``options``."""
+    from . import inprocess, ray_cluster  # noqa: F401  (registration; both import lazily inside)
+
+    if name not in BACKENDS:
+        from bnnctl.workers.errors import UnknownNameError
+
+        raise UnknownNameError("backend", name, sorted(BACKENDS))
+    return BACKENDS[name](**options)
+
+
+# --------------------------------------------------------------------------- the worker side
+
+class ChannelReporter:
+    """The workers' Reporter on any backend: metrics and progress go to ``send``; with ``verdict``
+    (a pruning driver), ``should_stop`` waits for the driver's decision on the epoch just reported."""
+
+    PROGRESS_INTERVAL = 1.0
+    DECISION_TIMEOUT = 120.0  # the driver answers within a second; a silent driver means "go on"
+
+    def __init__(self, key: str, checkpoint_dir: str, send: Callable[[Message], None],
+                 verdict: Callable[[str, int], bool | None] | None = None,
+                 cancelled: Callable[[], bool] = lambda: False) -> None:
+        self.key, self._dir, self._send, self._verdict, self._cancelled = key, Path(checkpoint_dir), send, verdict, cancelled
+        self._last_progress = 0.0
+        self._epoch = 0
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self._dir
+
+    def report(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        self._epoch = epoch
+        self._send(EpochMetrics(self.key, epoch, dict(metrics)))
+
+    def should_stop(self) -> bool:
+        if self._cancelled():
+            return True
+        if self._verdict is None:
+            return False
+        deadline = time.monotonic() + self.DECISION_TIMEOUT
+        while time.monotonic() < deadline:
+            verdict = self._verdict(self.key, self._epoch)
+            if verdict is not None:
+                return verdict
+            time.sleep(0.05)
+        return False
+
+    def progress(self, done: int, total: int, message: str = "") -> None:
+        now = time.monotonic()
+        if now - self._last_progress >= self.PROGRESS_INTERVAL or done == total:
+            self._last_progress = now
+            self._send(Progress(self.key, done, total, message))
+
+
+def execute(task: Task, reporter, node: str) -> Finished:
+    """The task body every backend runs on its worker: train one variant. Application errors (bad
+    config, missing data, NaN loss, a full disk) come back as a failed outcome, never as a retry."""
+    from bnnctl.workers.config import from_dict
+    from bnnctl.workers.train import TrainConfig, run_variant
+
+    try:
+        Path(task.checkpoint_dir).mkdir(parents=True, exist_ok=True)  # on the worker's node
+        # the worker's pid beside the checkpoints: operators (and the fault-injection tests) can find it
+        Path(task.checkpoint_dir, "worker.pid").write_text(str(os.getpid()))
+        result = run_variant(from_dict(TrainConfig, task.config), reporter)
+    except BnnctlError as err:
+        return Finished(task.key, "failed", error=str(err), node=node)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            where = err.filename or task.checkpoint_dir
+            return Finished(task.key, "failed", error=f"no space left on device at {where} (node {node})", node=node)
+        raise
+    return Finished(task.key, "stopped" if result.status == "stopped" else "completed", asdict(result), node=node)
+
+
+def hostname() -> str:
+    return socket.gethostname()

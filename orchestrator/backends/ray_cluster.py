@@ -1,0 +1,318 @@
+"""The Ray backend: variants as Ray tasks on a local or remote Ray cluster.
+
+Connecting (:func:`connect`):
+- no address and no ``$RAY_ADDRESS``: a **private local cluster** (Ray's ``address="local"``), sized
+  for small machines, whatever ``ray start`` left on the machine (a live cluster of someone else, or
+  the stale record of a dead one, which a plain ``ray.init()`` would try to join);
+- ``--address auto``: the machine's running cluster (the one ``ray start`` recorded);
+- ``--address HOST:PORT`` (or ``ray://...``): that cluster. It is probed first, so an unreachable
+  address fails in seconds with one message instead of Ray's two-minute retry loop. Token
+  authentication works as Ray documents it (``RAY_AUTH_MODE=token`` with ``RAY_AUTH_TOKEN`` or the
+  token file ``RAY_AUTH_TOKEN_PATH`` / ``~/.ray/auth_token``); a refused token is one message.
+
+Driver-side actors (the message queue, the pruning verdicts) are pinned to the driver's own node,
+so losing a worker node never takes them along. Lost workers, dead nodes and Ray's out-of-memory
+kills come back as ``lost`` (the executor retries them); a bug in the task as ``failed`` with Ray's
+traceback.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import sys
+import tempfile
+from typing import Any
+
+from . import (
+    Backend,
+    BackendError,
+    ChannelReporter,
+    Finished,
+    Message,
+    ResourceError,
+    Started,
+    Task,
+    execute,
+    hostname,
+    register,
+)
+
+PROBE_TIMEOUT = 5.0
+LOCAL_OBJECT_STORE = 128 * 1024 * 1024
+
+
+class ClusterError(BackendError):
+    """The Ray cluster cannot be reached or refused the connection."""
+
+
+def _target(address: str) -> tuple[str, int] | None:
+    """(host, port) that ``address`` connects to, or None for a local cluster / unknown form."""
+    if address == "local":
+        return None
+    if address == "auto":
+        try:  # the address `ray start` recorded on this machine (Ray's own lookup)
+            from ray._private.services import canonicalize_bootstrap_address
+
+            address = canonicalize_bootstrap_address("auto") or ""
+        except Exception:  # noqa: BLE001 - no record: ray.init says so clearly below
+            return None
+    rest = address.split("://", 1)[-1]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _probe(address: str) -> None:
+    target = _target(address)
+    if target is None:
+        return
+    try:
+        with socket.create_connection(target, timeout=PROBE_TIMEOUT):
+            pass
+    except OSError as err:
+        raise ClusterError(f"cannot reach the Ray cluster at {address} ({target[0]}:{target[1]}): "
+                           f"{err.strerror or err}. Check that its head node is running and the address is right "
+                           "(--address or $RAY_ADDRESS; leave both unset for a private local cluster)") from None
+
+
+def connect(address: str | None = None, cpus: float | None = None) -> str:
+    """Join the cluster at ``address`` (default ``$RAY_ADDRESS``), or start a private local one.
+    Returns a description of where variants run. Raises ClusterError with one clear message."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if ray.is_initialized():
+        return address or "the running Ray session"
+    if address and address.startswith(("http://", "https://")):
+        raise ClusterError(f"{address} is the address of a Ray dashboard / job server; `study run --address` "
+                           "joins a cluster by its GCS address (HOST:6379, or `auto` on one of its nodes); "
+                           "use `study submit --address http://...` to run the study as a Ray job")
+    _quiet_ray_logs()
+    try:
+        if address:
+            _probe(address)
+            with _captured_stderr() as captured:
+                try:
+                    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+                except Exception as err:  # noqa: BLE001 - reworded below, with what Ray's C++ core printed
+                    raise ClusterError(_connect_message(address, err, captured())) from None
+            return f"the Ray cluster at {address}"
+        ray.init(address="local", num_cpus=int(cpus) if cpus else os.cpu_count(), include_dashboard=False,
+                 log_to_driver=False, object_store_memory=LOCAL_OBJECT_STORE, logging_level=logging.WARNING)
+        return "a private local Ray cluster"
+    except ClusterError:
+        raise
+    except Exception as err:  # noqa: BLE001 - Ray raises many kinds here; each becomes one message
+        raise ClusterError(_connect_message(address, err)) from None
+
+
+@contextlib.contextmanager
+def _captured_stderr():
+    """Send file descriptor 2 to a temporary file while joining a cluster: Ray's C++ core logs its
+    retries there (and the reason a cluster refused us, e.g. "Unauthenticated"). Yields a function
+    that returns what was written."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lambda: (tmp.flush(), tmp.seek(0), tmp.read().decode(errors="replace"))[-1]
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _connect_message(address: str | None, err: Exception, logged: str = "") -> str:
+    where = f"the Ray cluster at {address}" if address else "a private local Ray cluster"
+    name = type(err).__name__
+    first = str(err).strip().split("\n")[0]
+    if (name == "AuthenticationError" or "unauthenticated" in logged.lower() or "authentication" in first.lower()
+            or "token" in first.lower()):
+        return (f"{where} refused the connection: token authentication failed ({first.split('. ')[0]}). "
+                "Give this process the cluster's token as Ray documents it: RAY_AUTH_MODE=token and "
+                "RAY_AUTH_TOKEN=<token>, or RAY_AUTH_TOKEN_PATH=<the token file the head wrote> "
+                "(default ~/.ray/auth_token)")
+    if address == "auto" and name == "ConnectionError":
+        return ("--address auto: no running Ray cluster was found on this machine (start one with "
+                "`ray start --head`, or leave --address unset for a private local cluster)")
+    return f"cannot connect to {where}: {name}: {first}"
+
+
+def _quiet_ray_logs() -> None:
+    """Ray's start-up chatter (token-auth notices, 'Started a local Ray instance') stays out of the
+    user's terminal; errors still reach it."""
+    for name in ("ray", "ray._private", "ray._private.authentication.authentication_token_setup",
+                 "ray._private.worker"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def cluster_nodes() -> list[dict]:
+    """Alive nodes with their resources: [{"host", "node_id", "cpus", "gpus"}]."""
+    import ray
+
+    out = []
+    for n in ray.nodes():
+        if n.get("Alive"):
+            r = n.get("Resources", {})
+            out.append({"host": n.get("NodeManagerHostname") or n.get("NodeManagerAddress", "?"),
+                        "address": n.get("NodeManagerAddress", "?"), "node_id": n.get("NodeID", ""),
+                        "cpus": float(r.get("CPU", 0)), "gpus": float(r.get("GPU", 0))})
+    return out
+
+
+def describe_nodes(nodes: list[dict]) -> str:
+    if not nodes:
+        return "no alive node"
+    return "; ".join(f"{n['host']} ({n['address']}, node {n['node_id'][:8]}): {n['cpus']:g} CPUs, {n['gpus']:g} GPUs"
+                     for n in nodes)
+
+
+def check_resources(cpus: float, gpus: float, nodes: list[dict], where: str) -> None:
+    """Refuse a per-task request that no node has (Ray would keep such a task pending forever)."""
+    if any(n["cpus"] >= cpus and n["gpus"] >= gpus for n in nodes):
+        return
+    raise ResourceError(f"no node of {where} can run a variant that needs {cpus:g} CPUs and {gpus:g} GPUs "
+                        f"(resources: cpus/gpus in the spec); the cluster's nodes: {describe_nodes(nodes)}")
+
+
+class Decisions:
+    """A Ray actor holding the driver's stop/continue verdict per (variant, epoch)."""
+
+    def __init__(self) -> None:
+        self._verdicts: dict[tuple[str, int], bool] = {}
+
+    def put(self, key: str, epoch: int, stop: bool) -> None:
+        self._verdicts[(key, epoch)] = stop
+
+    def get(self, key: str, epoch: int) -> bool | None:
+        return self._verdicts.get((key, epoch))
+
+
+def ray_task(task: Task, queue: Any, decisions: Any = None) -> Finished:
+    """Body of the Ray task: announce the node, then train (see backends.execute)."""
+    import ray
+
+    node, node_id = hostname(), ray.get_runtime_context().get_node_id()
+    verdict = (lambda k, e: ray.get(decisions.get.remote(k, e))) if decisions is not None else None
+    reporter = ChannelReporter(task.key, task.checkpoint_dir, queue.put, verdict)
+    queue.put(Started(task.key, node, node_id))
+    return execute(task, reporter, node)
+
+
+def _warm_task() -> int:
+    import bnnctl.workers.train  # noqa: F401  (torch and the trainer, imported once per worker process)
+
+    return os.getpid()
+
+
+@register("ray")
+class RayBackend(Backend):
+    """Ray tasks with the variant's resources (``num_cpus``, fractional ``num_gpus``), no Ray retries
+    (the executor retries lost workers itself, resuming from the checkpoint)."""
+
+    def __init__(self, address: str | None = None, cpus: float | None = None) -> None:
+        self.address, self.cpus = address, cpus
+        self.where = "a Ray cluster"
+        self._queue = self._decisions = self._remote = None
+        self._here = None
+        self._running: dict[Any, str] = {}  # ObjectRef -> key
+        self._warm: list = []
+
+    def start(self, workers: int, cpus: float, gpus: float) -> None:
+        import ray
+        from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.where = connect(self.address, self.cpus)
+        check_resources(cpus, gpus, cluster_nodes(), self.where)
+        # the driver's actors live on the driver's node: a lost worker node never takes them along
+        self._here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self._queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": self._here})
+        self._remote = ray.remote(ray_task)
+        # workers import torch and the trainer now, while the driver opens MLflow; Ray reuses them
+        warm = ray.remote(_warm_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
+        self._warm = [warm.remote() for _ in range(workers)]
+
+    def _decision_actor(self):
+        import ray
+
+        if self._decisions is None:
+            self._decisions = ray.remote(Decisions).options(num_cpus=0, scheduling_strategy=self._here).remote()
+        return self._decisions
+
+    def submit(self, task: Task, verdicts: bool = False) -> None:
+        opts = {"num_cpus": task.cpus, "num_gpus": task.gpus, "max_retries": 0}
+        ref = self._remote.options(**opts).remote(task, self._queue, self._decision_actor() if verdicts else None)
+        self._running[ref] = task.key
+
+    def wait(self, timeout: float) -> list[Finished]:
+        import ray
+
+        if not self._running:
+            return []
+        done, _ = ray.wait(list(self._running), num_returns=1, timeout=timeout)
+        if done:
+            more, _ = ray.wait([r for r in self._running if r not in done], num_returns=len(self._running) - len(done),
+                               timeout=0)
+            done += more
+        return [self._outcome(ref, self._running.pop(ref)) for ref in done]
+
+    @staticmethod
+    def _outcome(ref, key: str) -> Finished:
+        import ray
+        from ray import exceptions as rx
+
+        lost = (rx.WorkerCrashedError, rx.NodeDiedError, rx.ObjectLostError, rx.OwnerDiedError,
+                rx.TaskUnschedulableError, rx.OutOfMemoryError, rx.LocalRayletDiedError, rx.RaySystemError)
+        try:
+            return ray.get(ref)
+        except lost as err:
+            return Finished(key, "lost", error=f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}")
+        except rx.RayTaskError as err:  # a bug, not a user error: keep the traceback
+            return Finished(key, "failed", error=f"crashed: {err}")
+
+    def messages(self) -> list[Message]:
+        from ray import exceptions as rx
+
+        out: list[Message] = []
+        try:
+            while not self._queue.empty():
+                out.append(self._queue.get_nowait())
+        except (rx.RayActorError, rx.ActorUnavailableError) as err:
+            raise BackendError(f"the driver's message queue on {self.where} was lost ({type(err).__name__}); "
+                               "the study stops, run it again to continue") from None
+        return out
+
+    def decide(self, key: str, epoch: int, stop: bool) -> None:
+        self._decision_actor().put.remote(key, epoch, stop)
+
+    def cancel(self, key: str) -> None:
+        import ray
+
+        for ref, k in list(self._running.items()):
+            if k == key:
+                ray.cancel(ref, force=True)
+                del self._running[ref]
+
+    def describe(self) -> str:
+        return self.where
+
+    def close(self) -> None:
+        import ray
+
+        if self._queue is None or not ray.is_initialized():  # never started: nothing to release
+            return
+        try:
+            ray.get(self._warm, timeout=5)
+        except Exception:  # noqa: BLE001 - warm-up only: a failure here changes nothing
+            pass
+        for actor in (self._decisions, getattr(self._queue, "actor", None)):
+            if actor is not None:
+                try:
+                    ray.kill(actor)
+                except Exception:  # noqa: BLE001 - already gone with its node
+                    pass
+        self._queue = self._decisions = None

@@ -1,0 +1,148 @@
+"""What running a study and running a tuning share: the driver's session.
+
+A :class:`DriverSession` opens MLflow (in a thread) while the backend connects and warms its workers
+up, marks the study running, builds the executor with a cancel poller, and records the final status.
+If anything escapes (the cluster went away, Ctrl-C, a database error), the study is left
+``stopped`` with the reason, never ``running`` with no driver, and its MLflow run ends KILLED.
+:func:`run_study` and :func:`run_tuning` are the parts that differ.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .backends import Backend, make_backend
+from .executor import Events, Executor, Hooks
+from .plan import Plan
+from .spec import Execution, Resources
+from .store import Store
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run, from the command line (None: the spec's or the default)."""
+
+    db: str | None = None
+    tracking_uri: str | None = None
+    address: str | None = None
+    cpus: int | None = None
+    max_parallel: int | None = None
+    track: bool = True
+    backend: str = "ray"
+    #: an already-built backend (tests inject an in-process one with scripted tasks)
+    backend_instance: Backend | None = None
+
+
+def cancel_poller(store: Store, study_id: int, every: float = 2.0):
+    """A cheap 'was the study cancelled?' check for the executor loop (one query every ``every`` s)."""
+    last = [0.0, False]
+
+    def cancelled() -> bool:
+        now = time.monotonic()
+        if now - last[0] >= every:
+            last[0] = now
+            last[1] = store.study(study_id).status == "cancelled"
+        return last[1]
+
+    return cancelled
+
+
+class DriverSession:
+    """One driver run of a study or tuning (see the module docstring)."""
+
+    def __init__(self, store: Store, study_id: int, name: str, existing_run: str | None, spec_file: str,
+                 experiment: str, options: RunOptions, execution: Execution, resources: Resources,
+                 events: Events | None = None, kind: str = "study") -> None:
+        self.store, self.study_id, self.name = store, study_id, name
+        self.options, self.execution, self.resources = options, execution, resources
+        self.events = events or Events()
+        self.parallel = options.max_parallel or execution.max_parallel
+        self.tracker: Any = None
+        self.parent: str | None = None
+        self.backend: Backend | None = None
+        self._opened: dict = {}
+        self._thread: threading.Thread | None = None
+        self._args = (existing_run, spec_file, experiment, kind)
+        self._running = False  # the study was marked running by this driver
+
+    # -- start ------------------------------------------------------------------------------------
+    def begin(self, work: bool) -> None:
+        """Open MLflow (in a thread) while the backend starts (only when there is ``work``)."""
+        if self.options.track:
+            self._thread = threading.Thread(target=self._open_tracking, daemon=True)
+            self._thread.start()
+        if work:
+            self.backend = self.options.backend_instance or make_backend(
+                self.options.backend, **({"address": self.options.address, "cpus": self.options.cpus}
+                                         if self.options.backend == "ray" else {}))
+            self.backend.start(self.parallel, self.resources.cpus, self.resources.gpus)
+        if self._thread is not None:
+            self._thread.join()
+            if "error" in self._opened:
+                raise self._opened["error"]
+            self.tracker, self.parent = self._opened["tracker"], self._opened["run"]
+            self.store.annotate_study(self.study_id, mlflow_experiment_id=self.tracker.experiment_id)
+        self.store.set_study_status(self.study_id, "running", self.parent)
+        self._running = True
+
+    def _open_tracking(self) -> None:
+        existing_run, spec_file, experiment, kind = self._args
+        try:
+            from .tracking import Tracker
+
+            t = Tracker(self.options.tracking_uri, experiment)
+            self._opened["run"] = t.study_run(self.name, existing_run, spec_file)
+            if kind != "study":
+                t.client.set_tag(self._opened["run"], "bnnctl.kind", kind)
+            self._opened["tracker"] = t
+        except BaseException as err:  # re-raised in the driver's thread by begin()
+            self._opened["error"] = err
+
+    # -- run --------------------------------------------------------------------------------------
+    def execute(self, plan: Plan, hooks: Hooks | None = None, events: Events | None = None) -> dict[str, str]:
+        assert self.backend is not None, "begin(work=True) starts the backend"
+        executor = Executor(self.store, self.tracker, self.backend, max_parallel=self.parallel,
+                            retries=self.execution.retries, events=events or self.events,
+                            wait_warning_s=self.execution.wait_warning_s)
+        return executor.run(plan, self.name, self.parent, cancelled=cancel_poller(self.store, self.study_id), hooks=hooks)
+
+    # -- end --------------------------------------------------------------------------------------
+    def final_status(self, all_done: bool) -> str:
+        if self.store.study(self.study_id).status == "cancelled":
+            return "cancelled"
+        return "completed" if all_done else "failed"
+
+    def finish(self, status: str) -> None:
+        self.store.set_study_status(self.study_id, status)
+        if self.tracker is not None and self.parent is not None:
+            self.tracker.end_study(self.parent, status)
+        self.close()
+
+    def abort(self, err: BaseException) -> None:
+        """Something escaped the run: leave the study stopped with the reason (best effort)."""
+        reason = "interrupted" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
+        if not self._running:  # refused before it started (resources, cluster, MLflow): nothing to undo
+            self.close()
+            return
+        try:
+            self.store.annotate_study(self.study_id, stopped_reason=reason[:2000])
+            self.store.set_study_status(self.study_id, "stopped")
+            if self.tracker is not None and self.parent is not None:
+                self.tracker.end_study(self.parent, "stopped")
+        except Exception:  # noqa: BLE001 - the store itself may be what failed; the error is re-raised
+            pass
+        self.close()
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+
+    def __enter__(self) -> DriverSession:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            self.abort(exc)

@@ -1,0 +1,133 @@
+"""Real Ray nodes for the tests, started with ``ray start --block`` in their own process groups and
+stopped by process group (never ``ray stop``, which would kill every Ray process on the machine).
+
+Token authentication is on, as Ray 2.60 does by default: every node and driver gets
+``RAY_AUTH_MODE=token`` and the token file this helper writes.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RAY = str(Path(sys.executable).with_name("ray"))
+RECORD = Path("/tmp/ray/ray_current_cluster")  # where `ray start --head` records "the machine's cluster"
+CLI = [sys.executable, "-c", "from bnnctl.orchestrator.cli import main; main()"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.2):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class RayNodes:
+    """The nodes one test starts; ``close()`` stops them all (their process groups) and puts the
+    machine's current-cluster record back as it was."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.token = self.folder / "auth_token"
+        self.token.write_text(secrets.token_hex(32))
+        self.procs: list[subprocess.Popen] = []
+        self._record = RECORD.read_text() if RECORD.exists() else None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment of a driver or node of these clusters."""
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+        return {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token), "PYTHONUNBUFFERED": "1"}
+
+    def _start(self, args: list[str], log: str, prefix: list[str] | None = None, env: dict | None = None) -> subprocess.Popen:
+        out = open(self.folder / log, "w")
+        proc = subprocess.Popen((prefix or []) + [RAY, "start", "--block", *args], env=env or self.env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def head(self, cpus: int = 1, dashboard_port: int | None = None) -> tuple[subprocess.Popen, str]:
+        """Start a head node; returns (process, its GCS address). With ``dashboard_port``, its
+        dashboard (and job server) listens there."""
+        port = free_port()
+        args = ["--head", f"--port={port}", f"--num-cpus={cpus}", "--node-ip-address=127.0.0.1",
+                "--object-store-memory=100000000"]
+        if dashboard_port:
+            args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+        else:
+            args += ["--include-dashboard=false"]
+        proc = self._start(args, f"head-{port}.log")
+        address = f"127.0.0.1:{port}"
+        wait_for(lambda: self._up(proc, address), 90, f"the Ray head at {address}")
+        return proc, address
+
+    def worker(self, address: str, cpus: int = 1, prefix: list[str] | None = None, env: dict | None = None,
+               name: str = "worker") -> subprocess.Popen:
+        """Start a node that joins ``address`` (``prefix``: e.g. an ``unshare`` wrapper)."""
+        return self._start([f"--address={address}", f"--num-cpus={cpus}", "--node-ip-address=127.0.0.1",
+                            "--object-store-memory=100000000"], f"{name}.log", prefix, env)
+
+    def _up(self, proc: subprocess.Popen, address: str) -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"ray start exited with {proc.returncode}: "
+                                 + "".join(p.read_text()[-3000:] for p in self.folder.glob("head-*.log")))
+        host, port = address.split(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def node_ids(self, address: str, expect: int = 1) -> list[str]:
+        """The alive node ids of the cluster at ``address`` (asked by a separate driver)."""
+        code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+                "print(' '.join(n['NodeID'] for n in ray.nodes() if n['Alive']))")
+
+        def ask():
+            out = subprocess.run([sys.executable, "-c", code, address], env=self.env, capture_output=True, text=True,
+                                 timeout=120)
+            ids = out.stdout.split()
+            return ids if len(ids) >= expect else None
+
+        return wait_for(ask, 120, f"{expect} alive nodes at {address}", every=1)
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        """SIGKILL a node's whole process group (as a crashed machine would go)."""
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(timeout=20)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    self.kill(proc)
+        time.sleep(1)  # raylets take their workers along
+        if self._record is None:
+            RECORD.unlink(missing_ok=True)
+        else:
+            RECORD.write_text(self._record)
+
+
+def run_cli(args: list[str], env: dict, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)

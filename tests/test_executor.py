@@ -1,0 +1,201 @@
+"""The scheduling loop against the in-process backend: no cluster starts, task bodies are scripted.
+
+The Ray backend runs the same loop in tests/test_study_e2e.py and tests/test_cluster.py.
+"""
+import socket
+import threading
+import time
+
+import pytest
+
+from bnnctl.orchestrator.backends import Finished, ResourceError, Task
+from bnnctl.orchestrator.backends.inprocess import InProcessBackend, WorkerLost
+from bnnctl.orchestrator.backends.ray_cluster import check_resources
+from bnnctl.orchestrator.executor import Events, Executor, Hooks
+from bnnctl.orchestrator.plan import Plan, Variant
+from bnnctl.orchestrator.spec import Resources
+from bnnctl.orchestrator.store import Store
+from bnnctl.workers.config import to_dict
+from bnnctl.workers.train import TrainConfig
+
+ONE = Resources(cpus=1.0)
+
+
+def _variant(name, seed=0, init_dep=None, teacher_dep=None, kind="row", resources=ONE):
+    cfg = TrainConfig(epochs=3, seed=seed)
+    return Variant(name, f"label {name}", kind, cfg, resources, seed, "ab", name, init_dep, teacher_dep)
+
+
+def _setup(tmp_path, variants):
+    store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+    for v in variants:
+        store.ensure_variant(v.key, v.label, v.kind, to_dict(v.config), list(v.deps))
+    return store, Plan({v.key: v for v in variants}, {})
+
+
+class Script:
+    """Task bodies by key: each reports its epochs, then does what the test asked (records timing)."""
+
+    def __init__(self, epochs=3, delay=0.02, lose=None, fail=None, crash=None):
+        self.epochs, self.delay = epochs, delay
+        self.lose = dict(lose or {})  # key -> how many times its worker dies first
+        self.fail, self.crash = set(fail or ()), set(crash or ())
+        self.calls: list[tuple[str, float, float]] = []  # key, start, end
+        self.lock = threading.Lock()
+
+    def __call__(self, task: Task, reporter, node: str) -> Finished:
+        start = time.monotonic()
+        try:
+            if self.lose.get(task.key, 0) > 0:
+                self.lose[task.key] -= 1
+                raise WorkerLost("killed by the test")
+            if task.key in self.crash:
+                raise ZeroDivisionError("a bug in the task")
+            done = 0
+            for epoch in range(1, self.epochs + 1):
+                time.sleep(self.delay)
+                reporter.report(epoch, {"pckh": 10.0 * epoch})
+                done = epoch
+                if epoch < self.epochs and reporter.should_stop():
+                    return Finished(task.key, "stopped", {"status": "stopped", "epochs_done": done}, node=node)
+            if task.key in self.fail:
+                return Finished(task.key, "failed", error="loss became NaN", node=node)
+            return Finished(task.key, "completed", {"status": "completed", "epochs_done": done,
+                                                    "config": task.config}, node=node)
+        finally:
+            with self.lock:
+                self.calls.append((task.key, start, time.monotonic()))
+
+
+def _executor(store, backend, tmp_path, **kw):
+    backend.start(kw.pop("workers", 2), 1.0, 0.0)
+    return Executor(store, None, backend, runs_dir=tmp_path / "runs", **kw)
+
+
+def test_the_dag_runs_in_order_within_the_parallelism_limit_and_records_where(tmp_path):
+    vs = [_variant("teacher", kind="teacher"), _variant("s1", kind="stage1"),
+          _variant("a"), _variant("b"), _variant("c", init_dep="s1"), _variant("d", teacher_dep="teacher")]
+    store, plan = _setup(tmp_path, vs)
+    script = Script()
+    backend = InProcessBackend(capacity=8, run=script)
+    status = _executor(store, backend, tmp_path, max_parallel=2).run(plan, "s", None)
+    assert status == {k: "completed" for k in plan.variants}
+    spans = {k: (s, e) for k, s, e in script.calls}
+    assert spans["s1"][1] <= spans["c"][0] and spans["teacher"][1] <= spans["d"][0]  # dependencies first
+    events = sorted([(s, 1) for s, _ in spans.values()] + [(e, -1) for _, e in spans.values()])
+    level = peak = 0
+    for _, step in events:
+        level += step
+        peak = max(peak, level)
+    assert peak == 2  # the limit is reached and never passed
+    # a dependency's checkpoint reaches its dependant's config
+    c_task = next(t for t in backend.submitted if t.key == "c")
+    d_task = next(t for t in backend.submitted if t.key == "d")
+    assert c_task.config["init_from"] == str((tmp_path / "runs" / "s1" / "last.pt").resolve())
+    assert d_task.config["distill"]["teacher"] == str((tmp_path / "runs" / "teacher" / "best.pt").resolve())
+    for k in plan.variants:
+        (attempt,) = store.attempts(k)
+        assert (attempt.status, attempt.node, attempt.node_id) == ("completed", socket.gethostname(), "in-process")
+        assert [v for _, v in store.metrics(k)["pckh"]] == [10.0, 20.0, 30.0]
+        assert store.variant(k).result["epochs_done"] == 3
+
+
+def test_a_lost_worker_is_retried_then_the_variant_fails_with_the_reason(tmp_path):
+    store, plan = _setup(tmp_path, [_variant("once"), _variant("always")])
+    script = Script(lose={"once": 1, "always": 99})
+    seen = []
+    events = Events(finished=lambda v, status, error: seen.append((v.key, status)))
+    status = _executor(store, InProcessBackend(run=script), tmp_path, retries=2, events=events).run(plan, "s", None)
+    assert status == {"once": "completed", "always": "failed"}
+    assert [a.status for a in store.attempts("once")] == ["lost", "completed"]
+    assert [a.status for a in store.attempts("always")] == ["lost", "lost", "failed"]
+    assert store.variant("always").error == "worker lost 3 times: WorkerLost: killed by the test"
+    assert seen.count(("always", "retrying")) == 2 and ("once", "retrying") in seen
+
+
+def test_an_application_error_fails_the_variant_and_its_dependants_the_rest_goes_on(tmp_path):
+    vs = [_variant("bad"), _variant("child", init_dep="bad"), _variant("bug"), _variant("fine")]
+    store, plan = _setup(tmp_path, vs)
+    status = _executor(store, InProcessBackend(run=Script(fail={"bad"}, crash={"bug"})), tmp_path).run(plan, "s", None)
+    assert status == {"bad": "failed", "child": "failed", "bug": "failed", "fine": "completed"}
+    assert store.variant("bad").error == "loss became NaN"
+    assert store.variant("child").error == "dependency label bad failed"
+    assert store.variant("bug").error.startswith("crashed: Traceback") and "ZeroDivisionError" in store.variant("bug").error
+    assert [a.status for a in store.attempts("bad")] == ["failed"]  # never retried
+
+
+def test_cancel_puts_running_variants_back_to_pending_and_starts_nothing_new(tmp_path):
+    store, plan = _setup(tmp_path, [_variant("a"), _variant("b"), _variant("c")])
+    script = Script(epochs=50, delay=0.05)
+    flag = {"cancel": False}
+    started = []
+
+    def on_start(v):
+        started.append(v.key)
+        if len(started) == 2:
+            threading.Timer(0.3, lambda: flag.update(cancel=True)).start()
+
+    ex = _executor(store, InProcessBackend(run=script), tmp_path, max_parallel=2, events=Events(started=on_start))
+    status = ex.run(plan, "s", None, cancelled=lambda: flag["cancel"])
+    assert status == {"a": "pending", "b": "pending", "c": "pending"}
+    assert started == ["a", "b"]
+    assert [a.status for a in store.attempts("a")] == ["lost"] and store.attempts("a")[0].error == "study cancelled"
+    assert {store.variant(k).status for k in "abc"} == {"pending"}
+
+
+def test_a_variant_waiting_for_resources_is_reported(tmp_path):
+    store, plan = _setup(tmp_path, [_variant("first"), _variant("second")])
+    waiting = []
+    backend = InProcessBackend(capacity=1, run=Script(epochs=4, delay=0.1))
+    ex = _executor(store, backend, tmp_path, max_parallel=2, wait_warning_s=0.15,
+                   events=Events(waiting=lambda v, s: waiting.append((v.key, s))))
+    assert ex.run(plan, "s", None) == {"first": "completed", "second": "completed"}
+    assert [k for k, _ in waiting] == ["second"] and waiting[0][1] >= 0.15
+
+
+def test_an_impossible_resource_request_is_refused_at_start_with_the_cluster_resources():
+    with pytest.raises(ResourceError, match="needs 4 CPUs and 0 GPUs; this process has 2 CPUs"):
+        InProcessBackend(capacity=2).start(1, 4.0, 0.0)
+    nodes = [{"host": "head", "address": "10.0.0.1", "node_id": "a" * 56, "cpus": 2.0, "gpus": 0.0},
+             {"host": "gpu1", "address": "10.0.0.2", "node_id": "b" * 56, "cpus": 8.0, "gpus": 1.0}]
+    check_resources(8, 0.5, nodes, "the cluster")  # fits on gpu1
+    with pytest.raises(ResourceError) as err:
+        check_resources(2, 2, nodes, "the Ray cluster at head:6379")
+    msg = str(err.value)
+    assert "needs 2 CPUs and 2 GPUs" in msg and "head (10.0.0.1, node aaaaaaaa): 2 CPUs, 0 GPUs" in msg \
+        and "gpu1 (10.0.0.2, node bbbbbbbb): 8 CPUs, 1 GPUs" in msg
+
+
+class _Pruner(Hooks):
+    """A tuning in miniature: feeds 4 variants one by one, stops 'p' after epoch 1."""
+
+    def __init__(self):
+        self.pending = [_variant(k) for k in ("p", "q", "r", "s")]
+        self.judged, self.settled_ = [], []
+
+    @property
+    def prunes(self):
+        return True
+
+    def feed(self, free):
+        out, self.pending = self.pending[:free], self.pending[free:]
+        return out
+
+    def judge(self, variant, epoch, metrics):
+        self.judged.append((variant.key, epoch))
+        return variant.key == "p"
+
+    def settled(self, variant, status, result, error):
+        self.settled_.append((variant.key, status))
+
+
+def test_hooks_feed_variants_and_a_stop_verdict_ends_a_run_after_that_epoch(tmp_path):
+    store, plan = _setup(tmp_path, [])
+    hooks = _Pruner()
+    for v in hooks.pending:
+        store.ensure_variant(v.key, v.label, v.kind, to_dict(v.config), [])
+    status = _executor(store, InProcessBackend(run=Script()), tmp_path, max_parallel=2).run(plan, "t", None, hooks=hooks)
+    assert status == {"p": "stopped", "q": "completed", "r": "completed", "s": "completed"}
+    assert [e for k, e in hooks.judged if k == "p"] == [1]  # never trained epoch 2
+    assert sorted(hooks.settled_) == [("p", "stopped"), ("q", "completed"), ("r", "completed"), ("s", "completed")]
+    assert store.variant("p").status == "stopped" and store.variant("p").result["epochs_done"] == 1
