@@ -14,6 +14,8 @@ from . import views
 from .views import NotFound
 
 HERE = Path(__file__).resolve().parent
+#: the only files of a variant the dashboard serves (never checkpoints)
+SERVED = ("predictions.png",)
 
 
 def plotly_js() -> Path:
@@ -37,15 +39,16 @@ def templates():
 
 def create_app(db: str | None = None, runs_dir: str | Path | None = None, mlflow_url: str | None = None,
                refresh_s: float = 3.0):
-    """The dashboard app over the store at ``db`` (read-only), serving files from ``runs_dir``."""
+    """The dashboard app over the store at ``db`` (read-only), serving images from the run storage
+    ``runs_dir`` (a folder or an fsspec URL; default: $BNNCTL_STORAGE or .bnnctl/runs)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
-    from bnnctl.orchestrator.executor import RUNS_DIR
+    from bnnctl.orchestrator.runstorage import RunStorage
     from bnnctl.orchestrator.store import Store, readonly_url
 
     store = Store(db, readonly=True)
-    runs_root = Path(runs_dir or RUNS_DIR).resolve()
+    storage = RunStorage(runs_dir)
     env = templates()
     app = FastAPI(title="bnnctl dashboard", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -123,18 +126,25 @@ def create_app(db: str | None = None, runs_dir: str | Path | None = None, mlflow
 
     @app.get("/files/{key}/{filename}")
     def files(key: str, filename: str):
-        """A file of a variant's checkpoint folder (its predictions image): only inside the runs folder."""
+        """A variant's predictions image, from the run storage (a folder, or a URL it downloads from)."""
+        from bnnctl.orchestrator.runstorage import RunStorage, is_url
+
         v = store.variant(key)
-        if v is None or not v.checkpoint_dir:
+        if v is None:
             raise NotFound(f"no variant {key!r}")
-        folder = Path(v.checkpoint_dir).resolve()
-        target = (folder / filename).resolve()
-        if not (target.is_relative_to(runs_root) and target.is_relative_to(folder)) or target.suffix not in (".png", ".json"):
-            return JSONResponse({"error": "refused: only a variant's own images under the runs folder are served"},
-                                status_code=403)
-        if not target.is_file():
-            raise NotFound(f"no file {filename!r} for variant {key}")
-        return FileResponse(target)
+        if filename not in SERVED:
+            return JSONResponse({"error": "refused: only a variant's own images are served"}, status_code=403)
+        roots = [storage]
+        if v.checkpoint_dir and is_url(v.checkpoint_dir) and v.checkpoint_dir.endswith("/" + key):
+            roots.append(RunStorage(v.checkpoint_dir.removesuffix("/" + key)))  # the storage it ran with
+        for root in roots:
+            try:
+                target = root.local_copy(f"{key}/{filename}")
+            except Exception:  # noqa: BLE001 - unreachable storage: try the next, then 404
+                target = None
+            if target is not None:
+                return FileResponse(target)
+        raise NotFound(f"no file {filename!r} for variant {key}")
 
     @app.get("/static/plotly.min.js")
     def plotly():

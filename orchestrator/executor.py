@@ -10,20 +10,17 @@ the rest of the study goes on.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from bnnctl.workers.config import to_dict
 from bnnctl.workers.train.loop import BEST, LAST
 
 from .backends import Backend, EpochMetrics, Finished, Progress, Started, Task
 from .plan import Plan, Variant
+from .runstorage import RunStorage
 from .store import Store
-
-RUNS_DIR = Path(".bnnctl") / "runs"
 #: Seconds a submitted variant may wait for a worker before the progress display says so.
 WAIT_WARNING_S = 60.0
 
@@ -69,26 +66,23 @@ class Hooks:
 
 
 class Executor:
-    def __init__(self, store: Store, tracker, backend: Backend, runs_dir: Path | None = None, max_parallel: int = 2,
-                 retries: int = 2, events: Events | None = None, wait_warning_s: float = WAIT_WARNING_S) -> None:
+    def __init__(self, store: Store, tracker, backend: Backend, storage: RunStorage | None = None,
+                 max_parallel: int = 2, retries: int = 2, events: Events | None = None,
+                 wait_warning_s: float = WAIT_WARNING_S) -> None:
         self.store, self.tracker, self.backend = store, tracker, backend
-        self.runs_dir = Path(runs_dir or RUNS_DIR).resolve()
+        self.storage = storage or RunStorage()
         self.max_parallel, self.retries = max_parallel, retries
         self.events = events or Events()
         self.wait_warning_s = wait_warning_s
 
-    def checkpoint_dir(self, key: str) -> Path:
-        return (self.runs_dir / key).resolve()
-
-    def resolved_config(self, v: Variant) -> dict:
-        """The variant's config with its dependencies' checkpoints filled in."""
-        cfg = v.config
+    def task(self, v: Variant) -> Task:
+        """The backend's task for ``v``: its config, and its dependencies' checkpoints to fetch."""
+        fetch = []
         if v.init_dep:
-            cfg = dataclasses.replace(cfg, init_from=str(self.checkpoint_dir(v.init_dep) / LAST))
+            fetch.append(("init_from", f"{v.init_dep}/{LAST}"))
         if v.teacher_dep:
-            cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill,
-                                                                       teacher=str(self.checkpoint_dir(v.teacher_dep) / BEST)))
-        return to_dict(cfg)
+            fetch.append(("distill.teacher", f"{v.teacher_dep}/{BEST}"))
+        return Task(v.key, to_dict(v.config), self.storage.root, v.resources.cpus, v.resources.gpus, tuple(fetch))
 
     def run(self, plan: Plan, study_name: str, parent_run: str | None,
             cancelled: Callable[[], bool] = lambda: False, hooks: Hooks | None = None) -> dict[str, str]:
@@ -151,7 +145,7 @@ class _Loop:
         for v in self.plan.order():
             if self.status[v.key] == "pending" and any(self.status[d] == "failed" for d in v.deps):
                 failed_dep = next(d for d in v.deps if self.status[d] == "failed")
-                self.store.start_attempt(v.key, None, str(self.ex.checkpoint_dir(v.key)))
+                self.store.start_attempt(v.key, None, self.ex.storage.location(v.key))
                 self.settle(v.key, "failed", f"dependency {self.plan.variants[failed_dep].label} failed")
 
     def feed(self) -> bool:
@@ -172,9 +166,8 @@ class _Loop:
         return bool(fed)
 
     def submit(self, v: Variant) -> None:
-        ckpt = self.ex.checkpoint_dir(v.key)
         self.attempts[v.key] += 1
-        self.store.start_attempt(v.key, None, str(ckpt))
+        self.store.start_attempt(v.key, None, self.ex.storage.location(v.key))
         tracker = self.ex.tracker
         if tracker is not None and self.parent_run is not None and v.key not in self.runs:
             stored = self.store.variant(v.key)
@@ -182,8 +175,7 @@ class _Loop:
                                          v.label, v.kind, v.seed, to_dict(v.config), self.study)
             self.store.set_mlflow_run(v.key, run_id)
             self.runs[v.key] = run_id
-        task = Task(v.key, self.ex.resolved_config(v), str(ckpt), v.resources.cpus, v.resources.gpus)
-        self.backend.submit(task, verdicts=self.hooks.prunes)
+        self.backend.submit(self.ex.task(v), verdicts=self.hooks.prunes)
         self.running[v.key] = time.monotonic()
         self.started.discard(v.key)
         self.status[v.key] = "running"

@@ -16,6 +16,7 @@ from typing import Any
 from .backends import Backend, make_backend
 from .executor import Events, Executor, Hooks
 from .plan import Plan
+from .runstorage import RunStorage
 from .spec import Execution, Resources
 from .store import Store
 
@@ -31,6 +32,9 @@ class RunOptions:
     max_parallel: int | None = None
     track: bool = True
     backend: str = "ray"
+    #: run storage root: a folder or an fsspec URL (default: the spec's `storage`, $BNNCTL_STORAGE,
+    #: else .bnnctl/runs)
+    storage: str | None = None
     #: an already-built backend (tests inject an in-process one with scripted tasks)
     backend_instance: Backend | None = None
 
@@ -57,6 +61,7 @@ class DriverSession:
                  events: Events | None = None, kind: str = "study") -> None:
         self.store, self.study_id, self.name = store, study_id, name
         self.options, self.execution, self.resources = options, execution, resources
+        self.storage = RunStorage(options.storage)
         self.events = events or Events()
         self.parallel = options.max_parallel or execution.max_parallel
         self.tracker: Any = None
@@ -84,6 +89,7 @@ class DriverSession:
                 raise self._opened["error"]
             self.tracker, self.parent = self._opened["tracker"], self._opened["run"]
             self.store.annotate_study(self.study_id, mlflow_experiment_id=self.tracker.experiment_id)
+        self.store.annotate_study(self.study_id, storage=self.storage.root)
         self.store.set_study_status(self.study_id, "running", self.parent)
         self._running = True
 
@@ -92,7 +98,7 @@ class DriverSession:
         try:
             from .tracking import Tracker
 
-            t = Tracker(self.options.tracking_uri, experiment)
+            t = Tracker(self.options.tracking_uri, experiment, self.storage)
             self._opened["run"] = t.study_run(self.name, existing_run, spec_file)
             if kind != "study":
                 t.client.set_tag(self._opened["run"], "bnnctl.kind", kind)
@@ -103,7 +109,7 @@ class DriverSession:
     # -- run --------------------------------------------------------------------------------------
     def execute(self, plan: Plan, hooks: Hooks | None = None, events: Events | None = None) -> dict[str, str]:
         assert self.backend is not None, "begin(work=True) starts the backend"
-        executor = Executor(self.store, self.tracker, self.backend, max_parallel=self.parallel,
+        executor = Executor(self.store, self.tracker, self.backend, self.storage, max_parallel=self.parallel,
                             retries=self.execution.retries, events=events or self.events,
                             wait_warning_s=self.execution.wait_warning_s)
         return executor.run(plan, self.name, self.parent, cancelled=cancel_poller(self.store, self.study_id), hooks=hooks)

@@ -15,8 +15,10 @@ the YAML path and line.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +34,7 @@ from .errors import SpecError
 Mode = Literal["incremental", "isolated", "grid"]
 STAGE_KINDS = ("single", "reverse_order")
 TOP_KEYS = {"name", "description", "task", "base", "seeds", "resources", "teachers", "ablations", "tracking", "execution",
-            "metric"}
+            "metric", "storage"}
 
 
 # --------------------------------------------------------------------------- YAML with line numbers
@@ -150,6 +152,7 @@ class StudySpec:
     tracking: Tracking
     execution: Execution
     metric: str | None
+    storage: str | None = None  # run storage root (absolute path or URL); None: --storage / env / default
 
     @property
     def rows(self) -> list[RowSpec]:
@@ -213,7 +216,7 @@ class _Parser:
                 if err.path == key or err.path.startswith(key + "."):  # the override itself is wrong
                     raise self.fail(f"{path}.{err.path}", err.message) from None
                 raise self.fail(f"{path}.{key}", f"{err.path}: {err.message}") from None
-        return cfg
+        return resolve_paths(cfg)
 
     def parse(self) -> StudySpec:
         if isinstance(self.data, dict) and self.data.get("kind") == "tuning":
@@ -259,7 +262,7 @@ class _Parser:
         return StudySpec(
             name=name, description=str(description), file=self.file, spec_hash=spec_hash(self.data),
             base=base, seeds=tuple(seeds), resources=resources, teachers=teachers, ablations=ablations,
-            tracking=tracking, execution=execution, metric=metric,
+            tracking=tracking, execution=execution, metric=metric, storage=self.storage(top),
         )
 
     def run_sections(self, top: dict, base: TrainConfig) -> tuple[Resources, Execution, Tracking]:
@@ -275,6 +278,17 @@ class _Parser:
             raise self.fail("execution", "max_parallel (variants at once) must be >= 1, retries >= 0 and "
                             "wait_warning_s > 0")
         return resources, execution, self.typed(Tracking, top.get("tracking"), "tracking")
+
+    def storage(self, top: dict) -> str | None:
+        """The spec's ``storage:`` (a folder, relative to the working directory, or an fsspec URL)."""
+        value = top.get("storage")
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail("storage", "expected a folder or an fsspec URL such as s3://bucket/runs")
+        from .runstorage import normalize
+
+        return normalize(value.strip())
 
     def parse_teachers(self, raw: Any, base_data: dict) -> dict[str, TeacherSpec]:
         teachers = {}
@@ -366,6 +380,22 @@ class _Parser:
         if baseline not in [r.name for r in rows]:
             raise self.fail(f"{path}.baseline", f"no row named {baseline!r} in this ablation")
         return Ablation(name, mode, baseline, tuple(rows))
+
+
+def resolve_paths(cfg: TrainConfig) -> TrainConfig:
+    """Every path of a config as an absolute path of this machine (or a URL, unchanged), resolved
+    once, at load. The rule: a relative path is relative to the working directory of the command
+    (the project folder, where .bnnctl/ lives), never to the folder a worker runs in."""
+    def absolute(p: str | None) -> str | None:
+        if p is None or "://" in p or os.path.isabs(p):
+            return p
+        return str(Path(p).expanduser().resolve())
+
+    root, init, teacher = absolute(cfg.data.root), absolute(cfg.init_from), absolute(cfg.distill.teacher)
+    if (root, init, teacher) == (cfg.data.root, cfg.init_from, cfg.distill.teacher):
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root), init_from=init,
+                               distill=dataclasses.replace(cfg.distill, teacher=teacher))
 
 
 def spec_hash(data: Any) -> str:

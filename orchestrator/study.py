@@ -1,6 +1,7 @@
 """Running a study: spec -> plan -> state store -> executor on a backend (Ray) -> MLflow."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,8 @@ def run_study(path: str | Path, db: str | None = None, tracking_uri: str | None 
     ``options`` (when given) replaces the separate ``db`` ... ``track`` arguments."""
     opts = options or RunOptions(db, tracking_uri, address, cpus, max_parallel, track)
     spec = load_spec(path)
+    if opts.storage is None and spec.storage is not None:  # --storage, then the spec's, then $BNNCTL_STORAGE
+        opts = dataclasses.replace(opts, storage=spec.storage)
     plan = build_plan(spec)
     check_data(plan)
     store = Store(opts.db)

@@ -39,9 +39,14 @@ def metric_name(name: str) -> str:
 
 
 class Tracker:
-    def __init__(self, uri: str | None, experiment: str) -> None:
+    def __init__(self, uri: str | None, experiment: str, storage=None) -> None:
+        """``storage``: the RunStorage that results' file locations are relative to (artifacts are
+        read from it, downloaded first when it is a URL)."""
         from mlflow.tracking import MlflowClient
 
+        from .runstorage import RunStorage
+
+        self.storage = storage or RunStorage()
         self.uri = uri or default_uri()
         if self.uri.startswith("sqlite:///"):
             Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -109,11 +114,13 @@ class Tracker:
                     table = Path(tmp) / "per_joint.csv"
                     table.write_text("joint,value\n" + "".join(f"{k},{v:.3f}\n" for k, v in result["per_joint"].items()))
                     self.client.log_artifact(run_id, str(table))
-            image = result.get("predictions_image")
-            if image and Path(image).exists():
-                self.client.log_artifact(run_id, image)
-            ckpt = Path(result["best_checkpoint"])
-            if ckpt.exists():
+            from .runstorage import resolve
+
+            image = resolve(self.storage, result.get("predictions_image"))
+            if image is not None:
+                self.client.log_artifact(run_id, str(image))
+            ckpt = resolve(self.storage, result.get("best_checkpoint"))
+            if ckpt is not None:
                 self.client.log_artifact(run_id, str(ckpt), artifact_path="checkpoint")
             self.client.set_terminated(run_id, "FINISHED")
         else:

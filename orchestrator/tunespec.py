@@ -40,7 +40,7 @@ from .spec import (
 )
 
 TOP_KEYS = {"kind", "name", "description", "task", "base", "seed", "resources", "teachers", "teacher", "search",
-            "objective", "trials", "sampler", "pruner", "arms", "default_trial", "tracking", "execution"}
+            "objective", "trials", "sampler", "pruner", "arms", "default_trial", "tracking", "execution", "storage"}
 SAMPLERS = {"tpe": {"seed", "startup_trials"}, "random": {"seed"}, "grid": {"seed"}, "gp": {"seed", "startup_trials"}}
 PRUNERS = {
     "median": {"startup_trials", "warmup_epochs"},
@@ -141,6 +141,7 @@ class TuneSpec:
     sampler: Component
     pruner: Component
     default_trial: bool
+    storage: str | None = None  # run storage root (absolute path or URL); None: --storage / env / default
 
     @property
     def experiment(self) -> str:
@@ -195,7 +196,7 @@ class _TuneParser(_Parser):
             space_hash=hashlib.sha256(json.dumps(comparable, sort_keys=True, default=str).encode()).hexdigest()[:16],
             data=self.data, base=base, seed=seed, resources=resources, execution=execution, tracking=tracking,
             teachers=teachers, arms=arms, params=params, objective=objective, trials=trials, sampler=sampler,
-            pruner=pruner, default_trial=default_trial,
+            pruner=pruner, default_trial=default_trial, storage=self.storage(top),
         )
 
     def teacher_ref(self, value: Any, path: str, teachers: dict) -> str | None:

@@ -342,6 +342,8 @@ def run_tuning(path: str | Path, db: str | None = None, tracking_uri: str | None
 
     opts = options or RunOptions(db, tracking_uri, address, cpus, max_parallel, track)
     spec = load_tune_spec(path)
+    if opts.storage is None and spec.storage is not None:  # --storage, then the spec's, then $BNNCTL_STORAGE
+        opts = dataclasses.replace(opts, storage=spec.storage)
     check_configs([a.config for a in spec.arms] + [t.config for t in spec.teachers.values()])
     store = Store(opts.db)
     existing = store.study(spec.name)

@@ -40,8 +40,9 @@ class RayNodes:
     """The nodes one test starts; ``close()`` stops them all (their process groups) and puts the
     machine's current-cluster record back as it was."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, extra_env: dict[str, str] | None = None) -> None:
         self.folder = Path(folder)
+        self.extra_env = dict(extra_env or {})
         self.folder.mkdir(parents=True, exist_ok=True)
         self.token = self.folder / "auth_token"
         self.token.write_text(secrets.token_hex(32))
@@ -52,7 +53,8 @@ class RayNodes:
     def env(self) -> dict[str, str]:
         """The environment of a driver or node of these clusters."""
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
-        return {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token), "PYTHONUNBUFFERED": "1"}
+        return {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token), "PYTHONUNBUFFERED": "1",
+                **self.extra_env}
 
     def _start(self, args: list[str], log: str, prefix: list[str] | None = None, env: dict | None = None) -> subprocess.Popen:
         out = open(self.folder / log, "w")
@@ -66,7 +68,7 @@ class RayNodes:
         dashboard (and job server) listens there."""
         port = free_port()
         args = ["--head", f"--port={port}", f"--num-cpus={cpus}", "--node-ip-address=127.0.0.1",
-                "--object-store-memory=100000000"]
+                "--object-store-memory=100000000", *self._ports()]
         if dashboard_port:
             args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
         else:
@@ -76,11 +78,28 @@ class RayNodes:
         wait_for(lambda: self._up(proc, address), 90, f"the Ray head at {address}")
         return proc, address
 
-    def worker(self, address: str, cpus: int = 1, prefix: list[str] | None = None, env: dict | None = None,
+    @staticmethod
+    def _ports() -> list[str]:
+        """Free ports for a node's own servers: two nodes on one machine must not share them."""
+        names = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+                 "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")
+        return [f"--{n}={free_port()}" for n in names]
+
+    def worker(self, address: str, cpus: int = 1, hide: list[Path] | None = None, resources: str | None = None,
                name: str = "worker") -> subprocess.Popen:
-        """Start a node that joins ``address`` (``prefix``: e.g. an ``unshare`` wrapper)."""
-        return self._start([f"--address={address}", f"--num-cpus={cpus}", "--node-ip-address=127.0.0.1",
-                            "--object-store-memory=100000000"], f"{name}.log", prefix, env)
+        """Start a node that joins ``address``. ``hide``: folders this node must not see; it runs in its
+        own mount namespace with an empty tmpfs over each (as another machine would), starting in the
+        first."""
+        prefix = None
+        if hide:
+            mounts = " && ".join(f"mkdir -p {h} && mount -t tmpfs tmpfs {h}" for h in hide)
+            prefix = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                      f'{mounts} && cd {hide[0]} && exec "$@"', "sh"]
+        args = [f"--address={address}", f"--num-cpus={cpus}", "--node-ip-address=127.0.0.1",
+                "--object-store-memory=100000000", *self._ports()]
+        if resources:
+            args.append(f"--resources={resources}")
+        return self._start(args, f"{name}.log", prefix)
 
     def _up(self, proc: subprocess.Popen, address: str) -> bool:
         if proc.poll() is not None:
@@ -93,16 +112,20 @@ class RayNodes:
         except OSError:
             return False
 
-    def node_ids(self, address: str, expect: int = 1) -> list[str]:
-        """The alive node ids of the cluster at ``address`` (asked by a separate driver)."""
+    def node_ids(self, address: str, expect: int = 1, resource: str | None = None) -> list[str]:
+        """The alive node ids of the cluster at ``address`` (asked by a separate driver), once it has
+        ``expect`` of them; with ``resource``, only the nodes that have that custom resource."""
         code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-                "print(' '.join(n['NodeID'] for n in ray.nodes() if n['Alive']))")
+                "print(' '.join(n['NodeID'] + ',' + ('1' if sys.argv[2] in n['Resources'] else '0') "
+                "for n in ray.nodes() if n['Alive']))")
 
         def ask():
-            out = subprocess.run([sys.executable, "-c", code, address], env=self.env, capture_output=True, text=True,
-                                 timeout=120)
-            ids = out.stdout.split()
-            return ids if len(ids) >= expect else None
+            out = subprocess.run([sys.executable, "-c", code, address, resource or "-"], env=self.env,
+                                 capture_output=True, text=True, timeout=120)
+            nodes = [item.split(",") for item in out.stdout.split()]
+            if len(nodes) < expect:
+                return None
+            return [n for n, has in nodes if resource is None or has == "1"]
 
         return wait_for(ask, 120, f"{expect} alive nodes at {address}", every=1)
 

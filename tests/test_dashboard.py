@@ -278,10 +278,10 @@ def test_bad_requests_and_the_store_is_never_written(filled, browser):
     assert _status(f"{base}/files/{key}/predictions.png") == 200
     assert _status(f"{base}/files/{key}/last.pt") == 403  # checkpoints are not served
     assert _status(f"{base}/files/{key}/..%2F..%2Fstate.db") == 404
-    # a server whose runs folder is elsewhere refuses the same image: it lies outside its folder
+    # a server whose run storage is elsewhere does not find the image: it reads only its own storage
     other = Server(filled["db"], filled["root"] / "elsewhere")
     try:
-        assert _status(f"{other.url}/files/{key}/predictions.png") == 403
+        assert _status(f"{other.url}/files/{key}/predictions.png") == 404
     finally:
         other.stop()
     assert _fingerprint(filled["root"]) == filled["fingerprint"]  # every page above read, nothing written

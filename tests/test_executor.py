@@ -5,14 +5,16 @@ The Ray backend runs the same loop in tests/test_study_e2e.py and tests/test_clu
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from bnnctl.orchestrator.backends import Finished, ResourceError, Task
+from bnnctl.orchestrator.backends import ChannelReporter, Finished, ResourceError, Task
 from bnnctl.orchestrator.backends.inprocess import InProcessBackend, WorkerLost
 from bnnctl.orchestrator.backends.ray_cluster import check_resources
 from bnnctl.orchestrator.executor import Events, Executor, Hooks
 from bnnctl.orchestrator.plan import Plan, Variant
+from bnnctl.orchestrator.runstorage import RunStorage
 from bnnctl.orchestrator.spec import Resources
 from bnnctl.orchestrator.store import Store
 from bnnctl.workers.config import to_dict
@@ -43,8 +45,9 @@ class Script:
         self.calls: list[tuple[str, float, float]] = []  # key, start, end
         self.lock = threading.Lock()
 
-    def __call__(self, task: Task, reporter, node: str) -> Finished:
+    def __call__(self, task: Task, channel, node: str) -> Finished:
         start = time.monotonic()
+        reporter = ChannelReporter(task.key, Path(task.storage) / task.key, channel)
         try:
             if self.lose.get(task.key, 0) > 0:
                 self.lose[task.key] -= 1
@@ -69,7 +72,7 @@ class Script:
 
 def _executor(store, backend, tmp_path, **kw):
     backend.start(kw.pop("workers", 2), 1.0, 0.0)
-    return Executor(store, None, backend, runs_dir=tmp_path / "runs", **kw)
+    return Executor(store, None, backend, RunStorage(tmp_path / "runs"), **kw)
 
 
 def test_the_dag_runs_in_order_within_the_parallelism_limit_and_records_where(tmp_path):
@@ -89,13 +92,14 @@ def test_the_dag_runs_in_order_within_the_parallelism_limit_and_records_where(tm
         peak = max(peak, level)
     assert peak == 2  # the limit is reached and never passed
     # a dependency's checkpoint reaches its dependant's config
-    c_task = next(t for t in backend.submitted if t.key == "c")
-    d_task = next(t for t in backend.submitted if t.key == "d")
-    assert c_task.config["init_from"] == str((tmp_path / "runs" / "s1" / "last.pt").resolve())
-    assert d_task.config["distill"]["teacher"] == str((tmp_path / "runs" / "teacher" / "best.pt").resolve())
+    tasks = {t.key: t for t in backend.submitted}
+    assert tasks["c"].fetch == (("init_from", "s1/last.pt"),)
+    assert tasks["d"].fetch == (("distill.teacher", "teacher/best.pt"),)
+    assert tasks["a"].fetch == () and tasks["a"].storage == str((tmp_path / "runs").resolve())
     for k in plan.variants:
         (attempt,) = store.attempts(k)
         assert (attempt.status, attempt.node, attempt.node_id) == ("completed", socket.gethostname(), "in-process")
+        assert store.variant(k).checkpoint_dir == str((tmp_path / "runs" / k).resolve())
         assert [v for _, v in store.metrics(k)["pckh"]] == [10.0, 20.0, 30.0]
         assert store.variant(k).result["epochs_done"] == 3
 

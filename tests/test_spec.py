@@ -135,6 +135,7 @@ def test_missing_file(tmp_path, monkeypatch):
 def test_real_data_studies_stop_before_training_without_data(tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["study", "run", str(STUDIES[0].parent / name), "--no-track"])
-    assert result.exit_code == 1 and "not found at data/" in result.output
+    # relative data roots are resolved once, at load, against the working directory
+    assert result.exit_code == 1 and f"not found at {tmp_path.resolve() / 'data'}/" in result.output
     assert "bnnctl data" in result.output  # says how to get the data
     assert not (tmp_path / ".bnnctl").exists()

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import socket
+import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -37,6 +39,8 @@ from pathlib import Path
 from typing import Literal, Mapping
 
 from bnnctl.workers.errors import BnnctlError
+
+from ..runstorage import SYNCED
 
 
 class BackendError(BnnctlError):
@@ -49,13 +53,23 @@ class ResourceError(BackendError):
 
 @dataclass(frozen=True)
 class Task:
-    """One variant to train: its resolved config (plain data) and where its checkpoints live."""
+    """One variant to train.
+
+    Attributes:
+        config: its training config (plain data).
+        storage: the run storage root (a local folder or an fsspec URL); the variant's files go to
+            ``storage/key/``.
+        fetch: config fields to fill with a dependency's file before training, as
+            ``{"init_from": "<stage-1 key>/last.pt", "distill.teacher": "<teacher key>/best.pt"}``
+            (locations relative to the storage root).
+    """
 
     key: str
     config: dict
-    checkpoint_dir: str
+    storage: str
     cpus: float = 1.0
     gpus: float = 0.0
+    fetch: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -157,17 +171,27 @@ def make_backend(name: str, **options) -> Backend:
 
 # --------------------------------------------------------------------------- the worker side
 
+@dataclass(frozen=True)
+class Channel:
+    """How a worker talks to its driver: ``send`` a message; ``verdict(key, epoch)`` (None: no
+    pruning) returns the driver's decision or None while there is none yet; ``cancelled()``."""
+
+    send: Callable[[Message], None]
+    verdict: Callable[[str, int], bool | None] | None = None
+    cancelled: Callable[[], bool] = lambda: False
+
+
 class ChannelReporter:
-    """The workers' Reporter on any backend: metrics and progress go to ``send``; with ``verdict``
-    (a pruning driver), ``should_stop`` waits for the driver's decision on the epoch just reported."""
+    """The workers' Reporter on any backend: metrics and progress go through the channel; with a
+    pruning driver, ``should_stop`` waits for its decision on the epoch just reported. ``on_epoch``
+    runs after the epoch's checkpoint is written and before the epoch is reported (uploads)."""
 
     PROGRESS_INTERVAL = 1.0
     DECISION_TIMEOUT = 120.0  # the driver answers within a second; a silent driver means "go on"
 
-    def __init__(self, key: str, checkpoint_dir: str, send: Callable[[Message], None],
-                 verdict: Callable[[str, int], bool | None] | None = None,
-                 cancelled: Callable[[], bool] = lambda: False) -> None:
-        self.key, self._dir, self._send, self._verdict, self._cancelled = key, Path(checkpoint_dir), send, verdict, cancelled
+    def __init__(self, key: str, checkpoint_dir: Path, channel: Channel,
+                 on_epoch: Callable[[], None] = lambda: None) -> None:
+        self.key, self._dir, self.channel, self._on_epoch = key, Path(checkpoint_dir), channel, on_epoch
         self._last_progress = 0.0
         self._epoch = 0
 
@@ -176,17 +200,18 @@ class ChannelReporter:
         return self._dir
 
     def report(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        self._on_epoch()
         self._epoch = epoch
-        self._send(EpochMetrics(self.key, epoch, dict(metrics)))
+        self.channel.send(EpochMetrics(self.key, epoch, dict(metrics)))
 
     def should_stop(self) -> bool:
-        if self._cancelled():
+        if self.channel.cancelled():
             return True
-        if self._verdict is None:
+        if self.channel.verdict is None:
             return False
         deadline = time.monotonic() + self.DECISION_TIMEOUT
         while time.monotonic() < deadline:
-            verdict = self._verdict(self.key, self._epoch)
+            verdict = self.channel.verdict(self.key, self._epoch)
             if verdict is not None:
                 return verdict
             time.sleep(0.05)
@@ -196,28 +221,89 @@ class ChannelReporter:
         now = time.monotonic()
         if now - self._last_progress >= self.PROGRESS_INTERVAL or done == total:
             self._last_progress = now
-            self._send(Progress(self.key, done, total, message))
+            self.channel.send(Progress(self.key, done, total, message))
 
 
-def execute(task: Task, reporter, node: str) -> Finished:
-    """The task body every backend runs on its worker: train one variant. Application errors (bad
-    config, missing data, NaN loss, a full disk) come back as a failed outcome, never as a retry."""
+def scratch_dir(key: str) -> Path:
+    """The worker-local folder where a variant trains when its storage is a URL."""
+    return Path(tempfile.gettempdir()) / "bnnctl-scratch" / key
+
+
+class _Sync:
+    """Uploads a variant's files from its scratch folder after every checkpoint (remote storage)."""
+
+    def __init__(self, storage, key: str, folder: Path) -> None:
+        self.storage, self.key, self.folder = storage, key, folder
+        self._seen: dict[str, float] = {}
+
+    def restore(self) -> None:
+        """Bring an interrupted run's files (on another node, perhaps) back into scratch."""
+        for name in SYNCED:
+            if not (self.folder / name).exists():
+                self.storage.download(f"{self.key}/{name}", self.folder / name)
+            if (self.folder / name).exists():
+                self._seen[name] = (self.folder / name).stat().st_mtime_ns
+
+    def __call__(self) -> None:
+        for name in SYNCED:  # best before last: a resume from last.pt finds its best.pt
+            f = self.folder / name
+            if f.exists() and self._seen.get(name) != f.stat().st_mtime_ns:
+                self.storage.upload(f, f"{self.key}/{name}")
+                self._seen[name] = f.stat().st_mtime_ns
+
+
+def _set(config: dict, dotted: str, value: str) -> dict:
+    head, _, rest = dotted.partition(".")
+    return {**config, head: _set(config[head], rest, value) if rest else value}
+
+
+def execute(task: Task, channel: Channel, node: str) -> Finished:
+    """The task body every backend runs on its worker: fetch what the variant depends on from run
+    storage, train it (resuming from storage), upload its files. Application errors (bad config,
+    missing data, NaN loss, storage failures such as a full disk) come back as a failed outcome,
+    never as a retry."""
     from bnnctl.workers.config import from_dict
+    from bnnctl.workers.errors import DataError
     from bnnctl.workers.train import TrainConfig, run_variant
 
+    from ..runstorage import RunStorage, StorageError, relative
+
+    storage = RunStorage(task.storage)
+    folder = storage.local_dir(task.key) or scratch_dir(task.key)
     try:
-        Path(task.checkpoint_dir).mkdir(parents=True, exist_ok=True)  # on the worker's node
+        folder.mkdir(parents=True, exist_ok=True)
         # the worker's pid beside the checkpoints: operators (and the fault-injection tests) can find it
-        Path(task.checkpoint_dir, "worker.pid").write_text(str(os.getpid()))
-        result = run_variant(from_dict(TrainConfig, task.config), reporter)
+        (folder / "worker.pid").write_text(str(os.getpid()))
+        config = task.config
+        for field, rel in task.fetch:  # a stage-1 or teacher checkpoint
+            path = folder / "deps" / rel.replace("/", "-") if storage.remote else Path(storage.location(rel))
+            if storage.remote and not storage.download(rel, path):
+                raise StorageError(f"{storage.location(rel)} is missing (needed for {field})")
+            config = _set(config, field, str(path))
+        sync = _Sync(storage, task.key, folder) if storage.remote else None
+        if sync is not None:
+            sync.restore()
+        result = run_variant(from_dict(TrainConfig, config), ChannelReporter(task.key, folder, channel, sync or (lambda: None)))
+        if sync is not None:
+            sync()
+    except DataError as err:
+        return Finished(task.key, "failed", error=f"{err} (on node {node})", node=node)
     except BnnctlError as err:
         return Finished(task.key, "failed", error=str(err), node=node)
+    except StorageError as err:
+        return Finished(task.key, "failed", error=f"{err} (node {node})", node=node)
     except OSError as err:
         if err.errno == errno.ENOSPC:
-            where = err.filename or task.checkpoint_dir
+            where = err.filename or folder
             return Finished(task.key, "failed", error=f"no space left on device at {where} (node {node})", node=node)
         raise
-    return Finished(task.key, "stopped" if result.status == "stopped" else "completed", asdict(result), node=node)
+    out = asdict(result)
+    for name in ("last_checkpoint", "best_checkpoint", "predictions_image"):
+        if out.get(name):  # locations relative to the storage root, never a path of this node
+            out[name] = f"{task.key}/{Path(out[name]).name}" if storage.remote else relative(storage, out[name])
+    if storage.remote and result.status == "completed":
+        shutil.rmtree(folder, ignore_errors=True)
+    return Finished(task.key, "stopped" if result.status == "stopped" else "completed", out, node=node)
 
 
 def hostname() -> str:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from . import (
     Backend,
-    ChannelReporter,
+    Channel,
     Finished,
     Message,
     ResourceError,
@@ -38,7 +38,7 @@ class WorkerLost(Exception):
 @register("inprocess")
 class InProcessBackend(Backend):
     def __init__(self, capacity: float | None = None, gpus: float = 0.0,
-                 run: Callable[[Task, ChannelReporter, str], Finished] = execute) -> None:
+                 run: Callable[[Task, Channel, str], Finished] = execute) -> None:
         self.capacity = float(capacity if capacity is not None else (os.cpu_count() or 1))
         self.gpu_capacity = gpus
         self._run = run
@@ -67,12 +67,11 @@ class InProcessBackend(Backend):
                 return
             self._used += task.cpus
         node = hostname()
-        reporter = ChannelReporter(task.key, task.checkpoint_dir, self._messages.put,
-                                   (lambda k, e: self._verdicts.get((k, e))) if verdicts else None,
-                                   cancelled=lambda: task.key in self._cancelled)
+        channel = Channel(self._messages.put, (lambda k, e: self._verdicts.get((k, e))) if verdicts else None,
+                          cancelled=lambda: task.key in self._cancelled)
         try:
             self._messages.put(Started(task.key, node, NODE_ID))
-            out = self._run(task, reporter, node)
+            out = self._run(task, channel, node)
         except WorkerLost as err:
             out = Finished(task.key, "lost", error=f"WorkerLost: {err}", node=node)
         except Exception:  # a bug in the task: keep the traceback, as Ray's RayTaskError does

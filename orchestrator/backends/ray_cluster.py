@@ -28,7 +28,7 @@ from typing import Any
 from . import (
     Backend,
     BackendError,
-    ChannelReporter,
+    Channel,
     Finished,
     Message,
     ResourceError,
@@ -197,9 +197,8 @@ def ray_task(task: Task, queue: Any, decisions: Any = None) -> Finished:
 
     node, node_id = hostname(), ray.get_runtime_context().get_node_id()
     verdict = (lambda k, e: ray.get(decisions.get.remote(k, e))) if decisions is not None else None
-    reporter = ChannelReporter(task.key, task.checkpoint_dir, queue.put, verdict)
     queue.put(Started(task.key, node, node_id))
-    return execute(task, reporter, node)
+    return execute(task, Channel(queue.put, verdict), node)
 
 
 def _warm_task() -> int:

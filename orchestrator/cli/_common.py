@@ -16,6 +16,9 @@ AddressOption = Annotated[Optional[str], typer.Option(
          "(default: $RAY_ADDRESS, else a private local cluster started for this run).")]
 CpusOption = Annotated[Optional[int], typer.Option(help="CPUs of the local Ray cluster (default: all).")]
 NoTrackOption = Annotated[bool, typer.Option("--no-track", help="Do not log to MLflow.")]
+StorageOption = Annotated[Optional[str], typer.Option(
+    help="Run storage for checkpoints and images: a folder or an fsspec URL (s3://bucket/prefix, gs://..., "
+         "file:///nfs/...) that every node reaches (default: the spec's `storage`, $BNNCTL_STORAGE, else .bnnctl/runs).")]
 
 
 def fail(message: str) -> "typer.Exit":

@@ -14,8 +14,9 @@ def dashboard(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
     db: Annotated[Optional[str], typer.Option("--db", help="SQLAlchemy URL of the state database (default: sqlite "
                                               "under .bnnctl/, or $BNNCTL_DB).")] = None,
-    runs_dir: Annotated[Optional[str], typer.Option(help="The runs folder whose images it may serve "
-                                                    "(default: .bnnctl/runs).")] = None,
+    runs_dir: Annotated[Optional[str], typer.Option("--storage", "--runs-dir", help="The run storage whose images "
+                                                    "it serves: a folder or an fsspec URL such as s3://bucket/runs "
+                                                    "(default: $BNNCTL_STORAGE or .bnnctl/runs).")] = None,
     mlflow_url: Annotated[Optional[str], typer.Option(help="URL of a running MLflow UI, for links to each run "
                                                       "(e.g. http://127.0.0.1:5000).")] = None,
 ) -> None:

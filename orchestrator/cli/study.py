@@ -6,7 +6,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import AddressOption, CpusOption, NoTrackOption, TrackingUriOption, console, fail, user_errors
+from ._common import (
+    AddressOption,
+    CpusOption,
+    NoTrackOption,
+    StorageOption,
+    TrackingUriOption,
+    console,
+    fail,
+    user_errors,
+)
 
 app = typer.Typer(help="Run and inspect ablation studies.", no_args_is_help=True)
 
@@ -68,11 +77,13 @@ def run(
     cpus: CpusOption = None,
     max_parallel: Annotated[Optional[int], typer.Option(help="Variants at once (default: the spec's).")] = None,
     no_track: NoTrackOption = False,
+    storage: StorageOption = None,
 ) -> None:
     """Run a study (or continue it): finished variants are reused, unfinished ones resume."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from bnnctl.orchestrator.executor import Events
+    from bnnctl.orchestrator.runcore import RunOptions
     from bnnctl.orchestrator.study import run_study
     from bnnctl.orchestrator.tracking import default_uri
 
@@ -108,9 +119,9 @@ def run(
                                f"{v.resources.gpus:g} GPUs free for {seconds:.0f} s (the cluster may be busy or scaling up)")
 
     with progress:
-        outcome = run_study(file, db=db, tracking_uri=tracking_uri, address=address, cpus=cpus,
-                            max_parallel=max_parallel, track=not no_track,
-                            events=Events(started=started, epoch=epoch, finished=finished, waiting=waiting))
+        outcome = run_study(file, events=Events(started=started, epoch=epoch, finished=finished, waiting=waiting),
+                            options=RunOptions(db, tracking_uri, address, cpus, max_parallel, not no_track,
+                                               storage=storage))
     store, study = _load(outcome.study, db)
     print_tables(_tables(store, study), out)
     out.print(f"study {outcome.study}: {outcome.status} ({', '.join(f'{n} {s}' for s, n in sorted(outcome.counts.items()))}; "

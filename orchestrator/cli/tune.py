@@ -8,7 +8,16 @@ import typer
 
 from bnnctl.dashboard.tables import format_number
 
-from ._common import AddressOption, CpusOption, NoTrackOption, TrackingUriOption, console, fail, user_errors
+from ._common import (
+    AddressOption,
+    CpusOption,
+    NoTrackOption,
+    StorageOption,
+    TrackingUriOption,
+    console,
+    fail,
+    user_errors,
+)
 
 app = typer.Typer(help="Tune lambda schedules, distillation weights (any config value) with Optuna.",
                   no_args_is_help=True)
@@ -40,11 +49,13 @@ def run(
     cpus: CpusOption = None,
     max_parallel: Annotated[Optional[int], typer.Option(help="Trials at once (default: the spec's execution.max_parallel).")] = None,
     no_track: NoTrackOption = False,
+    storage: StorageOption = None,
 ) -> None:
     """Run a tuning, or continue it up to its number of trials (the same command resumes it)."""
     from rich.markup import escape
 
     from bnnctl.orchestrator.executor import Events
+    from bnnctl.orchestrator.runcore import RunOptions
     from bnnctl.orchestrator.tracking import default_uri
     from bnnctl.orchestrator.tuning import run_tuning
 
@@ -64,8 +75,8 @@ def run(
         elif status == "retrying":
             out.print(f"[yellow]retrying[/] {v.label} ({error}); it resumes from its checkpoint")
 
-    outcome = run_tuning(file, db=db, tracking_uri=tracking_uri, address=address, cpus=cpus, max_parallel=max_parallel,
-                         events=Events(finished=finished), track=not no_track, on_trial=on_trial)
+    outcome = run_tuning(file, events=Events(finished=finished), on_trial=on_trial,
+                         options=RunOptions(db, tracking_uri, address, cpus, max_parallel, not no_track, storage=storage))
     _show(outcome.name, db, out, trials=False)
     out.print(f"tuning {outcome.name}: {outcome.status} "
               f"({', '.join(f'{arm}: {n} finished trials' for arm, n in outcome.finished.items())}; "

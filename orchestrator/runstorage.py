@@ -1,0 +1,153 @@
+"""Run storage: where every file that a process other than its writer reads lives.
+
+Checkpoints (last, best), stage-1 and teacher checkpoints, prediction images and the per-variant
+files of a variant ``KEY`` live under ``ROOT/KEY/``, where ROOT is the run storage:
+
+- a local folder (the default ``.bnnctl/runs`` of the working directory, or any path), or
+- any fsspec URL: ``s3://bucket/prefix`` (s3fs), ``gs://bucket/prefix`` (gcsfs), ``file:///nfs/...``.
+  Credentials and endpoints come from each node's environment, as the URL's library reads them
+  (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``FSSPEC_S3_ENDPOINT_URL`` for an S3-compatible
+  server, ...): no node needs to see another node's disk.
+
+With a URL, a worker trains in a local scratch folder and uploads after every checkpoint; each file
+becomes visible in storage only when complete (an object store's PUT is atomic; on a folder the file
+is written under a temporary name and renamed). Dependencies (stage 1's last checkpoint, a teacher's
+best) and the files of an interrupted run (resume after a lost node) are downloaded first.
+
+Results and the state database hold locations *relative to the root* (``KEY/best.pt``), so a copied
+folder or a bucket seen from another machine keeps working.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+DEFAULT_ROOT = Path(".bnnctl") / "runs"
+#: files a variant writes that are kept in storage (checkpoints first: a resume needs them)
+SYNCED = ("best.pt", "last.pt", "predictions.png")
+
+
+class StorageError(Exception):
+    """Storage failed; the message names the URL (raised on workers, reported as the variant's error)."""
+
+
+def is_url(location: str) -> bool:
+    return "://" in location and not location.startswith("file://")
+
+
+def normalize(location: str | os.PathLike | None) -> str:
+    """The storage root as given by --storage / $BNNCTL_STORAGE / the spec: a URL stays a URL; a
+    path (or file:// URL) becomes an absolute path of this machine."""
+    if location is None or str(location) == "":
+        location = os.environ.get("BNNCTL_STORAGE") or DEFAULT_ROOT
+    location = str(location)
+    if is_url(location):
+        return location.rstrip("/")
+    if location.startswith("file://"):
+        location = location.removeprefix("file://")
+    return str(Path(location).expanduser().resolve())
+
+
+class RunStorage:
+    """A run storage root (see the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
+        self.root = normalize(root)
+        self.remote = is_url(self.root)
+        self._fs = None
+
+    def __repr__(self) -> str:
+        return f"RunStorage({self.root!r})"
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            import fsspec
+
+            protocol = self.root.split("://", 1)[0] if self.remote else "file"
+            try:
+                self._fs = fsspec.filesystem(protocol)
+            except (ImportError, ValueError) as err:
+                raise StorageError(f"cannot open the run storage {self.root}: {err} (install the package for "
+                                   f"{protocol}://, e.g. s3fs or gcsfs)") from None
+        return self._fs
+
+    def location(self, rel: str) -> str:
+        """The full URL or path of ``rel`` (relative to the root)."""
+        return f"{self.root}/{rel}" if self.remote else str(Path(self.root) / rel)
+
+    def local_dir(self, key: str) -> Path | None:
+        """The variant's folder when storage is a local folder (the run writes there directly)."""
+        return None if self.remote else Path(self.root) / key
+
+    def exists(self, rel: str) -> bool:
+        try:
+            return self.fs.exists(self.location(rel))
+        except OSError as err:
+            raise self._error(err, rel) from None
+
+    def download(self, rel: str, dest: Path) -> bool:
+        """Copy ``rel`` to ``dest`` (atomically); False when it is not in storage."""
+        src = self.location(rel)
+        try:
+            if not self.fs.exists(src):
+                return False
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            part = dest.with_name(dest.name + ".part")
+            self.fs.get_file(src, str(part))
+            os.replace(part, dest)
+            return True
+        except OSError as err:
+            raise self._error(err, rel) from None
+
+    def upload(self, src: Path, rel: str) -> None:
+        """Put ``src`` at ``rel``; it becomes visible only complete."""
+        dest = self.location(rel)
+        try:
+            if self.remote:
+                self.fs.put_file(str(src), dest)  # an object store's PUT is atomic
+            else:
+                Path(dest).parent.mkdir(parents=True, exist_ok=True)
+                part = dest + ".part"
+                self.fs.put_file(str(src), part)
+                os.replace(part, dest)
+        except OSError as err:
+            raise self._error(err, rel) from None
+
+    def local_copy(self, rel: str, cache: Path | None = None) -> Path | None:
+        """A local path holding ``rel`` (for the driver and the dashboard): the file itself for a
+        folder, a downloaded copy for a URL; None when it is not there."""
+        if not self.remote:
+            p = Path(self.location(rel))
+            return p if p.exists() else None
+        cache = cache or Path(tempfile.gettempdir()) / "bnnctl-storage-cache"
+        dest = cache / rel
+        return dest if dest.exists() or self.download(rel, dest) else None
+
+    def _error(self, err: OSError, rel: str) -> StorageError:
+        if err.errno == errno.ENOSPC:
+            return StorageError(f"no space left on device at {self.location(rel)}")
+        return StorageError(f"run storage {self.location(rel)}: {type(err).__name__}: {err}")
+
+
+def relative(storage: RunStorage, path: str | None) -> str | None:
+    """A result's file path as a location relative to the storage root (paths already relative, and
+    absolute paths outside it, are returned unchanged)."""
+    if path is None or storage.remote or not os.path.isabs(path):
+        return path
+    try:
+        return Path(path).resolve().relative_to(storage.root).as_posix()
+    except ValueError:
+        return path
+
+
+def resolve(storage: RunStorage, rel: str | None) -> Path | None:
+    """A local path for a result's file location (relative to the storage root, or an absolute path
+    written by an older bnnctl)."""
+    if not rel:
+        return None
+    if os.path.isabs(rel):
+        return Path(rel) if Path(rel).exists() else None
+    return storage.local_copy(rel)
