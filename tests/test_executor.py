@@ -203,3 +203,73 @@ def test_hooks_feed_variants_and_a_stop_verdict_ends_a_run_after_that_epoch(tmp_
     assert [e for k, e in hooks.judged if k == "p"] == [1]  # never trained epoch 2
     assert sorted(hooks.settled_) == [("p", "stopped"), ("q", "completed"), ("r", "completed"), ("s", "completed")]
     assert store.variant("p").status == "stopped" and store.variant("p").result["epochs_done"] == 1
+
+
+class _LosesItsQueue(InProcessBackend):
+    """A backend whose message channel breaks after the first epoch report (a lost driver-side actor)."""
+
+    def messages(self):
+        out = super().messages()
+        if any(type(m).__name__ == "EpochMetrics" for m in out):
+            from bnnctl.orchestrator.backends import BackendError
+
+            raise BackendError("the driver's message queue was lost (test)")
+        return out
+
+
+def test_a_broken_backend_leaves_the_study_stopped_with_the_reason(workdir):
+    from bnnctl.orchestrator.backends import BackendError
+    from bnnctl.orchestrator.runcore import RunOptions
+    from bnnctl.orchestrator.study import run_study
+
+    spec = workdir / "s.yaml"
+    spec.write_text(f"""
+name: broken
+base:
+  model: {{width: 8, depth: 2}}
+  data: {{root: {workdir / 'syn'}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
+  epochs: 2
+  batch_size: 16
+  threads: 1
+ablations:
+  - {{name: a, mode: isolated, rows: [{{name: relu, set: {{model.activation.kind: relu}}}}]}}
+""")
+    with pytest.raises(BackendError, match="message queue was lost"):
+        run_study(spec, options=RunOptions(track=False, backend_instance=_LosesItsQueue()))
+    study = Store().study("broken")
+    assert study.status == "stopped"  # never "running" with no driver
+    assert study.spec["stopped_reason"] == "BackendError: the driver's message queue was lost (test)"
+
+
+def test_real_training_on_the_in_process_backend_matches_the_trainer(workdir):
+    """The task body (fetch, train, record) as every backend runs it, without a cluster."""
+    from bnnctl.orchestrator.runcore import RunOptions
+    from bnnctl.orchestrator.study import run_study
+    from bnnctl.workers.config import from_dict
+    from bnnctl.workers.train import LocalReporter, run_variant
+
+    spec = workdir / "s.yaml"
+    spec.write_text(f"""
+name: local
+base:
+  model: {{width: 8, depth: 2}}
+  data: {{root: syn, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
+  epochs: 2
+  batch_size: 16
+  threads: 1
+ablations:
+  - {{name: a, mode: isolated, rows: [{{name: rev, set: {{model.activation.kind: prelu}}, stages: reverse_order}}]}}
+""")
+    out = run_study(spec, options=RunOptions(track=False, backend_instance=InProcessBackend(capacity=1)))
+    assert out.status == "completed" and out.trained == 2
+    store = Store()
+    (member,) = [m for m in store.members(store.study("local").id) if m.ablation]
+    v = store.variant(member.variant_key)
+    assert v.config["data"]["root"] == str(workdir / "syn")  # resolved at load, against the working folder
+    assert v.result["best_checkpoint"] == f"{v.key}/best.pt"  # relative to the storage root
+    assert (workdir / ".bnnctl" / "runs" / v.key / "best.pt").exists()
+    stage1 = store.variant(v.deps[0])
+    cfg = from_dict(TrainConfig, {**v.config, "init_from": str(workdir / ".bnnctl" / "runs" / stage1.key / "last.pt")})
+    reference = run_variant(cfg, LocalReporter(workdir / "ref"))
+    assert v.result["metrics"]["pckh"] == reference.metrics["pckh"]
+    assert v.result["metrics"]["val_loss"] == reference.metrics["val_loss"]

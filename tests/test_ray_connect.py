@@ -107,3 +107,15 @@ def test_an_unreachable_address_is_one_message_naming_it(tmp_path, nodes):
     err = _one_message(run_cli(["study", "run", str(_spec(tmp_path, "http")), "--address", "http://127.0.0.1:8265",
                                 "--no-track"], nodes.env, tmp_path))
     assert "study submit" in err and "GCS address" in err
+
+
+def test_a_request_no_node_can_hold_is_refused_in_seconds_with_the_cluster_resources(tmp_path, nodes):
+    for resources, needs in (("{cpus: 64}", "needs 64 CPUs and 0 GPUs"), ("{cpus: 1, gpus: 0.5}", "needs 1 CPUs and 0.5 GPUs")):
+        spec = _spec(tmp_path, "huge")
+        spec.write_text(spec.read_text() + f"resources: {resources}\n")
+        t0 = time.monotonic()
+        err = _one_message(run_cli(["study", "run", str(spec), "--cpus", "2", "--no-track"], nodes.env, tmp_path))
+        assert time.monotonic() - t0 < 60
+        assert needs in err and "the cluster's nodes:" in err and ": 2 CPUs, 0 GPUs" in err, err
+        store = Store(f"sqlite:///{tmp_path / '.bnnctl' / 'state.db'}")
+        assert store.study("huge").status == "pending"  # refused before it started: nothing ran
