@@ -230,6 +230,10 @@ def test_variant_page(filled, browser, tmp_path):
     assert diff == {"model.activation.kind": "prelu"}  # against relu, same seed
     attempts = browser.find_elements(By.CSS_SELECTOR, "#attempts tbody tr")
     assert len(attempts) == len(store.attempts(v.key)) >= 1
+    last = store.attempts(v.key)[-1]
+    node = attempts[-1].find_element(By.CSS_SELECTOR, "td.node")
+    assert last.node and node.text == f"{last.node} ({last.node_id[:8]})"  # where it ran: host and Ray node
+    assert node.get_attribute("title") == last.node_id
     link = browser.find_element(By.ID, "mlflow-link").get_attribute("href")
     assert link.endswith(f"/runs/{v.mlflow_run_id}") and s.spec["mlflow_experiment_id"] in link
     assert _wait(lambda: _charts_drawn(browser) >= 3)  # loss, metric, lambda + flips
