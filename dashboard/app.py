@@ -46,6 +46,7 @@ def create_app(db: str | None = None, runs_dir: str | Path | None = None, mlflow
 
     from bnnctl.orchestrator.runstorage import RunStorage
     from bnnctl.orchestrator.store import Store, readonly_url
+    from bnnctl.orchestrator.urls import mask_url
 
     store = Store(db, readonly=True)
     storage = RunStorage(runs_dir)
@@ -53,7 +54,7 @@ def create_app(db: str | None = None, runs_dir: str | Path | None = None, mlflow
     app = FastAPI(title="bnnctl dashboard", docs_url=None, redoc_url=None, openapi_url=None)
 
     def page(name: str, status: int = 200, **ctx) -> HTMLResponse:
-        html = env.get_template(name).render(refresh_s=refresh_s, mlflow_url=mlflow_url, db=store.url, **ctx)
+        html = env.get_template(name).render(refresh_s=refresh_s, mlflow_url=mask_url(mlflow_url), db=store.display_url, **ctx)
         return HTMLResponse(html, status_code=status)
 
     optuna_reader: list = []  # one read-only Optuna storage (engine) for the app's lifetime, made on first use

@@ -19,6 +19,7 @@ from .plan import Plan
 from .runstorage import RunStorage
 from .spec import Execution, Resources
 from .store import Store
+from .urls import mask_text, mask_url
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class DriverSession:
                 raise self._opened["error"]
             self.tracker, self.parent = self._opened["tracker"], self._opened["run"]
             self.store.annotate_study(self.study_id, mlflow_experiment_id=self.tracker.experiment_id)
-        self.store.annotate_study(self.study_id, storage=self.storage.root)
+        self.store.annotate_study(self.study_id, storage=mask_url(self.storage.root))
         self.store.set_study_status(self.study_id, "running", self.parent)
         self._running = True
 
@@ -128,7 +129,7 @@ class DriverSession:
 
     def abort(self, err: BaseException) -> None:
         """Something escaped the run: leave the study stopped with the reason (best effort)."""
-        reason = "interrupted" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"
+        reason = "interrupted" if isinstance(err, KeyboardInterrupt) else mask_text(f"{type(err).__name__}: {err}")
         if not self._running:  # refused before it started (resources, cluster, MLflow): nothing to undo
             self.close()
             return

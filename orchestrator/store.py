@@ -43,6 +43,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from .errors import StoreError
+from .urls import mask_text, mask_url
 
 SCHEMA_VERSION = 3
 #: Every table is prefixed, so that Optuna's tables (``studies``, ``trials``...) can live in the same
@@ -212,6 +213,7 @@ class Store:
         """Open (and create or migrate) the store at ``url``. ``readonly`` (the dashboard): never
         create, migrate or write anything; sqlite is opened read-only, so a write would fail."""
         self.url = url or default_url()
+        self.display_url = mask_url(self.url)  # what messages show: never the password
         self.readonly = readonly
         engine_url = self.url
         if self.url.startswith("sqlite:///"):
@@ -226,7 +228,7 @@ class Store:
         try:
             self.engine = create_engine(engine_url, connect_args={"timeout": 30} if self.url.startswith("sqlite") else {})
         except (SQLAlchemyError, ImportError) as err:
-            raise StoreError(f"cannot open the state database {self.url}: {err}") from None
+            raise StoreError(mask_text(f"cannot open the state database {self.display_url}: {err}")) from None
         if self.url.startswith("sqlite"):
             @event.listens_for(self.engine, "connect")
             def _pragmas(conn, _record) -> None:  # WAL lets the dashboard read while the orchestrator writes
@@ -256,7 +258,7 @@ class Store:
             s.commit()
         except SQLAlchemyError as err:
             s.rollback()
-            raise StoreError(f"state database error ({self.url}): {err.__class__.__name__}: {err}") from None
+            raise StoreError(mask_text(f"state database error ({self.display_url}): {err.__class__.__name__}: {err}")) from None
         except BaseException:
             s.rollback()
             raise
@@ -293,10 +295,10 @@ class Store:
             with self.session() as s:
                 info = s.get(SchemaInfo, 1)
         except StoreError as err:
-            raise StoreError(f"{self.url} is not a bnnctl state database of this version (schema "
+            raise StoreError(f"{self.display_url} is not a bnnctl state database of this version (schema "
                              f"{SCHEMA_VERSION}); open it once with `bnnctl study list` to migrate it ({err})") from None
         if info is None or info.version != SCHEMA_VERSION:
-            raise StoreError(f"{self.url} has schema {info.version if info else 'none'}, this bnnctl reads "
+            raise StoreError(f"{self.display_url} has schema {info.version if info else 'none'}, this bnnctl reads "
                              f"{SCHEMA_VERSION}; `bnnctl study list` migrates an older one")
 
     def _migrate(self) -> None:
@@ -310,7 +312,7 @@ class Store:
                 break
             except SQLAlchemyError as err:
                 if attempt == 2:
-                    raise StoreError(f"cannot create the state tables in {self.url}: {err}") from None
+                    raise StoreError(f"cannot create the state tables in {self.display_url}: {err}") from None
                 time.sleep(0.2)
         try:
             with self.session() as s:
@@ -321,9 +323,9 @@ class Store:
         with self.session() as s:
             info = s.get(SchemaInfo, 1)
             if info is None:
-                raise StoreError(f"cannot record the schema version in {self.url}")
+                raise StoreError(f"cannot record the schema version in {self.display_url}")
             if info.version > SCHEMA_VERSION:
-                raise StoreError(f"{self.url} was written by a newer bnnctl (schema {info.version} > "
+                raise StoreError(f"{self.display_url} was written by a newer bnnctl (schema {info.version} > "
                                  f"{SCHEMA_VERSION}); upgrade bnnctl to read it")
             if info.version < SCHEMA_VERSION:  # the columns were added above; record the new version
                 info.version = SCHEMA_VERSION

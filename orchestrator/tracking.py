@@ -22,6 +22,16 @@ def default_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path('.bnnctl') / 'mlflow.db').resolve()}"
 
 
+def ui_hint(uri: str | None) -> str:
+    """Where to look at the runs: the server's own URL, or `mlflow ui` over a local store (masked)."""
+    from .urls import mask_url
+
+    uri = uri or default_uri()
+    if uri.startswith(("http://", "https://", "databricks")):
+        return f"open {mask_url(uri)} (the MLflow tracking server)"
+    return f"mlflow ui --backend-store-uri {mask_url(uri)}"
+
+
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     """{"model": {"arch": "hourglass"}} -> {"model.arch": "hourglass"} (lists as JSON)."""
     out: dict[str, str] = {}

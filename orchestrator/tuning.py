@@ -33,6 +33,7 @@ from .executor import Events, Hooks
 from .plan import Plan, Variant, add_teacher, identity
 from .runcore import DriverSession, RunOptions
 from .store import Member, Store, readonly_url
+from .urls import mask_text
 from .study import check_configs
 from .tunespec import Arm, TuneSpec, default_params, load_tune_spec, trial_config
 
@@ -348,12 +349,12 @@ def run_tuning(path: str | Path, db: str | None = None, tracking_uri: str | None
     store = Store(opts.db)
     existing = store.study(spec.name)
     if existing is not None and existing.spec.get("kind") != "tuning":
-        raise SpecError(spec.file, "name", f"{spec.name!r} is already the name of a study in {store.url}; "
+        raise SpecError(spec.file, "name", f"{spec.name!r} is already the name of a study in {store.display_url}; "
                         "give the tuning another name")
     try:
         storage = optuna_storage(store.url)
     except Exception as err:  # noqa: BLE001 - any storage failure is reported as such
-        raise StoreError(f"cannot open Optuna's storage in {store.url}: {err}") from None
+        raise StoreError(mask_text(f"cannot open Optuna's storage in {store.display_url}: {err}")) from None
     check_compatible(spec, storage)
     row = store.upsert_study(spec.name, str(path), spec.spec_hash, tuning_layout(spec))
     studies, orphans = open_studies(spec, storage)
@@ -455,7 +456,7 @@ def load_tuning(name: str, db: str | None = None) -> tuple[Store, Any, dict[str,
     row = store.study(name)
     if row is None or row.spec.get("kind") != "tuning":
         known = ", ".join(s.name for s in store.studies() if s.spec.get("kind") == "tuning") or "none yet"
-        raise ConfigError("tuning", f"no tuning {name!r} in {store.url}; known tunings: {known}")
+        raise ConfigError("tuning", f"no tuning {name!r} in {store.display_url}; known tunings: {known}")
     return store, row, arm_studies(row.spec, optuna_storage(readonly_url(store.url), readonly=True))
 
 

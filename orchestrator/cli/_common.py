@@ -23,7 +23,9 @@ StorageOption = Annotated[Optional[str], typer.Option(
 
 def fail(message: str) -> "typer.Exit":
     """Print ``message`` as the error paragraph on stderr and return the exit to raise."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    from bnnctl.orchestrator.urls import mask_text
+
+    typer.secho(f"error: {mask_text(message)}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=1)
 
 

@@ -39,7 +39,7 @@ def _load(ref: str, db: str | None):
     study = store.study(_study_name(ref))
     if study is None:
         known = ", ".join(s.name for s in store.studies()) or "none yet"
-        raise fail(f"no study {ref!r} in {store.url}; known studies: {known}")
+        raise fail(f"no study {ref!r} in {store.display_url}; known studies: {known}")
     return store, study
 
 
@@ -85,7 +85,7 @@ def run(
     from bnnctl.orchestrator.executor import Events
     from bnnctl.orchestrator.runcore import RunOptions
     from bnnctl.orchestrator.study import run_study
-    from bnnctl.orchestrator.tracking import default_uri
+    from bnnctl.orchestrator.tracking import ui_hint
 
     out = console()
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -127,8 +127,7 @@ def run(
     out.print(f"study {outcome.study}: {outcome.status} ({', '.join(f'{n} {s}' for s, n in sorted(outcome.counts.items()))}; "
               f"{outcome.trained} trained or resumed in this run)")
     if not no_track:
-        uri = tracking_uri or default_uri()
-        out.print(f"compare the runs in MLflow: mlflow ui --backend-store-uri {uri}")
+        out.print(f"compare the runs in MLflow: {ui_hint(tracking_uri)}")
     if outcome.status != "completed":
         raise typer.Exit(code=1)
 
@@ -201,7 +200,7 @@ def list_studies(db: DbOption = None) -> None:
     store = Store(db)
     studies = store.studies()
     if not studies:
-        typer.echo(f"no studies yet in {store.url}")
+        typer.echo(f"no studies yet in {store.display_url}")
     for s in studies:
         counts: dict[str, int] = {}
         members = store.members(s.id)

@@ -56,7 +56,7 @@ def run(
 
     from bnnctl.orchestrator.executor import Events
     from bnnctl.orchestrator.runcore import RunOptions
-    from bnnctl.orchestrator.tracking import default_uri
+    from bnnctl.orchestrator.tracking import ui_hint
     from bnnctl.orchestrator.tuning import run_tuning
 
     out = console()
@@ -84,15 +84,16 @@ def run(
     out.print(f"details: bnnctl tune show {outcome.name}    Optuna's dashboard: optuna-dashboard "
               f"{_storage_url(db)}")
     if not no_track:
-        out.print(f"compare the trials in MLflow: mlflow ui --backend-store-uri {tracking_uri or default_uri()}")
+        out.print(f"compare the trials in MLflow: {ui_hint(tracking_uri)}")
     if outcome.status != "completed":
         raise typer.Exit(code=1)
 
 
 def _storage_url(db: str | None) -> str:
     from bnnctl.orchestrator.store import default_url
+    from bnnctl.orchestrator.urls import mask_url
 
-    return db or default_url()
+    return mask_url(db or default_url())
 
 
 def _show(name: str, db: str | None, out, trials: bool = True) -> None:
