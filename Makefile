@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; on a CUDA machine install your torch build into the venv first (README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run test bench clean browser
+.PHONY: setup run test bench clean browser postgres
 
 setup: $(VENV)/.bnnctl-installed
 
@@ -29,7 +29,16 @@ browser:
 	    || echo "warning: could not install chromium + chromium-driver; the browser tests will skip"; \
 	fi
 
-test: setup browser
+# The state-store tests run against a private PostgreSQL server too (Debian's postgresql, started by
+# the tests on a free port as the postgres user): installed here when missing; without it they skip.
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    ( $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null ) \
+	    || echo "warning: could not install postgresql; the PostgreSQL tests will skip"; \
+	fi
+
+test: setup browser postgres
 	$(PY) -m pytest -q
 
 bench: setup

@@ -52,7 +52,14 @@ SCHEMA_VERSION = 3
 PREFIX = "bnnctl_"
 V1_TABLES = ("schema_info", "studies", "variants", "study_variants", "attempts", "metrics")
 DEFAULT_DIR = Path(".bnnctl")
-VARIANT_STATES = ("pending", "running", "completed", "failed", "stopped")
+#: allowed state changes of a variant (see the module docstring); anything else raises StoreError
+TRANSITIONS = {
+    "pending": {"running"},
+    "running": {"completed", "failed", "stopped", "pending"},
+    "failed": {"pending"},
+    "stopped": {"pending"},
+    "completed": set(),
+}
 STUDY_STATES = ("pending", "running", "completed", "failed", "cancelled", "stopped")
 
 
@@ -409,9 +416,11 @@ class Store:
                 row = VariantRow(key=key, label=label, kind=kind, config=config, deps=deps, status="pending")
                 s.add(row)
             elif row.status in ("failed", "stopped"):  # asked for again: retried / resumed
-                row.status, row.error, row.updated_at = "pending", None, _now()
+                self._move(row, "pending")
+                row.error = None
             elif row.status == "running":  # the previous driver died: the run resumes from its checkpoint
-                row.status, row.updated_at = "pending", _now()
+                self._move(row, "pending")
+                self._end_attempt(s, key, "lost", "driver stopped")
             s.flush()
             return _variant(row)
 
@@ -424,14 +433,30 @@ class Store:
         with self.session() as s:
             return {r.key: _variant(r) for r in s.scalars(select(VariantRow).where(VariantRow.key.in_(keys)))}
 
-    def start_attempt(self, key: str, node: str | None, checkpoint_dir: str) -> int:
-        with self.session() as s:
-            row = s.get(VariantRow, key)
+    @staticmethod
+    def _move(row: VariantRow, new: str) -> None:
+        """Change a variant's state, enforcing TRANSITIONS."""
+        if new not in TRANSITIONS[row.status]:
             if row.status == "completed":
-                raise StoreError(f"variant {key} is completed; it is never trained again")
+                raise StoreError(f"variant {row.key} is completed; it is never trained again")
+            raise StoreError(f"variant {row.key}: forbidden state change {row.status} -> {new} "
+                             f"(allowed from {row.status}: {', '.join(sorted(TRANSITIONS[row.status])) or 'none'})")
+        row.status, row.updated_at = new, _now()
+
+    def _get(self, s: Session, key: str) -> VariantRow:
+        row = s.get(VariantRow, key)
+        if row is None:
+            raise StoreError(f"no variant {key} in {self.display_url}")
+        return row
+
+    def start_attempt(self, key: str, node: str | None, checkpoint_dir: str) -> int:
+        """pending -> running, with a new attempt row; returns the attempt's number."""
+        with self.session() as s:
+            row = self._get(s, key)
+            self._move(row, "running")
             number = len(s.scalars(select(AttemptRow).where(AttemptRow.variant_key == key)).all()) + 1
             s.add(AttemptRow(variant_key=key, number=number, status="running", node=node))
-            row.status, row.checkpoint_dir, row.updated_at = "running", checkpoint_dir, _now()
+            row.checkpoint_dir = checkpoint_dir
             return number
 
     def _end_attempt(self, s: Session, key: str, status: str, error: str | None) -> None:
@@ -441,29 +466,36 @@ class Store:
             attempt.status, attempt.error, attempt.ended_at = status, error, _now()
 
     def finish(self, key: str, result: dict) -> None:
+        """running -> completed with its result (final)."""
         with self.session() as s:
-            row = s.get(VariantRow, key)
-            row.status, row.result, row.error, row.updated_at = "completed", result, None, _now()
+            row = self._get(s, key)
+            self._move(row, "completed")
+            row.result, row.error = result, None
             self._end_attempt(s, key, "completed", None)
 
     def fail(self, key: str, error: str) -> None:
+        """running -> failed with the reason."""
         with self.session() as s:
-            row = s.get(VariantRow, key)
-            row.status, row.error, row.updated_at = "failed", error, _now()
+            row = self._get(s, key)
+            self._move(row, "failed")
+            row.error = error
             self._end_attempt(s, key, "failed", error)
 
     def stop(self, key: str, result: dict) -> None:
-        """The run was stopped early on request (a pruned trial): its partial result is kept."""
+        """running -> stopped: the run was stopped early on request (a pruned trial); its partial
+        result is kept."""
         with self.session() as s:
-            row = s.get(VariantRow, key)
-            row.status, row.result, row.error, row.updated_at = "stopped", result, None, _now()
+            row = self._get(s, key)
+            self._move(row, "stopped")
+            row.result, row.error = result, None
             self._end_attempt(s, key, "stopped", None)
 
     def requeue(self, key: str, error: str) -> None:
-        """The worker was lost: the attempt failed, the variant goes back to pending (it will resume)."""
+        """running -> pending: the worker was lost (or the study cancelled); the attempt ends 'lost'
+        and the variant resumes from its checkpoint later."""
         with self.session() as s:
-            row = s.get(VariantRow, key)
-            row.status, row.updated_at = "pending", _now()
+            row = self._get(s, key)
+            self._move(row, "pending")
             self._end_attempt(s, key, "lost", error)
 
     def set_attempt_node(self, key: str, node: str, node_id: str | None = None) -> None:

@@ -96,9 +96,10 @@ class Server:
         self.thread.join(10)
 
 
-@pytest.fixture(scope="module")
-def filled(tmp_path_factory):
-    """A store filled by a real study and a real tuning, and the dashboard serving it."""
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def filled(tmp_path_factory, request):
+    """A store filled by a real study and a real tuning, and the dashboard serving it: on sqlite, and
+    on a real PostgreSQL server (its URL with a password, which no page may show)."""
     import ray
 
     from bnnctl.orchestrator.study import run_study
@@ -110,11 +111,13 @@ def filled(tmp_path_factory):
     try:
         (root / "dash.yaml").write_text(STUDY.format(root=root / "syn"))
         (root / "tune.yaml").write_text(TUNING.format(root=root / "syn"))
-        assert run_study(root / "dash.yaml", cpus=2).status == "completed"
-        assert run_tuning(root / "tune.yaml", cpus=2, track=False).status == "completed"
-        ray.shutdown()
         db = f"sqlite:///{root / '.bnnctl' / 'state.db'}"
-        before = _fingerprint(root)
+        if request.param == "postgresql":
+            db = request.getfixturevalue("pg_server").database()
+        assert run_study(root / "dash.yaml", db=db, cpus=2).status == "completed"
+        assert run_tuning(root / "tune.yaml", db=db, cpus=2, track=False).status == "completed"
+        ray.shutdown()
+        before = _fingerprint(root, db)
         server = Server(db, root / ".bnnctl" / "runs", mlflow_url="http://127.0.0.1:5000")
         yield {"root": root, "db": db, "server": server, "fingerprint": before}
         server.stop()
@@ -122,15 +125,22 @@ def filled(tmp_path_factory):
         os.chdir(cwd)
 
 
-def _fingerprint(root: Path) -> dict:
-    """The bytes of the state database (and its WAL) and SQLite's own change counter."""
+def _fingerprint(root: Path, db: str) -> dict:
+    """The row counts and last changes of the state database's tables; for sqlite also the bytes of
+    the file and its WAL."""
+    from sqlalchemy import create_engine, text
+
     out = {}
     for name in ("state.db", "state.db-wal"):
         p = root / ".bnnctl" / name
         out[name] = hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else None
-    with sqlite3.connect(f"file:{root / '.bnnctl' / 'state.db'}?mode=ro", uri=True) as c:
-        out["rows"] = [c.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+    engine = create_engine(db)
+    with engine.connect() as c:
+        out["rows"] = [c.execute(text(f"SELECT count(*) FROM {t}")).scalar()
                        for t in ("bnnctl_studies", "bnnctl_variants", "bnnctl_attempts", "bnnctl_metrics", "trials")]
+        out["changed"] = [str(c.execute(text(f"SELECT max(updated_at) FROM {t}")).scalar())
+                          for t in ("bnnctl_studies", "bnnctl_variants")]
+    engine.dispose()
     return out
 
 
@@ -288,12 +298,15 @@ def test_bad_requests_and_the_store_is_never_written(filled, browser):
         assert _status(f"{other.url}/files/{key}/predictions.png") == 404
     finally:
         other.stop()
-    assert _fingerprint(filled["root"]) == filled["fingerprint"]  # every page above read, nothing written
+    assert _fingerprint(filled["root"], filled["db"]) == filled["fingerprint"]  # every page above read, nothing written
 
 
 def test_a_running_study_page_refreshes_itself(filled, browser, tmp_path):
     """While the orchestrator writes (here: the test, as its stand-in), an open page updates in place."""
     from selenium.webdriver.common.by import By
+
+    if not filled["db"].startswith("sqlite"):
+        pytest.skip("the stand-in writer copies the sqlite file; the PostgreSQL pages are read by the tests above")
 
     copy = tmp_path / "state.db"
     src = sqlite3.connect(filled["root"] / ".bnnctl" / "state.db")
@@ -304,13 +317,15 @@ def test_a_running_study_page_refreshes_itself(filled, browser, tmp_path):
     writer = Store(f"sqlite:///{copy}")
     s = writer.study("dash")
     writer.set_study_status(s.id, "running")
+    key = next(m.variant_key for m in writer.members(s.id) if m.row == "prelu" and m.seed == 0)
+    result = dict(writer.variant(key).result)
+    with sqlite3.connect(copy) as c:  # the copy goes back to the moment this variant was still training
+        c.execute("UPDATE bnnctl_variants SET status = 'running', result = NULL WHERE key = ?", (key,))
     server = Server(f"sqlite:///{copy}", filled["root"] / ".bnnctl" / "runs")
     try:
         browser.get(server.url + "/study/dash")
         cell = lambda: browser.find_element(By.CSS_SELECTOR, "tr[data-row=prelu] td.value").text  # noqa: E731
         before = cell()
-        key = next(m.variant_key for m in writer.members(s.id) if m.row == "prelu" and m.seed == 0)
-        result = dict(writer.variant(key).result)
         result["metrics"] = {**result["metrics"], "pckh": 99.0}
         writer.finish(key, result)
         assert _wait(lambda: cell() != before, timeout=20)
@@ -320,3 +335,25 @@ def test_a_running_study_page_refreshes_itself(filled, browser, tmp_path):
         assert browser.current_url.endswith("/study/dash")  # no reload, no navigation
     finally:
         server.stop()
+
+
+def test_no_page_shows_the_database_password(filled):
+    """Every page and JSON twin, read as a client would: the state URL appears masked, never in clear."""
+    import urllib.request
+
+    store = Store(filled["db"], readonly=True)
+    key = next(iter(store.variants([m.variant_key for m in store.members(store.study("dash").id)])))
+    base = filled["server"].url
+    pages = ["/", "/study/dash", f"/study/dash/variant/{key}", "/tuning/dash-tune", "/api/study/dash", "/api/studies",
+             "/api/tuning/dash-tune", f"/api/variant/{key}", "/study/nope"]
+    password = filled["db"].split(":")[2].split("@")[0] if "@" in filled["db"] else None
+    for page in pages:
+        try:
+            body = urllib.request.urlopen(base + page, timeout=30).read().decode()
+        except urllib.error.HTTPError as err:
+            body = err.read().decode()
+        assert body, page
+        if password:
+            assert password not in body, page
+    home = urllib.request.urlopen(base + "/", timeout=30).read().decode()
+    assert (f"{password and '***'}" in home) if password else (filled["db"].removeprefix("sqlite:///") in home)

@@ -47,11 +47,12 @@ def _mlflow_runs(path):
     return c.search_runs([exp.experiment_id], max_results=1000)
 
 
-def test_run_reuse_and_tables(workdir):
+def test_run_reuse_and_tables(workdir, db_url):
+    """The same study on each state backend: sqlite and a real PostgreSQL server."""
     spec = _spec(workdir, 2)
-    out = run_study(spec, cpus=2)
+    out = run_study(spec, db=db_url, cpus=2)
     assert out.status == "completed" and out.trained == 3
-    store = Store()
+    store = Store(db_url)
     study = store.study("e2e")
     members = store.members(study.id)
     variants = store.variants([m.variant_key for m in members])
@@ -67,7 +68,7 @@ def test_run_reuse_and_tables(workdir):
     assert {"result.json", "per_joint.csv", "predictions.png", "checkpoint"} <= names
     assert child.data.params["model.arch"] == "hourglass" and "pckh" in child.data.metrics
     t0 = time.time()
-    again = run_study(spec, cpus=2)
+    again = run_study(spec, db=db_url, cpus=2)
     assert again.trained == 0 and again.status == "completed" and time.time() - t0 < 30
     assert len(_mlflow_runs(workdir / ".bnnctl" / "mlflow.db")) == 4  # no duplicates
     from bnnctl.dashboard.tables import build_tables

@@ -51,8 +51,8 @@ def _spec(tmp_path, name="t", epochs=3, trials=4, parallel=2, pruner="{name: non
     return f
 
 
-def _optuna(tmp_path, name):
-    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / '.bnnctl' / 'state.db'}")
+def _optuna(tmp_path, name, db=None):
+    storage = optuna.storages.RDBStorage(db or f"sqlite:///{tmp_path / '.bnnctl' / 'state.db'}")
     return optuna.load_study(study_name=name, storage=storage)
 
 
@@ -197,15 +197,23 @@ def test_pruner_stops_trials_after_the_first_epoch(workdir):
 def test_four_parallel_trials_on_sqlite_never_lock(workdir, repetition):
     """4 trials at once on Ray (4 worker slots), Optuna storage and state in one sqlite file, MLflow
     in another, and a reader polling the tuning meanwhile (as `tune show` or the dashboard would)."""
-    f = _spec(workdir, name=f"par{repetition}", epochs=2, trials=8, parallel=4,
-              pruner="{name: median, startup_trials: 2}")
+    _four_parallel_trials(workdir, f"par{repetition}", None)
+
+
+def test_four_parallel_trials_on_postgresql(workdir, pg_server):
+    """The same on a real PostgreSQL server: state and Optuna's storage in one database."""
+    _four_parallel_trials(workdir, "pg", pg_server.database())
+
+
+def _four_parallel_trials(workdir, name, db):
+    f = _spec(workdir, name=name, epochs=2, trials=8, parallel=4, pruner="{name: median, startup_trials: 2}")
     errors: list[str] = []
     stop = threading.Event()
 
     def reader():
         while not stop.is_set():
             try:
-                _, _, studies = load_tuning(f"par{repetition}")
+                _, _, studies = load_tuning(name, db)
                 summarize(studies["base"])
             except Exception as err:  # noqa: BLE001 - "no tuning yet" at the very start is fine
                 if "locked" in str(err).lower():
@@ -215,16 +223,16 @@ def test_four_parallel_trials_on_sqlite_never_lock(workdir, repetition):
     t = threading.Thread(target=reader, daemon=True)
     t.start()
     try:
-        outcome = run_tuning(f, cpus=4)
+        outcome = run_tuning(f, db=db, cpus=4)
     finally:
         stop.set()
         t.join()
     assert outcome.status == "completed" and outcome.finished == {"base": 8}
     assert not errors
-    trials = _optuna(workdir, f"par{repetition}/base").trials
+    trials = _optuna(workdir, f"{name}/base", db).trials
     assert len(trials) == 8 and all(tr.state.name in ("COMPLETE", "PRUNED") for tr in trials)
     # the trials really ran 4 at a time: some moment had 4 attempts in flight
-    store = Store()
+    store = Store(db)
     spans = [(a.started_at, a.ended_at) for tr in trials for a in store.attempts(tr.user_attrs["bnnctl.variant"])]
     peak = max(sum(1 for s, e in spans if s <= start < e) for start, _ in spans)
     assert peak == 4
