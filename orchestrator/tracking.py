@@ -22,6 +22,14 @@ def default_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path('.bnnctl') / 'mlflow.db').resolve()}"
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a local sqlite store (``.bnnctl/mlartifacts``,
+    never ``./mlruns`` of whatever folder the command ran in); a tracking server decides itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
 def ui_hint(uri: str | None) -> str:
     """Where to look at the runs: the server's own URL, or `mlflow ui` over a local store (masked)."""
     from .urls import mask_url
@@ -62,7 +70,8 @@ class Tracker:
             Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=self.uri)
         exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+            experiment, artifact_location=artifact_location(self.uri))
 
     def _alive(self, run_id: str | None) -> bool:
         if not run_id:

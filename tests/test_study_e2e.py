@@ -66,6 +66,9 @@ def test_run_reuse_and_tables(workdir, db_url):
     child = next(r for r in runs if r.data.tags.get("bnnctl.kind") == "row")
     names = {a.path for a in client.list_artifacts(child.info.run_id)}
     assert {"result.json", "per_joint.csv", "predictions.png", "checkpoint"} <= names
+    # artifacts live beside the local tracking store, never in ./mlruns of the working folder
+    assert not (workdir / "mlruns").exists()
+    assert (workdir / ".bnnctl" / "mlartifacts" / child.info.run_id / "artifacts" / "predictions.png").exists()
     assert child.data.params["model.arch"] == "hourglass" and "pckh" in child.data.metrics
     t0 = time.time()
     again = run_study(spec, db=db_url, cpus=2)
