@@ -52,6 +52,8 @@ SCHEMA_VERSION = 3
 PREFIX = "bnnctl_"
 V1_TABLES = ("schema_info", "studies", "variants", "study_variants", "attempts", "metrics")
 DEFAULT_DIR = Path(".bnnctl")
+#: annotations of a study that survive a new run of its spec (its MLflow experiment, its submitted job)
+KEPT_ANNOTATIONS = ("mlflow_experiment_id", "job")
 #: allowed state changes of a variant (see the module docstring); anything else raises StoreError
 TRANSITIONS = {
     "pending": {"running"},
@@ -345,7 +347,7 @@ class Store:
                 row = StudyRow(name=name, spec_file=spec_file, spec_hash=spec_hash, spec=spec, status="pending")
                 s.add(row)
             else:
-                kept = {k: v for k, v in row.spec.items() if k == "mlflow_experiment_id"}  # annotations
+                kept = {k: v for k, v in row.spec.items() if k in KEPT_ANNOTATIONS}
                 row.spec_file, row.spec_hash, row.spec, row.updated_at = spec_file, spec_hash, {**spec, **kept}, _now()
             s.flush()
             return _study(row)

@@ -66,3 +66,18 @@ def console():
     from rich.console import Console
 
     return Console(file=sys.stdout, soft_wrap=False, width=max(120, Console().width))
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (a stopped Ray job, `kill`) ends a driver like Ctrl-C: the study is left `stopped` with
+    the reason and its MLflow run ended, instead of `running` with no driver."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt("terminated (SIGTERM)")
+
+    signal.signal(signal.SIGTERM, _terminate)

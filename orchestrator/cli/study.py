@@ -14,6 +14,7 @@ from ._common import (
     TrackingUriOption,
     console,
     fail,
+    stop_on_sigterm,
     user_errors,
 )
 
@@ -118,6 +119,7 @@ def run(
         progress.console.print(f"[yellow]waiting[/] {v.label}: no worker with {v.resources.cpus:g} CPUs / "
                                f"{v.resources.gpus:g} GPUs free for {seconds:.0f} s (the cluster may be busy or scaling up)")
 
+    stop_on_sigterm()
     with progress:
         outcome = run_study(file, events=Events(started=started, epoch=epoch, finished=finished, waiting=waiting),
                             options=RunOptions(db, tracking_uri, address, cpus, max_parallel, not no_track,
@@ -130,6 +132,52 @@ def run(
         out.print(f"compare the runs in MLflow: {ui_hint(tracking_uri)}")
     if outcome.status != "completed":
         raise typer.Exit(code=1)
+
+
+@app.command("submit")
+@user_errors
+def submit(
+    file: Annotated[Path, typer.Argument(help="The study spec (YAML).")],
+    address: Annotated[str, typer.Option(help="The cluster's job server: http://HEAD:8265 (default: $RAY_ADDRESS "
+                                         "when it is an http address).", envvar="RAY_ADDRESS")],
+    db: DbOption = None,
+    storage: StorageOption = None,
+    tracking_uri: TrackingUriOption = None,
+    no_track: NoTrackOption = False,
+    max_parallel: Annotated[Optional[int], typer.Option(help="Variants at once (default: the spec's).")] = None,
+) -> None:
+    """Run a study on a Ray cluster as a job: the driver runs there, this command returns at once.
+    Follow it with `study status`, `study logs`; stop it with `study cancel`."""
+    from bnnctl.orchestrator.submit import submit as submit_job
+    from bnnctl.orchestrator.urls import mask_url
+
+    done = submit_job(file, "study", address, db, storage, tracking_uri, not no_track, max_parallel)
+    typer.echo(f"study {done.study}: submitted as job {done.job_id} to {mask_url(done.address)}")
+    typer.echo(f"follow it: bnnctl study logs {done.study}    bnnctl study status {done.study}    "
+               f"stop it: bnnctl study cancel {done.study}   (each with the same --db)")
+
+
+@app.command("logs")
+@user_errors
+def logs(
+    study: Annotated[str, typer.Argument(help="Study name or spec file.")],
+    db: DbOption = None,
+    address: Annotated[Optional[str], typer.Option(help="The job server (default: the one it was submitted to).")] = None,
+    follow: Annotated[bool, typer.Option("--follow/--no-follow", help="Keep printing until the job ends.")] = True,
+) -> None:
+    """Print the output of a submitted study's driver (its Ray job), following it until it ends."""
+    import sys
+
+    from bnnctl.orchestrator.submit import follow_logs
+
+    _, s = _load(study, db)
+
+    def out(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    status = follow_logs(s, address, out, follow=follow)
+    typer.echo(f"job {s.spec['job']['id']}: {status}")
 
 
 @app.command("show")
@@ -169,7 +217,7 @@ def status(study: Annotated[str, typer.Argument(help="Study name or spec file.")
     members = store.members(s.id)
     variants = store.variants([m.variant_key for m in members])
     reason = f" ({s.spec['stopped_reason']})" if s.status == "stopped" and s.spec.get("stopped_reason") else ""
-    t = RichTable(title=f"{s.name}: {s.status}{reason}")
+    t = RichTable(title=f"{s.name}: {s.status}{reason}{_job_line(s)}")
     for col in ("variant", "kind", "status", "attempts", "node (last attempt)", "result / error"):
         t.add_column(col)
     seen = set()
@@ -182,6 +230,22 @@ def status(study: Annotated[str, typer.Argument(help="Study name or spec file.")
         detail = v.error or (f"{v.result['metric']} {v.result['metrics'][v.result['metric']]:.2f}" if v.result else "")
         t.add_row(v.label, v.kind, v.status, str(len(attempts)), node_label(attempts[-1]) if attempts else "", detail)
     console().print(t)
+
+
+def _job_line(study) -> str:
+    """'; job ID on ADDRESS: RUNNING' for a submitted study (the job server asked now)."""
+    job = study.spec.get("job")
+    if not job:
+        return ""
+    from bnnctl.orchestrator.submit import SubmitError, job_of
+    from bnnctl.orchestrator.urls import mask_url
+
+    try:
+        c, job_id = job_of(study, None)
+        state = c.get_job_status(job_id).value
+    except (SubmitError, Exception) as err:  # noqa: BLE001 - the table still shows what the database knows
+        state = f"job server unreachable ({type(err).__name__})"
+    return f"; job {job['id']} on {mask_url(job['address'])}: {state}"
 
 
 def node_label(attempt) -> str:
@@ -216,8 +280,15 @@ def cancel(study: Annotated[str, typer.Argument(help="Study name or spec file.")
     """Cancel a running study: nothing new starts and running variants stop (they resume on the next run)."""
     from bnnctl.orchestrator.study import cancel_study
 
+    from bnnctl.orchestrator.submit import stop_job
+
     name = _study_name(study)
-    if cancel_study(name, db):
+    marked = cancel_study(name, db)
+    store, s = _load(name, db)
+    if s.spec.get("job"):  # a submitted study: its driver stops by itself, or the job server stops it
+        status = stop_job(s, None, grace=30.0 if marked else 0.0)
+        typer.echo(f"study {name}: job {s.spec['job']['id']} {status}. Submit it again to continue.")
+    elif marked:
         typer.echo(f"study {name}: cancelled; its driver stops within seconds. Run it again to continue.")
     else:
         typer.echo(f"study {name} is not running; nothing to cancel")

@@ -16,6 +16,7 @@ from ._common import (
     TrackingUriOption,
     console,
     fail,
+    stop_on_sigterm,
     user_errors,
 )
 
@@ -75,6 +76,7 @@ def run(
         elif status == "retrying":
             out.print(f"[yellow]retrying[/] {v.label} ({error}); it resumes from its checkpoint")
 
+    stop_on_sigterm()
     outcome = run_tuning(file, events=Events(finished=finished), on_trial=on_trial,
                          options=RunOptions(db, tracking_uri, address, cpus, max_parallel, not no_track, storage=storage))
     _show(outcome.name, db, out, trials=False)
@@ -87,6 +89,28 @@ def run(
         out.print(f"compare the trials in MLflow: {ui_hint(tracking_uri)}")
     if outcome.status != "completed":
         raise typer.Exit(code=1)
+
+
+@app.command("submit")
+@user_errors
+def submit(
+    file: Annotated[Path, typer.Argument(help="The tuning spec (YAML, `kind: tuning`).")],
+    address: Annotated[str, typer.Option(help="The cluster's job server: http://HEAD:8265.", envvar="RAY_ADDRESS")],
+    db: DbOption = None,
+    storage: StorageOption = None,
+    tracking_uri: TrackingUriOption = None,
+    no_track: NoTrackOption = False,
+    max_parallel: Annotated[Optional[int], typer.Option(help="Trials at once (default: the spec's).")] = None,
+) -> None:
+    """Run a tuning on a Ray cluster as a job (see `bnnctl study submit`); follow it with
+    `bnnctl study logs NAME`, stop it with `bnnctl study cancel NAME`."""
+    from bnnctl.orchestrator.submit import submit as submit_job
+    from bnnctl.orchestrator.urls import mask_url
+
+    done = submit_job(file, "tuning", address, db, storage, tracking_uri, not no_track, max_parallel)
+    typer.echo(f"tuning {done.study}: submitted as job {done.job_id} to {mask_url(done.address)}")
+    typer.echo(f"follow it: bnnctl study logs {done.study}    bnnctl tune show {done.study}    "
+               f"stop it: bnnctl study cancel {done.study}   (each with the same --db)")
 
 
 def _storage_url(db: str | None) -> str:
