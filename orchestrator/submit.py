@@ -46,8 +46,11 @@ class Submitted:
 def client(address: str):
     """A JobSubmissionClient for the job server at ``address`` (http://HEAD:8265), with one clear
     message when it cannot be reached. Token authentication is added by Ray when RAY_AUTH_MODE=token."""
+    import logging
+
     from ray.job_submission import JobSubmissionClient
 
+    logging.getLogger("ray.dashboard").setLevel(logging.WARNING)  # "Uploading package ..." chatter
     if not address.startswith(("http://", "https://")):
         raise SubmitError(f"--address {address}: a study is submitted to the cluster's job server, "
                           "http://HEAD:8265 (the Ray dashboard's address)")
