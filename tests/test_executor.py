@@ -273,3 +273,40 @@ ablations:
     reference = run_variant(cfg, LocalReporter(workdir / "ref"))
     assert v.result["metrics"]["pckh"] == reference.metrics["pckh"]
     assert v.result["metrics"]["val_loss"] == reference.metrics["val_loss"]
+
+
+def test_a_full_disk_fails_the_variant_with_one_clear_reason(workdir):
+    """Run storage on a tiny tmpfs: the first checkpoint fills it."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    from bnnctl.orchestrator.runcore import RunOptions
+    from bnnctl.orchestrator.study import run_study
+
+    full = workdir / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(full)], check=True)
+    try:
+        spec = workdir / "s.yaml"
+        spec.write_text(f"""
+name: full
+base:
+  model: {{width: 16, depth: 2}}
+  data: {{root: {workdir / 'syn'}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
+  epochs: 2
+  batch_size: 16
+  threads: 1
+ablations:
+  - {{name: a, mode: isolated, rows: [{{name: relu, set: {{model.activation.kind: relu}}}}]}}
+""")
+        out = run_study(spec, options=RunOptions(track=False, storage=str(full), backend_instance=InProcessBackend()))
+        assert out.status == "failed"
+        (key,) = [k for k in Store().variants([m.variant_key for m in Store().members(Store().study("full").id)])]
+        error = Store().variant(key).error
+        assert error.startswith(f"no space left on device at {full / key}/") and "last.pt" in error, error
+        assert "Traceback" not in error and "unexpected pos" not in error
+    finally:
+        subprocess.run(["umount", str(full)], check=True)

@@ -116,3 +116,24 @@ def test_submit_follow_refuse_cancel_and_resume(tmp_path, cluster, pg_server):
         assert len(store.attempts(k)) == 1  # not retrained
     assert all(v.result["best_checkpoint"] == f"{k}/best.pt" for k, v in variants.items())
     assert all((tmp_path / "shared-runs" / k / "best.pt").exists() for k in variants)
+    # nothing the laptop saw shows the database password
+    for text in (out.stdout, out.stderr, again.stderr, status.stdout, status.stderr, cancel.stdout, followed,
+                 logs.stdout, logs.stderr):
+        assert pg_server.password not in text
+
+
+def test_tune_submit_refuses_what_the_cluster_cannot_reach(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from bnnctl.orchestrator.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    spec = Path(__file__).resolve().parent.parent / "studies" / "tune_lambda.yaml"
+    result = CliRunner().invoke(app, ["tune", "submit", str(spec), "--address", "http://127.0.0.1:9", "--no-track",
+                                      "--db", "postgresql+psycopg://u:hunter2@db/x"])
+    assert result.exit_code == 1 and "needs run storage every node reaches" in result.output
+    assert "hunter2" not in result.output
+    result = CliRunner().invoke(app, ["tune", "submit", str(spec), "--address", "127.0.0.1:6379", "--no-track",
+                                      "--db", "postgresql+psycopg://u:hunter2@db/x", "--storage", "s3://b/r"])
+    assert result.exit_code == 1 and "http://HEAD:8265" in result.output
+    assert not (tmp_path / ".bnnctl").exists()

@@ -6,7 +6,9 @@ state and the run's configuration as plain data, so a model can be rebuilt from 
 """
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,9 +34,23 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     try:
         torch.save({"format": CHECKPOINT_FORMAT, **payload}, tmp)
         os.replace(tmp, path)
+    except RuntimeError as err:
+        Path(tmp).unlink(missing_ok=True)
+        # torch's zip writer reports a full disk as "unexpected pos ..." / "file write failed"
+        if _disk_full(path.parent):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from err
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _disk_full(folder: Path, reserve: int = 1 << 20) -> bool:
+    """Whether ``folder``'s file system has (almost) no space left."""
+    try:
+        return shutil.disk_usage(folder).free < reserve
+    except OSError:
+        return False
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
