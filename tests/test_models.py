@@ -71,12 +71,51 @@ def test_join_layers_binary_or_real():
     assert not hasattr(binary.stacks[1], "join_features")  # the last stack has no joining layers
 
 
+def _weight_layers_in_call_order(model, size):
+    """Every layer with a weight, binary or real, in the order a forward pass calls them."""
+    from bnnctl.workers.layers import BinaryConv2d, BinaryLinear
+
+    kinds = (torch.nn.Conv2d, torch.nn.Linear, BinaryConv2d, BinaryLinear)
+    called, hooks = [], []
+    for m in model.modules():
+        if isinstance(m, kinds):
+            hooks.append(m.register_forward_hook(lambda mod, args, out: called.append(mod)))
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+    return called
+
+
+def _real_ends(model, size) -> tuple[bool, bool]:
+    """(first layer real and image-facing, last layer real), as the papers keep them."""
+    from bnnctl.workers.layers import BinaryConv2d, BinaryLinear
+
+    layers = _weight_layers_in_call_order(model, size)
+    binary = (BinaryConv2d, BinaryLinear)
+    first, last = layers[0], layers[-1]
+    return (not isinstance(first, binary) and first.weight.shape[1] == 3), not isinstance(last, binary)
+
+
 def test_first_and_last_layers_stay_real():
-    for arch, (kwargs, _) in TINY.items():
+    for arch, (kwargs, size) in TINY.items():
         model = build_model(ModelConfig(arch=arch, **kwargs))
-        convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-        assert convs[0].weight.shape[1] == 3  # the image-facing conv is a plain real layer
-        assert isinstance(convs[-1], (torch.nn.Conv2d, torch.nn.Linear))
+        assert any(isinstance(m, torch.nn.Module) and type(m).__name__.startswith("Binary") for m in model.modules())
+        assert _real_ends(model, size) == (True, True), arch
+
+
+def test_the_real_ends_check_sees_a_binary_head():
+    """The check above fails on a model whose last layer is binary (every hourglass head made binary)."""
+    from bnnctl.workers.layers import BinaryConv2d
+
+    kwargs, size = TINY["hourglass"]
+    model = build_model(ModelConfig(arch="hourglass", **kwargs))
+    heads = [m for m in model.modules() if hasattr(m, "head") and isinstance(m.head, torch.nn.Conv2d)]
+    assert len(heads) == kwargs["stacks"]
+    for m in heads:
+        m.head = BinaryConv2d(m.head.in_channels, m.head.out_channels, 1)
+    assert _real_ends(model, size) == (True, False)
 
 
 def test_paper_width_hourglass_has_the_papers_parameter_count():
