@@ -216,6 +216,11 @@ class _Parser:
                 if err.path == key or err.path.startswith(key + "."):  # the override itself is wrong
                     raise self.fail(f"{path}.{err.path}", err.message) from None
                 raise self.fail(f"{path}.{key}", f"{err.path}: {err.message}") from None
+        if cfg.lambda_groups:  # checked against the model's layer groups now, not when the variant trains
+            try:
+                check_lambda_groups(cfg)
+            except ConfigError as err:
+                raise self.fail(f"{path}.{err.path}", err.message) from None
         return resolve_paths(cfg)
 
     def parse(self) -> StudySpec:
@@ -380,6 +385,20 @@ class _Parser:
         if baseline not in [r.name for r in rows]:
             raise self.fail(f"{path}.baseline", f"no row named {baseline!r} in this ablation")
         return Ablation(name, mode, baseline, tuple(rows))
+
+
+_MODELS: dict = {}  # model config -> a built model, for the layer-group check (built once per process)
+
+
+def check_lambda_groups(cfg: TrainConfig) -> None:
+    """Raise ConfigError (path ``lambda_groups[i].group``) for a group the model does not have."""
+    from bnnctl.workers.models import build_model
+    from bnnctl.workers.schedules import check_groups
+
+    key = repr(cfg.model)
+    if key not in _MODELS:
+        _MODELS[key] = build_model(cfg.model)
+    check_groups(_MODELS[key], cfg.lambda_groups)
 
 
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:

@@ -139,3 +139,19 @@ def test_real_data_studies_stop_before_training_without_data(tmp_path, monkeypat
     assert result.exit_code == 1 and f"not found at {tmp_path.resolve() / 'data'}/" in result.output
     assert "bnnctl data" in result.output  # says how to get the data
     assert not (tmp_path / ".bnnctl").exists()
+
+
+def test_a_lambda_group_the_model_lacks_fails_at_load(tmp_path):
+    """A typo in a per-group lambda schedule fails before anything starts, not when every variant trains."""
+    good = GOOD.replace("  loss: mse\n", "  loss: mse\n  model_q: {}\n").replace("  model_q: {}\n", "")
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(good.replace("  loss: mse\n", "  loss: mse\n  lambda_groups: [{group: stacks.0, kind: linear}]\n", 1))
+    assert load_spec(ok).base.lambda_groups[0].group == "stacks.0"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.replace("  loss: mse\n", "  loss: mse\n  lambda_groups: [{group: stak.0, kind: linear}]\n", 1))
+    with pytest.raises(SpecError) as err:
+        load_spec(bad)
+    msg = str(err.value)
+    assert "bad.yaml" in msg and "base.lambda_groups[0].group" in msg and "'stak.0'" in msg and "stacks.0" in msg
+    result = runner.invoke(app, ["study", "run", str(bad), "--no-track"])
+    assert result.exit_code == 1 and "stak.0" in result.output and not (tmp_path / ".bnnctl").exists()

@@ -81,6 +81,18 @@ def set_lambda(model: nn.Module, value: float, group: str = "") -> int:
     return len(found)
 
 
+def check_groups(model: nn.Module, groups: tuple[LambdaSchedule, ...]) -> None:
+    """Every per-group schedule names a layer group that has quantizers (a typo would tune nothing).
+    A real-valued model (a teacher built from the same base) has no quantizer and nothing to check."""
+    known = sorted({q.group for q in quantizers(model)})
+    if not known:
+        return
+    for i, g in enumerate(groups):
+        if g.group not in known:
+            require(False, f"lambda_groups[{i}].group", f"no quantizer in group {g.group!r}; groups of this "
+                    f"model: {', '.join(known) or 'none'}")
+
+
 class LambdaScheduler:
     """Steps the lambda buffers of a model by a schedule: call ``step(t)`` at each epoch or step.
 
@@ -94,11 +106,7 @@ class LambdaScheduler:
         self.schedule = schedule
         self.groups = tuple(groups)
         self.total = total
-        for i, g in enumerate(self.groups):
-            if not quantizers(model, g.group):
-                known = sorted({q.group for q in quantizers(model)})
-                require(False, f"lambda_groups[{i}].group", f"no quantizer in group {g.group!r}; groups of this "
-                        f"model: {', '.join(known) or 'none'}")
+        check_groups(model, self.groups)
         self.step(0)
 
     def step(self, t: float) -> float:
