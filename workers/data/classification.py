@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from PIL import Image
 
 from ..config import require
 from ..errors import DataError
+from .publish import publish, read_manifest
 from .pose import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
@@ -162,7 +162,7 @@ def write_digits_imagefolder(root: str | Path) -> Path:
             Image.fromarray(array, "L").resize((DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE), Image.Resampling.BICUBIC) \
                 .save(folder / f"{i:04d}.png")
         (tmp / DIGITS_MANIFEST).write_text(json.dumps(manifest))
-        os.replace(tmp, root)
+        publish(tmp, root, lambda: read_manifest(root / DIGITS_MANIFEST) == manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

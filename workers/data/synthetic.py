@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from ..config import require
 from ..errors import DataError
+from .publish import publish, read_manifest
 
 #: Version of the generator: bump when images would change for the same config.
 GENERATOR_VERSION = 1
@@ -301,15 +302,18 @@ def write_synthetic_mpii(root: str | Path, cfg: SyntheticConfig = SyntheticConfi
                     progress(done, total)
             (tmp / "annot" / f"{split}.json").write_text(json.dumps(records))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if root.exists():  # an older synthetic set: replace it
+        if read_manifest(root / MANIFEST) == manifest:  # another process wrote the same set meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif root.exists():  # an older synthetic set: replace it
             old = root.with_name(f".{root.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(root, old)
             os.replace(tmp, root)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, root)
+            publish(tmp, root, lambda: read_manifest(root / MANIFEST) == manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
+
