@@ -15,6 +15,7 @@ from ._common import (
     console,
     fail,
     stop_on_sigterm,
+    submit_and_report,
     user_errors,
 )
 
@@ -148,13 +149,8 @@ def submit(
 ) -> None:
     """Run a study on a Ray cluster as a job: the driver runs there, this command returns at once.
     Follow it with `study status`, `study logs`; stop it with `study cancel`."""
-    from bnnctl.orchestrator.submit import submit as submit_job
-    from bnnctl.orchestrator.urls import mask_url
-
-    done = submit_job(file, "study", address, db, storage, tracking_uri, not no_track, max_parallel)
-    typer.echo(f"study {done.study}: submitted as job {done.job_id} to {mask_url(done.address)}")
-    typer.echo(f"follow it: bnnctl study logs {done.study}    bnnctl study status {done.study}    "
-               f"stop it: bnnctl study cancel {done.study}   (each with the same --db)")
+    submit_and_report(file, "study", address, db, storage, tracking_uri, not no_track, max_parallel,
+                      "bnnctl study status")
 
 
 @app.command("logs")

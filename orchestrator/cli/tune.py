@@ -17,6 +17,7 @@ from ._common import (
     console,
     fail,
     stop_on_sigterm,
+    submit_and_report,
     user_errors,
 )
 
@@ -104,13 +105,8 @@ def submit(
 ) -> None:
     """Run a tuning on a Ray cluster as a job (see `bnnctl study submit`); follow it with
     `bnnctl study logs NAME`, stop it with `bnnctl study cancel NAME`."""
-    from bnnctl.orchestrator.submit import submit as submit_job
-    from bnnctl.orchestrator.urls import mask_url
-
-    done = submit_job(file, "tuning", address, db, storage, tracking_uri, not no_track, max_parallel)
-    typer.echo(f"tuning {done.study}: submitted as job {done.job_id} to {mask_url(done.address)}")
-    typer.echo(f"follow it: bnnctl study logs {done.study}    bnnctl tune show {done.study}    "
-               f"stop it: bnnctl study cancel {done.study}   (each with the same --db)")
+    submit_and_report(file, "tuning", address, db, storage, tracking_uri, not no_track, max_parallel,
+                      "bnnctl tune show")
 
 
 def _storage_url(db: str | None) -> str:
