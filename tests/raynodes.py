@@ -26,6 +26,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc; Ray's workers leave their parent's process group)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def wait_for(predicate, timeout: float, what: str, every: float = 0.2):
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -130,11 +147,23 @@ class RayNodes:
         return wait_for(ask, 120, f"{expect} alive nodes at {address}", every=1)
 
     def kill(self, proc: subprocess.Popen) -> None:
-        """SIGKILL a node's whole process group (as a crashed machine would go)."""
+        """SIGKILL a node's process group and every process it started (Ray's workers run in process
+        groups of their own): everything of the node goes at once, as with a crashed machine."""
+        family = descendants(proc.pid)
+        for pid in [proc.pid, *family]:
+            try:
+                os.kill(pid, signal.SIGSTOP)  # freeze first: nothing of the node acts between the kills
+            except ProcessLookupError:
+                pass
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for pid in family:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.wait(timeout=30)
 
     def close(self) -> None:

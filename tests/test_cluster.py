@@ -73,7 +73,7 @@ def s3(tmp_path):
         proc.wait()
 
 
-def _write(folder: Path, seeds, epochs=3) -> Path:
+def _write(folder: Path, seeds, epochs=6) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     f = folder / "cluster.yaml"
     f.write_text(SPEC.format(seeds=list(seeds), epochs=epochs))
@@ -146,7 +146,7 @@ def test_a_study_runs_on_two_nodes_with_s3_storage_and_survives_a_lost_node(tmp_
         assert f"(node {second[:8]})" in status.stdout
 
         # a second seed; the node is killed while a variant trains on it
-        spec = _write(project, [0, 1], epochs=3)
+        spec = _write(project, [0, 1])
         proc = subprocess.Popen(
             [sys.executable, "-c", "from bnnctl.orchestrator.cli import main; main()", "study", "run", str(spec),
              "--address", address, "--storage", storage],
@@ -156,11 +156,12 @@ def test_a_study_runs_on_two_nodes_with_s3_storage_and_survives_a_lost_node(tmp_
         def training_on_second_node():
             for key in run1["attempts"].keys() ^ {m.variant_key for m in store.members(store.study("cluster").id)}:
                 atts = store.attempts(key)
+                # one epoch done, five to go: the node dies while the variant trains there
                 if atts and atts[-1].status == "running" and atts[-1].node_id == second and store.metrics(key):
                     return key
             return None
 
-        victim = wait_for(training_on_second_node, 300, "a variant with an epoch done on the second node")
+        victim = wait_for(training_on_second_node, 300, "a variant with an epoch done on the second node", every=0.05)
         nodes.kill(worker)
         assert proc.wait(timeout=900) == 0, (tmp_path / "run2.log").read_text()
         run2 = _results(project)
