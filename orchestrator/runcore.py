@@ -18,6 +18,7 @@ from .executor import Events, Executor, Hooks
 from .plan import Plan
 from .runstorage import RunStorage
 from .spec import Execution, Resources
+from .errors import StoreError
 from .store import Store
 from .urls import mask_text, mask_url
 
@@ -38,13 +39,63 @@ class RunOptions:
     storage: str | None = None
     #: an already-built backend (tests inject an in-process one with scripted tasks)
     backend_instance: Backend | None = None
+    #: take the study's lease even though another driver's heartbeat is recent
+    takeover: bool = False
+    #: a lease whose heartbeat is older than this is taken over (its driver crashed)
+    lease_timeout_s: float = 60.0
 
 
-def cancel_poller(store: Store, study_id: int, every: float = 2.0):
-    """A cheap 'was the study cancelled?' check for the executor loop (one query every ``every`` s)."""
+class LeaseLost(StoreError):
+    """Another driver took this driver's study over."""
+
+
+class LeaseKeeper:
+    """The driver's lease on a study or tuning: taken before anything is written, renewed by a
+    heartbeat thread, released at the end. ``lost`` turns True when another driver took it over
+    (this driver then stops starting work and leaves the study to it)."""
+
+    def __init__(self, store: Store, name: str, options: RunOptions) -> None:
+        import os
+        import socket
+        import uuid
+
+        self.store, self.name = store, name
+        self.token = uuid.uuid4().hex
+        self.holder = f"{socket.gethostname()}:{os.getpid()}"
+        store.acquire_lease(name, self.holder, self.token, options.lease_timeout_s, options.takeover)
+        self.lost = False
+        self._stop = threading.Event()
+        self._every = max(options.lease_timeout_s / 6, 0.5)
+        self._thread = threading.Thread(target=self._beat, daemon=True, name=f"lease-{name}")
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                if not self.store.renew_lease(self.name, self.token):
+                    self.lost = True
+                    return
+            except Exception:  # noqa: BLE001 - a database hiccup: try again at the next beat
+                continue
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if not self.lost:
+            try:
+                self.store.release_lease(self.name, self.token)
+            except Exception:  # noqa: BLE001 - an expired lease is taken over anyway
+                pass
+
+
+def cancel_poller(store: Store, study_id: int, lease: LeaseKeeper | None = None, every: float = 2.0):
+    """A cheap 'was the study cancelled (or its lease lost)?' check for the executor loop (one query
+    every ``every`` s)."""
     last = [0.0, False]
 
     def cancelled() -> bool:
+        if lease is not None and lease.lost:
+            return True
         now = time.monotonic()
         if now - last[0] >= every:
             last[0] = now
@@ -59,10 +110,11 @@ class DriverSession:
 
     def __init__(self, store: Store, study_id: int, name: str, existing_run: str | None, spec_file: str,
                  experiment: str, options: RunOptions, execution: Execution, resources: Resources,
-                 events: Events | None = None, kind: str = "study") -> None:
+                 events: Events | None = None, kind: str = "study", lease: LeaseKeeper | None = None) -> None:
         self.store, self.study_id, self.name = store, study_id, name
         self.options, self.execution, self.resources = options, execution, resources
         self.storage = RunStorage(options.storage)
+        self.lease = lease
         self.events = events or Events()
         self.parallel = options.max_parallel or execution.max_parallel
         self.tracker: Any = None
@@ -113,7 +165,12 @@ class DriverSession:
         executor = Executor(self.store, self.tracker, self.backend, self.storage, max_parallel=self.parallel,
                             retries=self.execution.retries, events=events or self.events,
                             wait_warning_s=self.execution.wait_warning_s)
-        return executor.run(plan, self.name, self.parent, cancelled=cancel_poller(self.store, self.study_id), hooks=hooks)
+        status = executor.run(plan, self.name, self.parent, hooks=hooks,
+                              cancelled=cancel_poller(self.store, self.study_id, self.lease))
+        if self.lease is not None and self.lease.lost:
+            raise LeaseLost(f"another driver took over {self.name!r} (--takeover, or this driver's heartbeat "
+                            "stopped); this driver stopped its variants and left the study to it")
+        return status
 
     # -- end --------------------------------------------------------------------------------------
     def final_status(self, all_done: bool) -> str:
@@ -130,7 +187,7 @@ class DriverSession:
     def abort(self, err: BaseException) -> None:
         """Something escaped the run: leave the study stopped with the reason (best effort)."""
         reason = "interrupted" if isinstance(err, KeyboardInterrupt) else mask_text(f"{type(err).__name__}: {err}")
-        if not self._running:  # refused before it started (resources, cluster, MLflow): nothing to undo
+        if not self._running or isinstance(err, LeaseLost):  # refused before it started, or not ours any more
             self.close()
             return
         try:

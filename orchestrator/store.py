@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import (
@@ -42,13 +42,14 @@ from sqlalchemy import (
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from .errors import StoreError
+from .errors import LeaseHeld, StoreError
 from .urls import mask_text, mask_url
 
 SCHEMA_VERSION = 3
 #: Every table is prefixed, so that Optuna's tables (``studies``, ``trials``...) can live in the same
 #: database. Schema 1 had unprefixed names; opening such a database renames its tables in place.
-#: Schema 3 added ``bnnctl_attempts.node_id`` (the backend's node id beside the host name).
+#: Schema 3 added ``bnnctl_attempts.node_id`` (the backend's node id beside the host name) and the
+#: ``bnnctl_leases`` table (one driver per study).
 PREFIX = "bnnctl_"
 V1_TABLES = ("schema_info", "studies", "variants", "study_variants", "attempts", "metrics")
 DEFAULT_DIR = Path(".bnnctl")
@@ -132,6 +133,17 @@ class AttemptRow(Base):
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class LeaseRow(Base):
+    """Which driver runs a study or tuning now (one row per name while a driver holds it)."""
+
+    __tablename__ = "bnnctl_leases"
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(300))  # host:pid of the driver
+    token: Mapped[str] = mapped_column(String(64))
+    acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
 class MetricRow(Base):
     __tablename__ = "bnnctl_metrics"
     __table_args__ = (UniqueConstraint("variant_key", "epoch", "name"),)
@@ -182,6 +194,15 @@ class Attempt:
     started_at: datetime
     ended_at: datetime | None
     node_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Lease:
+    name: str
+    holder: str
+    token: str
+    acquired_at: datetime
+    heartbeat_at: datetime
 
 
 @dataclass(frozen=True)
@@ -516,6 +537,55 @@ class Store:
         with self.session() as s:
             return [Attempt(a.variant_key, a.number, a.status, a.node, a.error, a.started_at, a.ended_at, a.node_id)
                     for a in s.scalars(select(AttemptRow).where(AttemptRow.variant_key == key).order_by(AttemptRow.number))]
+
+    # -- leases: one driver per study or tuning -----------------------------------------------------
+    def acquire_lease(self, name: str, holder: str, token: str, timeout_s: float, takeover: bool = False) -> Lease:
+        """Take the lease of ``name`` for ``holder``: free, already ours (same token), expired (no
+        heartbeat for ``timeout_s``) or forced (``takeover``). Atomic on sqlite and PostgreSQL (an
+        insert, else one conditional update). Raises LeaseHeld naming the live holder."""
+        from sqlalchemy import or_, update
+        from sqlalchemy.exc import IntegrityError
+
+        now = _now()
+        try:
+            with self._sessions() as s, s.begin():
+                s.add(LeaseRow(name=name, holder=holder, token=token, acquired_at=now, heartbeat_at=now))
+            return Lease(name, holder, token, now, now)
+        except IntegrityError:
+            pass  # someone holds (or held) it: take it over only if allowed
+        except SQLAlchemyError as err:
+            raise StoreError(mask_text(f"state database error ({self.display_url}): {err}")) from None
+        with self.session() as s:
+            stale = now - timedelta(seconds=timeout_s)
+            cond = [LeaseRow.name == name]
+            if not takeover:
+                cond.append(or_(LeaseRow.token == token, LeaseRow.heartbeat_at < stale))
+            taken = s.execute(update(LeaseRow).where(*cond).values(holder=holder, token=token, acquired_at=now,
+                                                                    heartbeat_at=now)).rowcount
+            if taken:
+                return Lease(name, holder, token, now, now)
+            row = s.get(LeaseRow, name)
+            held = Lease(row.name, row.holder, row.token, row.acquired_at, row.heartbeat_at)
+        raise LeaseHeld(held, timeout_s)
+
+    def renew_lease(self, name: str, token: str) -> bool:
+        """Heartbeat; False when the lease is no longer ours (another driver took it over)."""
+        from sqlalchemy import update
+
+        with self.session() as s:
+            return bool(s.execute(update(LeaseRow).where(LeaseRow.name == name, LeaseRow.token == token)
+                                  .values(heartbeat_at=_now())).rowcount)
+
+    def release_lease(self, name: str, token: str) -> None:
+        from sqlalchemy import delete
+
+        with self.session() as s:
+            s.execute(delete(LeaseRow).where(LeaseRow.name == name, LeaseRow.token == token))
+
+    def lease(self, name: str) -> Lease | None:
+        with self.session() as s:
+            row = s.get(LeaseRow, name)
+            return Lease(row.name, row.holder, row.token, row.acquired_at, row.heartbeat_at) if row else None
 
     # -- metrics ----------------------------------------------------------------------------------
     def log_metrics(self, key: str, epoch: int, metrics: dict[str, float]) -> None:

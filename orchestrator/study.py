@@ -9,7 +9,7 @@ from bnnctl.workers.config import to_dict
 
 from .executor import Events
 from .plan import Plan, build_plan
-from .runcore import DriverSession, RunOptions
+from .runcore import DriverSession, LeaseKeeper, RunOptions
 from .spec import StudySpec, load_spec
 from .store import Member, Store
 
@@ -71,9 +71,17 @@ def run_study(path: str | Path, db: str | None = None, tracking_uri: str | None 
     spec = load_spec(path)
     if opts.storage is None and spec.storage is not None:  # --storage, then the spec's, then $BNNCTL_STORAGE
         opts = dataclasses.replace(opts, storage=spec.storage)
-    plan = build_plan(spec)
-    check_data(plan)
+    check_data(build_plan(spec))
     store = Store(opts.db)
+    lease = LeaseKeeper(store, spec.name, opts)  # before anything is written: one driver per study
+    try:
+        return _run_study(spec, path, store, opts, events, lease)
+    finally:
+        lease.release()
+
+
+def _run_study(spec: StudySpec, path, store: Store, opts: RunOptions, events, lease) -> Outcome:
+    plan = build_plan(spec)
     study = store.upsert_study(spec.name, str(path), spec.spec_hash, table_layout(spec))
     for v in plan.order():
         store.ensure_variant(v.key, v.label, v.kind, to_dict(v.config), list(v.deps))
@@ -83,7 +91,7 @@ def run_study(path: str | Path, db: str | None = None, tracking_uri: str | None 
     before = {k: v.status for k, v in store.variants(list(plan.variants)).items()}
     todo = [k for k, s in before.items() if s != "completed"]
     with DriverSession(store, study.id, spec.name, study.mlflow_run_id, str(path), spec.experiment, opts,
-                       spec.execution, spec.resources, events) as session:
+                       spec.execution, spec.resources, events, lease=lease) as session:
         session.begin(work=bool(todo))
         status = session.execute(plan) if todo else dict(before)
         final = session.final_status(all(s == "completed" for s in status.values()))

@@ -31,7 +31,7 @@ from bnnctl.workers.errors import ConfigError
 from .errors import SpecError, StoreError
 from .executor import Events, Hooks
 from .plan import Plan, Variant, add_teacher, identity
-from .runcore import DriverSession, RunOptions
+from .runcore import DriverSession, LeaseKeeper, RunOptions
 from .store import Member, Store, readonly_url
 from .urls import mask_text
 from .study import check_configs
@@ -339,14 +339,22 @@ def run_tuning(path: str | Path, db: str | None = None, tracking_uri: str | None
     """Run (or continue) the tuning in ``path`` until every arm has ``trials`` finished trials.
 
     ``options`` (when given) replaces the separate ``db`` ... ``track`` arguments."""
-    from optuna.trial import TrialState
-
     opts = options or RunOptions(db, tracking_uri, address, cpus, max_parallel, track)
     spec = load_tune_spec(path)
     if opts.storage is None and spec.storage is not None:  # --storage, then the spec's, then $BNNCTL_STORAGE
         opts = dataclasses.replace(opts, storage=spec.storage)
     check_configs([a.config for a in spec.arms] + [t.config for t in spec.teachers.values()])
     store = Store(opts.db)
+    lease = LeaseKeeper(store, spec.name, opts)  # before anything is written: one driver per tuning
+    try:
+        return _run_tuning(spec, path, store, opts, events, on_trial, lease)
+    finally:
+        lease.release()
+
+
+def _run_tuning(spec: TuneSpec, path, store: Store, opts: RunOptions, events, on_trial, lease) -> TuneOutcome:
+    from optuna.trial import TrialState
+
     existing = store.study(spec.name)
     if existing is not None and existing.spec.get("kind") != "tuning":
         raise SpecError(spec.file, "name", f"{spec.name!r} is already the name of a study in {store.display_url}; "
@@ -371,7 +379,7 @@ def run_tuning(path: str | Path, db: str | None = None, tracking_uri: str | None
                       + [m for m in store.members(row.id) if m.ablation is not None])
 
     with DriverSession(store, row.id, spec.name, row.mlflow_run_id, str(path), spec.experiment, opts,
-                       spec.execution, spec.resources, events, kind="tuning") as session:
+                       spec.execution, spec.resources, events, kind="tuning", lease=lease) as session:
         driver = _Driver(spec, store, row.id, studies, teacher_keys, None, on_trial or (lambda e: None), orphans)
         todo = driver.remaining() + len(orphans) + sum(1 for v in variants.values()
                                                        if store.variant(v.key).status != "completed")

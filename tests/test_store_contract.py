@@ -108,3 +108,28 @@ def test_messages_never_show_the_password(db_url):
         assert password not in str(err.value) and "no_such_database" in str(err.value)
     else:
         assert store.display_url == db_url
+
+
+def test_one_driver_holds_the_lease(db_url):
+    import time
+
+    from bnnctl.orchestrator.errors import LeaseHeld
+
+    store, other = Store(db_url), Store(db_url)  # two drivers, two connections
+    first = store.acquire_lease("s", "host-a:1", "tok-a", timeout_s=60)
+    assert (first.holder, store.lease("s").token) == ("host-a:1", "tok-a")
+    with pytest.raises(LeaseHeld) as err:
+        other.acquire_lease("s", "host-b:2", "tok-b", timeout_s=60)
+    assert "'s' is being run by another driver: host-a:1, since" in str(err.value) and "--takeover" in str(err.value)
+    assert store.acquire_lease("s", "host-a:1", "tok-a", timeout_s=60).token == "tok-a"  # ours again: fine
+    assert store.renew_lease("s", "tok-a") and not store.renew_lease("s", "tok-b")
+    time.sleep(1.2)  # no heartbeat for longer than the timeout: a crashed driver's lease is taken over
+    assert other.acquire_lease("s", "host-b:2", "tok-b", timeout_s=1).holder == "host-b:2"
+    assert not store.renew_lease("s", "tok-a")  # the old driver learns that it lost it
+    forced = store.acquire_lease("s", "host-c:3", "tok-c", timeout_s=60, takeover=True)
+    assert forced.holder == store.lease("s").holder == "host-c:3"
+    other.release_lease("s", "tok-b")  # not the holder: nothing happens
+    assert store.lease("s").holder == "host-c:3"
+    store.release_lease("s", "tok-c")
+    assert store.lease("s") is None
+    assert other.acquire_lease("t", "host-b:2", "tok-b", timeout_s=60).name == "t"  # names are independent

@@ -211,3 +211,42 @@ def _open_store(url, barrier, results):
             results.put(s.get(SchemaInfo, 1).version)
     except Exception as err:  # reported to the test instead of dying silently
         results.put(repr(err))
+
+
+def test_two_drivers_started_at_once_one_trains_the_other_refuses(workdir, tmp_path_factory):
+    """Two terminals, one study, the same moment: in an empty folder, then again with the store there."""
+    ref_dir = tmp_path_factory.mktemp("reference")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cli = [sys.executable, "-c", "from bnnctl.orchestrator.cli import main; main()"]
+
+    def race(spec):
+        procs = [subprocess.Popen(cli + ["study", "run", str(spec), "--cpus", "2"], env=env, cwd=workdir,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        return [(p.wait(timeout=600), *p.communicate()) for p in procs]
+
+    for seeds in ([0], [0, 1]):  # the second round finds the store, MLflow and the first seed's runs
+        spec = _spec(workdir, 3)
+        spec.write_text(spec.read_text().replace("seeds: [0]", f"seeds: {seeds}"))
+        outcomes = race(spec)
+        codes = sorted(code for code, _, _ in outcomes)
+        assert codes == [0, 1], outcomes
+        loser = next(err for code, _, err in outcomes if code == 1)
+        assert "'e2e' is being run by another driver: " in loser and "Traceback" not in loser, loser
+        store = Store()
+        members = store.members(store.study("e2e").id)
+        assert len(members) == 3 * len(seeds)
+        for m in members:
+            assert [a.status for a in store.attempts(m.variant_key)] == ["completed"]  # trained exactly once
+        assert store.lease("e2e") is None  # released by the winner
+    runs = _mlflow_runs(workdir / ".bnnctl" / "mlflow.db")
+    assert len(runs) == 1 + 6 and sum(1 for r in runs if "mlflow.parentRunId" not in r.data.tags) == 1
+    # the same results as one driver alone
+    ref = ref_dir / "e2e.yaml"
+    ref.write_text(spec.read_text())
+    os.chdir(ref_dir)
+    assert run_study(ref, cpus=2, track=False).status == "completed"
+    mine = {(m.row, m.seed): store.variant(m.variant_key).result["metrics"]["pckh"] for m in members}
+    alone = Store()
+    theirs = {(m.row, m.seed): alone.variant(m.variant_key).result["metrics"]["pckh"]
+              for m in alone.members(alone.study("e2e").id)}
+    assert mine == theirs

@@ -16,6 +16,9 @@ AddressOption = Annotated[Optional[str], typer.Option(
          "(default: $RAY_ADDRESS, else a private local cluster started for this run).")]
 CpusOption = Annotated[Optional[int], typer.Option(help="CPUs of the local Ray cluster (default: all).")]
 NoTrackOption = Annotated[bool, typer.Option("--no-track", help="Do not log to MLflow.")]
+TakeoverOption = Annotated[bool, typer.Option(
+    "--takeover", help="Take the study over from another driver even though its heartbeat is recent "
+                       "(a lease older than 60 s is taken over without it).")]
 StorageOption = Annotated[Optional[str], typer.Option(
     help="Run storage for checkpoints and images: a folder or an fsspec URL (s3://bucket/prefix, gs://..., "
          "file:///nfs/...) that every node reaches (default: the spec's `storage`, $BNNCTL_STORAGE, else .bnnctl/runs).")]

@@ -16,6 +16,7 @@ from ._common import (
     fail,
     stop_on_sigterm,
     submit_and_report,
+    TakeoverOption,
     user_errors,
 )
 
@@ -80,6 +81,7 @@ def run(
     max_parallel: Annotated[Optional[int], typer.Option(help="Variants at once (default: the spec's).")] = None,
     no_track: NoTrackOption = False,
     storage: StorageOption = None,
+    takeover: TakeoverOption = False,
 ) -> None:
     """Run a study (or continue it): finished variants are reused, unfinished ones resume."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -124,7 +126,7 @@ def run(
     with progress:
         outcome = run_study(file, events=Events(started=started, epoch=epoch, finished=finished, waiting=waiting),
                             options=RunOptions(db, tracking_uri, address, cpus, max_parallel, not no_track,
-                                               storage=storage))
+                                               storage=storage, takeover=takeover))
     store, study = _load(outcome.study, db)
     print_tables(_tables(store, study), out)
     out.print(f"study {outcome.study}: {outcome.status} ({', '.join(f'{n} {s}' for s, n in sorted(outcome.counts.items()))}; "

@@ -18,6 +18,7 @@ from ._common import (
     fail,
     stop_on_sigterm,
     submit_and_report,
+    TakeoverOption,
     user_errors,
 )
 
@@ -52,6 +53,7 @@ def run(
     max_parallel: Annotated[Optional[int], typer.Option(help="Trials at once (default: the spec's execution.max_parallel).")] = None,
     no_track: NoTrackOption = False,
     storage: StorageOption = None,
+    takeover: TakeoverOption = False,
 ) -> None:
     """Run a tuning, or continue it up to its number of trials (the same command resumes it)."""
     from rich.markup import escape
@@ -79,7 +81,8 @@ def run(
 
     stop_on_sigterm()
     outcome = run_tuning(file, events=Events(finished=finished), on_trial=on_trial,
-                         options=RunOptions(db, tracking_uri, address, cpus, max_parallel, not no_track, storage=storage))
+                         options=RunOptions(db, tracking_uri, address, cpus, max_parallel, not no_track, storage=storage,
+                                            takeover=takeover))
     _show(outcome.name, db, out, trials=False)
     out.print(f"tuning {outcome.name}: {outcome.status} "
               f"({', '.join(f'{arm}: {n} finished trials' for arm, n in outcome.finished.items())}; "
