@@ -18,7 +18,7 @@ from .executor import Events, Executor, Hooks
 from .plan import Plan
 from .runstorage import RunStorage
 from .spec import Execution, Resources
-from .errors import StoreError
+from .errors import LeaseHeld, StoreError
 from .store import Store
 from .urls import mask_text, mask_url
 
@@ -45,6 +45,23 @@ class RunOptions:
     lease_timeout_s: float = 60.0
 
 
+def _dead_here(holder: str) -> bool:
+    """Whether ``holder`` (host:pid) is a process of this machine that no longer exists."""
+    import os
+    import socket
+
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 class LeaseLost(StoreError):
     """Another driver took this driver's study over."""
 
@@ -62,7 +79,15 @@ class LeaseKeeper:
         self.store, self.name = store, name
         self.token = uuid.uuid4().hex
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
-        store.acquire_lease(name, self.holder, self.token, options.lease_timeout_s, options.takeover)
+        try:
+            store.acquire_lease(name, self.holder, self.token, options.lease_timeout_s, options.takeover)
+        except LeaseHeld as held:
+            dead = _dead_here(held.lease.holder)
+            if not dead:
+                raise
+            # its driver ran on this machine and is gone (killed): no need to wait for the timeout;
+            # only one of several new drivers replaces that token
+            store.acquire_lease(name, self.holder, self.token, options.lease_timeout_s, replace=held.lease.token)
         self.lost = False
         self._stop = threading.Event()
         self._every = max(options.lease_timeout_s / 6, 0.5)

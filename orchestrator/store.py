@@ -539,10 +539,12 @@ class Store:
                     for a in s.scalars(select(AttemptRow).where(AttemptRow.variant_key == key).order_by(AttemptRow.number))]
 
     # -- leases: one driver per study or tuning -----------------------------------------------------
-    def acquire_lease(self, name: str, holder: str, token: str, timeout_s: float, takeover: bool = False) -> Lease:
+    def acquire_lease(self, name: str, holder: str, token: str, timeout_s: float, takeover: bool = False,
+                      replace: str | None = None) -> Lease:
         """Take the lease of ``name`` for ``holder``: free, already ours (same token), expired (no
-        heartbeat for ``timeout_s``) or forced (``takeover``). Atomic on sqlite and PostgreSQL (an
-        insert, else one conditional update). Raises LeaseHeld naming the live holder."""
+        heartbeat for ``timeout_s``), still held under the token ``replace`` (a holder known to be
+        dead), or forced (``takeover``). Atomic on sqlite and PostgreSQL (an insert, else one
+        conditional update). Raises LeaseHeld naming the live holder."""
         from sqlalchemy import or_, update
         from sqlalchemy.exc import IntegrityError
 
@@ -559,7 +561,8 @@ class Store:
             stale = now - timedelta(seconds=timeout_s)
             cond = [LeaseRow.name == name]
             if not takeover:
-                cond.append(or_(LeaseRow.token == token, LeaseRow.heartbeat_at < stale))
+                cond.append(or_(LeaseRow.token == token, LeaseRow.heartbeat_at < stale,
+                                LeaseRow.token == (replace or token)))
             taken = s.execute(update(LeaseRow).where(*cond).values(holder=holder, token=token, acquired_at=now,
                                                                     heartbeat_at=now)).rowcount
             if taken:

@@ -128,6 +128,8 @@ def test_one_driver_holds_the_lease(db_url):
     assert not store.renew_lease("s", "tok-a")  # the old driver learns that it lost it
     forced = store.acquire_lease("s", "host-c:3", "tok-c", timeout_s=60, takeover=True)
     assert forced.holder == store.lease("s").holder == "host-c:3"
+    with pytest.raises(LeaseHeld):  # replacing a token that no longer holds it: refused
+        other.acquire_lease("s", "host-d:4", "tok-d", timeout_s=60, replace="tok-b")
     other.release_lease("s", "tok-b")  # not the holder: nothing happens
     assert store.lease("s").holder == "host-c:3"
     store.release_lease("s", "tok-c")
