@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .backends import Backend, make_backend
+from .errors import LeaseHeld, StoreError
 from .executor import Events, Executor, Hooks
 from .plan import Plan
 from .runstorage import RunStorage
 from .spec import Execution, Resources
-from .errors import LeaseHeld, StoreError
 from .store import Store
 from .urls import mask_text, mask_url
 

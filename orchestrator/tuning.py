@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,10 +43,20 @@ def optuna_storage(url: str, readonly: bool = False):
     ``readonly``: creates no table and checks no version (a reader such as the dashboard)."""
     import optuna
 
+    from sqlalchemy.exc import SQLAlchemyError
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, skip_table_creation=readonly,
-                                      skip_compatibility_check=readonly)
+    for attempt in range(4):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, skip_table_creation=readonly,
+                                              skip_compatibility_check=readonly)
+        except SQLAlchemyError:
+            # another process (a second driver, `tune show`) created Optuna's tables at the same
+            # moment: the loser's CREATE or version INSERT fails; the next try finds them there
+            if attempt == 3 or readonly:
+                raise
+            time.sleep(0.5)
 
 
 def make_sampler(spec: TuneSpec):
@@ -208,7 +219,10 @@ class _Driver(Hooks):
         deps = (teacher,) if teacher else ()
         key = identity(cfg, deps)
         label = f"{self.spec.name} / {arm.name} / trial {trial.number}"
-        stored = self.store.ensure_variant(key, label, "trial", to_dict(cfg), list(deps))
+        if key in self.active:  # another trial of this driver asked for the same config: it is running now
+            stored = self.store.variant(key)
+        else:  # new, or left running/failed/stopped by an earlier driver: (re)queued
+            stored = self.store.ensure_variant(key, label, "trial", to_dict(cfg), list(deps))
         self.store.add_member(self.study_id, Member(key, arm.name, f"trial {trial.number}", self.spec.seed))
         trial.set_user_attr("bnnctl.variant", key)
         default = bool(trial.user_attrs.get("bnnctl.default"))

@@ -269,7 +269,7 @@ def test_interrupted_tuning_resumes_to_exactly_the_requested_trials(workdir):
     outcome = run_tuning(f, cpus=2)
     assert outcome.status == "completed"
     trials = _optuna(workdir, "resume/base").trials
-    assert len(trials) == 6 and all(t.state.name == "COMPLETE" for t in trials)
+    assert len(trials) == 6 and all(t.state.name == "COMPLETE" for t in trials), [(t.number, t.state.name, t.user_attrs) for t in trials]
     store = Store()
     for t in trials:
         if t.number in interrupted:  # resumed: a second attempt on the same variant
