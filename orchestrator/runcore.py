@@ -8,10 +8,13 @@ If anything escapes (the cluster went away, Ctrl-C, a database error), the study
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
+
+from bnnctl.workers.errors import BnnctlError
 
 from .backends import Backend, make_backend
 from .errors import LeaseHeld, StoreError
@@ -60,6 +63,10 @@ def _dead_here(holder: str) -> bool:
     except PermissionError:  # alive, another user's
         return False
     return False
+
+
+class StorageNotShared(BnnctlError):
+    """A multi-node cluster with the default, machine-local run storage."""
 
 
 class LeaseLost(StoreError):
@@ -156,13 +163,13 @@ class DriverSession:
         if self.options.track:
             self._thread = threading.Thread(target=self._open_tracking, daemon=True)
             self._thread.start()
-        if work:
-            self.backend = self.options.backend_instance or make_backend(
-                self.options.backend, **({"address": self.options.address, "cpus": self.options.cpus}
-                                         if self.options.backend == "ray" else {}))
-            self.backend.start(self.parallel, self.resources.cpus, self.resources.gpus)
+        try:
+            if work:
+                self._start_backend()
+        finally:
+            if self._thread is not None:  # even when refused: MLflow's store is never left half-created
+                self._thread.join()
         if self._thread is not None:
-            self._thread.join()
             if "error" in self._opened:
                 raise self._opened["error"]
             self.tracker, self.parent = self._opened["tracker"], self._opened["run"]
@@ -170,6 +177,19 @@ class DriverSession:
         self.store.annotate_study(self.study_id, storage=mask_url(self.storage.root))
         self.store.set_study_status(self.study_id, "running", self.parent)
         self._running = True
+
+    def _start_backend(self) -> None:
+        self.backend = self.options.backend_instance or make_backend(
+            self.options.backend, **({"address": self.options.address, "cpus": self.options.cpus}
+                                     if self.options.backend == "ray" else {}))
+        self.backend.start(self.parallel, self.resources.cpus, self.resources.gpus)
+        if self.backend.node_count > 1 and self.options.storage is None and not os.environ.get("BNNCTL_STORAGE"):
+            raise StorageNotShared(
+                f"{self.backend.describe()} has {self.backend.node_count} nodes, but the run storage is the "
+                f"default folder {self.storage.root} of this machine, which the other nodes cannot see "
+                "(their checkpoints would stay on them). Give a run storage every node reaches: --storage "
+                "s3://bucket/prefix (or gs://...), or a folder every node mounts at the same path (--storage "
+                "/shared/runs), or set `storage:` in the spec")
 
     def _open_tracking(self) -> None:
         existing_run, spec_file, experiment, kind = self._args

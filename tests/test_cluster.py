@@ -111,6 +111,11 @@ def test_a_study_runs_on_two_nodes_with_s3_storage_and_survives_a_lost_node(tmp_
         worker = nodes.worker(address, cpus=1, hide=[project, Path("/tmp/bnnctl-scratch")], resources='{"node2": 1}')
         both = nodes.node_ids(address, expect=2)
         (second,) = nodes.node_ids(address, expect=2, resource="node2")
+        # the default storage folder is this machine's only: refused on a cluster of 2 nodes, nothing trained
+        out = run_cli(["study", "run", str(spec), "--address", address], nodes.env, project, timeout=300)
+        assert out.returncode == 1 and "has 2 nodes, but the run storage is the default folder" in out.stderr, \
+            out.stdout + out.stderr
+        assert not (project / ".bnnctl" / "runs").exists()
         storage = f"s3://{BUCKET}/runs"
         t0 = time.monotonic()
         out = run_cli(["study", "run", str(spec), "--address", address, "--storage", storage], nodes.env, project,

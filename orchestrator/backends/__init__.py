@@ -110,6 +110,8 @@ class Backend(ABC):
     """Runs tasks for the executor (see the module docstring for the contract)."""
 
     name: str = ""
+    #: machines the tasks may land on (known after ``start``); more than one needs shared run storage
+    node_count: int = 1
 
     @abstractmethod
     def start(self, workers: int, cpus: float, gpus: float) -> None:

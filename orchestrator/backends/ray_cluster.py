@@ -226,7 +226,9 @@ class RayBackend(Backend):
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.where = connect(self.address, self.cpus)
-        check_resources(cpus, gpus, cluster_nodes(), self.where)
+        nodes = cluster_nodes()
+        self.node_count = len({n["node_id"] for n in nodes})
+        check_resources(cpus, gpus, nodes, self.where)
         # the driver's actors live on the driver's node: a lost worker node never takes them along
         self._here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self._queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": self._here})
