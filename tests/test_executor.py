@@ -150,7 +150,8 @@ def test_cancel_puts_running_variants_back_to_pending_and_starts_nothing_new(tmp
 def test_a_variant_waiting_for_resources_is_reported(tmp_path):
     store, plan = _setup(tmp_path, [_variant("first"), _variant("second")])
     waiting = []
-    backend = InProcessBackend(capacity=1, run=Script(epochs=4, delay=0.1))
+    # the first variant holds the only CPU for ~1.8 s, longer than one turn of the loop (0.5 s)
+    backend = InProcessBackend(capacity=1, run=Script(epochs=6, delay=0.3))
     ex = _executor(store, backend, tmp_path, max_parallel=2, wait_warning_s=0.15,
                    events=Events(waiting=lambda v, s: waiting.append((v.key, s))))
     assert ex.run(plan, "s", None) == {"first": "completed", "second": "completed"}

@@ -127,6 +127,9 @@ def _captured_stderr():
 
 def _connect_message(address: str | None, err: Exception, logged: str = "") -> str:
     where = f"the Ray cluster at {address}" if address else "a private local Ray cluster"
+    target = _target(address) if address == "auto" else None
+    if target is not None:  # say which cluster "auto" meant
+        where += f" ({target[0]}:{target[1]})"
     name = type(err).__name__
     first = str(err).strip().split("\n")[0]
     if (name == "AuthenticationError" or "unauthenticated" in logged.lower() or "authentication" in first.lower()
