@@ -236,13 +236,13 @@ class _Sync:
 
     def __init__(self, storage, key: str, folder: Path) -> None:
         self.storage, self.key, self.folder = storage, key, folder
-        self._seen: dict[str, float] = {}
+        self._seen: dict[str, int] = {}
 
     def restore(self) -> None:
-        """Bring an interrupted run's files (on another node, perhaps) back into scratch."""
+        """Bring an interrupted run's files back into scratch. Storage is the reference: this node's
+        scratch may hold an older attempt's files while another node got further."""
         for name in SYNCED:
-            if not (self.folder / name).exists():
-                self.storage.download(f"{self.key}/{name}", self.folder / name)
+            self.storage.download(f"{self.key}/{name}", self.folder / name)
             if (self.folder / name).exists():
                 self._seen[name] = (self.folder / name).stat().st_mtime_ns
 
