@@ -82,12 +82,6 @@ class RunStorage:
         """The variant's folder when storage is a local folder (the run writes there directly)."""
         return None if self.remote else Path(self.root) / key
 
-    def exists(self, rel: str) -> bool:
-        try:
-            return self.fs.exists(self.location(rel))
-        except OSError as err:
-            raise self._error(err, rel) from None
-
     def download(self, rel: str, dest: Path) -> bool:
         """Copy ``rel`` to ``dest`` (atomically); False when it is not in storage."""
         src = self.location(rel)

@@ -23,6 +23,27 @@ from bnnctl.workers.train import TrainConfig
 ONE = Resources(cpus=1.0)
 
 
+TINY_STUDY = """
+name: {name}
+base:
+  model: {{width: {width}, depth: 2}}
+  data: {{root: {root}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
+  epochs: 2
+  batch_size: 16
+  threads: 1
+ablations:
+  - {{name: a, mode: isolated, rows: [{row}]}}
+"""
+RELU = "{name: relu, set: {model.activation.kind: relu}}"
+
+
+def _tiny_study(workdir, name, root, row=RELU, width=8):
+    """A one-row study of 2 epochs on a tiny synthetic set, written to workdir/s.yaml."""
+    spec = workdir / "s.yaml"
+    spec.write_text(TINY_STUDY.format(name=name, root=root, row=row, width=width))
+    return spec
+
+
 def _variant(name, seed=0, init_dep=None, teacher_dep=None, kind="row", resources=ONE):
     cfg = TrainConfig(epochs=3, seed=seed)
     return Variant(name, f"label {name}", kind, cfg, resources, seed, "ab", name, init_dep, teacher_dep)
@@ -223,18 +244,7 @@ def test_a_broken_backend_leaves_the_study_stopped_with_the_reason(workdir):
     from bnnctl.orchestrator.runcore import RunOptions
     from bnnctl.orchestrator.study import run_study
 
-    spec = workdir / "s.yaml"
-    spec.write_text(f"""
-name: broken
-base:
-  model: {{width: 8, depth: 2}}
-  data: {{root: {workdir / 'syn'}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
-  epochs: 2
-  batch_size: 16
-  threads: 1
-ablations:
-  - {{name: a, mode: isolated, rows: [{{name: relu, set: {{model.activation.kind: relu}}}}]}}
-""")
+    spec = _tiny_study(workdir, "broken", workdir / "syn")
     with pytest.raises(BackendError, match="message queue was lost"):
         run_study(spec, options=RunOptions(track=False, backend_instance=_LosesItsQueue()))
     study = Store().study("broken")
@@ -249,18 +259,8 @@ def test_real_training_on_the_in_process_backend_matches_the_trainer(workdir):
     from bnnctl.workers.config import from_dict
     from bnnctl.workers.train import LocalReporter, run_variant
 
-    spec = workdir / "s.yaml"
-    spec.write_text(f"""
-name: local
-base:
-  model: {{width: 8, depth: 2}}
-  data: {{root: syn, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
-  epochs: 2
-  batch_size: 16
-  threads: 1
-ablations:
-  - {{name: a, mode: isolated, rows: [{{name: rev, set: {{model.activation.kind: prelu}}, stages: reverse_order}}]}}
-""")
+    spec = _tiny_study(workdir, "local", "syn",
+                       row="{name: rev, set: {model.activation.kind: prelu}, stages: reverse_order}")
     out = run_study(spec, options=RunOptions(track=False, backend_instance=InProcessBackend(capacity=1)))
     assert out.status == "completed" and out.trained == 2
     store = Store()
@@ -291,18 +291,7 @@ def test_a_full_disk_fails_the_variant_with_one_clear_reason(workdir):
     full.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(full)], check=True)
     try:
-        spec = workdir / "s.yaml"
-        spec.write_text(f"""
-name: full
-base:
-  model: {{width: 16, depth: 2}}
-  data: {{root: {workdir / 'syn'}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
-  epochs: 2
-  batch_size: 16
-  threads: 1
-ablations:
-  - {{name: a, mode: isolated, rows: [{{name: relu, set: {{model.activation.kind: relu}}}}]}}
-""")
+        spec = _tiny_study(workdir, "full", workdir / "syn", width=16)
         out = run_study(spec, options=RunOptions(track=False, storage=str(full), backend_instance=InProcessBackend()))
         assert out.status == "failed"
         (key,) = [k for k in Store().variants([m.variant_key for m in Store().members(Store().study("full").id)])]

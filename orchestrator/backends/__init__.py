@@ -29,7 +29,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import socket
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -306,7 +305,3 @@ def execute(task: Task, channel: Channel, node: str) -> Finished:
     if storage.remote and result.status == "completed":
         shutil.rmtree(folder, ignore_errors=True)
     return Finished(task.key, "stopped" if result.status == "stopped" else "completed", out, node=node)
-
-
-def hostname() -> str:
-    return socket.gethostname()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import queue
+import socket
 import threading
 import traceback
 from collections.abc import Callable
@@ -24,7 +25,6 @@ from . import (
     Started,
     Task,
     execute,
-    hostname,
     register,
 )
 
@@ -66,7 +66,7 @@ class InProcessBackend(Backend):
             if task.key in self._cancelled:
                 return
             self._used += task.cpus
-        node = hostname()
+        node = socket.gethostname()
         channel = Channel(self._messages.put, (lambda k, e: self._verdicts.get((k, e))) if verdicts else None,
                           cancelled=lambda: task.key in self._cancelled)
         try:

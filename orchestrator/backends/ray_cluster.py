@@ -35,7 +35,6 @@ from . import (
     Started,
     Task,
     execute,
-    hostname,
     register,
 )
 
@@ -198,7 +197,7 @@ def ray_task(task: Task, queue: Any, decisions: Any = None) -> Finished:
     """Body of the Ray task: announce the node, then train (see backends.execute)."""
     import ray
 
-    node, node_id = hostname(), ray.get_runtime_context().get_node_id()
+    node, node_id = socket.gethostname(), ray.get_runtime_context().get_node_id()
     verdict = (lambda k, e: ray.get(decisions.get.remote(k, e))) if decisions is not None else None
     queue.put(Started(task.key, node, node_id))
     return execute(task, Channel(queue.put, verdict), node)
