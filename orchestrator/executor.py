@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from bnnctl.workers.config import to_dict
 from bnnctl.workers.train.loop import BEST, LAST
 
-from .backends import Backend, EpochMetrics, Finished, Progress, Started, Task
+from .backends import NO_SPACE, Backend, EpochMetrics, Finished, Progress, Started, Task
 from .plan import Plan, Variant
 from .runstorage import RunStorage
 from .store import Store
@@ -74,6 +74,8 @@ class Executor:
         self.max_parallel, self.retries = max_parallel, retries
         self.events = events or Events()
         self.wait_warning_s = wait_warning_s
+        #: why the last run ended before its work was done (the run storage is full), or None
+        self.halted: str | None = None
 
     def task(self, v: Variant) -> Task:
         """The backend's task for ``v``: its config, and its dependencies' checkpoints to fetch."""
@@ -92,6 +94,7 @@ class Executor:
         variants are stopped and put back to pending (a later run resumes them from their checkpoints).
         ``hooks`` (a tuning) feed new variants as slots free up, judge every epoch and hear every end.
         """
+        self.halted = None
         return _Loop(self, plan, study_name, parent_run, hooks or Hooks()).run(cancelled)
 
 
@@ -107,6 +110,7 @@ class _Loop:
         self.started: set[str] = set()  # running keys whose worker announced itself
         self.warned: set[str] = set()
         self.runs: dict[str, str | None] = {}
+        self.disk_full: str | None = None  # a variant's "no space left" error: nothing new starts
         # MLflow work for finished variants waits until the freed worker has new work (overlap)
         self.to_track: list[tuple[str, dict | None, str | None, bool]] = []
 
@@ -118,9 +122,10 @@ class _Loop:
                 self.cancel_all()
                 break
             self.fail_blocked()
-            fed = self.feed()
+            room = self.room()
+            fed = self.feed() if room else False
             for v in self.plan.order():
-                if len(self.running) >= self.ex.max_parallel:
+                if not room or len(self.running) >= self.ex.max_parallel:
                     break
                 if self.ready(v):
                     self.submit(v)
@@ -128,6 +133,9 @@ class _Loop:
             if not self.running:
                 if fed:
                     continue  # fed variants that were already complete: ask for more
+                if not room:
+                    self.ex.halted = (f"{self.disk_full}; the variants not started yet wait: free some space "
+                                      "and run it again")
                 break
             done = self.backend.wait(poll)
             self.drain()
@@ -137,6 +145,16 @@ class _Loop:
         self.drain()
         self.track()
         return self.status
+
+    def room(self) -> bool:
+        """False while the run storage is full (after a variant failed for it): nothing new starts
+        until a probe write succeeds again; with a URL, until the running variants end."""
+        if self.disk_full is None:
+            return True
+        if self.ex.storage.has_room():
+            self.disk_full = None
+            return True
+        return False
 
     def ready(self, v: Variant) -> bool:
         return self.status[v.key] == "pending" and all(self.status[d] == "completed" for d in v.deps)
@@ -190,6 +208,14 @@ class _Loop:
                 self.started.add(msg.key)
                 self.store.set_attempt_node(msg.key, msg.node, msg.node_id)
                 self.events.running(v, msg.node)
+            elif isinstance(msg, EpochMetrics) and msg.restored:
+                # a resumed run's earlier epochs: record those a crashed driver never got
+                if msg.epoch in self.store.metric_epochs(msg.key):
+                    continue
+                self.store.log_metrics(msg.key, msg.epoch, msg.metrics)
+                if self.runs.get(msg.key):
+                    self.ex.tracker.log_metrics(self.runs[msg.key], msg.epoch, msg.metrics)
+                self.hooks.judge(v, msg.epoch, msg.metrics)  # the trial's history; no verdict is awaited
             elif isinstance(msg, EpochMetrics):
                 self.store.log_metrics(msg.key, msg.epoch, msg.metrics)
                 if self.runs.get(msg.key):
@@ -224,6 +250,8 @@ class _Loop:
             self.store.stop(key, result)
         elif new == "failed":
             self.store.fail(key, error or "failed")
+            if (error or "").startswith(NO_SPACE):
+                self.disk_full = error.split(" (node ")[0]
         if self.runs.get(key):
             self.to_track.append((self.runs[key], result, error, new == "stopped"))
         self.hooks.settled(self.plan.variants[key], new, result, error)
@@ -233,6 +261,8 @@ class _Loop:
         for key in list(self.running):
             self.backend.cancel(key)
             self.store.requeue(key, "study cancelled")
+            if self.runs.get(key):
+                self.ex.tracker.interrupted(self.runs[key])
             self.status[key] = "pending"
             self.events.finished(self.plan.variants[key], "cancelled", None)
         self.running.clear()

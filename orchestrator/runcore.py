@@ -73,6 +73,10 @@ class LeaseLost(StoreError):
     """Another driver took this driver's study over."""
 
 
+class StateLost(StoreError):
+    """The state database was deleted or replaced while the driver ran."""
+
+
 class LeaseKeeper:
     """The driver's lease on a study or tuning: taken before anything is written, renewed by a
     heartbeat thread, released at the end. ``lost`` turns True when another driver took it over
@@ -96,6 +100,8 @@ class LeaseKeeper:
             # only one of several new drivers replaces that token
             store.acquire_lease(name, self.holder, self.token, options.lease_timeout_s, replace=held.lease.token)
         self.lost = False
+        self.gone: str | None = None  # the state database was deleted or replaced under this driver
+        self._identity = store.file_identity()
         self._stop = threading.Event()
         self._every = max(options.lease_timeout_s / 6, 0.5)
         self._thread = threading.Thread(target=self._beat, daemon=True, name=f"lease-{name}")
@@ -103,17 +109,31 @@ class LeaseKeeper:
 
     def _beat(self) -> None:
         while not self._stop.wait(self._every):
+            if not self.verify():
+                return
             try:
                 if not self.store.renew_lease(self.name, self.token):
+                    if self.store.lease(self.name) is None:  # not taken over: the database lost the row
+                        self.gone = (f"the state database {self.store.display_url} no longer holds this "
+                                     "driver's lease (was it replaced or restored from a copy?)")
                     self.lost = True
                     return
             except Exception:  # noqa: BLE001 - a database hiccup: try again at the next beat
                 continue
 
+    def verify(self) -> bool:
+        """False (and ``gone`` says why) once the sqlite file this driver writes to was deleted or
+        replaced: its writes would go to a file nobody will read again."""
+        if self.gone is None and self.store.is_file and self.store.file_identity() != self._identity:
+            path = self.store.url.removeprefix("sqlite:///")
+            self.gone = (f"the state database {path} was {'replaced' if os.path.exists(path) else 'deleted'} "
+                         "while this driver ran")
+        return self.gone is None
+
     def release(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        if not self.lost:
+        if not self.lost and self.gone is None:
             try:
                 self.store.release_lease(self.name, self.token)
             except Exception:  # noqa: BLE001 - an expired lease is taken over anyway
@@ -131,6 +151,8 @@ def cancel_poller(store: Store, study_id: int, lease: LeaseKeeper | None = None,
         now = time.monotonic()
         if now - last[0] >= every:
             last[0] = now
+            if lease is not None and not lease.verify():
+                return True
             last[1] = store.study(study_id).status == "cancelled"
         return last[1]
 
@@ -156,6 +178,7 @@ class DriverSession:
         self._thread: threading.Thread | None = None
         self._args = (existing_run, spec_file, experiment, kind)
         self._running = False  # the study was marked running by this driver
+        self.halted: str | None = None  # why the executor ended with work left (a full disk)
 
     # -- start ------------------------------------------------------------------------------------
     def begin(self, work: bool) -> None:
@@ -200,6 +223,9 @@ class DriverSession:
             self._opened["run"] = t.study_run(self.name, existing_run, spec_file)
             if kind != "study":
                 t.client.set_tag(self._opened["run"], "bnnctl.kind", kind)
+            # a driver killed earlier may have left runs RUNNING that the store says are over
+            keys = [m.variant_key for m in self.store.members(self.study_id)]
+            self._opened["reconciled"] = t.reconcile(self.store.variants(keys).values())
             self._opened["tracker"] = t
         except BaseException as err:  # re-raised in the driver's thread by begin()
             self._opened["error"] = err
@@ -210,17 +236,34 @@ class DriverSession:
         executor = Executor(self.store, self.tracker, self.backend, self.storage, max_parallel=self.parallel,
                             retries=self.execution.retries, events=events or self.events,
                             wait_warning_s=self.execution.wait_warning_s)
-        status = executor.run(plan, self.name, self.parent, hooks=hooks,
-                              cancelled=cancel_poller(self.store, self.study_id, self.lease))
+        try:
+            status = executor.run(plan, self.name, self.parent, hooks=hooks,
+                                  cancelled=cancel_poller(self.store, self.study_id, self.lease))
+        except StoreError:
+            if self.lease is not None and not self.lease.verify():
+                self._raise_gone()
+            raise
+        self.halted = executor.halted
+        if self.lease is not None and self.lease.gone:
+            self._raise_gone()
         if self.lease is not None and self.lease.lost:
             raise LeaseLost(f"another driver took over {self.name!r} (--takeover, or this driver's heartbeat "
                             "stopped); this driver stopped its variants and left the study to it")
         return status
 
+    def _raise_gone(self) -> None:
+        assert self.lease is not None and self.lease.gone
+        raise StateLost(f"{self.lease.gone}; this driver stopped starting variants and stopped the running "
+                        "ones. Nothing trained is lost: their checkpoints are in the run storage, and running "
+                        "the study again (with the state database back, or a new one) resumes them")
+
     # -- end --------------------------------------------------------------------------------------
     def final_status(self, all_done: bool) -> str:
         if self.store.study(self.study_id).status == "cancelled":
             return "cancelled"
+        if self.halted and not all_done:
+            self.store.annotate_study(self.study_id, stopped_reason=self.halted)
+            return "stopped"
         return "completed" if all_done else "failed"
 
     def finish(self, status: str) -> None:
@@ -232,7 +275,7 @@ class DriverSession:
     def abort(self, err: BaseException) -> None:
         """Something escaped the run: leave the study stopped with the reason (best effort)."""
         reason = "interrupted" if isinstance(err, KeyboardInterrupt) else mask_text(f"{type(err).__name__}: {err}")
-        if not self._running or isinstance(err, LeaseLost):  # refused before it started, or not ours any more
+        if not self._running or isinstance(err, (LeaseLost, StateLost)):  # not started, or not ours any more
             self.close()
             return
         try:

@@ -82,6 +82,26 @@ class RunStorage:
         """The variant's folder when storage is a local folder (the run writes there directly)."""
         return None if self.remote else Path(self.root) / key
 
+    def has_room(self, nbytes: int = 1 << 20) -> bool | None:
+        """Whether ``nbytes`` can be written under a local root now (a probe file, removed again);
+        None for a URL (the driver cannot tell: its workers write to their own scratch disks)."""
+        if self.remote:
+            return None
+        probe = Path(self.root) / f".room-{os.getpid()}"
+        try:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"\0" * nbytes)
+                f.flush()
+                os.fsync(f.fileno())
+            return True
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                return False
+            raise
+        finally:
+            probe.unlink(missing_ok=True)
+
     def download(self, rel: str, dest: Path) -> bool:
         """Copy ``rel`` to ``dest`` (atomically); False when it is not in storage."""
         src = self.location(rel)

@@ -278,6 +278,21 @@ class Store:
         else:
             self._migrate()
 
+    def file_identity(self) -> tuple[int, int] | None:
+        """(device, inode) of a sqlite database file, None when it is missing (deleted); None for
+        a server database too (see ``is_file``)."""
+        if not self.is_file:
+            return None
+        try:
+            st = os.stat(self.url.removeprefix("sqlite:///"))
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    @property
+    def is_file(self) -> bool:
+        return self.url.startswith("sqlite:///") and ":memory:" not in self.url
+
     @contextmanager
     def session(self) -> Iterator[Session]:
         """The one way to touch the database: commit on success, roll back and raise StoreError on a
@@ -600,6 +615,11 @@ class Store:
                     existing[name].value = float(value)
                 else:
                     s.add(MetricRow(variant_key=key, epoch=epoch, name=name, value=float(value)))
+
+    def metric_epochs(self, key: str) -> set[int]:
+        """The epochs of a variant that have metrics recorded."""
+        with self.session() as s:
+            return set(s.scalars(select(MetricRow.epoch).where(MetricRow.variant_key == key).distinct()))
 
     def metrics(self, key: str) -> dict[str, list[tuple[int, float]]]:
         with self.session() as s:

@@ -10,6 +10,7 @@ import json
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,25 @@ def metric_name(name: str) -> str:
     return name.replace("@", "_at_")
 
 
+@contextmanager
+def _creation_lock(uri: str):
+    """An exclusive lock beside a sqlite tracking store while it is opened (created and migrated on
+    first use: MLflow's migrations are not safe when two processes run them at once)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    path = Path(uri.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class Tracker:
     def __init__(self, uri: str | None, experiment: str, storage=None) -> None:
         """``storage``: the RunStorage that results' file locations are relative to (artifacts are
@@ -66,12 +86,19 @@ class Tracker:
 
         self.storage = storage or RunStorage()
         self.uri = uri or default_uri()
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
-            experiment, artifact_location=artifact_location(self.uri))
+        with _creation_lock(self.uri):  # two drivers creating one sqlite store would corrupt it
+            self.client = MlflowClient(tracking_uri=self.uri)
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                try:
+                    self.experiment_id = self.client.create_experiment(
+                        experiment, artifact_location=artifact_location(self.uri))
+                except Exception:  # noqa: BLE001 - created meanwhile by another process (a server store)
+                    exp = self.client.get_experiment_by_name(experiment)
+                    if exp is None:
+                        raise
+            if exp is not None:
+                self.experiment_id = exp.experiment_id
 
     def _alive(self, run_id: str | None) -> bool:
         if not run_id:
@@ -81,28 +108,56 @@ class Tracker:
         except Exception:  # deleted or from another store
             return False
 
+    def _find(self, **tags: str) -> str | None:
+        """The oldest live run of this experiment with these tags: one a killed driver created but
+        never recorded in the state store (it is reused, never duplicated)."""
+        if any("'" in v or "\\" in v for v in tags.values()):  # not expressible in a filter string
+            return None
+        where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())  # values: names and hex keys
+        runs = self.client.search_runs([self.experiment_id], filter_string=where, max_results=1,
+                                       order_by=["attributes.start_time ASC"])
+        return runs[0].info.run_id if runs else None
+
     def study_run(self, name: str, existing: str | None, spec_file: str) -> str:
-        if self._alive(existing):
+        if not self._alive(existing):
+            existing = self._find(**{"bnnctl.study": name, "bnnctl.role": "study"})
+        if existing is not None:
             self.client.update_run(existing, status="RUNNING")
-            return existing  # type: ignore[return-value]
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={"bnnctl.study": name,
-                                                                                "bnnctl.spec_file": spec_file})
+            return existing
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={
+            "bnnctl.study": name, "bnnctl.role": "study", "bnnctl.spec_file": spec_file})
         return run.info.run_id
 
     def variant_run(self, parent: str, existing: str | None, key: str, label: str, kind: str, seed: int,
                     config: dict, study: str) -> str:
         if self._alive(existing):
-            self.client.update_run(existing, status="RUNNING")
+            self._reopen(existing)  # type: ignore[arg-type]
             return existing  # type: ignore[return-value]
-        from mlflow.entities import Param
-
+        found = self._find(**{"bnnctl.variant": key})
+        if found is not None:  # created by a driver killed before it recorded the run
+            if not self._reopen(found).data.params:
+                self._log_params(found, config)
+            return found
         tags = {"mlflow.parentRunId": parent, "bnnctl.study": study, "bnnctl.variant": key,
                 "bnnctl.identity": key, "bnnctl.kind": kind, "bnnctl.seed": str(seed), "bnnctl.label": label}
         run = self.client.create_run(self.experiment_id, run_name=label, tags=tags)
+        self._log_params(run.info.run_id, config)
+        return run.info.run_id
+
+    def _reopen(self, run_id: str):
+        """A resumed variant's run: RUNNING again, without the mark of its interruption."""
+        self.client.update_run(run_id, status="RUNNING")
+        run = self.client.get_run(run_id)
+        if run.data.tags.get("bnnctl.state") == "interrupted":
+            self.client.delete_tag(run_id, "bnnctl.state")
+        return run
+
+    def _log_params(self, run_id: str, config: dict) -> None:
+        from mlflow.entities import Param
+
         params = [Param(k, v[:MAX_PARAM_LENGTH]) for k, v in sorted(flatten(config).items())]
         for i in range(0, len(params), 100):
-            self.client.log_batch(run.info.run_id, params=params[i:i + 100])
-        return run.info.run_id
+            self.client.log_batch(run_id, params=params[i:i + 100])
 
     def log_metrics(self, run_id: str, epoch: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -141,11 +196,46 @@ class Tracker:
             ckpt = resolve(self.storage, result.get("best_checkpoint"))
             if ckpt is not None:
                 self.client.log_artifact(run_id, str(ckpt), artifact_path="checkpoint")
+            if "bnnctl.error" in self.client.get_run(run_id).data.tags:  # an earlier attempt's failure
+                self.client.delete_tag(run_id, "bnnctl.error")
             self.client.set_terminated(run_id, "FINISHED")
         else:
             if error:
                 self.client.set_tag(run_id, "bnnctl.error", error[:5000])
             self.client.set_terminated(run_id, "FAILED")
+
+    def reconcile(self, variants) -> dict[str, int]:
+        """Bring MLflow in line with the state store after a driver died: the RUNNING runs of
+        variants that finished get their final metrics, artifacts and status (the store is written
+        first, MLflow after); those of variants that will resume end KILLED until they start again.
+        ``variants``: the store's Variant records. Returns how many runs were ended, by status."""
+        done: dict[str, int] = {}
+        for v in variants:
+            if not v.mlflow_run_id or not self._alive(v.mlflow_run_id):
+                continue
+            run = self.client.get_run(v.mlflow_run_id)
+            if run.info.status != "RUNNING":
+                if v.status == "completed" and "bnnctl.error" in run.data.tags:
+                    self.client.delete_tag(v.mlflow_run_id, "bnnctl.error")
+                continue
+            if v.status == "completed":
+                self.finish(v.mlflow_run_id, v.result)
+            elif v.status == "stopped":
+                self.finish(v.mlflow_run_id, v.result or {}, stopped=True)
+            elif v.status == "failed":
+                self.finish(v.mlflow_run_id, None, v.error)
+            elif v.status == "running":  # a live driver's (another study sharing it); a dead one's resumes
+                continue
+            else:  # pending: its driver died while it ran; it resumes (and runs again) later
+                self.interrupted(v.mlflow_run_id)
+            done[v.status] = done.get(v.status, 0) + 1
+        return done
+
+    def interrupted(self, run_id: str) -> None:
+        """The variant stopped before its end (cancelled, or its driver died); it resumes later and
+        its run turns RUNNING again then."""
+        self.client.set_tag(run_id, "bnnctl.state", "interrupted")
+        self.client.set_terminated(run_id, "KILLED")
 
     def trial_started(self, run_id: str, arm: str, number: int, params: dict[str, Any]) -> None:
         """Mark a variant's run as an Optuna trial: trial number and sampled values as tags, and the

@@ -59,11 +59,15 @@ def optuna_storage(url: str, readonly: bool = False):
             time.sleep(0.5)
 
 
-def make_sampler(spec: TuneSpec):
+def make_sampler(spec: TuneSpec, resumed_after: int = 0):
+    """The spec's sampler. A driver that continues a study with ``resumed_after`` trials gets a seed
+    derived from both (the same seed again would sample the first trials' values once more)."""
     import optuna
 
     s = spec.sampler
     seed = s.get("seed")
+    if seed is not None and resumed_after:
+        seed = (int(seed) * 1_000_003 + resumed_after) % 2**31
     if s.name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if s.name == "grid":
@@ -319,6 +323,8 @@ def open_studies(spec: TuneSpec, storage) -> tuple[dict[str, Any], list[tuple[Ar
                 defaults = default_params(spec, arm)
                 if spec.sampler.name != "grid" or all(defaults[p.path] in p.grid() for p in spec.params):
                     study.enqueue_trial(defaults, user_attrs={"bnnctl.default": True})
+        if study.trials:  # continued: not the seed's first values again
+            study.sampler = make_sampler(spec, len(study.trials))
         studies[arm.name] = study
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             # Optuna has no public way to reopen a running trial by id; Trial(study, id) is its constructor

@@ -2,6 +2,7 @@
 
 The Ray backend runs the same loop in tests/test_study_e2e.py and tests/test_cluster.py.
 """
+import dataclasses
 import socket
 import threading
 import time
@@ -59,8 +60,9 @@ def _setup(tmp_path, variants):
 class Script:
     """Task bodies by key: each reports its epochs, then does what the test asked (records timing)."""
 
-    def __init__(self, epochs=3, delay=0.02, lose=None, fail=None, crash=None):
+    def __init__(self, epochs=3, delay=0.02, lose=None, fail=None, crash=None, resume=None):
         self.epochs, self.delay = epochs, delay
+        self.resume = dict(resume or {})  # key -> the epoch its checkpoint holds (a resumed run)
         self.lose = dict(lose or {})  # key -> how many times its worker dies first
         self.fail, self.crash = set(fail or ()), set(crash or ())
         self.calls: list[tuple[str, float, float]] = []  # key, start, end
@@ -75,8 +77,10 @@ class Script:
                 raise WorkerLost("killed by the test")
             if task.key in self.crash:
                 raise ZeroDivisionError("a bug in the task")
-            done = 0
-            for epoch in range(1, self.epochs + 1):
+            done = self.resume.get(task.key, 0)
+            if done:  # what a resumed run says first: the history its checkpoint holds
+                reporter.restored([(e, {"pckh": 10.0 * e}) for e in range(1, done + 1)])
+            for epoch in range(done + 1, self.epochs + 1):
                 time.sleep(self.delay)
                 reporter.report(epoch, {"pckh": 10.0 * epoch})
                 done = epoch
@@ -123,6 +127,17 @@ def test_the_dag_runs_in_order_within_the_parallelism_limit_and_records_where(tm
         assert store.variant(k).checkpoint_dir == str((tmp_path / "runs" / k).resolve())
         assert [v for _, v in store.metrics(k)["pckh"]] == [10.0, 20.0, 30.0]
         assert store.variant(k).result["epochs_done"] == 3
+
+
+def test_a_resumed_run_records_the_epochs_a_crashed_driver_never_got(tmp_path):
+    store, plan = _setup(tmp_path, [_variant("r")])
+    store.log_metrics("r", 1, {"pckh": 10.0})  # the crashed driver recorded epoch 1, not epoch 2
+    seen = []
+    events = Events(epoch=lambda v, e, m: seen.append(e))
+    status = _executor(store, InProcessBackend(run=Script(resume={"r": 2})), tmp_path, events=events).run(plan, "s", None)
+    assert status == {"r": "completed"}
+    assert store.metrics("r")["pckh"] == [(1, 10.0), (2, 20.0), (3, 30.0)]
+    assert seen == [3]  # the restored epochs are recorded, not shown as new ones
 
 
 def test_a_lost_worker_is_retried_then_the_variant_fails_with_the_reason(tmp_path):
@@ -276,8 +291,8 @@ def test_real_training_on_the_in_process_backend_matches_the_trainer(workdir):
     assert v.result["metrics"]["val_loss"] == reference.metrics["val_loss"]
 
 
-def test_a_full_disk_fails_the_variant_with_one_clear_reason(workdir):
-    """Run storage on a tiny tmpfs: the first checkpoint fills it."""
+def test_a_full_disk_fails_the_variant_and_nothing_new_starts_until_there_is_room(workdir):
+    """Run storage on a tiny tmpfs: the first checkpoint fills it; the second variant waits."""
     import os
     import shutil
     import subprocess
@@ -291,12 +306,26 @@ def test_a_full_disk_fails_the_variant_with_one_clear_reason(workdir):
     full.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(full)], check=True)
     try:
-        spec = _tiny_study(workdir, "full", workdir / "syn", width=16)
-        out = run_study(spec, options=RunOptions(track=False, storage=str(full), backend_instance=InProcessBackend()))
-        assert out.status == "failed"
-        (key,) = [k for k in Store().variants([m.variant_key for m in Store().members(Store().study("full").id)])]
-        error = Store().variant(key).error
-        assert error.startswith(f"no space left on device at {full / key}/") and "last.pt" in error, error
-        assert "Traceback" not in error and "unexpected pos" not in error
+        two = RELU + ", {name: prelu, set: {model.activation.kind: prelu}}"
+        spec = _tiny_study(workdir, "full", workdir / "syn", row=two, width=16)
+        opts = RunOptions(track=False, storage=str(full), max_parallel=1, backend_instance=InProcessBackend())
+        out = run_study(spec, options=opts)
+        assert out.status == "stopped" and out.counts == {"failed": 1, "pending": 1}
+        store = Store()
+        study = store.study("full")
+        variants = store.variants([m.variant_key for m in store.members(study.id)])
+        (failed,) = [v for v in variants.values() if v.status == "failed"]
+        (waiting,) = [v for v in variants.values() if v.status == "pending"]
+        assert failed.error.startswith(f"no space left on device at {full / failed.key}/") and "last.pt" in failed.error
+        assert "Traceback" not in failed.error and "unexpected pos" not in failed.error
+        assert store.attempts(waiting.key) == []  # never started on the full disk
+        assert study.spec["stopped_reason"].startswith(f"no space left on device at {full / failed.key}/")
+        assert "free some space and run it again" in study.spec["stopped_reason"]
+        # room again: the same command finishes the study (the failed variant is retried)
+        subprocess.run(["mount", "-o", "remount,size=8m", str(full)], check=True)
+        again = run_study(spec, options=dataclasses.replace(opts, backend_instance=InProcessBackend()))
+        assert again.status == "completed" and again.trained == 2
+        assert [a.status for a in store.attempts(failed.key)] == ["failed", "completed"]
+        assert not list(full.glob(".room-*"))  # the probe files are gone
     finally:
         subprocess.run(["umount", str(full)], check=True)

@@ -49,11 +49,16 @@ def test_stop_and_resume_ends_exactly_like_an_uninterrupted_run(synth_root, tmp_
     cfg = tiny(synth_root, model=ModelConfig(width=16, depth=2, binarize=BinarizeConfig(quantizer="tanh", alpha="learned")),
                lambda_schedule=LambdaSchedule("linear", 1.0, 20.0))
     full = run_variant(cfg, LocalReporter(tmp_path / "full"))
-    first = run_variant(cfg, LocalReporter(tmp_path / "split", stop_after=1))
+    first_rep = LocalReporter(tmp_path / "split", stop_after=1)
+    first = run_variant(cfg, first_rep)
     assert first.status == "stopped" and first.epochs_done == 1
     resumed_rep = LocalReporter(tmp_path / "split")
     resumed = run_variant(cfg, resumed_rep)
     assert [e for e, _ in resumed_rep.history] == [2, 3]  # only the missing epochs ran
+    # the epoch the first attempt reported is said again (a crashed driver may never have got it)
+    ((epoch, said),) = resumed_rep.restored_history
+    ((_, reported),) = first_rep.history
+    assert epoch == 1 and said == reported and said["pckh"] == load_checkpoint(full.last_checkpoint)["history"][0][1]["pckh"]
     assert resumed.status == "completed"
     for key in ("pckh", "val_loss", "train_loss", "pckh_approx", "lambda"):
         assert resumed.metrics[key] == full.metrics[key], key
@@ -78,6 +83,7 @@ def test_a_resumed_finished_run_trains_nothing(synth_root, tmp_path):
     rep = LocalReporter(tmp_path / "ck")
     again = run_variant(cfg, rep)
     assert rep.history == [] and again.metrics["pckh"] == first.metrics["pckh"]
+    assert [(e, m["pckh"]) for e, m in rep.restored_history] == [(1, first.metrics["pckh"])]
 
 
 def test_checkpoint_of_another_config_is_refused(synth_root, tmp_path):

@@ -50,6 +50,9 @@ class ResourceError(BackendError):
     """A variant asks for resources that no node of the cluster has."""
 
 
+#: how a variant's error starts when its disk (scratch or run storage) is full
+NO_SPACE = "no space left on device"
+
 @dataclass(frozen=True)
 class Task:
     """One variant to train.
@@ -83,6 +86,7 @@ class EpochMetrics:
     key: str
     epoch: int
     metrics: dict
+    restored: bool = False  # said again on resume from the checkpoint's history, not a new epoch
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,10 @@ class ChannelReporter:
         self._epoch = epoch
         self.channel.send(EpochMetrics(self.key, epoch, dict(metrics)))
 
+    def restored(self, history) -> None:
+        for epoch, metrics in history:
+            self.channel.send(EpochMetrics(self.key, epoch, dict(metrics), restored=True))
+
     def should_stop(self) -> bool:
         if self.channel.cancelled():
             return True
@@ -296,7 +304,7 @@ def execute(task: Task, channel: Channel, node: str) -> Finished:
     except OSError as err:
         if err.errno == errno.ENOSPC:
             where = err.filename or folder
-            return Finished(task.key, "failed", error=f"no space left on device at {where} (node {node})", node=node)
+            return Finished(task.key, "failed", error=f"{NO_SPACE} at {where} (node {node})", node=node)
         raise
     out = asdict(result)
     for name in ("last_checkpoint", "best_checkpoint", "predictions_image"):

@@ -131,6 +131,8 @@ def run(
     print_tables(_tables(store, study), out)
     out.print(f"study {outcome.study}: {outcome.status} ({', '.join(f'{n} {s}' for s, n in sorted(outcome.counts.items()))}; "
               f"{outcome.trained} trained or resumed in this run)")
+    if outcome.status == "stopped" and study.spec.get("stopped_reason"):
+        out.print(f"[yellow]stopped[/]: {study.spec['stopped_reason']}")
     if not no_track:
         out.print(f"compare the runs in MLflow: {ui_hint(tracking_uri)}")
     if outcome.status != "completed":

@@ -47,6 +47,10 @@ class _ConsoleReporter:
         keys = [k for k in ("pckh", "pck", "top1", "top5", "train_loss", "val_loss", "lambda", "epoch_time") if k in metrics]
         self.out.print(f"epoch {epoch:4d}  " + "  ".join(f"{k} {metrics[k]:.4g}" for k in keys))
 
+    def restored(self, history) -> None:
+        if history:
+            self.out.print(f"resuming after epoch {history[-1][0]} from {self._dir}")
+
     def should_stop(self) -> bool:
         return False
 

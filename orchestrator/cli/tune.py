@@ -87,6 +87,12 @@ def run(
     out.print(f"tuning {outcome.name}: {outcome.status} "
               f"({', '.join(f'{arm}: {n} finished trials' for arm, n in outcome.finished.items())}; "
               f"{outcome.trained} trained in this run)")
+    if outcome.status == "stopped":
+        from bnnctl.orchestrator.store import Store
+
+        stopped = Store(db, readonly=True).study(outcome.name)
+        if stopped is not None and stopped.spec.get("stopped_reason"):
+            out.print(f"[yellow]stopped[/]: {stopped.spec['stopped_reason']}")
     out.print(f"details: bnnctl tune show {outcome.name}    Optuna's dashboard: optuna-dashboard "
               f"{_storage_url(db)}")
     if not no_track:

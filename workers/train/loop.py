@@ -131,6 +131,7 @@ def run_variant(config: TrainConfig, reporter: Reporter) -> TrainResult:
     last_path, best_path = ckpt_dir / LAST, ckpt_dir / BEST
     config_data = to_dict(config)
     start_epoch, best, best_epoch = 0, -math.inf, 0
+    history: list[tuple[int, dict[str, float]]] = []  # every finished epoch's reported metrics
     state: dict[str, Any] | None = None
     if last_path.exists():
         state = load_checkpoint(last_path)
@@ -141,6 +142,11 @@ def run_variant(config: TrainConfig, reporter: Reporter) -> TrainResult:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start_epoch, best, best_epoch = state["epoch"], state["best"], state["best_epoch"]
+        # older checkpoints kept only the last epoch's metrics
+        history = [(int(e), dict(m)) for e, m in state.get("history") or
+                   [(state["epoch"], {k: v for k, v in state["metrics"].items() if k != "per_joint"})]]
+        # the driver may have died before it recorded what this run had reported: say it again
+        reporter.restored(history)
 
     steps_per_epoch = len(_loader(task.train_set, config, True))
     if config.max_batches:
@@ -215,19 +221,21 @@ def run_variant(config: TrainConfig, reporter: Reporter) -> TrainResult:
             "epoch_time": t2 - t0,
         })
         value = metrics[task.metric]
+        reported = {k: float(v) for k, v in metrics.items() if k != "per_joint"}
+        history.append((epoch + 1, reported))
         improved = value > best
         if improved:
             best, best_epoch = value, epoch + 1
         payload = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
             "epoch": epoch + 1, "best": best, "best_epoch": best_epoch, "config": config_data,
-            "model_config": to_dict(model_cfg), "metrics": metrics,
+            "model_config": to_dict(model_cfg), "metrics": metrics, "history": history,
         }
         save_checkpoint(last_path, payload)
         if improved:
             save_checkpoint(best_path, payload)
         epochs_done = epoch + 1
-        reporter.report(epoch + 1, {k: v for k, v in metrics.items() if k != "per_joint"})
+        reporter.report(epoch + 1, reported)
         if epoch + 1 < config.epochs and reporter.should_stop():
             status = "stopped"
             break

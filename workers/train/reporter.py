@@ -16,6 +16,10 @@ class Reporter(Protocol):
     def report(self, epoch: int, metrics: Mapping[str, float]) -> None:
         """Metrics of a finished epoch (1-based)."""
 
+    def restored(self, history: list[tuple[int, dict[str, float]]]) -> None:
+        """On resume: the metrics of every epoch the checkpoint holds, reported before by an earlier
+        attempt (whoever runs it may have lost some of them with a crash). Not a new epoch."""
+
     def should_stop(self) -> bool:
         """Asked after every epoch: True ends the run early (pruning, cancellation)."""
 
@@ -31,6 +35,7 @@ class LocalReporter:
         self._dir = Path(checkpoint_dir)
         self.stop_after = stop_after
         self.history: list[tuple[int, dict[str, float]]] = []
+        self.restored_history: list[tuple[int, dict[str, float]]] = []
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -38,6 +43,9 @@ class LocalReporter:
 
     def report(self, epoch: int, metrics: Mapping[str, float]) -> None:
         self.history.append((epoch, dict(metrics)))
+
+    def restored(self, history: list[tuple[int, dict[str, float]]]) -> None:
+        self.restored_history = [(e, dict(m)) for e, m in history]
 
     def should_stop(self) -> bool:
         return self.stop_after is not None and len(self.history) >= self.stop_after
