@@ -19,6 +19,8 @@ import dataclasses
 import hashlib
 import itertools
 import os
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,8 +32,20 @@ from bnnctl.workers.errors import ConfigError
 from bnnctl.workers.train import TrainConfig
 
 from .errors import SpecError
+from .yamlio import read_yaml
 
 Mode = Literal["incremental", "isolated", "grid"]
+
+#: study and tuning names: they appear in URLs, file names, MLflow experiments, Optuna studies, job ids
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RULE = ("1 to 64 characters: letters, digits, '.', '_' and '-', starting with a letter or digit "
+             "(it appears in URLs, file names and MLflow)")
+#: ablation, row, teacher and arm names: labels in tables (paper wording such as "1 stack ours w/o distil.")
+LABEL_MAX = 80
+LABEL_RULE = (f"1 to {LABEL_MAX} printable characters, no tabs, newlines or other control characters, "
+              "no leading or trailing spaces")
+MAX_SEEDS = 100
+MAX_SEED = 2**32 - 1
 STAGE_KINDS = ("single", "reverse_order")
 TOP_KEYS = {"name", "description", "task", "base", "seeds", "resources", "teachers", "ablations", "tracking", "execution",
             "metric", "storage"}
@@ -39,48 +53,11 @@ TOP_KEYS = {"name", "description", "task", "base", "seeds", "resources", "teache
 
 # --------------------------------------------------------------------------- YAML with line numbers
 
-def _construct(node: yaml.Node, path: str, lines: dict[str, int]) -> Any:
-    """Plain data from a composed YAML node, recording the line of every path (1-based)."""
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        out: dict[str, Any] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value  # keys are kept as strings (config paths, names, levels)
-            child = f"{path}.{key}" if path else str(key)
-            lines[child] = key_node.start_mark.line + 1
-            if key in out:
-                raise SpecError("", child, "duplicate key", key_node.start_mark.line + 1)
-            out[key] = _construct(value_node, child, lines)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(v, f"{path}[{i}]", lines) for i, v in enumerate(node.value)]
-    loader = yaml.SafeLoader("")
-    try:
-        return loader.construct_object(node, deep=True)
-    finally:
-        loader.dispose()
-
-
-def load_yaml(path: Path) -> tuple[Any, dict[str, int]]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise SpecError(str(path), "", "file not found") from None
-    except OSError as err:
-        raise SpecError(str(path), "", f"cannot read the file: {err.strerror}") from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise SpecError(str(path), "", f"not valid YAML: {getattr(err, 'problem', err)}",
-                        mark.line + 1 if mark else None) from None
-    if node is None:
-        raise SpecError(str(path), "", "the file is empty; a study spec is a YAML mapping (see studies/quickstart.yaml)")
-    lines: dict[str, int] = {}
-    try:
-        data = _construct(node, "", lines)
-    except SpecError as err:
-        raise SpecError(str(path), err.path, "duplicate key", err.line) from None
+def load_yaml(path: Path, what: str = "study spec") -> tuple[Any, dict[str, int]]:
+    """A spec file's data and the line of every path (the one reader: :mod:`.yamlio`)."""
+    data, lines = read_yaml(path, what)
+    if data is None:
+        raise SpecError(str(path), "", f"the file is empty; a {what} is a YAML mapping (see studies/quickstart.yaml)")
     return data, lines
 
 
@@ -170,17 +147,41 @@ class _Parser:
         self.file, self.data, self.lines = str(file), data, lines
 
     def fail(self, path: str, message: str) -> SpecError:
-        line = None
+        line = self.lines.get(path)
         probe = path
         while probe and line is None:
             line = self.lines.get(probe)
             probe = probe.rsplit(".", 1)[0] if "." in probe else ""
         return SpecError(self.file, path, message, line)
 
+    def name(self, value: Any, path: str, what: str) -> str:
+        """A study or tuning name (see NAME_RULE)."""
+        if not isinstance(value, str) or not value:
+            raise self.fail(path, f"required: the {what}'s name ({NAME_RULE})")
+        if not NAME_RE.match(value):
+            shown = value if len(value) <= 40 else value[:40] + "..."
+            raise self.fail(path, f"{shown!r} is not allowed as a {what} name: {NAME_RULE}")
+        return value
+
+    def label(self, value: Any, path: str, what: str, extra: str = "") -> str:
+        """An ablation, row, teacher or arm name (see LABEL_RULE); ``extra``: characters also refused."""
+        if not isinstance(value, str) or not value:
+            raise self.fail(path, f"required: the {what}'s name ({LABEL_RULE})")
+        bad = (len(value) > LABEL_MAX or value != value.strip()
+               or any(unicodedata.category(c).startswith("C") for c in value) or any(c in extra for c in value))
+        if bad:
+            shown = value if len(value) <= 40 else value[:40] + "..."
+            rule = LABEL_RULE + (f", and no {' '.join(repr(c) for c in extra)}" if extra else "")
+            raise self.fail(path, f"{shown!r} is not allowed as a {what} name: {rule}")
+        return value
+
     def mapping(self, value: Any, path: str, allowed: set[str] | None = None) -> dict:
         if value is None:
             return {}
         if not isinstance(value, dict):
+            if not path:
+                raise self.fail(path, f"expected a mapping of settings ({', '.join(sorted(allowed or ()))}) at the "
+                                f"top of the file, got a {type(value).__name__}")
             raise self.fail(path, f"expected a mapping, got {type(value).__name__}")
         if allowed is not None:
             for key in value:
@@ -227,9 +228,7 @@ class _Parser:
         if isinstance(self.data, dict) and self.data.get("kind") == "tuning":
             raise self.fail("kind", "this is a tuning spec; run it with `bnnctl tune run`")
         top = self.mapping(self.data, "", TOP_KEYS)
-        name = top.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise self.fail("name", "required: the study's name (a non-empty string)")
+        name = self.name(top.get("name"), "name", "study")
         base_data = self.mapping(top.get("base"), "base")
         base = self.config(base_data, (), "base")
         task = top.get("task", base.task)
@@ -241,6 +240,8 @@ class _Parser:
         seeds = top.get("seeds", [0])
         if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise self.fail("seeds", "expected a non-empty list of integers")
+        if len(seeds) > MAX_SEEDS or not all(0 <= s <= MAX_SEED for s in seeds):
+            raise self.fail("seeds", f"at most {MAX_SEEDS} seeds, each from 0 to {MAX_SEED}")
         if len(set(seeds)) != len(seeds):
             raise self.fail("seeds", "seeds must be distinct")
         resources, execution, tracking = self.run_sections(top, base)
@@ -273,15 +274,17 @@ class _Parser:
     def run_sections(self, top: dict, base: TrainConfig) -> tuple[Resources, Execution, Tracking]:
         """The ``resources``, ``execution`` and ``tracking`` sections (studies and tunings alike)."""
         resources = self.typed(Resources, top.get("resources"), "resources")
-        if not (resources.cpus > 0 and resources.gpus >= 0):
-            raise self.fail("resources", "cpus must be > 0 and gpus >= 0 (fractions allowed, e.g. gpus: 0.5)")
+        if not (0 < resources.cpus <= 1024 and 0 <= resources.gpus <= 64):
+            raise self.fail("resources", "cpus must be in (0, 1024] and gpus in [0, 64] per variant (fractions "
+                            f"allowed, e.g. gpus: 0.5); got cpus {resources.cpus:g}, gpus {resources.gpus:g}")
         if resources.gpus > 0 and base.device == "cpu":
             raise self.fail("resources.gpus", f"{resources.gpus:g} GPUs requested but base.device is cpu; "
                             "set device: cuda (or auto), or gpus: 0")
         execution = self.typed(Execution, top.get("execution"), "execution")
-        if execution.max_parallel < 1 or execution.retries < 0 or not execution.wait_warning_s > 0:
-            raise self.fail("execution", "max_parallel (variants at once) must be >= 1, retries >= 0 and "
-                            "wait_warning_s > 0")
+        if not (1 <= execution.max_parallel <= 1024 and 0 <= execution.retries <= 100
+                and 0 < execution.wait_warning_s <= 86400):
+            raise self.fail("execution", "max_parallel (variants at once) must be in [1, 1024], retries in [0, 100] "
+                            "and wait_warning_s in (0, 86400]")
         return resources, execution, self.typed(Tracking, top.get("tracking"), "tracking")
 
     def storage(self, top: dict) -> str | None:
@@ -299,6 +302,7 @@ class _Parser:
         teachers = {}
         for name, body in self.mapping(raw, "teachers").items():
             path = f"teachers.{name}"
+            self.label(name, path, "teacher")
             body = self.mapping(body, path, {"set", "teacher"})
             overrides = self.overrides(body.get("set"), f"{path}.set")
             teachers[name] = TeacherSpec(name, overrides, body.get("teacher"), self.config(base_data, overrides, f"{path}.set"))
@@ -329,9 +333,7 @@ class _Parser:
 
     def parse_ablation(self, raw: Any, path: str, base_data: dict, teachers: dict) -> Ablation:
         body = self.mapping(raw, path, {"name", "mode", "rows", "axes", "references", "baseline"})
-        name = body.get("name")
-        if not isinstance(name, str) or not name:
-            raise self.fail(f"{path}.name", "required: the ablation's name")
+        name = self.label(body.get("name"), f"{path}.name", "ablation")
         mode = body.get("mode", "incremental")
         if mode not in ("incremental", "isolated", "grid"):
             raise self.fail(f"{path}.mode", f"unknown mode {mode!r}; allowed: incremental, isolated, grid")
@@ -367,9 +369,7 @@ class _Parser:
             for j, raw_row in enumerate(raw_rows):
                 rpath = f"{path}.rows[{j}]"
                 rb = self.mapping(raw_row, rpath, {"name", "set", "stages", "teacher", "reference"})
-                rname = rb.get("name")
-                if not isinstance(rname, str) or not rname:
-                    raise self.fail(f"{rpath}.name", "required: the row's name (as in the paper's table)")
+                rname = self.label(rb.get("name"), f"{rpath}.name", "row")
                 own = self.overrides(rb.get("set"), f"{rpath}.set")
                 r_stages, r_teacher, ref = self.row_extras(rb, rpath, teachers)
                 if mode == "incremental":

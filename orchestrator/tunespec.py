@@ -39,6 +39,7 @@ from .spec import (
     spec_hash,
 )
 
+MAX_TRIALS = 100_000
 TOP_KEYS = {"kind", "name", "description", "task", "base", "seed", "resources", "teachers", "teacher", "search",
             "objective", "trials", "sampler", "pruner", "arms", "default_trial", "tracking", "execution", "storage"}
 SAMPLERS = {"tpe": {"seed", "startup_trials"}, "random": {"seed"}, "grid": {"seed"}, "gp": {"seed", "startup_trials"}}
@@ -162,9 +163,7 @@ class _TuneParser(_Parser):
             raise self.fail("kind", "a tuning spec starts with `kind: tuning` (a study spec has ablations "
                             "instead; run it with `bnnctl study run`)")
         top = self.mapping(self.data, "", TOP_KEYS)
-        name = top.get("name")
-        if not isinstance(name, str) or not name.strip() or "/" in name:
-            raise self.fail("name", "required: the tuning's name (a non-empty string without '/')")
+        name = self.name(top.get("name"), "name", "tuning")
         base_data = self.mapping(top.get("base"), "base")
         base = self.config(base_data, (), "base")
         task = top.get("task", base.task)
@@ -172,8 +171,9 @@ class _TuneParser(_Parser):
             raise self.fail("task", f"the tuning is declared {task!r} but base.data.dataset "
                             f"{base.data.dataset!r} is a {base.task} dataset")
         seed = top.get("seed", 0)
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise self.fail("seed", f"expected an integer (every trial trains with this seed), got {seed!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= 2**32 - 1:
+            raise self.fail("seed", f"expected an integer in [0, {2**32 - 1}] (every trial trains with this seed), "
+                            f"got {seed!r}")
         resources, execution, tracking = self.run_sections(top, base)
         teachers = self.parse_teachers(top.get("teachers"), base_data)
         teacher = self.teacher_ref(top.get("teacher"), "teacher", teachers)
@@ -181,8 +181,9 @@ class _TuneParser(_Parser):
         params = self.parse_search(top.get("search"), arms)
         objective = self.parse_objective(top.get("objective"), base.task)
         trials = top.get("trials", 10)
-        if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
-            raise self.fail("trials", f"expected the number of trials per arm (an integer >= 1), got {trials!r}")
+        if not isinstance(trials, int) or isinstance(trials, bool) or not 1 <= trials <= MAX_TRIALS:
+            raise self.fail("trials", f"expected the number of trials per arm (an integer in [1, {MAX_TRIALS}]), "
+                            f"got {trials!r}")
         sampler = self.component(top.get("sampler"), "sampler", SAMPLERS, "tpe")
         pruner = self.component(top.get("pruner"), "pruner", PRUNERS, "median")
         self.check_components(sampler, pruner, params, trials)
@@ -214,9 +215,7 @@ class _TuneParser(_Parser):
         for i, body in enumerate(raw):
             path = f"arms[{i}]"
             body = self.mapping(body, path, {"name", "set", "teacher"})
-            name = body.get("name")
-            if not isinstance(name, str) or not name or "/" in name:
-                raise self.fail(f"{path}.name", "required: the arm's name (a non-empty string without '/')")
+            name = self.label(body.get("name"), f"{path}.name", "arm", extra="/")
             overrides = self.overrides(body.get("set"), f"{path}.set")
             arm_teacher = self.teacher_ref(body.get("teacher"), f"{path}.teacher", teachers) or teacher
             arms.append(Arm(name, overrides, arm_teacher, self.config(base_data, overrides, f"{path}.set")))

@@ -52,7 +52,7 @@ def test_bad_input_gives_one_clear_error(tmp_path):
     _fails(["models", "summary", "--set", "activation.kind=gelu"], "model.activation.kind", "leaky_relu, none")
     _fails(["models", "summary", "--set", "activation"], "--set", "KEY=VALUE")
     _fails(["models", "summary", "--set", "colour=red"], "model.colour", "unknown key")
-    _fails(["models", "summary", "--config", str(tmp_path / "missing.yaml")], "cannot read")
+    _fails(["models", "summary", "--config", str(tmp_path / "missing.yaml")], "missing.yaml: file not found")
     bad = tmp_path / "bad.yaml"
     bad.write_text("arch: [unclosed\n")
     _fails(["models", "summary", "--config", str(bad)], "not valid YAML")
@@ -80,7 +80,7 @@ def test_data_synth_writes_the_mpii_layout(tmp_path):
     from bnnctl.workers.data.pose import read_mpii
 
     assert len(read_mpii(tmp_path / "syn", "train")) == 5 and len(read_mpii(tmp_path / "syn", "valid")) == 2
-    _fails(["data", "synth", str(tmp_path / "x"), "--train", "0"], "synthetic.train", "must be >= 1")
+    _fails(["data", "synth", str(tmp_path / "x"), "--train", "0"], "synthetic.train", "must be in [1, 1000000], got 0")
     assert not (tmp_path / "x").exists()  # nothing written on bad input
 
 
@@ -100,7 +100,7 @@ threads: 1
     assert "epoch    2" in result.output and "completed: pckh" in result.output and (ck / "last.pt").exists()
     again = runner.invoke(app, ["train", "run", str(spec), "--checkpoints", str(ck)])
     assert again.exit_code == 0 and "epoch    1" not in again.output  # nothing retrained
-    _fails(["train", "run", str(spec), "--set", "epochs=0"], "epochs", "must be >= 1")
+    _fails(["train", "run", str(spec), "--set", "epochs=0"], "epochs", "must be in [1, 10000], got 0")
     _fails(["train", "run", str(spec), "--set", "data.dataset=mpii", "--set", f"data.root={tmp_path / 'none'}"],
            "MPII dataset not found", "bnnctl data synth")
 

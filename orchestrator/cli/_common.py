@@ -48,9 +48,9 @@ def user_errors(fn: F) -> F:
 
 
 def parse_assignments(items: list[str], option: str) -> dict[str, object]:
-    """``["a.b=1", "c=prelu"]`` -> ``{"a.b": 1, "c": "prelu"}``; values are parsed as YAML scalars."""
-    import yaml
-
+    """``["a.b=1", "c=prelu"]`` -> ``{"a.b": 1, "c": "prelu"}``; values are parsed as YAML 1.2
+    scalars (``1e-3`` is a float) or flow collections."""
+    from bnnctl.orchestrator.yamlio import parse_value
     from bnnctl.workers.errors import ConfigError
 
     out: dict[str, object] = {}
@@ -58,10 +58,7 @@ def parse_assignments(items: list[str], option: str) -> dict[str, object]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(option, f"expected KEY=VALUE (for example activation.kind=prelu), got {item!r}")
-        try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else raw
-        except yaml.YAMLError:
-            out[key.strip()] = raw
+        out[key.strip()] = parse_value(raw)
     return out
 
 

@@ -14,20 +14,14 @@ app = typer.Typer(help="Inspect the binary-network model library.", no_args_is_h
 
 def _model_config(config: Optional[Path], arch: Optional[str], block: Optional[str], width: Optional[int],
                   stacks: Optional[int], real: bool, overrides: list[str]):
-    import yaml
-
+    from bnnctl.orchestrator.yamlio import read_yaml
     from bnnctl.workers.config import from_dict, with_overrides
     from bnnctl.workers.errors import ConfigError
     from bnnctl.workers.models import ModelConfig
 
     data: dict = {}
     if config is not None:
-        try:
-            data = yaml.safe_load(config.read_text()) or {}
-        except OSError as err:
-            raise ConfigError("--config", f"cannot read {config}: {err.strerror}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError("--config", f"{config} is not valid YAML: {err}") from None
+        data = read_yaml(config, "model config")[0] or {}
         if not isinstance(data, dict):
             raise ConfigError("--config", f"{config} must hold a mapping of model settings")
     cfg = from_dict(ModelConfig, data, "model")

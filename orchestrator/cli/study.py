@@ -88,9 +88,11 @@ def run(
 
     from bnnctl.orchestrator.executor import Events
     from bnnctl.orchestrator.runcore import RunOptions
+    from bnnctl.orchestrator.spec import load_spec
     from bnnctl.orchestrator.study import run_study
     from bnnctl.orchestrator.tracking import ui_hint
 
+    load_spec(file)  # a bad spec is refused before anything is shown or started
     out = console()
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TimeElapsedColumn(), console=out, transient=False)

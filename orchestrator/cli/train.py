@@ -12,20 +12,14 @@ app = typer.Typer(help="Train one variant locally (no Ray, no MLflow).", no_args
 
 
 def load_train_config(path: Optional[Path], overrides: list[str]):
-    import yaml
-
+    from bnnctl.orchestrator.yamlio import read_yaml
     from bnnctl.workers.config import from_dict, with_overrides
     from bnnctl.workers.errors import ConfigError
     from bnnctl.workers.train import TrainConfig
 
     data: dict = {}
     if path is not None:
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except OSError as err:
-            raise ConfigError(str(path), f"cannot read the file: {err.strerror}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(str(path), f"not valid YAML: {err}") from None
+        data = read_yaml(path, "training config")[0] or {}
         if not isinstance(data, dict):
             raise ConfigError(str(path), "must hold a mapping of training settings")
     cfg = from_dict(TrainConfig, data)

@@ -73,8 +73,8 @@ class SyntheticConfig:
     view_profile_prob: float = 0.2
 
     def __post_init__(self) -> None:
-        require(self.train >= 1, "train", f"must be >= 1, got {self.train}")
-        require(self.valid >= 1, "valid", f"must be >= 1, got {self.valid}")
+        require(1 <= self.train <= 1_000_000, "train", f"must be in [1, 1000000], got {self.train}")
+        require(1 <= self.valid <= 1_000_000, "valid", f"must be in [1, 1000000], got {self.valid}")
         require(32 <= self.image_size <= 1024, "image_size", f"must be in [32, 1024], got {self.image_size}")
         for name in ("occluder_prob", "truncation_prob", "view_profile_prob"):
             v = getattr(self, name)

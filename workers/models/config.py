@@ -79,11 +79,12 @@ class ModelConfig:
         if self.block is not None:
             BLOCKS.get(self.block, "block")
         CONV_BACKENDS.get(self.backend, "backend")
-        for name in ("stacks", "depth", "blocks_per_level", "in_channels"):
-            require(getattr(self, name) >= 1, name, f"must be a positive integer, got {getattr(self, name)}")
-        for name in ("width", "num_outputs", "input_size"):
+        for name, top in (("stacks", 16), ("depth", 16), ("blocks_per_level", 64), ("in_channels", 64)):
             value = getattr(self, name)
-            require(value is None or value >= 1, name, f"must be a positive integer, got {value}")
+            require(1 <= value <= top, name, f"must be an integer in [1, {top}], got {value}")
+        for name, top in (("width", 8192), ("num_outputs", 100_000), ("input_size", 4096)):
+            value = getattr(self, name)
+            require(value is None or 1 <= value <= top, name, f"must be an integer in [1, {top}], got {value}")
         require(self.width is None or self.width >= 4, "width", f"must be at least 4, got {self.width}")
         require(self.merge_groups in (1, 2), "merge_groups", f"must be 1 or 2, got {self.merge_groups}")
 

@@ -51,13 +51,13 @@ class DataConfig:
     workers: int = 0
 
     def __post_init__(self) -> None:
-        require(self.input_size >= 16, "input_size", f"must be >= 16, got {self.input_size}")
+        require(16 <= self.input_size <= 4096, "input_size", f"must be in [16, 4096], got {self.input_size}")
         require(self.heatmap_size is None or self.heatmap_size >= 4, "heatmap_size", "must be >= 4")
         require(self.sigma > 0, "sigma", f"must be positive, got {self.sigma}")
         for name in ("train_limit", "val_limit"):
             v = getattr(self, name)
             require(v is None or v >= 1, name, f"must be a positive integer, got {v}")
-        require(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        require(0 <= self.workers <= 256, "workers", f"must be in [0, 256], got {self.workers}")
 
     @property
     def task(self) -> str:
@@ -139,6 +139,10 @@ class DistillConfig:
         require(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}")
 
 
+MAX_EPOCHS = 10_000  # the papers train 100-200 epochs
+MAX_BATCH = 65_536
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One variant's training run.
@@ -177,10 +181,11 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self) -> None:
-        require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
-        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(1 <= self.epochs <= MAX_EPOCHS, "epochs", f"must be in [1, {MAX_EPOCHS}], got {self.epochs}")
+        require(1 <= self.batch_size <= MAX_BATCH, "batch_size", f"must be in [1, {MAX_BATCH}], got {self.batch_size}")
         require(self.max_batches is None or self.max_batches >= 1, "max_batches", "must be >= 1")
-        require(self.threads is None or self.threads >= 1, "threads", "must be >= 1")
+        require(self.threads is None or 1 <= self.threads <= 1024, "threads", f"must be in [1, 1024], got {self.threads}")
+        require(0 <= self.seed <= 2**32 - 1, "seed", f"must be in [0, {2**32 - 1}], got {self.seed}")
         groups = [g.group for g in self.lambda_groups]
         require(all(groups), "lambda_groups", "every per-group schedule needs its `group` (e.g. stem, stacks.0)")
         require(len(set(groups)) == len(groups), "lambda_groups", f"a group is listed twice: {groups}")
