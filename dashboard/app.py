@@ -4,7 +4,12 @@ internet needed). Pages of a running study or tuning poll their JSON twin and re
 
 Safety: the store is opened read-only (sqlite ``mode=ro``; PostgreSQL read-only transactions), so
 the server cannot write it; files are served only from inside the runs folder (checkpoint folders);
-the server binds to 127.0.0.1 unless told otherwise.
+only GET is served. The server binds to 127.0.0.1 unless told otherwise; every request's Host header
+must name an allowed host (a loopback name, the bound address, ``--allowed-host``): a DNS-rebinding
+page cannot reach it. Bound beyond loopback, every request needs the access token (``?token=`` once,
+then a cookie; or ``Authorization: Bearer``). Every response carries a Content-Security-Policy
+(scripts only from this server, no framing), ``X-Content-Type-Options: nosniff`` and
+``Referrer-Policy: no-referrer``.
 """
 from __future__ import annotations
 
@@ -16,6 +21,48 @@ from .views import NotFound
 HERE = Path(__file__).resolve().parent
 #: the only files of a variant the dashboard serves (never checkpoints)
 SERVED = ("predictions.png",)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+TOKEN_COOKIE = "bnnctl_dashboard_token"
+SECURITY_HEADERS = {
+    # Plotly draws with inline style attributes and one <style> element: styles may be inline, scripts never
+    "Content-Security-Policy": ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                                "img-src 'self' data: blob:; font-src 'self' data:; connect-src 'self'; "
+                                "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def request_host(header: str) -> str:
+    """The host part of a Host header (``name:port``, ``[::1]:port``), lower case."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def allowed_hosts(bind: str, extra=()) -> set[str]:
+    """Host header values the server answers: loopback names, the bound address, this machine's
+    names when bound to every interface, and ``extra`` (``--allowed-host``)."""
+    import socket
+
+    hosts = {*LOOPBACK_HOSTS, bind.strip("[]").lower(), *(h.lower() for h in extra)}
+    if bind in ("0.0.0.0", "::", ""):
+        hosts |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+    return hosts
 
 
 def plotly_js() -> Path:
@@ -38,11 +85,15 @@ def templates():
 
 
 def create_app(db: str | None = None, runs_dir: str | Path | None = None, mlflow_url: str | None = None,
-               refresh_s: float = 3.0):
+               refresh_s: float = 3.0, token: str | None = None, hosts: set[str] | None = None):
     """The dashboard app over the store at ``db`` (read-only), serving images from the run storage
-    ``runs_dir`` (a folder or an fsspec URL; default: $BNNCTL_STORAGE or .bnnctl/runs)."""
+    ``runs_dir`` (a folder or an fsspec URL; default: $BNNCTL_STORAGE or .bnnctl/runs). ``token``:
+    required on every request when given; ``hosts``: the Host header values answered (default:
+    loopback names only, see :func:`allowed_hosts`)."""
+    import secrets
+
     from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
 
     from bnnctl.orchestrator.runstorage import RunStorage
     from bnnctl.orchestrator.store import Store, readonly_url
@@ -52,6 +103,41 @@ def create_app(db: str | None = None, runs_dir: str | Path | None = None, mlflow
     storage = RunStorage(runs_dir)
     env = templates()
     app = FastAPI(title="bnnctl dashboard", docs_url=None, redoc_url=None, openapi_url=None)
+    answered = set(hosts) if hosts is not None else set(LOOPBACK_HOSTS)
+
+    def guarded(request: Request):
+        """None when the request may be served, else the refusal."""
+        if request_host(request.headers.get("host", "")) not in answered:
+            return PlainTextResponse("refused: this dashboard does not answer to that Host header (start it with "
+                                     "--allowed-host NAME to add one)", status_code=400)
+        if request.method not in ("GET", "HEAD"):
+            return PlainTextResponse("refused: the dashboard is read-only", status_code=405)
+        if token is None:
+            return None
+        given = request.query_params.get("token")
+        if given is not None and secrets.compare_digest(given.encode(), token.encode()):
+            # once from the printed URL; a cookie from then on, and the token leaves the address bar
+            from urllib.parse import urlencode
+
+            query = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
+            target = request.url.path + (f"?{query}" if query else "")
+            response = RedirectResponse(target, status_code=303)
+            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict", path="/")
+            return response
+        bearer = request.headers.get("authorization", "")
+        offered = bearer[7:] if bearer.lower().startswith("bearer ") else request.cookies.get(TOKEN_COOKIE, "")
+        if offered and secrets.compare_digest(offered.encode(), token.encode()):
+            return None
+        return PlainTextResponse("this dashboard needs its access token: open the URL it printed when it started "
+                                 "(…/?token=…), or send Authorization: Bearer TOKEN", status_code=401,
+                                 headers={"WWW-Authenticate": "Bearer"})
+
+    @app.middleware("http")
+    async def security(request: Request, call_next):
+        response = guarded(request) or await call_next(request)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers[name] = value
+        return response
 
     def page(name: str, status: int = 200, **ctx) -> HTMLResponse:
         html = env.get_template(name).render(refresh_s=refresh_s, mlflow_url=mask_url(mlflow_url), db=store.display_url, **ctx)

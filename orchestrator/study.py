@@ -32,18 +32,23 @@ def check_data(plan: Plan) -> None:
 
 
 def check_configs(configs) -> None:
-    """Check that the dataset of every config is present (embedded sets are written on first use)."""
+    """Check that the dataset of every config is present. The embedded sets (synthetic, digits) are
+    written here, once, by the driver, before any task starts (tasks on other nodes write their own
+    copy; writing is atomic, so concurrent writers are safe)."""
     from bnnctl.workers.data.classification import scan_image_folder
     from bnnctl.workers.data.pose import check_mpii_layout, read_lsp
-    from bnnctl.workers.train.tasks import dataset_root
+    from bnnctl.workers.train.tasks import dataset_root, prepare_root
 
     seen = set()
     for cfg in configs:
         d = cfg.data
-        if d.dataset in ("synthetic", "digits") or (d.dataset, d.root) in seen:
-            continue
-        seen.add((d.dataset, d.root))
         root = dataset_root(cfg)
+        if root in seen:
+            continue
+        seen.add(root)
+        if d.dataset in ("synthetic", "digits"):
+            prepare_root(cfg)
+            continue
         if d.dataset == "mpii":
             check_mpii_layout(root)
         elif d.dataset == "lsp":

@@ -72,13 +72,13 @@ def _free_port() -> int:
 class Server:
     """The dashboard app on uvicorn in a thread, on a free loopback port."""
 
-    def __init__(self, db: str, runs_dir: Path, mlflow_url: str | None = None) -> None:
+    def __init__(self, db: str, runs_dir: Path, mlflow_url: str | None = None, **security) -> None:
         import uvicorn
 
         from bnnctl.dashboard.app import create_app
 
         self.port = _free_port()
-        app = create_app(db, runs_dir, mlflow_url, refresh_s=1.0)
+        app = create_app(db, runs_dir, mlflow_url, refresh_s=1.0, **security)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -357,3 +357,111 @@ def test_no_page_shows_the_database_password(filled):
             assert password not in body, page
     home = urllib.request.urlopen(base + "/", timeout=30).read().decode()
     assert (f"{password and '***'}" in home) if password else (filled["db"].removeprefix("sqlite:///") in home)
+
+
+# --------------------------------------------------------------------------- beyond localhost
+
+def _get(port: int, path: str = "/", host: str | None = None, method: str = "GET", headers: dict | None = None):
+    """(status, headers, body) of one request with exactly this Host header (http.client follows nothing)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.putrequest(method, path, skip_host=True)
+    conn.putheader("Host", host if host is not None else f"127.0.0.1:{port}")
+    for k, v in (headers or {}).items():
+        conn.putheader(k, v)
+    conn.endheaders()
+    r = conn.getresponse()
+    out = r.status, {k.lower(): v for k, v in r.getheaders()}, r.read().decode(errors="replace")
+    conn.close()
+    return out
+
+
+@pytest.fixture()
+def empty_db(tmp_path):
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    Store(url)  # created, no study
+    return url
+
+
+def test_host_header_checked_and_security_headers_on_every_response(empty_db, tmp_path):
+    server = Server(empty_db, tmp_path / "runs")
+    try:
+        status, headers, _ = _get(server.port)
+        assert status == 200
+        for path in ("/", "/study/none", "/static/style.css"):  # pages, errors, files alike
+            status, headers, _ = _get(server.port, path)
+            csp = headers["content-security-policy"]
+            assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp and "object-src 'none'" in csp
+            assert headers["x-content-type-options"] == "nosniff" and headers["referrer-policy"] == "no-referrer"
+            assert headers["x-frame-options"] == "DENY"
+        assert _get(server.port, host=f"localhost:{server.port}")[0] == 200
+        assert _get(server.port, host=f"[::1]:{server.port}")[0] == 200
+        # a DNS-rebinding page: its own name in the Host header, this server's address underneath
+        status, headers, body = _get(server.port, host=f"attacker.example:{server.port}")
+        assert status == 400 and "Host header" in body and "frame-ancestors 'none'" in headers["content-security-policy"]
+        assert _get(server.port, host="")[0] == 400
+        assert _get(server.port, method="POST")[0] == 405  # read-only
+    finally:
+        server.stop()
+
+
+def test_a_token_is_required_on_every_request_when_set(empty_db, tmp_path):
+    server = Server(empty_db, tmp_path / "runs", token="s3cret-token", hosts={"127.0.0.1", "dash.lab"})
+    try:
+        assert _get(server.port)[0] == 401
+        assert _get(server.port, "/api/studies")[0] == 401
+        assert _get(server.port, "/static/style.css")[0] == 401
+        assert _get(server.port, headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert _get(server.port, "/?token=wrong")[0] == 401
+        status, _, body = _get(server.port, "/api/studies", headers={"Authorization": "Bearer s3cret-token"})
+        assert status == 200 and body == "[]"
+        # the printed URL: the token once in the address, then a cookie (HttpOnly, same-site), address cleaned
+        status, headers, _ = _get(server.port, "/?token=s3cret-token&x=1")
+        assert status == 303 and headers["location"] == "/?x=1"
+        cookie = headers["set-cookie"]
+        assert cookie.startswith("bnnctl_dashboard_token=s3cret-token;") and "HttpOnly" in cookie
+        assert "samesite=strict" in cookie.lower()
+        assert _get(server.port, headers={"Cookie": "bnnctl_dashboard_token=s3cret-token"})[0] == 200
+        assert _get(server.port, host="dash.lab", headers={"Cookie": "bnnctl_dashboard_token=s3cret-token"})[0] == 200
+        assert _get(server.port, host="other.lab", headers={"Cookie": "bnnctl_dashboard_token=s3cret-token"})[0] == 400
+    finally:
+        server.stop()
+
+
+def test_binding_beyond_loopback_needs_the_flag_then_prints_a_token_and_requires_it(empty_db, tmp_path):
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from bnnctl.orchestrator.cli import app
+
+    refused = CliRunner().invoke(app, ["dashboard", "--host", "0.0.0.0", "--db", empty_db])
+    assert refused.exit_code == 1 and "--allow-remote" in refused.output and "Traceback" not in refused.output
+    port = _free_port()
+    cli = [sys.executable, "-c", "from bnnctl.orchestrator.cli import main; main()", "dashboard", "--host",
+           "0.0.0.0", "--port", str(port), "--allow-remote", "--db", empty_db, "--allowed-host", "dash.lab"]
+    proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("bnnctl dashboard: http://") and "?token=" in line, line
+        token = line.split("?token=")[1].split()[0]
+        assert len(token) >= 32
+        warning = proc.stderr.readline()
+        assert warning.startswith("WARNING: the dashboard listens on 0.0.0.0") and "dash.lab" in warning
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                status = _get(port)[0]
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert status == 401
+        assert _get(port, headers={"Authorization": f"Bearer {token}"})[0] == 200
+        assert _get(port, host="dash.lab", headers={"Authorization": f"Bearer {token}"})[0] == 200
+        assert _get(port, host="evil.example", headers={"Authorization": f"Bearer {token}"})[0] == 400
+    finally:
+        proc.terminate()
+        proc.wait(10)

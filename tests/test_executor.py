@@ -329,3 +329,23 @@ def test_a_full_disk_fails_the_variant_and_nothing_new_starts_until_there_is_roo
         assert not list(full.glob(".room-*"))  # the probe files are gone
     finally:
         subprocess.run(["umount", str(full)], check=True)
+
+
+def test_the_driver_writes_the_embedded_data_once_before_any_task_starts(workdir):
+    """Tasks (scripted here: they train nothing) find the synthetic set already there."""
+    from bnnctl.orchestrator.runcore import RunOptions
+    from bnnctl.orchestrator.study import run_study
+    from bnnctl.workers.data.synthetic import MANIFEST
+
+    seen = []
+
+    class Looks(Script):
+        def __call__(self, task, channel, node):
+            seen.append((workdir / "syn" / MANIFEST).exists())
+            return super().__call__(task, channel, node)
+
+    two = RELU + ", {name: prelu, set: {model.activation.kind: prelu}}"
+    spec = _tiny_study(workdir, "data-first", workdir / "syn", row=two)
+    out = run_study(spec, options=RunOptions(track=False, backend_instance=InProcessBackend(run=Looks())))
+    assert out.status == "completed" and seen == [True, True]
+    assert len(list((workdir / "syn" / "images").iterdir())) == 32 + 16
