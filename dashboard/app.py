@@ -75,13 +75,10 @@ def plotly_js() -> Path:
 
 
 def templates():
-    from jinja2 import Environment, FileSystemLoader, select_autoescape
+    """The dashboard's pages, and the report's table markup (orchestrator/templates) they include."""
+    from bnnctl.orchestrator.report import jinja_env
 
-    env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
-    from .tables import _giga, _millions, _size, format_number
-
-    env.filters.update(fmt=format_number, millions=_millions, mib=_size, giga=_giga)
-    return env
+    return jinja_env(HERE / "templates")
 
 
 def create_app(db: str | None = None, runs_dir: str | Path | None = None, mlflow_url: str | None = None,
@@ -237,6 +234,12 @@ def create_app(db: str | None = None, runs_dir: str | Path | None = None, mlflow
     def plotly():
         return FileResponse(plotly_js(), media_type="application/javascript")
 
+    @app.get("/static/style.css")
+    def stylesheet():  # one stylesheet for the pages and the HTML export
+        from bnnctl.orchestrator.report import TEMPLATES
+
+        return FileResponse(TEMPLATES / "style.css", media_type="text/css")
+
     @app.get("/static/{name}")
     def static(name: str):
         target = (HERE / "static" / name).resolve()
@@ -245,14 +248,3 @@ def create_app(db: str | None = None, runs_dir: str | Path | None = None, mlflow
         return FileResponse(target)
 
     return app
-
-
-def to_html(tables, title: str) -> str:
-    """A standalone HTML document of the ablation tables (``bnnctl study show --format html``): the
-    same table markup as the dashboard's study page, with its stylesheet inlined."""
-    from .tables import ALPHA
-    from .views import table_data
-
-    css = (HERE / "static" / "style.css").read_text()
-    return templates().get_template("export.html").render(
-        title=title, css=css, tables=[table_data(t) for t in tables], alpha=ALPHA)

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from bnnctl.orchestrator.report import ALPHA, build_tables, reported, table_data
 from bnnctl.orchestrator.tracking import flatten
-
-from .tables import ALPHA, Table, build_tables, format_delta, format_value
 
 TRACKED = ("train_loss", "val_loss", "pckh", "pck", "top1", "top5", "pckh_approx", "lambda", "lr",
            "flip_ratio", "clip_fraction")
@@ -73,20 +72,6 @@ def study(store, name: str) -> dict:
     }
 
 
-def table_data(t: Table, cells: dict | None = None) -> dict:
-    rows = []
-    for r in t.rows:
-        rows.append({
-            "name": r.name, "value": format_value(r.cell), "mean": r.cell.mean, "std": r.cell.std,
-            "status": r.cell.status, "seeds_done": len(r.cell.values), "seeds": r.cell.expected,
-            "delta": format_delta(r), "delta_value": r.delta, "p_value": r.p_value, "significant": r.significant,
-            "reference": r.reference, "params": r.params, "bops": r.bops, "deployed_bytes": r.deployed_bytes,
-            "baseline": r.is_baseline, "best": r.best,
-            "variants": sorted((cells or {}).get((t.name, r.name), []), key=lambda c: c["seed"]),
-        })
-    return {"name": t.name, "mode": t.mode, "metric": t.metric, "baseline": t.baseline, "rows": rows}
-
-
 def per_joint(layout: dict, members: list, variants: dict) -> dict | None:
     """Pose studies: per-joint PCKh of every row (mean over finished seeds), in spec order."""
     rows, joints = [], []
@@ -133,6 +118,14 @@ def variant(store, key: str, study_name: str | None = None, mlflow_url: str | No
             if base is not None and base.variant_key != key:
                 baseline = store.variant(base.variant_key)
     mine_flat = flatten(v.config)
+    sources = []  # what it was initialized from, what it learned from (filled in at execution)
+    for dep in v.deps or ():
+        d = store.variant(dep)
+        role = "initialized from" if d is not None and d.kind == "stage1" else "teacher"
+        sources.append({"role": role, "key": dep, "label": d.label if d else dep, "status": d.status if d else "?"})
+        field = "init_from" if role == "initialized from" else "distill.teacher"
+        if mine_flat.get(field) in (None, "None"):
+            mine_flat[field] = f"{'last' if field == 'init_from' else 'best'} checkpoint of {d.label if d else dep} ({dep})"
     diff = []
     if baseline is not None:
         base_flat = flatten(baseline.config)
@@ -143,6 +136,10 @@ def variant(store, key: str, study_name: str | None = None, mlflow_url: str | No
     curves = {name: {"epochs": [e for e, _ in pts], "values": [x for _, x in pts]}
               for name, pts in history.items() if name in TRACKED or name.startswith("lambda/")}
     result = v.result or {}
+    report = reported_value = None
+    if study_name and s.spec.get("kind", "study") == "study" and result:  # the study's reporting rule
+        report = s.spec.get("report", "last")
+        reported_value = reported(result, s.spec.get("metric", result.get("metric")), report)
     run = v.mlflow_run_id
     return {
         "key": v.key, "label": v.label, "kind": v.kind, "status": v.status, "error": v.error,
@@ -159,7 +156,8 @@ def variant(store, key: str, study_name: str | None = None, mlflow_url: str | No
         "mlflow_run": run,
         "mlflow_link": f"{mlflow_url.rstrip('/')}/#/experiments/{experiment}/runs/{run}"
         if run and mlflow_url and experiment is not None else None,
-        "deps": v.deps, "updated": _iso(v.updated_at),
+        "deps": v.deps, "sources": sources, "updated": _iso(v.updated_at),
+        "report": report, "reported": reported_value,
     }
 
 

@@ -190,7 +190,7 @@ class _Loop:
         if tracker is not None and self.parent_run is not None and v.key not in self.runs:
             stored = self.store.variant(v.key)
             run_id = tracker.variant_run(self.parent_run, stored.mlflow_run_id if stored else None, v.key,
-                                         v.label, v.kind, v.seed, to_dict(v.config), self.study)
+                                         v.label, v.kind, v.seed, to_dict(v.config), self.study, self.provenance(v))
             self.store.set_mlflow_run(v.key, run_id)
             self.runs[v.key] = run_id
         self.backend.submit(self.ex.task(v), verdicts=self.hooks.prunes)
@@ -198,6 +198,19 @@ class _Loop:
         self.started.discard(v.key)
         self.status[v.key] = "running"
         self.events.started(v)
+
+    def provenance(self, v: Variant) -> dict[str, str]:
+        """MLflow tags that place a variant's run (ablation, row, stage) and link it to the runs it
+        was initialized from and learned from."""
+        tags = {"bnnctl.ablation": v.ablation or "", "bnnctl.row": v.row or "",
+                "bnnctl.stage": "1" if v.kind == "stage1" else ("2" if v.init_dep else "single")}
+        for dep, name in ((v.init_dep, "init_from"), (v.teacher_dep, "teacher")):
+            if dep:
+                tags[f"bnnctl.{name}"] = dep
+                stored = self.store.variant(dep)
+                if stored is not None and stored.mlflow_run_id:
+                    tags[f"bnnctl.{name}_run"] = stored.mlflow_run_id
+        return {k: val for k, val in tags.items() if val}
 
     def drain(self) -> None:
         for msg in self.backend.messages():

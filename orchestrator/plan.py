@@ -1,7 +1,10 @@
 """The planner: a study spec becomes variants (rows x seeds, plus their prerequisites) in a DAG.
 
 - A row with ``stages: reverse_order`` runs as stage 1 (binary activations, real weights) and stage 2
-  (everything binary, ``init_from`` stage 1's checkpoint); stage 2 depends on stage 1.
+  (everything binary, ``init_from`` stage 1's checkpoint); stage 2 depends on stage 1. With
+  ``stages: standard``, stage 1 is the real-valued network. The two stages share the row's epoch
+  budget (half each by default), and the lambda schedules run over that whole budget: stage 2
+  continues where stage 1 ended and its last epoch runs at ``lambda_end``.
 - A row with a teacher depends on the teacher's variant (trained once, with the study's first
   seed, and shared by every student that names it).
 
@@ -55,10 +58,19 @@ class Variant:
         return tuple(d for d in (self.init_dep, self.teacher_dep) if d)
 
 
+#: bumped when the trainer's meaning of a lambda schedule changed (2: the last epoch runs at
+#: lambda_end); part of the identity of variants with a non-constant schedule only, so that results
+#: trained under the old meaning are never reused as new ones, and every other variant keeps its identity
+LAMBDA_RULE = 2
+
+
 def identity(config: TrainConfig, deps: tuple[str, ...]) -> str:
     data = comparable(to_dict(dataclasses.replace(config, init_from=None,
                                                   distill=dataclasses.replace(config.distill, teacher=None))))
-    payload = json.dumps({"config": data, "deps": sorted(deps)}, sort_keys=True)
+    body: dict = {"config": data, "deps": sorted(deps)}
+    if any(s.kind != "constant" for s in (config.lambda_schedule, *config.lambda_groups)):
+        body["lambda_rule"] = LAMBDA_RULE
+    payload = json.dumps(body, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -104,8 +116,13 @@ def build_plan(spec: StudySpec) -> Plan:
         cfg = _with_seed(row.config, seed)
         t_key = teacher(row.teacher) if row.teacher else None
         init_key = None
-        if row.stages == "reverse_order":
-            s1 = with_overrides(cfg, {"model.binarize.weights": False})
+        if row.stages in ("reverse_order", "standard"):
+            e1, e2 = row.split()
+            stage1 = {"model.binarize.weights": False, "epochs": e1, "schedule_offset": 0, "schedule_epochs": e1 + e2}
+            if row.stages == "standard":
+                stage1["model.binarize.activations"] = False
+            s1 = with_overrides(cfg, stage1)
+            cfg = with_overrides(cfg, {"epochs": e2, "schedule_offset": e1, "schedule_epochs": e1 + e2})
             s1_deps = (t_key,) if t_key else ()
             init_key = add(Variant(identity(s1, s1_deps), f"{row.ablation} / {row.name} / stage 1 / seed {seed}",
                                    "stage1", s1, spec.resources, seed, teacher_dep=t_key))

@@ -46,9 +46,14 @@ LABEL_RULE = (f"1 to {LABEL_MAX} printable characters, no tabs, newlines or othe
               "no leading or trailing spaces")
 MAX_SEEDS = 100
 MAX_SEED = 2**32 - 1
-STAGE_KINDS = ("single", "reverse_order")
+#: single: one run. reverse_order (IT §3.3): binary activations with real weights, then everything
+#: binary from there. standard: the real-valued network, then everything binary from there.
+STAGE_KINDS = ("single", "reverse_order", "standard")
 TOP_KEYS = {"name", "description", "task", "base", "seeds", "resources", "teachers", "ablations", "tracking", "execution",
-            "metric", "storage"}
+            "metric", "storage", "report", "statistics"}
+#: which epoch a variant reports: its last, or its best on the reported metric (tables, tunings, exports)
+REPORT_RULES = ("last", "best")
+CORRECTIONS = ("none", "holm")
 
 
 # --------------------------------------------------------------------------- YAML with line numbers
@@ -97,6 +102,16 @@ class RowSpec:
     teacher: str | None = None
     reference: float | None = None
     config: TrainConfig = field(default_factory=TrainConfig)
+    #: epochs of stage 1 and stage 2 of a two-stage row; None: the row's `epochs` split in half
+    #: (stage 1 gets the smaller half), so that it trains as long as a one-stage row
+    stage_epochs: tuple[int, int] | None = None
+
+    def split(self) -> tuple[int, int]:
+        """Stage 1's and stage 2's epochs of a two-stage row."""
+        if self.stage_epochs is not None:
+            return self.stage_epochs
+        total = self.config.epochs
+        return total // 2, total - total // 2
 
 
 @dataclass(frozen=True)
@@ -116,6 +131,16 @@ class Ablation:
 
 
 @dataclass(frozen=True)
+class Statistics:
+    """How a table tests each row against its ablation's baseline: a two-sided paired t-test over
+    the seeds both finished, at ``alpha``; ``correction: holm`` adjusts the p-values of a table's
+    rows for their number (Holm-Bonferroni)."""
+
+    alpha: float = 0.05
+    correction: str = "none"
+
+
+@dataclass(frozen=True)
 class StudySpec:
     name: str
     description: str
@@ -130,6 +155,8 @@ class StudySpec:
     execution: Execution
     metric: str | None
     storage: str | None = None  # run storage root (absolute path or URL); None: --storage / env / default
+    report: str = "last"  # REPORT_RULES
+    statistics: Statistics = field(default_factory=lambda: Statistics())
 
     @property
     def rows(self) -> list[RowSpec]:
@@ -269,7 +296,25 @@ class _Parser:
             name=name, description=str(description), file=self.file, spec_hash=spec_hash(self.data),
             base=base, seeds=tuple(seeds), resources=resources, teachers=teachers, ablations=ablations,
             tracking=tracking, execution=execution, metric=metric, storage=self.storage(top),
+            report=self.report(top.get("report")), statistics=self.statistics(top.get("statistics")),
         )
+
+    def report(self, value: Any) -> str:
+        if value is None:
+            return "last"
+        if value not in REPORT_RULES:
+            raise self.fail("report", f"unknown rule {value!r}; allowed: last (the last epoch's value), best (the "
+                            "best value over the epochs, on the validation set)")
+        return value
+
+    def statistics(self, raw: Any) -> Statistics:
+        stats = self.typed(Statistics, raw, "statistics")
+        if not 0 < stats.alpha < 1:
+            raise self.fail("statistics.alpha", f"must be in (0, 1), got {stats.alpha}")
+        if stats.correction not in CORRECTIONS:
+            raise self.fail("statistics.correction", f"unknown correction {stats.correction!r}; allowed: "
+                            f"{', '.join(CORRECTIONS)}")
+        return stats
 
     def run_sections(self, top: dict, base: TrainConfig) -> tuple[Resources, Execution, Tracking]:
         """The ``resources``, ``execution`` and ``tracking`` sections (studies and tunings alike)."""
@@ -320,6 +365,8 @@ class _Parser:
 
     def row_extras(self, body: dict, path: str, teachers: dict) -> tuple[str | None, str | None, float | None]:
         stages = body.get("stages")
+        if isinstance(stages, dict):
+            stages = stages.get("kind")
         if stages is not None and stages not in STAGE_KINDS:
             raise self.fail(f"{path}.stages", f"unknown stages {stages!r}; allowed: {', '.join(STAGE_KINDS)}")
         teacher = body.get("teacher")
@@ -330,6 +377,34 @@ class _Parser:
         if reference is not None and (isinstance(reference, bool) or not isinstance(reference, (int, float))):
             raise self.fail(f"{path}.reference", f"expected the paper's value (a number), got {reference!r}")
         return stages, teacher, None if reference is None else float(reference)
+
+    def stage_epochs(self, body: dict, path: str, stages: str, cfg: TrainConfig) -> tuple[int, int] | None:
+        """``stages: {kind: ..., stage1_epochs: N, stage2_epochs: M}`` (default: the row's epochs,
+        split in half); a two-stage row needs at least 2 epochs."""
+        raw = body.get("stages")
+        if stages == "single":
+            if isinstance(raw, dict) and set(raw) - {"kind"}:
+                raise self.fail(f"{path}.stages", "stage epochs apply to two-stage rows (reverse_order, standard)")
+            return None
+        if not isinstance(raw, dict):
+            if cfg.epochs < 2:
+                raise self.fail(f"{path}.stages", f"a two-stage row splits its {cfg.epochs} epoch(s) between two "
+                                "stages: give it at least 2 epochs")
+            return None
+        self.mapping(raw, f"{path}.stages", {"kind", "stage1_epochs", "stage2_epochs"})
+        e1, e2 = raw.get("stage1_epochs"), raw.get("stage2_epochs")
+        for name, v in (("stage1_epochs", e1), ("stage2_epochs", e2)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 10_000):
+                raise self.fail(f"{path}.stages.{name}", f"expected epochs in [1, 10000], got {v!r}")
+        if e1 is None and e2 is None:
+            return None
+        if e1 is None or e2 is None:  # one given: the other is the rest of the row's epochs
+            given = e1 if e1 is not None else e2
+            if given >= cfg.epochs:
+                raise self.fail(f"{path}.stages", f"{given} epochs leave none of the row's {cfg.epochs} for the "
+                                "other stage; give both stage1_epochs and stage2_epochs for a longer budget")
+            e1, e2 = (given, cfg.epochs - given) if e1 is not None else (cfg.epochs - given, given)
+        return e1, e2
 
     def parse_ablation(self, raw: Any, path: str, base_data: dict, teachers: dict) -> Ablation:
         body = self.mapping(raw, path, {"name", "mode", "rows", "axes", "references", "baseline"})
@@ -365,7 +440,7 @@ class _Parser:
             if not isinstance(raw_rows, list) or not raw_rows:
                 raise self.fail(f"{path}.rows", "required: a list of rows ({name, set, reference})")
             cumulative: tuple = ()
-            stages, teacher = "single", None
+            stages, teacher, split = "single", None, None
             for j, raw_row in enumerate(raw_rows):
                 rpath = f"{path}.rows[{j}]"
                 rb = self.mapping(raw_row, rpath, {"name", "set", "stages", "teacher", "reference"})
@@ -374,13 +449,18 @@ class _Parser:
                 r_stages, r_teacher, ref = self.row_extras(rb, rpath, teachers)
                 if mode == "incremental":
                     cumulative = cumulative + own
-                    stages = r_stages or stages
+                    if r_stages is not None:
+                        stages = r_stages
                     teacher = r_teacher or teacher
                     overrides, row_stages, row_teacher = cumulative, stages, teacher
                 else:
                     overrides, row_stages, row_teacher = own, r_stages or "single", r_teacher
                 cfg = self.config(base_data, overrides, f"{rpath}.set")
-                rows.append(RowSpec(rname, name, mode, overrides, row_stages, row_teacher, ref, cfg))
+                if r_stages is not None or mode != "incremental":
+                    split = self.stage_epochs(rb, rpath, row_stages, cfg)
+                elif row_stages != "single" and split is None and cfg.epochs < 2:
+                    raise self.fail(f"{rpath}", "a two-stage row needs at least 2 epochs")
+                rows.append(RowSpec(rname, name, mode, overrides, row_stages, row_teacher, ref, cfg, split))
         baseline = body.get("baseline", rows[0].name)
         if baseline not in [r.name for r in rows]:
             raise self.fail(f"{path}.baseline", f"no row named {baseline!r} in this ablation")

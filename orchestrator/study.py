@@ -21,6 +21,7 @@ def table_layout(spec: StudySpec) -> dict:
     metric = spec.metric or ("pck" if spec.base.data.dataset == "lsp" else DEFAULT_METRIC[spec.base.task])
     return {
         "name": spec.name, "description": spec.description, "seeds": list(spec.seeds), "metric": metric,
+        "report": spec.report, "alpha": spec.statistics.alpha, "correction": spec.statistics.correction,
         "ablations": [{"name": a.name, "mode": a.mode, "baseline": a.baseline,
                        "rows": [{"name": r.name, "reference": r.reference} for r in a.rows]} for a in spec.ablations],
     }
@@ -100,11 +101,24 @@ def _run_study(spec: StudySpec, path, store: Store, opts: RunOptions, events, le
         session.begin(work=bool(todo))
         status = session.execute(plan) if todo else dict(before)
         final = session.final_status(all(s == "completed" for s in status.values()))
+        if session.tracker is not None and session.parent is not None:
+            log_tables(session.tracker, session.parent, store, study.id, str(path))
         session.finish(final)
     counts: dict[str, int] = {}
     for s in status.values():
         counts[s] = counts.get(s, 0) + 1
     return Outcome(spec.name, final, counts, len(todo))
+
+
+def log_tables(tracker, run_id: str, store: Store, study_id: int, spec_file: str) -> None:
+    """The study's spec and its tables as they stand (md, csv, html) on its MLflow parent run."""
+    from .report import build_tables, to_csv, to_html, to_markdown
+
+    study = store.study(study_id)
+    members = store.members(study_id)
+    tables = build_tables(study.spec, members, store.variants([m.variant_key for m in members]))
+    tracker.study_files(run_id, spec_file, {"tables.md": to_markdown(tables), "tables.csv": to_csv(tables),
+                                            "tables.html": to_html(tables, f"{study.name} — ablation tables")})
 
 
 def cancel_study(name: str, db: str | None = None) -> bool:

@@ -129,20 +129,41 @@ class Tracker:
         return run.info.run_id
 
     def variant_run(self, parent: str, existing: str | None, key: str, label: str, kind: str, seed: int,
-                    config: dict, study: str) -> str:
+                    config: dict, study: str, tags: dict[str, str] | None = None) -> str:
+        """The variant's run: created once (params: the flattened config; tags: its place and
+        provenance, see ``Executor.provenance``), reopened when the variant runs again."""
+        extra = dict(tags or {})
         if self._alive(existing):
             self._reopen(existing)  # type: ignore[arg-type]
+            self._tag(existing, extra)  # type: ignore[arg-type]
             return existing  # type: ignore[return-value]
         found = self._find(**{"bnnctl.variant": key})
         if found is not None:  # created by a driver killed before it recorded the run
             if not self._reopen(found).data.params:
                 self._log_params(found, config)
+            self._tag(found, extra)
             return found
-        tags = {"mlflow.parentRunId": parent, "bnnctl.study": study, "bnnctl.variant": key,
+        base = {"mlflow.parentRunId": parent, "bnnctl.study": study, "bnnctl.variant": key,
                 "bnnctl.identity": key, "bnnctl.kind": kind, "bnnctl.seed": str(seed), "bnnctl.label": label}
-        run = self.client.create_run(self.experiment_id, run_name=label, tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=label, tags={**base, **extra})
         self._log_params(run.info.run_id, config)
         return run.info.run_id
+
+    def _tag(self, run_id: str, tags: dict[str, str]) -> None:
+        if tags:
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def study_files(self, run_id: str, spec_file: str | None, files: dict[str, str]) -> None:
+        """The study's parent run keeps its spec and its final tables (``files``: name -> text)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            if spec_file and Path(spec_file).is_file():
+                self.client.log_artifact(run_id, spec_file, artifact_path="spec")
+            for name, text in files.items():
+                target = Path(tmp) / name
+                target.write_text(text)
+                self.client.log_artifact(run_id, str(target), artifact_path="tables")
 
     def _reopen(self, run_id: str):
         """A resumed variant's run: RUNNING again, without the mark of its interruption."""

@@ -532,5 +532,7 @@ def best_as_spec(row_spec: dict, studies: dict[str, Any]) -> dict:
     spec["metric"] = row_spec["metric"] if row_spec["metric"] in ("pckh", "pckh@0.1", "pck", "top1", "top5") else None
     if spec["metric"] is None:
         del spec["metric"]
+    # the tuning's reporting rule: the table then shows each trial's objective as `tune show` does
+    spec["report"] = (data.get("objective") or {}).get("value", "best")
     spec["ablations"] = [{"name": "tuned vs default", "mode": "isolated", "rows": rows}]
     return spec

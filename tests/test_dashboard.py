@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bnnctl.dashboard.tables import build_tables, format_value
+from bnnctl.orchestrator.report import build_tables, format_value
 from bnnctl.orchestrator.store import Store
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")

@@ -349,3 +349,27 @@ def test_the_driver_writes_the_embedded_data_once_before_any_task_starts(workdir
     out = run_study(spec, options=RunOptions(track=False, backend_instance=InProcessBackend(run=Looks())))
     assert out.status == "completed" and seen == [True, True]
     assert len(list((workdir / "syn" / "images").iterdir())) == 32 + 16
+
+
+def test_a_task_without_threads_uses_its_cpus_not_the_previous_tasks_count(workdir):
+    """A reused worker process: the last task left 2 threads; this one asks for 1 CPU."""
+    import torch
+
+    from bnnctl.orchestrator.backends import Channel, execute
+
+    cfg = TrainConfig(epochs=1, batch_size=8, loss="mse", seed=0)
+    data = to_dict(cfg)
+    data["model"].update(width=8, depth=2)
+    data["data"].update(root=str(workdir / "syn"), synthetic={**data["data"]["synthetic"], "train": 8, "valid": 4},
+                        input_size=32)
+    assert data["threads"] is None
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = execute(Task("t", data, str(workdir / "runs"), 1.0, 0.0), Channel(lambda m: None), "here")
+    finally:
+        torch.set_num_threads(before)
+    assert out.status == "completed", out.error
+    env = out.result["environment"]
+    assert env["threads"] == 1 and env["device"] == "cpu" and env["torch"] == torch.__version__.split("+")[0]
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["deterministic"] is False

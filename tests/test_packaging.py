@@ -57,8 +57,40 @@ def test_the_wheel_ships_templates_static_files_and_kernel_sources(tmp_path):
     (wheel,) = tmp_path.glob("bnnctl-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for folder, pattern in (("dashboard/templates", "*.html"), ("dashboard/static", "*"), ("kernels", "*.c"),
-                            ("kernels", "*.cu")):
+                            ("kernels", "*.cu"), ("orchestrator/templates", "*")):
         files = [p for p in (ROOT / folder).glob(pattern) if p.is_file()]
         assert files
         for p in files:
             assert f"bnnctl/{p.relative_to(ROOT)}" in names, p
+
+
+LAYERS = {"kernels": set(), "workers": {"kernels"}, "orchestrator": {"workers", "kernels"},
+          "dashboard": {"orchestrator", "workers", "kernels"}}
+#: the one place a lower layer starts a higher one: `bnnctl dashboard` serves the dashboard app
+ENTRY_POINTS = {"orchestrator/cli/dashboard.py": {"dashboard"}}
+HEAVY = ("ray", "mlflow", "optuna", "sqlalchemy")
+
+
+def test_layers_import_only_downwards_and_workers_import_no_orchestration_library():
+    """dashboard -> orchestrator -> workers -> kernels, read from every module's imports (lazy ones too)."""
+    import ast
+
+    for layer, allowed in LAYERS.items():
+        for path in sorted((ROOT / layer).rglob("*.py")):
+            rel = str(path.relative_to(ROOT))
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                elif isinstance(node, ast.ImportFrom):  # relative: resolved against the module's package
+                    package = ["bnnctl", *path.relative_to(ROOT).parent.parts]
+                    base = package[:len(package) - (node.level - 1)]
+                    names = [".".join(base + ([node.module] if node.module else []))]
+                for name in names:
+                    parts = name.split(".")
+                    if parts[0] == "bnnctl" and len(parts) > 1 and parts[1] != layer:
+                        assert parts[1] in allowed | ENTRY_POINTS.get(rel, set()), f"{rel} imports {name}"
+                    if layer in ("workers", "kernels"):
+                        assert parts[0] not in HEAVY, f"{rel} imports {name}"

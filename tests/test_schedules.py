@@ -83,7 +83,13 @@ def test_per_group_schedules_in_the_config_are_addressable_by_index_and_keep_old
     import json
 
     old = to_dict(base)
-    del old["lambda_groups"]
+    for later in ("lambda_groups", "schedule_offset", "schedule_epochs", "deterministic"):  # fields added since
+        del old[later]
     payload = json.dumps({"config": old, "deps": []}, sort_keys=True)
     assert identity(base, ()) == hashlib.sha256(payload.encode()).hexdigest()[:20]
     assert identity(grouped, ()) != identity(base, ()) != identity(dataclasses.replace(base, seed=1), ())
+    # a progressive schedule's identity says which meaning of the schedule trained it (lambda_end reached
+    # at the last epoch since LAMBDA_RULE 2): old results are never reused under the new meaning
+    progressive = with_overrides(base, {"lambda_schedule.kind": "linear", "lambda_schedule.lambda_end": 5.0})
+    body = {"config": {k: v for k, v in to_dict(progressive).items() if k in old}, "deps": [], "lambda_rule": 2}
+    assert identity(progressive, ()) == hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:20]

@@ -1,5 +1,6 @@
 """Study specs: every file in studies/ loads and plans; malformed specs fail clearly, before anything is written."""
 from pathlib import Path
+from types import SimpleNamespace as NS
 
 import pytest
 import yaml
@@ -8,6 +9,7 @@ from typer.testing import CliRunner
 from bnnctl.orchestrator.cli import app
 from bnnctl.orchestrator.plan import build_plan
 from bnnctl.orchestrator.spec import SpecError, load_spec
+from bnnctl.workers.config import to_dict
 
 SPECS = sorted((Path(__file__).resolve().parent.parent / "studies").glob("*.yaml"))
 STUDIES = [p for p in SPECS if yaml.safe_load(p.read_text()).get("kind") != "tuning"]  # tunings: test_tune.py
@@ -18,7 +20,7 @@ name: tiny
 base:
   model: {width: 16, depth: 2}
   data: {synthetic: {train: 8, valid: 4}, input_size: 32}
-  epochs: 1
+  epochs: 2
   loss: mse
 seeds: [0, 1]
 teachers:
@@ -69,6 +71,9 @@ def test_incremental_isolated_grid_and_dependencies(tmp_path):
     distil = plan.variants[plan.rows[("chain", "+ distil", 1)]]
     stage1 = plan.variants[distil.init_dep]
     assert stage1.kind == "stage1" and not stage1.config.model.binarize.weights
+    # equal budgets: the two stages share the row's 2 epochs, the schedule spans both
+    assert (stage1.config.epochs, stage1.config.schedule_offset, stage1.config.schedule_epochs) == (1, 0, 2)
+    assert (distil.config.epochs, distil.config.schedule_offset, distil.config.schedule_epochs) == (1, 1, 2)
     teacher = plan.variants[distil.teacher_dep]
     assert teacher.kind == "teacher" and teacher.seed == 0  # one teacher, shared by both seeds
     assert plan.variants[plan.rows[("chain", "+ distil", 0)]].teacher_dep == teacher.key
@@ -155,3 +160,47 @@ def test_a_lambda_group_the_model_lacks_fails_at_load(tmp_path):
     assert "bad.yaml" in msg and "base.lambda_groups[0].group" in msg and "'stak.0'" in msg and "stacks.0" in msg
     result = runner.invoke(app, ["study", "run", str(bad), "--no-track"])
     assert result.exit_code == 1 and "stak.0" in result.output and not (tmp_path / ".bnnctl").exists()
+
+
+TWO_STAGE = """
+name: budgets
+base:
+  model: {{width: 8, depth: 2}}
+  data: {{synthetic: {{train: 8, valid: 4}}, input_size: 32}}
+  epochs: {epochs}
+  loss: mse
+ablations:
+  - name: order
+    mode: isolated
+    rows:
+      - {{name: prelu, set: {{model.activation.kind: prelu}}}}
+      - {{name: reverse, set: {{model.activation.kind: prelu}}, stages: reverse_order}}
+      - {{name: standard, set: {{model.activation.kind: prelu}}, stages: standard}}
+      - {{name: doubled, set: {{model.activation.kind: prelu}}, stages: {{kind: reverse_order, stage1_epochs: {epochs}, stage2_epochs: {epochs}}}}}
+      - {{name: short first, set: {{model.activation.kind: prelu}}, stages: {{kind: reverse_order, stage1_epochs: 2}}}}
+"""
+
+
+def test_two_stage_rows_train_the_same_budget_as_one_stage_rows_unless_told(tmp_path):
+    from bnnctl.orchestrator.report import budget
+
+    f = tmp_path / "b.yaml"
+    f.write_text(TWO_STAGE.format(epochs=9))
+    plan = build_plan(load_spec(f))
+    row = {r: plan.variants[plan.rows[("order", r, 0)]] for r in ("prelu", "reverse", "standard", "doubled", "short first")}
+    stored = {k: NS(config=to_dict(v.config), deps=list(v.deps), kind=v.kind) for k, v in plan.variants.items()}
+    assert {r: budget(v.key, stored) for r, v in row.items()} == {
+        "prelu": 9, "reverse": 9, "standard": 9, "doubled": 18, "short first": 9}
+    s1 = {r: plan.variants[v.init_dep].config for r, v in row.items() if v.init_dep}
+    assert (s1["reverse"].epochs, row["reverse"].config.epochs) == (4, 5)  # the smaller half first
+    assert (s1["short first"].epochs, row["short first"].config.epochs) == (2, 7)
+    assert s1["reverse"].model.binarize.activations and not s1["reverse"].model.binarize.weights
+    assert not s1["standard"].model.binarize.activations and not s1["standard"].model.binarize.weights
+    assert row["reverse"].config.model.binarize.weights and row["reverse"].config.schedule_offset == 4
+    f.write_text(TWO_STAGE.format(epochs=1).replace("      - {name: doubled", "      # - {name: doubled")
+                 .replace("      - {name: short", "      # - {name: short"))
+    with pytest.raises(SpecError, match=r"rows\[1\].stages: a two-stage row splits its 1 epoch"):
+        load_spec(f)
+    f.write_text(TWO_STAGE.format(epochs=2).replace("stage1_epochs: 2}", "stage1_epochs: 5}"))
+    with pytest.raises(SpecError, match=r"rows\[4\].stages: 5 epochs leave none of the row's 2"):
+        load_spec(f)

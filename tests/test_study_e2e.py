@@ -74,7 +74,7 @@ def test_run_reuse_and_tables(workdir, db_url):
     again = run_study(spec, db=db_url, cpus=2)
     assert again.trained == 0 and again.status == "completed" and time.time() - t0 < 30
     assert len(_mlflow_runs(workdir / ".bnnctl" / "mlflow.db")) == 4  # no duplicates
-    from bnnctl.dashboard.tables import build_tables
+    from bnnctl.orchestrator.report import build_tables
 
     tables = build_tables(study.spec, members, variants)
     assert [r.name for r in tables[0].rows] == ["relu", "prelu", "leaky"]

@@ -5,7 +5,7 @@ from types import SimpleNamespace as NS
 
 import pytest
 
-from bnnctl.dashboard.tables import (Cell, build_tables, format_delta, format_value, paired_p_value, to_csv, to_latex,
+from bnnctl.orchestrator.report import (Cell, build_tables, format_delta, format_value, paired_p_value, to_csv, to_latex,
                                      to_markdown)
 
 LAYOUT = {"metric": "pckh", "seeds": [0, 1, 2], "ablations": [
@@ -15,10 +15,14 @@ LAYOUT = {"metric": "pckh", "seeds": [0, 1, 2], "ablations": [
     {"name": "T3", "mode": "isolated", "baseline": "alone", "rows": [{"name": "alone", "reference": 1.0}]}]}
 
 
-def _variant(key, status, value=None):
+def _variant(key, status, value=None, epochs=8, deps=(), kind="row", best=None, env=None):
     result = None if value is None else {"metrics": {"pckh": value}, "accounting": {"params": 6_200_000, "bops": 8e9,
                                                                                      "deployed_bytes": 2**20}}
-    return NS(key=key, status=status, result=result)
+    if result is not None and best is not None:
+        result["best_metrics"] = {"pckh": best}
+    if result is not None and env is not None:
+        result["environment"] = env
+    return NS(key=key, status=status, result=result, config={"epochs": epochs}, deps=list(deps), kind=kind)
 
 
 def _fixture():
@@ -61,10 +65,14 @@ def test_csv_parses_back_and_latex_and_markdown_are_well_formed():
     assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex and r"$\pm$" in tex
     for line in tex.splitlines():
         if line.endswith(r"\\"):
-            assert line.count("&") == 6
+            assert line.count("&") == 7
     md = to_markdown(tables)
     # + a is the best row (bold) and its +3.0 over 2 shared seeds is not significant
-    assert "| + a | **75.0 ± 0.0 (2/3 seeds)** | +3.0 (n.s.) | 78.1 | 6.20M | 8.00G | 1.00 MiB |" in md
+    assert "| + a | **75.0 ± 0.0 (2/3 seeds)** | +3.0 (n.s.) | 78.1 | 8 | 6.20M | 8.00G | 1.00 MiB |" in md
+    # every export states the rule: which epoch, which test
+    rule = "pckh at each run's last epoch; mean ± std over seeds; Δ vs base: paired t-test over shared seeds, α = 0.05"
+    assert rule in md and rows[0]["report"] == "last" and rows[1]["test"] == "paired-t" and rows[0]["epochs"] == "8"
+    assert r"\caption{T1. pckh at each run's last epoch" in tex and r"$\alpha$ = 0.05" in tex
     assert rows[1]["best"] == "1" and rows[1]["significant"] == "0" and float(rows[1]["p_value"]) > 0.05
     assert r"\textbf{75.0 $\pm$ 0.0 (2/3 seeds)}" in tex
 
@@ -106,7 +114,7 @@ def test_significance_marks_and_best_row_in_the_table():
 def test_html_export_is_the_dashboards_table_markup():
     from html.parser import HTMLParser
 
-    from bnnctl.dashboard.app import to_html
+    from bnnctl.orchestrator.report import to_html
 
     class Cells(HTMLParser):
         def __init__(self):
@@ -142,3 +150,79 @@ def test_html_export_is_the_dashboards_table_markup():
     a, a_class = body[1]
     assert a[1:4] == ["75.0 ± 0.0 (2/3 seeds)", "+3.0 (n.s.)", "78.1"] and "best" in a_class.split()
     assert body[2][0][1] == "failed" and body[3][0][1] == "—"  # never a zero
+
+
+def _one_table(values: dict, layout_extra=None, **variant_kw):
+    """A one-ablation table from {row: [(seed, value) ...]} (first row the baseline)."""
+    rows = list(values)
+    layout = {"metric": "pckh", "seeds": sorted({s for v in values.values() for s, _ in v}), "ablations": [
+        {"name": "T", "mode": "isolated", "baseline": rows[0], "rows": [{"name": r} for r in rows]}],
+        **(layout_extra or {})}
+    members, variants = [], {}
+    for row, vals in values.items():
+        for seed, v in vals:
+            key = f"{row}-{seed}"
+            members.append(NS(variant_key=key, ablation="T", row=row, seed=seed))
+            kw = {k: (w(row, seed) if callable(w) else w) for k, w in variant_kw.items()}
+            variants[key] = _variant(key, "completed", v, **kw)
+    return build_tables(layout, members, variants)[0], members, variants
+
+
+def test_a_single_seed_shows_as_such_never_as_significant_or_with_a_spread():
+    t, _, _ = _one_table({"base": [(0, 70.0)], "up": [(0, 80.0)]})
+    base, up = t.rows
+    assert base.cell.std is None and format_value(base.cell) == "70.0 (n=1)"
+    assert up.significant is None and format_delta(up) == "+10.0 (n=1)"
+    row = list(csv.DictReader(io.StringIO(to_csv([t]))))[1]
+    assert row["std"] == "" and row["p_value"] == "" and row["significant"] == ""  # not 0.0000, not a claim
+
+
+def test_holm_correction_adjusts_the_p_values_of_a_tables_rows():
+    from bnnctl.orchestrator.report import holm
+
+    assert holm([None, 0.01, 0.04, 0.03]) == [None, 0.03, 0.06, 0.06]  # 3*0.01, max(2*0.03, .03), max(1*0.04, .06)
+    seeds = range(4)
+    base = [(s, 70.0 + s) for s in seeds]
+    values = {"base": base, "a": [(s, 72.1 + s + (0.3 if s % 2 else -0.3)) for s in seeds],
+              "b": [(s, 71.0 + s + (0.5 if s % 2 else -0.5)) for s in seeds]}
+    plain, _, _ = _one_table(values)
+    corrected, _, _ = _one_table(values, {"correction": "holm"})
+    for p_row, c_row in zip(plain.rows[1:], corrected.rows[1:]):
+        assert c_row.p_value == p_row.p_value and c_row.p_adjusted >= p_row.p_value
+    assert [r.significant for r in plain.rows[1:]] == [True, True]
+    low, high = sorted(corrected.rows[1:], key=lambda r: r.p_value)
+    assert low.p_adjusted == pytest.approx(min(1.0, 2 * low.p_value))
+    assert high.p_adjusted == pytest.approx(max(high.p_value, low.p_adjusted))
+    assert "Holm-corrected" in corrected.rule and "Holm" not in plain.rule
+
+
+def test_the_reporting_rule_picks_the_last_or_the_best_epoch():
+    values = {"base": [(0, 70.0), (1, 71.0)], "x": [(0, 60.0), (1, 61.0)]}
+    best = lambda row, seed: {"base": 75.0, "x": 80.0}[row] + seed  # noqa: E731
+    last, _, _ = _one_table(values, best=best)
+    at_best, _, _ = _one_table(values, {"report": "best"}, best=best)
+    assert [r.cell.mean for r in last.rows] == [70.5, 60.5]
+    assert [r.cell.mean for r in at_best.rows] == [75.5, 80.5] and at_best.rows[1].delta == 5.0
+    assert "best epoch" in at_best.rule and "last epoch" in last.rule
+
+
+def test_budgets_count_every_stage_of_a_row():
+    from bnnctl.orchestrator.report import budget
+
+    variants = {"s1": _variant("s1", "completed", 1.0, epochs=4, kind="stage1"),
+                "row": _variant("row", "completed", 2.0, epochs=4, deps=["s1", "teacher"]),
+                "teacher": _variant("teacher", "completed", 3.0, epochs=8, kind="teacher"),
+                "plain": _variant("plain", "completed", 2.0, epochs=8)}
+    assert budget("row", variants) == 8 and budget("plain", variants) == 8  # the teacher's epochs are not the row's
+    assert budget("missing", variants) is None
+
+
+def test_rows_from_different_environments_are_flagged():
+    env = lambda row, seed: {"torch": "2.13.0", "device": "cpu", "cpu_capability": "AVX512" if row == "x" else "AVX2",  # noqa: E731
+                             "threads": 1}
+    t, _, _ = _one_table({"base": [(0, 70.0), (1, 71.0)], "x": [(0, 60.0), (1, 61.0)]}, env=env)
+    assert t.environments == ("torch 2.13.0, cpu, AVX2, 1 threads", "torch 2.13.0, cpu, AVX512, 1 threads")
+    assert "WARNING: its rows trained in 2 different environments" in t.rule
+    same, _, _ = _one_table({"base": [(0, 70.0)], "x": [(0, 60.0)]},
+                            env={"torch": "2.13.0", "device": "cpu", "threads": 1})
+    assert len(same.environments) == 1 and "WARNING" not in same.rule

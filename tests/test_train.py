@@ -73,8 +73,34 @@ def test_per_group_lambda_schedules_are_reported_each_epoch(synth_root, tmp_path
                lambda_groups=(LambdaSchedule("exponential", 2.0, 200.0, group="stem"),))
     rep = LocalReporter(tmp_path / "ck")
     run_variant(cfg, rep)
-    # lambda during epoch e (0-based) is the schedule at t = e over 2 epochs
-    assert [(m["lambda"], m["lambda/stem"]) for _, m in rep.history] == [(1.0, 2.0), (2.0, 20.0)]
+    # lambda during epoch e (0-based) is the schedule at t = e; the last epoch runs at lambda_end
+    assert [(m["lambda"], m["lambda/stem"]) for _, m in rep.history] == [(1.0, 2.0), (3.0, 200.0)]
+
+
+def test_lambda_runs_over_both_stages_of_a_row_and_ends_at_lambda_end(synth_root, tmp_path):
+    """A two-stage row of 4 epochs (2 + 2): stage 2 continues stage 1's schedule."""
+    model = ModelConfig(width=16, depth=2, binarize=BinarizeConfig(quantizer="tanh"))
+    schedule = LambdaSchedule("linear", 1.0, 20.0)
+    stage1 = tiny(synth_root, epochs=2, schedule_epochs=4, lambda_schedule=schedule,
+                  model=dataclasses.replace(model, binarize=BinarizeConfig(quantizer="tanh", weights=False)))
+    first = LocalReporter(tmp_path / "s1")
+    done1 = run_variant(stage1, first)
+    stage2 = tiny(synth_root, epochs=2, schedule_offset=2, schedule_epochs=4, lambda_schedule=schedule, model=model,
+                  init_from=done1.last_checkpoint)
+    second = LocalReporter(tmp_path / "s2")
+    run_variant(stage2, second)
+    lambdas = [m["lambda"] for _, m in first.history + second.history]
+    assert lambdas == pytest.approx([1.0, 1.0 + 19 / 3, 1.0 + 38 / 3, 20.0])
+
+
+def test_best_metrics_are_each_values_best_epoch(synth_root, tmp_path):
+    rep = LocalReporter(tmp_path / "ck")
+    result = run_variant(tiny(synth_root, epochs=3), rep)
+    pckh = [m["pckh"] for _, m in rep.history]
+    losses = [m["val_loss"] for _, m in rep.history]
+    assert result.best_metrics["pckh"] == max(pckh) and result.best_epochs["pckh"] == pckh.index(max(pckh)) + 1
+    assert result.best_metrics["val_loss"] == min(losses)  # lower is better for losses
+    assert result.best_metrics["pckh"] == result.best_metric
 
 
 def test_a_resumed_finished_run_trains_nothing(synth_root, tmp_path):

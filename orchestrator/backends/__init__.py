@@ -292,7 +292,12 @@ def execute(task: Task, channel: Channel, node: str) -> Finished:
         sync = _Sync(storage, task.key, folder) if storage.remote else None
         if sync is not None:
             sync.restore()
-        result = run_variant(from_dict(TrainConfig, config), ChannelReporter(task.key, folder, channel, sync or (lambda: None)))
+        train_config = from_dict(TrainConfig, config)
+        if train_config.threads is None:  # the task's CPUs, never the previous task's count on a reused worker
+            import torch
+
+            torch.set_num_threads(max(1, int(task.cpus)))
+        result = run_variant(train_config, ChannelReporter(task.key, folder, channel, sync or (lambda: None)))
         if sync is not None:
             sync()
     except DataError as err:

@@ -47,7 +47,7 @@ def _load(ref: str, db: str | None):
 
 
 def _tables(store, study):
-    from bnnctl.dashboard.tables import build_tables
+    from bnnctl.orchestrator.report import build_tables
 
     if study.spec.get("kind") == "tuning":
         raise fail(f"{study.name!r} is a tuning, not a study; see it with: bnnctl tune show {study.name}")
@@ -59,7 +59,7 @@ def _tables(store, study):
 def print_tables(tables, out) -> None:
     from rich.table import Table as RichTable
 
-    from bnnctl.dashboard.tables import HEADERS, table_cells
+    from bnnctl.orchestrator.report import HEADERS, table_cells
 
     for t in tables:
         rt = RichTable(title=f"{t.name} — {t.mode}, {t.metric} (Δ vs {t.baseline})")
@@ -67,6 +67,7 @@ def print_tables(tables, out) -> None:
             rt.add_column(h, justify="left" if h == "row" else "right")
         for row in table_cells(t):
             rt.add_row(*row)
+        rt.caption = t.rule
         out.print(rt)
 
 
@@ -190,13 +191,13 @@ def show(
     db: DbOption = None,
 ) -> None:
     """Print a study's ablation tables (or export them as Markdown, CSV, LaTeX or standalone HTML)."""
-    from bnnctl.dashboard.tables import to_csv, to_latex, to_markdown
+    from bnnctl.orchestrator.report import to_csv, to_latex, to_markdown
 
     store, s = _load(study, db)
     tables = _tables(store, s)
 
     def to_html(ts):
-        from bnnctl.dashboard.app import to_html as render
+        from bnnctl.orchestrator.report import to_html as render
 
         return render(ts, f"{s.name} — ablation tables")
 
@@ -220,7 +221,7 @@ def status(study: Annotated[str, typer.Argument(help="Study name or spec file.")
     variants = store.variants([m.variant_key for m in members])
     reason = f" ({s.spec['stopped_reason']})" if s.status == "stopped" and s.spec.get("stopped_reason") else ""
     t = RichTable(title=f"{s.name}: {s.status}{reason}{_job_line(s)}")
-    for col in ("variant", "kind", "status", "attempts", "node (last attempt)", "result / error"):
+    for col in ("variant", "kind", "status", "attempts", "node (last attempt)", "from", "result / error"):
         t.add_column(col)
     seen = set()
     for m in members:
@@ -230,7 +231,8 @@ def status(study: Annotated[str, typer.Argument(help="Study name or spec file.")
         seen.add(v.key)
         attempts = store.attempts(v.key)
         detail = v.error or (f"{v.result['metric']} {v.result['metrics'][v.result['metric']]:.2f}" if v.result else "")
-        t.add_row(v.label, v.kind, v.status, str(len(attempts)), node_label(attempts[-1]) if attempts else "", detail)
+        t.add_row(v.label, v.kind, v.status, str(len(attempts)), node_label(attempts[-1]) if attempts else "",
+                  provenance(v, variants), detail)
     console().print(t)
 
 
@@ -248,6 +250,18 @@ def _job_line(study) -> str:
     except (SubmitError, Exception) as err:  # noqa: BLE001 - the table still shows what the database knows
         state = f"job server unreachable ({type(err).__name__})"
     return f"; job {job['id']} on {mask_url(job['address'])}: {state}"
+
+
+def provenance(v, variants: dict) -> str:
+    """'init: <stage-1 label>; teacher: <label>' of a variant (what it started from, learned from)."""
+    parts = []
+    for dep in v.deps or ():
+        d = variants.get(dep)
+        if d is None:
+            parts.append(f"depends on {dep[:8]}")
+        else:
+            parts.append(f"{'init' if d.kind == 'stage1' else 'teacher'}: {d.label} ({dep[:8]})")
+    return "; ".join(parts)
 
 
 def node_label(attempt) -> str:

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bnnctl.dashboard.tables import format_number
+from bnnctl.orchestrator.report import format_number
 
 from ._common import (
     AddressOption,

@@ -161,8 +161,14 @@ class TrainConfig:
             initialization: stage 2 starts from stage 1).
         seed: everything random derives from it (initialization, data order, augmentation).
         max_batches: stop each epoch after this many batches (quick runs and tests).
-        threads: torch CPU threads (``None`` = torch's default).
+        threads: torch CPU threads (``None`` = the task's CPUs when run by the orchestrator).
         device: "auto" (CUDA when available), "cpu" or "cuda".
+        schedule_offset, schedule_epochs: this run is epochs ``[offset, offset + epochs)`` of a
+            training budget of ``schedule_epochs`` (``None``: offset + epochs) over which the lambda
+            schedules run: stage 2 of a two-stage row continues stage 1's schedule, and the last
+            epoch of the budget runs at ``lambda_end``. The learning rate restarts in each stage.
+        deterministic: ask torch for deterministic algorithms (GPU training repeats exactly, where
+            torch allows it; some operations are slower or refused).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -179,6 +185,9 @@ class TrainConfig:
     max_batches: int | None = None
     threads: int | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    schedule_offset: int = 0
+    schedule_epochs: int | None = None
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         require(1 <= self.epochs <= MAX_EPOCHS, "epochs", f"must be in [1, {MAX_EPOCHS}], got {self.epochs}")
@@ -186,6 +195,10 @@ class TrainConfig:
         require(self.max_batches is None or self.max_batches >= 1, "max_batches", "must be >= 1")
         require(self.threads is None or 1 <= self.threads <= 1024, "threads", f"must be in [1, 1024], got {self.threads}")
         require(0 <= self.seed <= 2**32 - 1, "seed", f"must be in [0, {2**32 - 1}], got {self.seed}")
+        require(0 <= self.schedule_offset <= MAX_EPOCHS, "schedule_offset", f"must be in [0, {MAX_EPOCHS}]")
+        require(self.schedule_epochs is None or self.schedule_offset + self.epochs <= self.schedule_epochs <= 2 * MAX_EPOCHS,
+                "schedule_epochs", f"must cover this run (>= schedule_offset + epochs = "
+                f"{self.schedule_offset + self.epochs}), got {self.schedule_epochs}")
         groups = [g.group for g in self.lambda_groups]
         require(all(groups), "lambda_groups", "every per-group schedule needs its `group` (e.g. stem, stacks.0)")
         require(len(set(groups)) == len(groups), "lambda_groups", f"a group is listed twice: {groups}")
@@ -202,7 +215,7 @@ class TrainConfig:
 
 #: Fields added after bnnctl 0.1, left out of a config's comparable form while they hold their
 #: default, so that variant identities and checkpoints written before they existed stay valid.
-LATER_FIELDS = {"lambda_groups": []}
+LATER_FIELDS = {"lambda_groups": [], "schedule_offset": 0, "schedule_epochs": None, "deterministic": False}
 
 
 def comparable(config_data: dict) -> dict:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,48 @@ class TrainResult:
     best_checkpoint: str
     timings: dict[str, float]
     predictions_image: str | None = None  # pose: predicted joints drawn on validation crops
+    #: where it trained: versions, device, CPU instruction set in use, threads (tables compare these)
+    environment: dict[str, Any] = field(default_factory=dict)
+    #: every reported value's best over the epochs (lowest for losses and times, highest otherwise)
+    #: and the epoch it came from: what a study reports with ``report: best``
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    best_epochs: dict[str, int] = field(default_factory=dict)
+
+
+def environment(device: torch.device, deterministic: bool) -> dict[str, Any]:
+    """The facts that can change a result for the same config and seed."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        bnnctl = version("bnnctl")
+    except PackageNotFoundError:
+        bnnctl = "unknown"
+    env: dict[str, Any] = {"bnnctl": bnnctl, "torch": torch.__version__.split("+")[0], "python": platform.python_version(),
+                           "device": device.type, "threads": torch.get_num_threads(),
+                           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "deterministic": deterministic}
+    if device.type == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                   cudnn=torch.backends.cudnn.version())
+    return env
+
+
+def lower_is_better(name: str) -> bool:
+    """Whether a reported value improves downwards (losses, times)."""
+    return name.endswith("loss") or name.endswith("_time") or name.endswith("_s")
+
+
+def best_over_epochs(history: list[tuple[int, dict[str, float]]]) -> tuple[dict[str, float], dict[str, int]]:
+    """Each value's best over ``history`` and its epoch (the first epoch on a tie)."""
+    best: dict[str, float] = {}
+    when: dict[str, int] = {}
+    for epoch, values in history:
+        for name, value in values.items():
+            if not math.isfinite(value):
+                continue
+            if name not in best or (value < best[name] if lower_is_better(name) else value > best[name]):
+                best[name], when[name] = value, epoch
+    return best, when
 
 
 def _device(cfg: TrainConfig) -> torch.device:
@@ -102,6 +145,11 @@ def run_variant(config: TrainConfig, reporter: Reporter) -> TrainResult:
     t_start = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
+    # per run, never left over from the previous task of a reused worker process
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
+    torch.use_deterministic_algorithms(config.deterministic)
+    torch.backends.cudnn.benchmark = False
     device = _device(config)
     task = make_task(config)
     model_cfg = config.model
@@ -152,8 +200,12 @@ def run_variant(config: TrainConfig, reporter: Reporter) -> TrainResult:
     if config.max_batches:
         steps_per_epoch = min(steps_per_epoch, config.max_batches)
     schedule = config.lambda_schedule
-    total = config.epochs if schedule.unit == "epoch" else config.epochs * steps_per_epoch
-    lam = LambdaScheduler(model, schedule, total, config.lambda_groups)
+    # the schedules span the whole budget (both stages of a two-stage row); the last epoch (or step)
+    # of the budget runs at lambda_end
+    span = config.schedule_epochs or (config.schedule_offset + config.epochs)
+    offset = config.schedule_offset
+    last = span - 1 if schedule.unit == "epoch" else span * steps_per_epoch - 1
+    lam = LambdaScheduler(model, schedule, max(last, 1), config.lambda_groups)
     flips = FlipTracker(model)
     val_loader = _loader(task.val_set, config, False)
     train_s = eval_s = 0.0
@@ -167,14 +219,14 @@ def run_variant(config: TrainConfig, reporter: Reporter) -> TrainResult:
             group["lr"] = config.optim.lr_at(epoch)
         task.train_set.set_epoch(epoch)
         if schedule.unit == "epoch":
-            lam.step(epoch)
+            lam.step(offset + epoch)
         model.train()
         losses = []
         for step, batch in enumerate(_loader(task.train_set, config, True, epoch)):
             if step >= steps_per_epoch:
                 break
             if schedule.unit == "step":
-                lam.step(epoch * steps_per_epoch + step)
+                lam.step((offset + epoch) * steps_per_epoch + step)
             batch = _move(batch, device)
             teacher_out = None
             if teacher is not None:
@@ -248,6 +300,7 @@ def run_variant(config: TrainConfig, reporter: Reporter) -> TrainResult:
         model.eval()
         predictions = task.render_predictions(model, ckpt_dir / "predictions.png", device)
     acc = account(model, config.data.input_size, model_cfg.in_channels)
+    best_metrics, best_epochs = best_over_epochs(history)
     return TrainResult(
         status=status,
         epochs_done=epochs_done,
@@ -263,4 +316,7 @@ def run_variant(config: TrainConfig, reporter: Reporter) -> TrainResult:
         best_checkpoint=str(best_path),
         timings={"train_s": train_s, "eval_s": eval_s, "total_s": time.perf_counter() - t_start},
         predictions_image=str(predictions) if predictions else None,
+        environment=environment(device, config.deterministic),
+        best_metrics=best_metrics,
+        best_epochs=best_epochs,
     )
