@@ -136,7 +136,7 @@ def test_missing_file(tmp_path, monkeypatch):
     assert result.exit_code == 1 and "file not found" in result.output and not (tmp_path / ".bnnctl").exists()
 
 
-@pytest.mark.parametrize("name", ["mpii.yaml", "imagenet.yaml"])
+@pytest.mark.parametrize("name", ["mpii.yaml", "imagenet.yaml", "imagenet_mt.yaml", "mpii_decomposition.yaml", "mpii_soft_gates.yaml"])
 def test_real_data_studies_stop_before_training_without_data(tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["study", "run", str(STUDIES[0].parent / name), "--no-track"])
