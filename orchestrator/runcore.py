@@ -46,6 +46,14 @@ class RunOptions:
     takeover: bool = False
     #: a lease whose heartbeat is older than this is taken over (its driver crashed)
     lease_timeout_s: float = 60.0
+    #: `--set PATH=VALUE`: applied last to every variant's config (part of the identities)
+    overrides: tuple[tuple[str, Any], ...] = ()
+    #: `--only ROW` (a row name, or ABLATION/ROW) and `--variant KEY` (a key or a unique prefix):
+    #: run only these (and what they depend on); empty: everything
+    only: tuple[str, ...] = ()
+    variant_keys: tuple[str, ...] = ()
+    #: retry failed variants (a plain run skips them and says so)
+    rerun_failed: bool = False
 
 
 def _dead_here(holder: str) -> bool:

@@ -170,8 +170,10 @@ class StudySpec:
 # --------------------------------------------------------------------------- parsing
 
 class _Parser:
-    def __init__(self, file: Path, data: Any, lines: dict[str, int]) -> None:
+    def __init__(self, file: Path, data: Any, lines: dict[str, int],
+                 cli_overrides: tuple[tuple[str, Any], ...] = ()) -> None:
         self.file, self.data, self.lines = str(file), data, lines
+        self.cli_overrides = cli_overrides  # `--set PATH=VALUE`: applied last, to every config
 
     def fail(self, path: str, message: str) -> SpecError:
         line = self.lines.get(path)
@@ -244,6 +246,11 @@ class _Parser:
                 if err.path == key or err.path.startswith(key + "."):  # the override itself is wrong
                     raise self.fail(f"{path}.{err.path}", err.message) from None
                 raise self.fail(f"{path}.{key}", f"{err.path}: {err.message}") from None
+        for key, value in self.cli_overrides:
+            try:
+                cfg = with_overrides(cfg, {key: value})
+            except ConfigError as err:
+                raise ConfigError(f"--set {key}", err.message if err.path == key else f"{err.path}: {err.message}") from None
         if cfg.lambda_groups:  # checked against the model's layer groups now, not when the variant trains
             try:
                 check_lambda_groups(cfg)
@@ -293,7 +300,8 @@ class _Parser:
             raise self.fail("metric", f"unknown metric {metric!r}; allowed: pckh, pckh@0.1, pck, top1, top5")
         description = top.get("description", "")
         return StudySpec(
-            name=name, description=str(description), file=self.file, spec_hash=spec_hash(self.data),
+            name=name, description=str(description), file=self.file,
+            spec_hash=spec_hash([self.data, [list(o) for o in self.cli_overrides]] if self.cli_overrides else self.data),
             base=base, seeds=tuple(seeds), resources=resources, teachers=teachers, ablations=ablations,
             tracking=tracking, execution=execution, metric=metric, storage=self.storage(top),
             report=self.report(top.get("report")), statistics=self.statistics(top.get("statistics")),
@@ -501,14 +509,15 @@ def spec_hash(data: Any) -> str:
     return hashlib.sha256(yaml.safe_dump(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_spec(path: str | Path) -> StudySpec:
-    """Parse and validate a study spec file.
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> StudySpec:
+    """Parse and validate a study spec file. ``overrides`` (``--set``): dotted config paths applied
+    last to every variant's config (they become part of the variants' identities).
 
     Raises:
         SpecError: the file is missing, not YAML, or invalid; the message names the YAML path and
-            line and what is allowed.
+            line and what is allowed. ConfigError: an override is invalid (named ``--set PATH``).
     """
     path = Path(path)
     data, lines = load_yaml(path)
-    return _Parser(path, data, lines).parse()
+    return _Parser(path, data, lines, tuple((overrides or {}).items())).parse()
 

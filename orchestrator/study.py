@@ -8,7 +8,7 @@ from pathlib import Path
 from bnnctl.workers.config import to_dict
 
 from .executor import Events
-from .plan import Plan, build_plan
+from .plan import Plan, Variant, build_plan
 from .runcore import DriverSession, LeaseKeeper, RunOptions
 from .spec import StudySpec, load_spec
 from .store import Member, Store
@@ -65,19 +65,101 @@ class Outcome:
     status: str
     counts: dict[str, int]
     trained: int
+    skipped_failed: int = 0  # failed variants not retried (`study rerun` retries them)
+    not_selected: int = 0  # variants outside --only / --variant
+
+
+@dataclass(frozen=True)
+class PlanItem:
+    """One variant of a study's plan and what a run would do with it."""
+
+    variant: Variant
+    stored: str | None  # its state in the store (None: new)
+    attempts: int
+    action: str  # reuse, resume, train, retry, skip-failed, blocked, not-selected
+
+    @property
+    def runs(self) -> bool:
+        return self.action in ("resume", "train", "retry")
+
+
+def select(plan: Plan, only: tuple[str, ...], keys: tuple[str, ...]) -> set[str] | None:
+    """The variant keys ``--only`` rows and ``--variant`` keys name, with everything they depend on
+    (None: no selection). Unknown names are refused with what there is."""
+    from bnnctl.workers.errors import ConfigError
+
+    if not only and not keys:
+        return None
+    chosen: set[str] = set()
+    for name in only:
+        hits = {k for (ab, row, _), k in plan.rows.items() if name in (row, f"{ab}/{row}")}
+        if not hits:
+            rows = sorted({f"{ab}/{row}" for ab, row, _ in plan.rows})
+            raise ConfigError("--only", f"no row {name!r}; rows: {', '.join(rows)}")
+        chosen |= hits
+    for prefix in keys:
+        hits = {k for k in plan.variants if k.startswith(prefix)}
+        if len(hits) != 1:
+            raise ConfigError("--variant", f"{prefix!r} matches {len(hits)} variants of this study; give a key "
+                              "(or a unique prefix) from `bnnctl study plan`")
+        chosen |= hits
+    todo = list(chosen)
+    while todo:
+        for dep in plan.variants[todo.pop()].deps:
+            if dep not in chosen:
+                chosen.add(dep)
+                todo.append(dep)
+    return chosen
+
+
+#: failures of the machine, not of the config: retried by every run (a NaN loss or a bug is not)
+TRANSIENT = ("no space left on device", "worker lost", "run storage", "dependency ")
+
+
+def transient(error: str | None) -> bool:
+    return bool(error) and error.startswith(TRANSIENT)
+
+
+def plan_items(plan: Plan, store: Store | None, opts: RunOptions) -> list[PlanItem]:
+    """What a run with ``opts`` does with each variant of ``plan`` (read-only; ``store`` None: a
+    study never run)."""
+    stored = store.variants(list(plan.variants)) if store is not None else {}
+    chosen = select(plan, opts.only, opts.variant_keys)
+    items: dict[str, PlanItem] = {}
+    for v in plan.order():  # topological: dependencies first
+        s = stored.get(v.key)
+        status = s.status if s else None
+        attempts = len(store.attempts(v.key)) if store is not None and s is not None and status != "completed" else 0
+        if chosen is not None and v.key not in chosen:
+            action = "not-selected" if status != "completed" else "reuse"
+        elif status == "completed":
+            action = "reuse"
+        elif any(items[d].action in ("skip-failed", "blocked") for d in v.deps):
+            action = "blocked"
+        elif status == "failed":
+            action = "retry" if opts.rerun_failed or transient(stored[v.key].error) else "skip-failed"
+        elif status is not None and attempts:
+            action = "resume"
+        else:
+            action = "train"
+        items[v.key] = PlanItem(v, status, attempts, action)
+    return list(items.values())
 
 
 def run_study(path: str | Path, db: str | None = None, tracking_uri: str | None = None, address: str | None = None,
               cpus: int | None = None, max_parallel: int | None = None, events: Events | None = None,
               track: bool = True, options: RunOptions | None = None) -> Outcome:
-    """Run (or continue) the study in ``path``. Finished variants are reused, unfinished ones resume.
+    """Run (or continue) the study in ``path``. Finished variants are reused, unfinished ones resume;
+    failed ones are skipped unless ``options.rerun_failed``.
 
     ``options`` (when given) replaces the separate ``db`` ... ``track`` arguments."""
     opts = options or RunOptions(db, tracking_uri, address, cpus, max_parallel, track)
-    spec = load_spec(path)
+    spec = load_spec(path, dict(opts.overrides))
     if opts.storage is None and spec.storage is not None:  # --storage, then the spec's, then $BNNCTL_STORAGE
         opts = dataclasses.replace(opts, storage=spec.storage)
-    check_data(build_plan(spec))
+    plan = build_plan(spec)
+    select(plan, opts.only, opts.variant_keys)  # unknown rows or keys: refused before anything is written
+    check_data(plan)
     store = Store(opts.db)
     lease = LeaseKeeper(store, spec.name, opts)  # before anything is written: one driver per study
     try:
@@ -89,25 +171,37 @@ def run_study(path: str | Path, db: str | None = None, tracking_uri: str | None 
 def _run_study(spec: StudySpec, path, store: Store, opts: RunOptions, events, lease) -> Outcome:
     plan = build_plan(spec)
     study = store.upsert_study(spec.name, str(path), spec.spec_hash, table_layout(spec))
-    for v in plan.order():
-        store.ensure_variant(v.key, v.label, v.kind, to_dict(v.config), list(v.deps))
+    items = plan_items(plan, store, opts)
+    for item in items:
+        v = item.variant
+        if item.stored is None or item.runs:  # new rows exist for the tables; the ones to run are (re)queued
+            store.ensure_variant(v.key, v.label, v.kind, to_dict(v.config), list(v.deps))
     members = [Member(key, ab, row, seed) for (ab, row, seed), key in plan.rows.items()]
     members += [Member(v.key, None, None, v.seed) for v in plan.order() if v.kind != "row"]
     store.set_members(study.id, members)
-    before = {k: v.status for k, v in store.variants(list(plan.variants)).items()}
+    running = {i.variant.key for i in items if i.runs or i.action == "reuse"}
+    sub = Plan({k: v for k, v in plan.variants.items() if k in running},
+               {r: k for r, k in plan.rows.items() if k in running})
+    before = {k: v.status for k, v in store.variants(list(sub.variants)).items()}
     todo = [k for k, s in before.items() if s != "completed"]
     with DriverSession(store, study.id, spec.name, study.mlflow_run_id, str(path), spec.experiment, opts,
                        spec.execution, spec.resources, events, lease=lease) as session:
         session.begin(work=bool(todo))
-        status = session.execute(plan) if todo else dict(before)
-        final = session.final_status(all(s == "completed" for s in status.values()))
+        status = session.execute(sub) if todo else dict(before)
+        left_out = [i for i in items if i.variant.key not in running]
+        ok = all(s == "completed" for s in status.values())
+        if ok and left_out and all(i.action == "not-selected" for i in left_out) and not session.halted:
+            session.halted = (f"ran the selected variants only (--only / --variant); {len(left_out)} others were "
+                              "not run")
+        final = session.final_status(ok and not left_out)
         if session.tracker is not None and session.parent is not None:
             log_tables(session.tracker, session.parent, store, study.id, str(path))
         session.finish(final)
     counts: dict[str, int] = {}
     for s in status.values():
         counts[s] = counts.get(s, 0) + 1
-    return Outcome(spec.name, final, counts, len(todo))
+    skipped = sum(1 for i in items if i.action in ("skip-failed", "blocked"))
+    return Outcome(spec.name, final, counts, len(todo), skipped, sum(1 for i in items if i.action == "not-selected"))
 
 
 def log_tables(tracker, run_id: str, store: Store, study_id: int, spec_file: str) -> None:
