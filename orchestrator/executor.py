@@ -39,6 +39,8 @@ class Events:
     finished: Callable[[Variant, str, str | None], None] = lambda v, status, error: None
     waiting: Callable[[Variant, float], None] = lambda v, seconds: None
     running: Callable[[Variant, str], None] = lambda v, node: None
+    #: a resumed run said which epochs its checkpoint holds (the last one)
+    resumed: Callable[[Variant, int], None] = lambda v, epoch: None
 
 
 class Hooks:
@@ -222,6 +224,7 @@ class _Loop:
                 self.store.set_attempt_node(msg.key, msg.node, msg.node_id)
                 self.events.running(v, msg.node)
             elif isinstance(msg, EpochMetrics) and msg.restored:
+                self.events.resumed(v, msg.epoch)
                 # a resumed run's earlier epochs: record those a crashed driver never got
                 if msg.epoch in self.store.metric_epochs(msg.key):
                     continue

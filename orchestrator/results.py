@@ -15,7 +15,18 @@ from typing import Any
 
 from .report import budget, reported
 from .store import Store
-from .tracking import flatten
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"arch": "hourglass"}} -> {"model.arch": "hourglass"}, values keeping their types
+    (lists as tuples, so that a DataFrame cell is hashable)."""
+    out: dict[str, Any] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    else:
+        out[prefix] = tuple(data) if isinstance(data, list) else data
+    return out
 
 
 def _variant_record(v, variants: dict) -> dict[str, Any]:

@@ -54,6 +54,8 @@ class RunOptions:
     variant_keys: tuple[str, ...] = ()
     #: retry failed variants (a plain run skips them and says so)
     rerun_failed: bool = False
+    #: a tuning's trials per arm instead of the spec's (`tune run --trials N`)
+    trials: int | None = None
 
 
 def _dead_here(holder: str) -> bool:

@@ -428,6 +428,30 @@ class Store:
                     s.add(StudyVariantRow(study_id=study_id, variant_key=m.variant_key, ablation=m.ablation,
                                           row=m.row, seed=m.seed))
 
+    def delete_study(self, name: str) -> tuple[list[Variant], int]:
+        """Remove a study or tuning from the store: its rows, its membership, and the variants no
+        other study uses (with their attempts and metrics). Returns (the removed variants, how many of
+        its variants other studies keep). Refused while a driver runs it."""
+        from sqlalchemy import delete
+
+        with self.session() as s:
+            row = s.scalar(select(StudyRow).where(StudyRow.name == name))
+            if row is None:
+                raise StoreError(f"no study or tuning named {name!r} in {self.display_url}")
+            if row.status == "running" or s.get(LeaseRow, name) is not None:
+                raise StoreError(f"{name!r} is running; stop it first (bnnctl study cancel {name})")
+            mine = set(s.scalars(select(StudyVariantRow.variant_key).where(StudyVariantRow.study_id == row.id)))
+            shared = set(s.scalars(select(StudyVariantRow.variant_key).where(
+                StudyVariantRow.study_id != row.id, StudyVariantRow.variant_key.in_(mine))))
+            gone = sorted(mine - shared)
+            removed = [_variant(v) for v in s.scalars(select(VariantRow).where(VariantRow.key.in_(gone)))]
+            s.execute(delete(StudyVariantRow).where(StudyVariantRow.study_id == row.id))
+            s.execute(delete(MetricRow).where(MetricRow.variant_key.in_(gone)))
+            s.execute(delete(AttemptRow).where(AttemptRow.variant_key.in_(gone)))
+            s.execute(delete(VariantRow).where(VariantRow.key.in_(gone)))
+            s.delete(row)
+            return removed, len(shared)
+
     def add_member(self, study_id: int, member: Member) -> None:
         """Add one variant to a study (a tuning adds its trials one by one); no-op if present."""
         with self.session() as s:

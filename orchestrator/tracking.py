@@ -86,6 +86,10 @@ class Tracker:
 
         self.storage = storage or RunStorage()
         self.uri = uri or default_uri()
+        if not os.environ.get("BNNCTL_VERBOSE"):  # MLflow's INFO lines about its own tables: --verbose shows them
+            import logging
+
+            logging.getLogger("mlflow").setLevel(logging.WARNING)
         with _creation_lock(self.uri):  # two drivers creating one sqlite store would corrupt it
             self.client = MlflowClient(tracking_uri=self.uri)
             exp = self.client.get_experiment_by_name(experiment)

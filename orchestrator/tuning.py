@@ -352,6 +352,21 @@ def check_compatible(spec: TuneSpec, storage) -> None:
                             f"{study.direction.name.lower()}")
 
 
+def with_trials(spec: TuneSpec, trials: int) -> TuneSpec:
+    """``spec`` with another number of trials per arm (``tune run --trials``), checked as the spec's."""
+    from .tunespec import MAX_TRIALS
+
+    if not 1 <= trials <= MAX_TRIALS:
+        raise ConfigError("--trials", f"expected an integer in [1, {MAX_TRIALS}], got {trials}")
+    if spec.sampler.name == "grid":
+        size = 1
+        for p in spec.params:
+            size *= len(p.grid())
+        if trials > size:
+            raise ConfigError("--trials", f"{trials} trials exceed the grid's {size} points")
+    return dataclasses.replace(spec, trials=trials)
+
+
 def run_tuning(path: str | Path, db: str | None = None, tracking_uri: str | None = None, address: str | None = None,
                cpus: int | None = None, max_parallel: int | None = None, events: Events | None = None,
                track: bool = True, on_trial: Callable[[TrialEvent], None] | None = None,
@@ -361,6 +376,8 @@ def run_tuning(path: str | Path, db: str | None = None, tracking_uri: str | None
     ``options`` (when given) replaces the separate ``db`` ... ``track`` arguments."""
     opts = options or RunOptions(db, tracking_uri, address, cpus, max_parallel, track)
     spec = load_tune_spec(path)
+    if opts.trials is not None:
+        spec = with_trials(spec, opts.trials)
     if opts.storage is None and spec.storage is not None:  # --storage, then the spec's, then $BNNCTL_STORAGE
         opts = dataclasses.replace(opts, storage=spec.storage)
     check_configs([a.config for a in spec.arms] + [t.config for t in spec.teachers.values()])

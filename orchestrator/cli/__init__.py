@@ -13,7 +13,7 @@ app = typer.Typer(
     help="Distributed ablation studies of binary neural networks.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
 app.add_typer(study.app, name="study")
 app.add_typer(tune.app, name="tune")

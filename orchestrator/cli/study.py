@@ -71,6 +71,15 @@ def print_tables(tables, out) -> None:
         out.print(rt)
 
 
+SetOption = Annotated[list[str], typer.Option("--set", help="Override a config value of every variant: PATH=VALUE "
+                                              "(dotted, e.g. epochs=2); part of the variants' identities.")]
+OnlyOption = Annotated[list[str], typer.Option("--only", help="Run only this row (its name, or ABLATION/ROW) and "
+                                               "what it depends on; repeatable.")]
+VariantOption = Annotated[list[str], typer.Option("--variant", help="Run only this variant (a key or unique prefix "
+                                                  "from `study plan`) and what it depends on; repeatable.")]
+VerboseOption = Annotated[bool, typer.Option("--verbose", help="Show Ray's and MLflow's own start-up messages.")]
+
+
 @app.command("run")
 @user_errors
 def run(
@@ -83,63 +92,146 @@ def run(
     no_track: NoTrackOption = False,
     storage: StorageOption = None,
     takeover: TakeoverOption = False,
+    set_: SetOption = [],
+    only: OnlyOption = [],
+    variant: VariantOption = [],
+    rerun_failed: Annotated[bool, typer.Option("--rerun-failed", help="Retry failed variants too (a plain run "
+                                               "skips those that failed for their config, e.g. a NaN loss).")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run a study (or continue it): finished variants are reused, unfinished ones resume."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    _run(file, db, tracking_uri, address, cpus, max_parallel, no_track, storage, takeover, set_, only, variant,
+         rerun_failed, verbose)
 
-    from bnnctl.orchestrator.executor import Events
+
+@app.command("rerun")
+@user_errors
+def rerun(
+    file: Annotated[Path, typer.Argument(help="The study spec (YAML).")],
+    db: DbOption = None,
+    tracking_uri: TrackingUriOption = None,
+    address: AddressOption = None,
+    cpus: CpusOption = None,
+    no_track: NoTrackOption = False,
+    storage: StorageOption = None,
+    set_: SetOption = [],
+    only: OnlyOption = [],
+    variant: VariantOption = [],
+    verbose: VerboseOption = False,
+) -> None:
+    """Run a study again, retrying its failed variants (= study run --rerun-failed)."""
+    _run(file, db, tracking_uri, address, cpus, None, no_track, storage, False, set_, only, variant, True, verbose)
+
+
+def _run(file, db, tracking_uri, address, cpus, max_parallel, no_track, storage, takeover, set_, only, variant,
+         rerun_failed, verbose) -> None:
+    from bnnctl.orchestrator.plan import build_plan
     from bnnctl.orchestrator.runcore import RunOptions
     from bnnctl.orchestrator.spec import load_spec
-    from bnnctl.orchestrator.study import run_study
+    from bnnctl.orchestrator.study import plan_items, run_study, select
     from bnnctl.orchestrator.tracking import ui_hint
 
-    load_spec(file)  # a bad spec is refused before anything is shown or started
+    from ._common import parse_assignments
+    from .progress import StudyProgress
+
+    overrides = tuple(parse_assignments(set_, "--set").items())
+    options = RunOptions(db, tracking_uri, address, cpus, max_parallel, not no_track, storage=storage,
+                         takeover=takeover, overrides=overrides, only=tuple(only), variant_keys=tuple(variant),
+                         rerun_failed=rerun_failed)
+    spec = load_spec(file, dict(overrides))  # a bad spec is refused before anything is shown or started
+    plan = build_plan(spec)
+    select(plan, options.only, options.variant_keys)
+    total = sum(1 for i in plan_items(plan, _existing_store(db), options) if i.runs)
     out = console()
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeElapsedColumn(), console=out, transient=False)
-    tasks: dict[str, int] = {}
-    overall = progress.add_task("study", total=None)
+    if verbose:
+        import os
 
-    def started(v):
-        tasks[v.key] = progress.add_task(f"  {v.label}", total=v.config.epochs)
-
-    def epoch(v, e, metrics):
-        if v.key in tasks:
-            metric = next((k for k in ("pckh", "pck", "top1") if k in metrics), None)
-            desc = f"  {v.label}" + (f"  {metric} {metrics[metric]:.1f}" if metric else "")
-            progress.update(tasks[v.key], completed=e, description=desc)
-
-    def finished(v, status, error):
-        if v.key in tasks:
-            progress.update(tasks[v.key], visible=False)
-        if status != "retrying":
-            progress.advance(overall)
-        if status == "failed":
-            progress.console.print(f"[red]failed[/]: {v.label}: {error}")
-        elif status == "cancelled":
-            progress.console.print(f"[yellow]stopped[/] {v.label} (study cancelled)")
-        elif status == "retrying":
-            progress.console.print(f"[yellow]retrying[/] {v.label} ({error}); it resumes from its checkpoint")
-
-    def waiting(v, seconds):
-        progress.console.print(f"[yellow]waiting[/] {v.label}: no worker with {v.resources.cpus:g} CPUs / "
-                               f"{v.resources.gpus:g} GPUs free for {seconds:.0f} s (the cluster may be busy or scaling up)")
-
+        os.environ["BNNCTL_VERBOSE"] = "1"
     stop_on_sigterm()
-    with progress:
-        outcome = run_study(file, events=Events(started=started, epoch=epoch, finished=finished, waiting=waiting),
-                            options=RunOptions(db, tracking_uri, address, cpus, max_parallel, not no_track,
-                                               storage=storage, takeover=takeover))
+    with StudyProgress(out, total) as progress:
+        outcome = run_study(file, events=progress.events(), options=options)
     store, study = _load(outcome.study, db)
     print_tables(_tables(store, study), out)
     out.print(f"study {outcome.study}: {outcome.status} ({', '.join(f'{n} {s}' for s, n in sorted(outcome.counts.items()))}; "
               f"{outcome.trained} trained or resumed in this run)")
+    if outcome.skipped_failed:
+        out.print(f"[yellow]skipped[/] {outcome.skipped_failed} failed variant(s) and what depends on them; retry "
+                  f"with: bnnctl study rerun {file}")
     if outcome.status == "stopped" and study.spec.get("stopped_reason"):
         out.print(f"[yellow]stopped[/]: {study.spec['stopped_reason']}")
     if not no_track:
         out.print(f"compare the runs in MLflow: {ui_hint(tracking_uri)}")
     if outcome.status != "completed":
         raise typer.Exit(code=1)
+
+
+def _existing_store(db: str | None):
+    """The state database when there is one (read-only), else None: nothing is created to look."""
+    from bnnctl.orchestrator.errors import StoreError
+    from bnnctl.orchestrator.store import Store
+
+    try:
+        return Store(db, readonly=True)
+    except StoreError:
+        return None
+
+
+@app.command("plan")
+@user_errors
+def plan_cmd(
+    file: Annotated[Path, typer.Argument(help="The study spec (YAML).")],
+    db: DbOption = None,
+    set_: SetOption = [],
+    only: OnlyOption = [],
+    variant: VariantOption = [],
+    rerun_failed: Annotated[bool, typer.Option("--rerun-failed", help="As `study run --rerun-failed` would.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Show what `study run` would do: every variant, its row, seed, stages, dependencies, budget, and
+    whether it is reused, resumed, trained or skipped. Writes nothing."""
+    import json
+
+    from rich.table import Table as RichTable
+
+    from bnnctl.orchestrator.plan import build_plan
+    from bnnctl.orchestrator.runcore import RunOptions
+    from bnnctl.orchestrator.spec import load_spec
+    from bnnctl.orchestrator.study import plan_items
+
+    from ._common import parse_assignments
+
+    overrides = tuple(parse_assignments(set_, "--set").items())
+    spec = load_spec(file, dict(overrides))
+    plan = build_plan(spec)
+    items = plan_items(plan, _existing_store(db), RunOptions(db, overrides=overrides, only=tuple(only),
+                                                             variant_keys=tuple(variant), rerun_failed=rerun_failed))
+    where = {k: (ab, row) for (ab, row, _), k in plan.rows.items()}
+    rows = []
+    for i in items:
+        v = i.variant
+        ab, row = where.get(v.key, (v.ablation, v.row))
+        stage = "stage 1" if v.kind == "stage1" else ("stage 2" if v.init_dep else "")
+        rows.append({"variant": v.key, "label": v.label, "kind": v.kind, "ablation": ab, "row": row, "seed": v.seed,
+                     "stage": stage, "epochs": v.config.epochs, "depends_on": list(v.deps), "stored": i.stored,
+                     "attempts": i.attempts, "action": i.action})
+    to_train = [r for r in rows if r["action"] in ("train", "resume", "retry")]
+    summary = {"study": spec.name, "variants": len(rows), "to_run": len(to_train),
+               "reused": sum(1 for r in rows if r["action"] == "reuse"),
+               "skipped": sum(1 for r in rows if r["action"] in ("skip-failed", "blocked", "not-selected")),
+               "epochs_to_run": sum(r["epochs"] for r in to_train), "epochs_total": sum(r["epochs"] for r in rows)}
+    if as_json:
+        typer.echo(json.dumps({"summary": summary, "variants": rows}, indent=2))
+        return
+    t = RichTable(title=f"plan of {spec.name}")
+    for col in ("variant", "label", "kind", "stage", "epochs", "depends on", "stored", "action"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["variant"][:10], r["label"], r["kind"], r["stage"], str(r["epochs"]),
+                  ", ".join(d[:8] for d in r["depends_on"]), r["stored"] or "new", r["action"])
+    out = console()
+    out.print(t)
+    out.print(f"{summary['variants']} variants: {summary['to_run']} to run ({summary['epochs_to_run']} epochs), "
+              f"{summary['reused']} reused, {summary['skipped']} skipped")
 
 
 @app.command("submit")
@@ -187,11 +279,17 @@ def logs(
 @user_errors
 def show(
     study: Annotated[str, typer.Argument(help="Study name or spec file.")],
-    fmt: Annotated[str, typer.Option("--format", help="table, md, csv, latex or html.")] = "table",
+    fmt: Annotated[str, typer.Option("--format", help="table, md, csv, latex, html or json.")] = "table",
     db: DbOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The tables as JSON (= --format json).")] = False,
 ) -> None:
-    """Print a study's ablation tables (or export them as Markdown, CSV, LaTeX or standalone HTML)."""
-    from bnnctl.orchestrator.report import to_csv, to_latex, to_markdown
+    """Print a study's ablation tables (or export them as Markdown, CSV, LaTeX, standalone HTML or JSON)."""
+    import json
+
+    from bnnctl.orchestrator.report import table_data, to_csv, to_latex, to_markdown
+
+    if as_json:
+        fmt = "json"
 
     store, s = _load(study, db)
     tables = _tables(store, s)
@@ -201,22 +299,35 @@ def show(
 
         return render(ts, f"{s.name} — ablation tables")
 
-    exporters = {"md": to_markdown, "csv": to_csv, "latex": to_latex, "html": to_html}
+    def to_json(ts):
+        return json.dumps({"study": s.name, "tables": [table_data(t) for t in ts]}, indent=2, default=str)
+
+    exporters = {"md": to_markdown, "csv": to_csv, "latex": to_latex, "html": to_html, "json": to_json}
     if fmt == "table":
         print_tables(tables, console())
     elif fmt in exporters:
         typer.echo(exporters[fmt](tables))
     else:
-        raise fail(f"--format: unknown format {fmt!r}; allowed: table, md, csv, latex, html")
+        raise fail(f"--format: unknown format {fmt!r}; allowed: table, md, csv, latex, html, json")
 
 
 @app.command("status")
 @user_errors
-def status(study: Annotated[str, typer.Argument(help="Study name or spec file.")], db: DbOption = None) -> None:
+def status(study: Annotated[str, typer.Argument(help="Study name or spec file.")], db: DbOption = None,
+           as_json: Annotated[bool, typer.Option("--json", help="One record per variant as JSON (the records "
+                                                 "of bnnctl.orchestrator.results).")] = False) -> None:
     """Show the state of every variant of a study."""
     from rich.table import Table as RichTable
 
     store, s = _load(study, db)
+    if as_json:
+        import json
+
+        from bnnctl.orchestrator.results import records
+
+        typer.echo(json.dumps({"study": s.name, "status": s.status, "variants": records(s.name, store=store)},
+                              indent=2, default=str))
+        return
     members = store.members(s.id)
     variants = store.variants([m.variant_key for m in members])
     reason = f" ({s.spec['stopped_reason']})" if s.status == "stopped" and s.spec.get("stopped_reason") else ""
@@ -273,21 +384,87 @@ def node_label(attempt) -> str:
 
 @app.command("list")
 @user_errors
-def list_studies(db: DbOption = None) -> None:
-    """List the studies in the state database."""
+def list_studies(db: DbOption = None,
+                 as_json: Annotated[bool, typer.Option("--json", help="The list as JSON.")] = False) -> None:
+    """List the studies and tunings in the state database."""
+    import json
+
+    from rich.table import Table as RichTable
+
     from bnnctl.orchestrator.store import Store
 
-    store = Store(db)
-    studies = store.studies()
-    if not studies:
-        typer.echo(f"no studies yet in {store.display_url}")
+    store = Store(db, readonly=True) if _existing_store(db) is not None else None
+    studies = store.studies() if store is not None else []
+    listing = []
     for s in studies:
         counts: dict[str, int] = {}
-        members = store.members(s.id)
-        for v in store.variants([m.variant_key for m in members]).values():
+        for v in store.variants([m.variant_key for m in store.members(s.id)]).values():
             counts[v.status] = counts.get(v.status, 0) + 1
-        typer.echo(f"{s.name:30s} {s.status:10s} {', '.join(f'{n} {k}' for k, n in sorted(counts.items())):40s} "
-                   f"{s.updated_at:%Y-%m-%d %H:%M}  {s.spec_file}")
+        listing.append({"name": s.name, "kind": s.spec.get("kind", "study"), "status": s.status,
+                        "variants": counts, "updated": f"{s.updated_at:%Y-%m-%d %H:%M}", "spec_file": s.spec_file})
+    if as_json:
+        typer.echo(json.dumps(listing, indent=2))
+        return
+    if not listing:
+        typer.echo("no studies yet" + (f" in {store.display_url}" if store is not None else " (no state database here)"))
+        return
+    t = RichTable()
+    for col in ("name", "kind", "status", "variants", "updated", "spec file"):
+        t.add_column(col)
+    for r in listing:
+        t.add_row(r["name"], r["kind"], r["status"], ", ".join(f"{n} {k}" for k, n in sorted(r["variants"].items())),
+                  r["updated"], r["spec_file"])
+    console().print(t)
+
+
+@app.command("delete")
+@user_errors
+def delete(
+    study: Annotated[str, typer.Argument(help="Study or tuning name, or spec file.")],
+    db: DbOption = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    files: Annotated[bool, typer.Option("--files", help="Also delete the removed variants' folders in the run "
+                                        "storage (checkpoints, images).")] = False,
+    storage: StorageOption = None,
+) -> None:
+    """Delete a study (or tuning) from the state database: its rows and the variants no other study
+    uses. MLflow runs are kept (delete them in the MLflow UI)."""
+    from bnnctl.orchestrator.store import Store
+
+    name = _study_name(study)
+    store = Store(db)
+    s = store.study(name)
+    if s is None:
+        raise fail(f"no study or tuning {name!r} in {store.display_url}")
+    members = {m.variant_key for m in store.members(s.id)}
+    if not yes and not typer.confirm(f"delete {s.spec.get('kind', 'study')} {name!r} ({len(members)} variants, those "
+                                     "no other study uses with their attempts and metrics)"
+                                     + (" and their files in the run storage" if files else "") + "?"):
+        raise typer.Exit(code=1)
+    removed, kept = store.delete_study(name)
+    if s.spec.get("kind") == "tuning":
+        import optuna
+
+        from bnnctl.orchestrator.tuning import optuna_storage
+
+        storage_ = optuna_storage(store.url)
+        for arm in s.spec.get("arms", []):
+            try:
+                optuna.delete_study(study_name=arm["optuna_study"], storage=storage_)
+            except KeyError:  # never created
+                pass
+    gone_files = 0
+    if files:
+        from bnnctl.orchestrator.runstorage import RunStorage
+
+        runs = RunStorage(storage)
+        for v in removed:
+            where = runs.location(v.key)
+            if runs.fs.exists(where):
+                runs.fs.rm(where, recursive=True)
+                gone_files += 1
+    typer.echo(f"deleted {name!r}: {len(removed)} variants removed, {kept} kept (other studies use them)"
+               + (f", {gone_files} run folders deleted" if files else "") + "; MLflow runs are kept")
 
 
 @app.command("cancel")

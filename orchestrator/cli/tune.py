@@ -54,6 +54,8 @@ def run(
     no_track: NoTrackOption = False,
     storage: StorageOption = None,
     takeover: TakeoverOption = False,
+    trials: Annotated[Optional[int], typer.Option("--trials", help="Finished trials per arm to reach (default: "
+                                                  "the spec's `trials`); more continues the same Optuna study.")] = None,
 ) -> None:
     """Run a tuning, or continue it up to its number of trials (the same command resumes it)."""
     from rich.markup import escape
@@ -82,7 +84,7 @@ def run(
     stop_on_sigterm()
     outcome = run_tuning(file, events=Events(finished=finished), on_trial=on_trial,
                          options=RunOptions(db, tracking_uri, address, cpus, max_parallel, not no_track, storage=storage,
-                                            takeover=takeover))
+                                            takeover=takeover, trials=trials))
     _show(outcome.name, db, out, trials=False)
     out.print(f"tuning {outcome.name}: {outcome.status} "
               f"({', '.join(f'{arm}: {n} finished trials' for arm, n in outcome.finished.items())}; "

@@ -1,0 +1,203 @@
+"""The daily workflow: plan, --set, --only, rerun, delete, --json, the results DataFrame, the progress
+lines of a piped run. Real training on the in-process backend (no cluster) and a real sqlite store;
+the CLI in-process through Typer's runner."""
+import json
+
+from typer.testing import CliRunner
+
+from bnnctl.orchestrator.backends.inprocess import InProcessBackend
+from bnnctl.orchestrator.cli import app
+from bnnctl.orchestrator.plan import build_plan
+from bnnctl.orchestrator.runcore import RunOptions
+from bnnctl.orchestrator.spec import load_spec
+from bnnctl.orchestrator.store import Store
+from bnnctl.orchestrator.study import run_study
+
+runner = CliRunner()
+
+SPEC = """
+name: flow
+base:
+  model: {{width: 8, depth: 2}}
+  data: {{root: {root}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
+  epochs: 2
+  batch_size: 16
+  loss: mse
+  threads: 1
+seeds: [0, 1]
+teachers:
+  real: {{set: {{model.binarize.activations: false, model.binarize.weights: false}}}}
+ablations:
+  - name: t
+    mode: isolated
+    rows:
+      - {{name: relu, set: {{model.activation.kind: relu}}}}
+      - {{name: reverse, set: {{model.activation.kind: prelu}}, stages: reverse_order}}
+      - {{name: distilled, teacher: real}}
+      - {{name: exploding, set: {{optim.lr: 1e30}}}}
+"""
+
+
+def _spec(workdir):
+    f = workdir / "flow.yaml"
+    f.write_text(SPEC.format(root=workdir / "syn"))
+    return f
+
+
+def _opts(**kw):
+    return RunOptions(track=False, backend_instance=InProcessBackend(capacity=1), **kw)
+
+
+def _plan_json(f, *extra):
+    result = runner.invoke(app, ["study", "plan", str(f), "--json", *extra])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_plan_only_set_rerun_and_the_results_dataframe(workdir):
+    f = _spec(workdir)
+    # the plan of a study never run: every variant to train, stages and teacher shown, nothing written
+    plan = _plan_json(f)
+    assert not (workdir / ".bnnctl" / "state.db").exists()
+    kinds = sorted(v["kind"] for v in plan["variants"])
+    assert kinds == ["row"] * 8 + ["stage1"] * 2 + ["teacher"]
+    assert {v["action"] for v in plan["variants"]} == {"train"}
+    assert plan["summary"] == {"study": "flow", "variants": 11, "to_run": 11, "reused": 0, "skipped": 0,
+                               "epochs_to_run": 18, "epochs_total": 18}  # 6 rows x 2, 2 x (1 + 1) two-stage, teacher 2
+    stage2 = next(v for v in plan["variants"] if v["stage"] == "stage 2" and v["seed"] == 0)
+    stage1 = next(v for v in plan["variants"] if v["kind"] == "stage1" and v["seed"] == 0)
+    assert stage2["depends_on"] == [stage1["variant"]] and (stage1["epochs"], stage2["epochs"]) == (1, 1)
+
+    # --only one row: it and what it depends on, nothing else
+    out = run_study(f, options=_opts(only=("reverse",)))
+    assert out.status == "stopped" and out.trained == 4 and out.not_selected == 7
+    assert "selected variants only" in Store().study("flow").spec["stopped_reason"]
+    plan = _plan_json(f)
+    actions = {(v["row"], v["seed"], v["kind"]): v["action"] for v in plan["variants"]}
+    assert actions[("reverse", 0, "row")] == "reuse" and actions[("relu", 0, "row")] == "train"
+
+    # the rest: the exploding row fails (NaN loss); a plain rerun skips it and says so
+    out = run_study(f, options=_opts())
+    assert out.status == "failed" and out.counts.get("failed") == 2
+    again = run_study(f, options=_opts())
+    assert again.trained == 0 and again.skipped_failed == 2
+    failed = [v for v in _plan_json(f)["variants"] if v["action"] == "skip-failed"]
+    assert len(failed) == 2 and all(v["row"] == "exploding" for v in failed)
+    assert [v["action"] for v in _plan_json(f, "--rerun-failed")["variants"] if v["row"] == "exploding"] == ["retry"] * 2
+    store = Store()
+    key = failed[0]["variant"]
+    assert [a.status for a in store.attempts(key)] == ["failed"]  # not retried by the plain run
+    retried = run_study(f, options=_opts(rerun_failed=True, only=("exploding",)))
+    assert retried.trained == 2 and [a.status for a in store.attempts(key)] == ["failed", "failed"]
+
+    # the DataFrame: one row per variant, the values of the store
+    from bnnctl.orchestrator import results
+
+    df = results("flow")
+    assert len(df) == 11 and set(df["kind"]) == {"row", "stage1", "teacher"}
+    rows = df[df["kind"] == "row"].set_index(["row", "seed"])
+    v = store.variant(rows.loc[("relu", 0), "variant"])
+    assert rows.loc[("relu", 0), "metric.pckh"] == v.result["metrics"]["pckh"]
+    assert rows.loc[("relu", 0), "reported"] == v.result["metrics"]["pckh"] and rows.loc[("relu", 0), "report"] == "last"
+    assert rows.loc[("reverse", 0), "epochs"] == 2 and rows.loc[("reverse", 0), "init_from"] == stage1["variant"]
+    assert rows.loc[("distilled", 1), "teacher"] is not None and rows.loc[("relu", 1), "config.seed"] == 1
+    assert rows.loc[("relu", 0), "env.torch"] and rows.loc[("exploding", 0), "status"] == "failed"
+    assert "nan" in rows.loc[("exploding", 0), "error"].lower() or "inf" in rows.loc[("exploding", 0), "error"].lower()
+
+    # --json of status, show and list parse back and agree with the DataFrame
+    status = json.loads(runner.invoke(app, ["study", "status", "flow", "--json"]).output)
+    assert {r["variant"] for r in status["variants"]} == set(df["variant"])
+    shown = json.loads(runner.invoke(app, ["study", "show", "flow", "--json"]).output)
+    (table,) = shown["tables"]
+    assert [r["name"] for r in table["rows"]] == ["relu", "reverse", "distilled", "exploding"]
+    assert table["rows"][0]["mean"] == df[(df["row"] == "relu")]["reported"].mean()
+    listing = json.loads(runner.invoke(app, ["study", "list", "--json"]).output)
+    assert [(s["name"], s["kind"]) for s in listing] == [("flow", "study")]
+    text = runner.invoke(app, ["study", "list"]).output
+    assert "name" in text and "status" in text and "flow" in text  # a header
+
+
+def test_set_changes_the_identities_and_applies_to_every_config(workdir):
+    f = _spec(workdir)
+    plain = build_plan(load_spec(f))
+    bigger = build_plan(load_spec(f, {"epochs": 4, "model.width": 16}))
+    assert set(plain.variants).isdisjoint(bigger.variants)
+    assert {v.config.model.width for v in bigger.order()} == {16}
+    stage1 = [v for v in bigger.order() if v.kind == "stage1"]
+    assert [v.config.epochs for v in stage1] == [2, 2]  # the row's 4 epochs, split
+    plan = _plan_json(f, "--set", "epochs=4", "--set", "model.width=16")
+    assert {v["variant"] for v in plan["variants"]} == set(bigger.variants)
+    bad = runner.invoke(app, ["study", "plan", str(f), "--set", "model.width=banana"])
+    assert bad.exit_code == 1 and "--set model.width" in bad.output and "Traceback" not in bad.output
+    bad = runner.invoke(app, ["study", "plan", str(f), "--only", "nope"])
+    assert bad.exit_code == 1 and "no row 'nope'; rows: t/distilled, t/exploding, t/relu, t/reverse" in bad.output
+
+
+def test_delete_removes_a_study_and_keeps_what_another_study_uses(workdir):
+    f = _spec(workdir)
+    assert run_study(f, options=_opts(only=("relu",))).trained == 2
+    other = workdir / "other.yaml"
+    other.write_text(f.read_text().replace("name: flow", "name: other"))
+    assert run_study(other, options=_opts(only=("relu",))).trained == 0  # the same variants, reused
+    runs = workdir / ".bnnctl" / "runs"
+    assert len(list(runs.iterdir())) == 2
+    refused = runner.invoke(app, ["study", "delete", "flow"], input="n\n")
+    assert refused.exit_code == 1 and Store().study("flow") is not None
+    done = runner.invoke(app, ["study", "delete", "flow", "--yes", "--files"])
+    assert done.exit_code == 0 and "0 variants removed, 11 kept" in done.output, done.output  # all shared
+    assert Store().study("flow") is None and Store().study("other") is not None
+    done = runner.invoke(app, ["study", "delete", "other", "--yes", "--files"])
+    assert "11 variants removed, 0 kept" in done.output and "2 run folders deleted" in done.output
+    assert list(runs.iterdir()) == [] and Store().studies() == []
+
+
+def test_a_piped_run_prints_one_line_per_event(workdir):
+    from rich.console import Console
+
+    from bnnctl.orchestrator.cli.progress import StudyProgress
+
+    f = _spec(workdir)
+    import io
+
+    buf = io.StringIO()
+    with StudyProgress(Console(file=buf), total=4, tty=False) as progress:
+        out = run_study(f, events=progress.events(), options=_opts(only=("reverse",)))
+    assert out.trained == 4
+    lines = [line.split(" ", 1)[1] for line in buf.getvalue().splitlines()]
+    assert sum(1 for line in lines if line.startswith("started ")) == 4
+    assert sum(1 for line in lines if line.startswith("epoch ")) == 4  # 1 epoch per stage
+    done = [line for line in lines if line.startswith("done ")]
+    assert len(done) == 4 and done[-1].endswith("[4/4]") and "pckh" in done[0]
+
+
+def test_on_a_terminal_the_study_bar_has_the_real_total(workdir):
+    """The CLI in a pseudo-terminal (its own Ray cluster): the bar counts to the variants to run."""
+    import os
+    import pty
+    import re
+    import subprocess
+    import sys
+
+    f = _spec(workdir)
+    leader, follower = pty.openpty()
+    cli = [sys.executable, "-c", "from bnnctl.orchestrator.cli import main; main()", "study", "run", str(f),
+           "--only", "reverse", "--no-track", "--cpus", "2"]
+    proc = subprocess.Popen(cli, cwd=workdir, stdin=follower, stdout=follower, stderr=follower,
+                            env={**os.environ, "COLUMNS": "160", "TERM": "xterm"}, start_new_session=True)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=300)
+    os.close(leader)
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+    assert "variants done" in screen and "4/4" in screen and "ETA" in screen, screen[-2000:]
+    assert "/None" not in screen and re.search(r"variants done\s.*0/4", screen), screen[-2000:]
+    finished = set(re.findall(r"done {5}(t / \w+ / (?:stage 1 / )?seed \d)", screen))
+    assert len(finished) == 4, screen[-2000:]  # a line per finished variant, that stays
