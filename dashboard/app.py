@@ -27,7 +27,7 @@ SECURITY_HEADERS = {
     # Plotly draws with inline style attributes and one <style> element: styles may be inline, scripts never
     "Content-Security-Policy": ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
                                 "img-src 'self' data: blob:; font-src 'self' data:; connect-src 'self'; "
-                                "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+                                "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
@@ -89,7 +89,7 @@ def create_app(db: str | None = None, runs_dir: str | Path | None = None, mlflow
     loopback names only, see :func:`allowed_hosts`)."""
     import secrets
 
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI, Query, Request
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
 
     from bnnctl.orchestrator.runstorage import RunStorage
@@ -187,6 +187,30 @@ def create_app(db: str | None = None, runs_dir: str | Path | None = None, mlflow
     @app.get("/api/study/{name}")
     def api_study(name: str):
         return views.study(store, name)
+
+    EXPORTS = {"csv": ("text/csv", "to_csv"), "md": ("text/markdown", "to_markdown"),
+               "tex": ("application/x-tex", "to_latex"), "html": ("text/html", "to_html")}
+
+    @app.get("/study/{name}/tables.{ext}")
+    def tables_file(name: str, ext: str):
+        """A study's tables as a file to download (the same exports as `bnnctl study show --format`)."""
+        from fastapi.responses import Response
+
+        from bnnctl.orchestrator import report
+
+        if ext not in EXPORTS:
+            raise NotFound(f"no export {ext!r}; there are: {', '.join(EXPORTS)}")
+        st = views._study(store, name, "study")
+        members = store.members(st.id)
+        tables = report.build_tables(st.spec, members, store.variants(sorted({m.variant_key for m in members})))
+        media, fn = EXPORTS[ext]
+        body = report.to_html(tables, f"{name} — ablation tables") if ext == "html" else getattr(report, fn)(tables)
+        return Response(body, media_type=f"{media}; charset=utf-8",
+                        headers={"Content-Disposition": f'attachment; filename="{name}-tables.{ext}"'})
+
+    @app.get("/compare", response_class=HTMLResponse)
+    def compare(study: list[str] = Query(default=[]), row: list[str] = Query(default=[])):
+        return page("compare.html", c=views.compare(store, study, row))
 
     @app.get("/study/{name}/variant/{key}", response_class=HTMLResponse)
     def study_variant(name: str, key: str):

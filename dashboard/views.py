@@ -5,6 +5,7 @@ nothing here writes anything.
 """
 from __future__ import annotations
 
+import statistics
 from datetime import datetime
 
 from bnnctl.orchestrator.report import ALPHA, build_tables, reported, table_data
@@ -62,7 +63,11 @@ def study(store, name: str) -> dict:
             cells.setdefault((m.ablation, m.row), []).append(
                 {"seed": m.seed, "key": m.variant_key, "status": v.status if v else "pending"})
     prereqs = [variants[m.variant_key] for m in members if m.ablation is None and m.variant_key in variants]
+    metric = s.spec["metric"]
     return {
+        "groups": joint_groups(s.spec, members, variants, metric),
+        "curves": row_curves(store, s.spec, members, variants, metric),
+        "progress": running(store, [v for v in variants.values() if v.status == "running"]),
         "name": s.name, "status": s.status, "spec_file": s.spec_file, "description": s.spec.get("description", ""),
         "metric": s.spec["metric"], "seeds": s.spec["seeds"], "alpha": ALPHA,
         "counts": _counts([v.status for v in variants.values()]), "updated": _iso(s.updated_at),
@@ -70,6 +75,109 @@ def study(store, name: str) -> dict:
         "per_joint": per_joint(s.spec, members, variants),
         "prerequisites": [{"key": v.key, "label": v.label, "status": v.status} for v in prereqs],
     }
+
+
+def row_curves(store, layout: dict, members: list, variants: dict, metric: str) -> list[dict]:
+    """Per table, each row's validation curve over epochs: the mean over its finished seeds and a
+    ± std band; a two-stage row's stage 2 is drawn after its stage 1's epochs (its budget)."""
+    out = []
+    for ab in layout["ablations"]:
+        lines = []
+        for r in ab["rows"]:
+            per_epoch: dict[int, list[float]] = {}
+            for m in members:
+                v = variants.get(m.variant_key)
+                if m.ablation != ab["name"] or m.row != r["name"] or v is None:
+                    continue
+                offset = int(v.config.get("schedule_offset") or 0)
+                for epoch, value in store.metrics(v.key).get(metric, []):
+                    per_epoch.setdefault(epoch + offset, []).append(value)
+            if not per_epoch:
+                continue
+            xs = sorted(per_epoch)
+            means = [sum(per_epoch[x]) / len(per_epoch[x]) for x in xs]
+            stds = [statistics.stdev(per_epoch[x]) if len(per_epoch[x]) > 1 else 0.0 for x in xs]
+            lines.append({"row": r["name"], "epochs": xs, "mean": means, "low": [m - d for m, d in zip(means, stds)],
+                          "high": [m + d for m, d in zip(means, stds)], "seeds": max(len(v) for v in per_epoch.values())})
+        out.append({"ablation": ab["name"], "metric": metric, "lines": lines, "traces": curve_traces(lines)})
+    return out
+
+
+def curve_traces(lines: list[dict]) -> list[dict]:
+    """Plotly traces: each line's mean, with its ± std band (over seeds) as a filled area."""
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+               "#bcbd22", "#17becf"]
+    traces = []
+    for i, line in enumerate(lines):
+        colour = palette[i % len(palette)]
+        name = line["row"]
+        if line["seeds"] > 1:
+            traces.append({"x": line["epochs"] + line["epochs"][::-1], "y": line["high"] + line["low"][::-1],
+                           "fill": "toself", "fillcolor": colour, "opacity": 0.15, "line": {"width": 0},
+                           "hoverinfo": "skip", "showlegend": False, "legendgroup": name, "name": name + " ± std"})
+        traces.append({"x": line["epochs"], "y": line["mean"], "name": name, "legendgroup": name,
+                       "line": {"color": colour}, "mode": "lines+markers"})
+    return traces
+
+
+def joint_groups(layout: dict, members: list, variants: dict, metric: str) -> dict | None:
+    """Pose studies: the paper's per-joint table (Head, Shoulder, Elbow, Wrist, Hip, Knee, Ankle,
+    Mean) of every row, the mean over its finished seeds."""
+    if not (metric.startswith("pckh") or metric == "pck"):
+        return None
+    groups = ("head", "shoulder", "elbow", "wrist", "hip", "knee", "ankle")
+    prefix = "pckh" if metric.startswith("pckh") else "pck"
+    rows = []
+    for ab in layout["ablations"]:
+        for r in ab["rows"]:
+            results = [variants[m.variant_key].result for m in members
+                       if m.ablation == ab["name"] and m.row == r["name"] and m.variant_key in variants
+                       and variants[m.variant_key].status == "completed" and variants[m.variant_key].result]
+            values = {}
+            for g in (*groups, None):
+                name = f"{prefix}_{g}" if g else prefix
+                found = [res["metrics"][name] for res in results if name in res.get("metrics", {})]
+                if found:
+                    values[g.capitalize() if g else "Mean"] = sum(found) / len(found)
+            rows.append({"ablation": ab["name"], "row": r["name"], "values": values})
+    if not any(r["values"] for r in rows):
+        return None
+    return {"columns": [g.capitalize() for g in groups] + ["Mean"], "rows": rows}
+
+
+def running(store, variants: list) -> list[dict]:
+    """The running variants' progress: epochs recorded of their budget, the last metric."""
+    out = []
+    for v in sorted(variants, key=lambda v: v.label):
+        history = store.metrics(v.key)
+        done = max((e for pts in history.values() for e, _ in pts), default=0)
+        metric = next((m for m in ("pckh", "pck", "top1") if m in history), None)
+        last = history[metric][-1][1] if metric else None
+        out.append({"key": v.key, "label": v.label, "epoch": done, "epochs": v.config.get("epochs"),
+                    "metric": metric, "last": last})
+    return out
+
+
+def compare(store, names: list[str], selected: list[str]) -> dict:
+    """The compare page: the chosen studies' tables side by side, and the chosen rows
+    ("STUDY/ABLATION/ROW") overlaid as curves with seed bands."""
+    chosen, lines = [], []
+    everything = [{"name": s.name, "checked": s.name in names} for s in store.studies()
+                  if s.spec.get("kind", "study") == "study"]
+    for name in names:
+        st = _study(store, name, "study")
+        members = store.members(st.id)
+        variants = store.variants(sorted({m.variant_key for m in members}))
+        tables = build_tables(st.spec, members, variants)
+        rows = [f"{name}/{t.name}/{r.name}" for t in tables for r in t.rows]
+        chosen.append({"name": name, "tables": [table_data(t) for t in tables], "rows": rows,
+                       "metric": st.spec["metric"]})
+        for c in row_curves(store, st.spec, members, variants, st.spec["metric"]):
+            for line in c["lines"]:
+                ref = f"{name}/{c['ablation']}/{line['row']}"
+                if ref in selected:
+                    lines.append({**line, "row": ref})
+    return {"studies": everything, "chosen": chosen, "selected": selected, "traces": curve_traces(lines)}
 
 
 def per_joint(layout: dict, members: list, variants: dict) -> dict | None:
@@ -143,6 +251,7 @@ def variant(store, key: str, study_name: str | None = None, mlflow_url: str | No
     run = v.mlflow_run_id
     return {
         "key": v.key, "label": v.label, "kind": v.kind, "status": v.status, "error": v.error,
+        "status_shown": "pruned" if v.kind == "trial" and v.status == "stopped" else v.status,
         "study": study_name, "place": place, "baseline": None if baseline is None else
         {"key": baseline.key, "label": baseline.label},
         "config": mine_flat, "diff": diff, "curves": curves,
@@ -159,6 +268,29 @@ def variant(store, key: str, study_name: str | None = None, mlflow_url: str | No
         "deps": v.deps, "sources": sources, "updated": _iso(v.updated_at),
         "report": report, "reported": reported_value,
     }
+
+
+def parallel_traces(paths: list[str], trials: list[dict], metric: str, maximize: bool) -> dict:
+    """Parallel coordinates drawn as SVG lines (Plotly's parcoords needs WebGL, which a headless or
+    GPU-less browser lacks): each axis scaled to [0, 1] over the trials, one line per trial, the
+    better the objective the darker the line; hover shows the real values."""
+    axes = paths + [metric]
+    columns = [[t["params"].get(p) for t in trials] for p in paths] + [[t["value"] for t in trials]]
+    scaled = []
+    for col in columns:
+        nums = [float(x) for x in col if isinstance(x, (int, float))]
+        lo, hi = (min(nums), max(nums)) if nums else (0.0, 1.0)
+        scaled.append([(float(x) - lo) / (hi - lo) if isinstance(x, (int, float)) and hi > lo else 0.5 for x in col])
+    values = [t["value"] for t in trials]
+    order = sorted(range(len(trials)), key=lambda i: values[i], reverse=maximize)  # best first
+    traces = []
+    for rank, i in enumerate(order):
+        shade = int(40 + 170 * rank / max(len(order) - 1, 1))
+        traces.append({"x": list(range(len(axes))), "y": [col[i] for col in scaled], "mode": "lines+markers",
+                       "name": f"trial {trials[i]['number']}", "line": {"color": f"rgb({shade},{shade},230)"},
+                       "text": [f"{a} = {col[i]:.4g}" if isinstance(col[i], (int, float)) else f"{a} = {col[i]}"
+                                for a, col in zip(axes, columns)], "hoverinfo": "text+name"})
+    return {"traces": traces, "axes": axes}
 
 
 def tuning(store, name: str, studies_by_arm: dict) -> dict:
@@ -188,12 +320,25 @@ def tuning(store, name: str, studies_by_arm: dict) -> dict:
                 sched = with_overrides(base, {p.removeprefix("lambda_schedule."): v for p, v in params.items()
                                               if p.startswith("lambda_schedule.")})
                 epochs = int(layout["data"].get("base", {}).get("epochs", 120))
-                default_sched = base
-                schedule = {"epochs": list(range(epochs + 1)),
-                            "best": [sched.value(e, epochs) for e in range(epochs + 1)],
-                            "default": [default_sched.value(e, epochs) for e in range(epochs + 1)]}
+                last = max(epochs - 1, 1)  # as the trainer: epoch k (1-based) runs at t = k - 1, the last at lambda_end
+                schedule = {"epochs": list(range(1, epochs + 1)),
+                            "best": [sched.value(e, last) for e in range(epochs)],
+                            "default": [base.value(e, last) for e in range(epochs)]}
+        complete = [t for t in summary["trials"] if t["state"] == "COMPLETE" and t["value"] is not None]
+        paths = [p["path"] for p in layout["params"]]
+        few = len(complete) < 4 * max(len(paths), 1)
         arms.append({"name": arm["name"], "trials": summary["trials"], "best": summary["best"],
                      "default": summary["default"], "importances": summary["importances"],
+                     "importance_note": (f"from {len(complete)} completed trials for {len(paths)} parameters: too "
+                                         "few to rank them reliably (aim for 4 per parameter or more)") if few else None,
+                     "intermediate": [{"x": list(t["intermediate"]), "y": list(t["intermediate"].values()),
+                                       "name": f"trial {t['number']}" + (" (pruned)" if t["state"] == "PRUNED" else ""),
+                                       "mode": "lines", "line": {"dash": "dot" if t["state"] == "PRUNED" else "solid"}}
+                                      for t in summary["trials"] if t["intermediate"]],
+                     "parallel": parallel_traces(paths, complete, layout["metric"], maximize) if len(complete) >= 2 else None,
+                     "slices": [{"path": p, "log": next((q.get("log", False) for q in layout["params"] if q["path"] == p), False),
+                                 "x": [t["params"].get(p) for t in complete], "y": [t["value"] for t in complete],
+                                 "text": [f"trial {t['number']}" for t in complete]} for p in paths],
                      "history": history, "best_so_far": best_so_far, "schedule": schedule,
                      "finished": sum(1 for t in summary["trials"] if t["state"] in ("COMPLETE", "PRUNED", "FAIL"))})
     return {"name": s.name, "status": s.status, "spec_file": s.spec_file, "description": layout.get("description", ""),

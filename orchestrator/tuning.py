@@ -106,7 +106,7 @@ def tuning_layout(spec: TuneSpec) -> dict:
         "trials": spec.trials, "sampler": spec.sampler.name, "pruner": spec.pruner.name,
         "space_hash": spec.space_hash,
         "arms": [{"name": a.name, "optuna_study": spec.optuna_study(a.name), "teacher": a.teacher} for a in spec.arms],
-        "params": [{"path": p.path, "type": p.type, "describe": p.describe()} for p in spec.params],
+        "params": [{"path": p.path, "type": p.type, "describe": p.describe(), "log": p.log} for p in spec.params],
         "data": spec.data,
     }
 

@@ -55,6 +55,7 @@ base:
   threads: 1
   lambda_schedule: {{kind: exponential, lambda_start: 1.0, lambda_end: 20.0}}
 search:
+  lambda_schedule.lambda_start: {{type: float, low: 0.5, high: 2, log: true}}
   lambda_schedule.lambda_end: {{type: float, low: 5, high: 100, log: true}}
 trials: 4
 sampler: {{name: random, seed: 0}}
@@ -220,9 +221,57 @@ def test_study_page_numbers_match_the_store(filled, browser, tmp_path):
         assert [a.text for a in links] == ["seed 0", "seed 1"]
     assert page_rows[0].find_element(By.CSS_SELECTOR, "td.delta").text == "baseline"
     assert _wait(lambda: _charts_drawn(browser) >= 1)  # the bar chart, drawn by Plotly served locally
+    # the paper's per-joint groups; the 16 raw joints on demand
+    heads = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#joint-groups thead th")]
+    assert heads == ["ablation", "row", "Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle", "Mean"]
+    relu = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#joint-groups tbody tr")[0].find_elements(By.TAG_NAME, "td")]
+    assert relu[-1] == f"{table.rows[0].cell.mean:.1f}"
+    assert not browser.find_element(By.ID, "per-joint").is_displayed()  # folded
     joints = browser.find_elements(By.CSS_SELECTOR, "#per-joint thead th")
-    assert "head_top" in [j.text for j in joints]
+    assert "head_top" in [j.get_attribute("textContent") for j in joints]
+    # overlaid curves: one line per row and a band per row (2 seeds)
+    assert _wait(lambda: browser.execute_script(
+        "var el = document.getElementById('curves-1'); return el && el.data ? el.data.length : 0") == 4)
+    names = browser.execute_script("return document.getElementById('curves-1').data.map(t => t.name)")
+    assert names == ["relu ± std", "relu", "prelu ± std", "prelu"]
+    # downloads: each export parsed back
+    import csv
+    import io
+    import urllib.request
+
+    links = {a.text: a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, "#downloads a")}
+    assert set(links) >= {"CSV", "LaTeX", "Markdown", "HTML"}
+    with urllib.request.urlopen(links["CSV"]) as r:
+        assert r.headers["Content-Disposition"] == 'attachment; filename="dash-tables.csv"'
+        rows = list(csv.DictReader(io.StringIO(r.read().decode())))
+    assert [r["row"] for r in rows] == ["relu", "prelu"]
+    assert float(rows[0]["mean"]) == pytest.approx(table.rows[0].cell.mean, abs=1e-4)
+    with urllib.request.urlopen(links["LaTeX"]) as r:
+        assert r.read().decode().count(r"\begin{tabular}") == 1
+    with urllib.request.urlopen(links["Markdown"]) as r:
+        assert "| relu |" in r.read().decode()
+    with urllib.request.urlopen(links["HTML"]) as r:
+        assert r.read().decode().startswith("<!doctype html>")
     _shot(browser, "study", tmp_path)
+
+
+def test_compare_page_puts_studies_side_by_side_and_overlays_rows(filled, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(filled["server"].url + "/compare")
+    boxes = browser.find_elements(By.CSS_SELECTOR, "input[name=study]")
+    assert [b.get_attribute("value") for b in boxes] == ["dash"]  # studies, not tunings
+    boxes[0].click()
+    browser.find_element(By.CSS_SELECTOR, "#compare-form button").click()
+    assert _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "section.compared[data-study=dash] table.ablation-table"))
+    for box in browser.find_elements(By.CSS_SELECTOR, "input[name=row]"):
+        box.click()  # both rows of the table
+    browser.find_elements(By.CSS_SELECTOR, "#compare-form button")[-1].click()
+    assert _wait(lambda: browser.execute_script(
+        "var el = document.getElementById('compare-curves'); return el && el.data ? el.data.length : 0") == 4)
+    names = browser.execute_script("return document.getElementById('compare-curves').data.filter(t => t.showlegend !== false).map(t => t.name)")
+    assert names == ["dash/acts/relu", "dash/acts/prelu"]
+    _shot(browser, "compare", tmp_path)
 
 
 def test_variant_page(filled, browser, tmp_path):
@@ -263,10 +312,18 @@ def test_tuning_page(filled, browser, tmp_path):
     assert len(rows) == len(study.trials) == 4
     for tr, t in zip(rows, sorted(study.trials, key=lambda t: t.number)):
         cells = tr.find_elements(By.TAG_NAME, "td")
-        assert cells[1].text == t.state.name == "COMPLETE" and cells[2].text == f"{t.value:.4g}"
+        assert cells[1].text == t.state.name.lower() == "complete" and cells[2].text == f"{t.value:.4g}"
     best = browser.find_element(By.CSS_SELECTOR, "#arms tr[data-arm=base] td.best").text
     assert best == f"{study.best_value:.4g}"
-    assert _wait(lambda: _charts_drawn(browser) >= 3)  # history, importances, lambda schedule
+    # history, importances, lambda schedule, intermediate values, parallel coordinates, one slice per parameter
+    assert _wait(lambda: _charts_drawn(browser) >= 7)
+    assert browser.find_element(By.CSS_SELECTOR, "[id^=parallel-] .main-svg")
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".chart.slice")) == 2
+    note = browser.find_element(By.CSS_SELECTOR, ".importance-note").text
+    assert "from 4 completed trials for 2 parameters: too few" in note  # 4 trials rank 2 parameters poorly
+    ticks = browser.execute_script(
+        "return Array.from(document.querySelectorAll('[id^=schedule-] .ytick text')).map(t => t.textContent)")
+    assert ticks and all(t in ("0.1", "1", "10", "100", "1000") for t in ticks), ticks  # no bare 2, 5 minor labels
     _shot(browser, "tuning", tmp_path)
 
 
@@ -326,6 +383,10 @@ def test_a_running_study_page_refreshes_itself(filled, browser, tmp_path):
         browser.get(server.url + "/study/dash")
         cell = lambda: browser.find_element(By.CSS_SELECTOR, "tr[data-row=prelu] td.value").text  # noqa: E731
         before = cell()
+        # the running variant's progress: its epochs recorded of its budget
+        progress = browser.find_element(By.CSS_SELECTOR, f"#running tr[data-variant='{key}'] td.epoch").text
+        epochs = writer.variant(key).config["epochs"]
+        assert progress == f"{epochs}/{epochs}"  # every epoch recorded before the result
         result["metrics"] = {**result["metrics"], "pckh": 99.0}
         writer.finish(key, result)
         assert _wait(lambda: cell() != before, timeout=20)
