@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from bnnctl.workers.config import to_dict, with_overrides
@@ -64,9 +66,22 @@ class Variant:
 LAMBDA_RULE = 2
 
 
+def portable(config_data: dict, project: Path | None = None) -> dict:
+    """The config with a data root inside the project folder (the working directory) written relative
+    to it: a copied or moved project keeps its variants' identities (and reuses their results)."""
+    root = (config_data.get("data") or {}).get("root")
+    if not root or "://" in root or not os.path.isabs(root):
+        return config_data
+    try:
+        rel = Path(root).relative_to((project or Path.cwd()).resolve())
+    except ValueError:  # outside the project: an absolute location of this machine
+        return config_data
+    return {**config_data, "data": {**config_data["data"], "root": f"./{rel.as_posix()}"}}
+
+
 def identity(config: TrainConfig, deps: tuple[str, ...]) -> str:
-    data = comparable(to_dict(dataclasses.replace(config, init_from=None,
-                                                  distill=dataclasses.replace(config.distill, teacher=None))))
+    data = portable(comparable(to_dict(dataclasses.replace(config, init_from=None,
+                                                           distill=dataclasses.replace(config.distill, teacher=None)))))
     body: dict = {"config": data, "deps": sorted(deps)}
     if any(s.kind != "constant" for s in (config.lambda_schedule, *config.lambda_groups)):
         body["lambda_rule"] = LAMBDA_RULE

@@ -201,3 +201,32 @@ def test_on_a_terminal_the_study_bar_has_the_real_total(workdir):
     assert "/None" not in screen and re.search(r"variants done\s.*0/4", screen), screen[-2000:]
     finished = set(re.findall(r"done {5}(t / \w+ / (?:stage 1 / )?seed \d)", screen))
     assert len(finished) == 4, screen[-2000:]  # a line per finished variant, that stays
+
+
+def test_a_moved_project_folder_keeps_its_results_and_images(workdir, monkeypatch):
+    """Everything is stored relative to the project folder or the run storage: after `mv`, the same
+    command reuses every result and the dashboard still serves the images."""
+    import shutil
+
+    from bnnctl.dashboard import views
+
+    first = workdir / "first"
+    first.mkdir()
+    monkeypatch.chdir(first)
+    spec = first / "flow.yaml"
+    spec.write_text(SPEC.format(root="syn"))  # a data root relative to the project folder
+    assert run_study(spec, options=_opts(only=("relu",))).trained == 2
+    keys = {m.variant_key for m in Store().members(Store().study("flow").id) if m.row == "relu"}
+    moved = workdir / "moved"
+    shutil.move(str(first), str(moved))
+    monkeypatch.chdir(moved)
+    again = run_study(moved / "flow.yaml", options=_opts(only=("relu",)))
+    assert again.trained == 0  # the same identities: nothing retrained
+    store = Store()
+    assert {m.variant_key for m in store.members(store.study("flow").id) if m.row == "relu"} == keys
+    key = sorted(keys)[0]
+    assert views.variant(store, key, "flow")["predictions"]
+    from bnnctl.orchestrator.runstorage import RunStorage, resolve
+
+    image = resolve(RunStorage(), store.variant(key).result["predictions_image"])
+    assert image is not None and image.is_relative_to(moved) and image.exists()
