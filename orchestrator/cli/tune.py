@@ -65,15 +65,25 @@ def run(
     from bnnctl.orchestrator.tracking import ui_hint
     from bnnctl.orchestrator.tuning import run_tuning
 
+    from bnnctl.orchestrator.tunespec import load_tune_spec
+
+    spec = load_tune_spec(file)  # a bad spec is refused before anything is shown or started
+    requested = (trials or spec.trials) * len(spec.arms)
     out = console()
+    counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
+    out.print(f"tuning {spec.name}: {requested} trials requested ({len(spec.arms)} arm(s) x {trials or spec.trials}); "
+              "finished trials of an earlier run count", highlight=False)
 
     def on_trial(e) -> None:
+        counts[e.state] += 1
         colour = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}[e.state]
         value = f"{format_number(e.value)}" if e.value is not None else ""
         best = f"  best so far {format_number(e.best_value)} (trial {e.best_number})" if e.best_number is not None else ""
         reason = f"  [red]{escape(e.reason)}[/]" if e.reason else ""
-        out.print(f"{escape('[' + e.arm + ']')} trial {e.number:3d} [{colour}]{e.state:8s}[/] {value:>8s}  {_params(e.params)}{best}{reason}",
-                  highlight=False)
+        state = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}[e.state]
+        tally = f"  [{sum(counts.values())} done in this run: {counts['PRUNED']} pruned, {counts['FAIL']} failed]"
+        out.print(f"{escape('[' + e.arm + ']')} trial {e.number:3d} [{colour}]{state:8s}[/] {value:>8s}  "
+                  f"{_params(e.params)}{best}{reason}{escape(tally)}", highlight=False)
 
     def finished(v, status, error) -> None:
         if v.kind == "teacher":
