@@ -10,6 +10,7 @@ from datetime import datetime
 
 from bnnctl.orchestrator.report import ALPHA, build_tables, reported, table_data
 from bnnctl.orchestrator.tracking import flatten
+from bnnctl.workers.metrics import HEADLINE_METRICS
 
 TRACKED = ("train_loss", "val_loss", "pckh", "pck", "top1", "top5", "pckh_approx", "lambda", "lr",
            "flip_ratio", "clip_fraction")
@@ -151,7 +152,7 @@ def running(store, variants: list) -> list[dict]:
     for v in sorted(variants, key=lambda v: v.label):
         history = store.metrics(v.key)
         done = max((e for pts in history.values() for e, _ in pts), default=0)
-        metric = next((m for m in ("pckh", "pck", "top1") if m in history), None)
+        metric = next((m for m in HEADLINE_METRICS if m in history), None)
         last = history[metric][-1][1] if metric else None
         out.append({"key": v.key, "label": v.label, "epoch": done, "epochs": v.config.get("epochs"),
                     "metric": metric, "last": last})

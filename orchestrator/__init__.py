@@ -1,6 +1,6 @@
 """Study specs, planning, state, execution and tracking.
 
-``bnnctl.orchestrator.results(study, db=None)`` gives a study's (or tuning's) results as a pandas
+``bnnctl.results(study, db=None)`` (also ``bnnctl.orchestrator.results``) gives a study's (or tuning's) results as a pandas
 DataFrame, one row per variant (or trial); see :mod:`bnnctl.orchestrator.results` for the columns.
 """
 

@@ -296,8 +296,10 @@ class _Parser:
         if len(set(names)) != len(names):
             raise self.fail("ablations", "duplicate ablation names")
         metric = top.get("metric")
-        if metric is not None and metric not in ("pckh", "pck", "top1", "top5", "pckh@0.1"):
-            raise self.fail("metric", f"unknown metric {metric!r}; allowed: pckh, pckh@0.1, pck, top1, top5")
+        from bnnctl.workers.metrics import ALL_TABLE_METRICS
+
+        if metric is not None and metric not in ALL_TABLE_METRICS:
+            raise self.fail("metric", f"unknown metric {metric!r}; allowed: {', '.join(ALL_TABLE_METRICS)}")
         description = top.get("description", "")
         return StudySpec(
             name=name, description=str(description), file=self.file,

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bnnctl.workers.config import path_steps, to_dict, with_overrides
+from bnnctl.workers.metrics import LOSSES, TABLE_METRICS
 from bnnctl.workers.errors import ConfigError
 from bnnctl.workers.train import TrainConfig
 
@@ -51,8 +52,7 @@ PRUNERS = {
     "threshold": {"lower", "upper", "warmup_epochs"},
     "none": set(),
 }
-METRICS = {"pose": ("pckh", "pckh@0.1", "pck", "val_loss", "train_loss"),
-           "classification": ("top1", "top5", "val_loss", "train_loss")}
+METRICS = {task: names + LOSSES for task, names in TABLE_METRICS.items()}  # what an objective may use
 PARAM_TYPES = ("float", "int", "categorical")
 
 

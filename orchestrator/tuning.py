@@ -546,7 +546,9 @@ def best_as_spec(row_spec: dict, studies: dict[str, Any]) -> dict:
     for key in ("task", "resources", "teachers", "execution"):
         if data.get(key) is not None:
             spec[key] = data[key]
-    spec["metric"] = row_spec["metric"] if row_spec["metric"] in ("pckh", "pckh@0.1", "pck", "top1", "top5") else None
+    from bnnctl.workers.metrics import ALL_TABLE_METRICS
+
+    spec["metric"] = row_spec["metric"] if row_spec["metric"] in ALL_TABLE_METRICS else None
     if spec["metric"] is None:
         del spec["metric"]
     # the tuning's reporting rule: the table then shows each trial's objective as `tune show` does

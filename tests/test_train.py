@@ -177,3 +177,15 @@ def test_config_mismatches_are_config_errors():
     with pytest.raises(ConfigError) as err:
         from_dict(TrainConfig, {"optim": {"lr": -1}})
     assert err.value.path == "optim.lr"
+
+
+def test_a_result_round_trips_through_plain_data(synth_root, tmp_path):
+    import json
+
+    from bnnctl.workers.train import TrainResult
+
+    result = run_variant(tiny(synth_root, epochs=1), LocalReporter(tmp_path / "ck"))
+    data = json.loads(json.dumps(result.to_dict()))  # as the store and MLflow keep it
+    assert TrainResult.from_dict(data) == result
+    old = {k: v for k, v in data.items() if k not in ("best_metrics", "best_epochs", "environment")}
+    assert TrainResult.from_dict(old).best_metrics == {}  # a result stored before those fields existed

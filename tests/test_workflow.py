@@ -91,9 +91,9 @@ def test_plan_only_set_rerun_and_the_results_dataframe(workdir):
     assert retried.trained == 2 and [a.status for a in store.attempts(key)] == ["failed", "failed"]
 
     # the DataFrame: one row per variant, the values of the store
-    from bnnctl.orchestrator import results
+    import bnnctl
 
-    df = results("flow")
+    df = bnnctl.results("flow")
     assert len(df) == 11 and set(df["kind"]) == {"row", "stage1", "teacher"}
     rows = df[df["kind"] == "row"].set_index(["row", "seed"])
     v = store.variant(rows.loc[("relu", 0), "variant"])

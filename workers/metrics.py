@@ -12,6 +12,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: The validation metrics the trainer reports that a table or a tuning objective may use, by task
+#: (pose: PCKh@0.5 on MPII-format sets, its strict @0.1 variant, PCK@0.2 on LSP; classification:
+#: top-1 and top-5 accuracy). Every other module takes the names from here.
+TABLE_METRICS = {"pose": ("pckh", "pckh@0.1", "pck"), "classification": ("top1", "top5")}
+ALL_TABLE_METRICS = tuple(m for names in TABLE_METRICS.values() for m in names)
+#: the metric a display shows for a run, the first of these it reports
+HEADLINE_METRICS = ("pckh", "pck", "top1")
+#: losses a tuning may minimize
+LOSSES = ("val_loss", "train_loss")
+
 #: Head size = HEAD_SIZE_FACTOR x head-box diagonal (MPII's SC_BIAS).
 HEAD_SIZE_FACTOR = 0.6
 PCKH_THRESHOLD = 0.5

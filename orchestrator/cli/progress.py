@@ -7,11 +7,10 @@ import sys
 import time
 from datetime import datetime
 
-METRICS = ("pckh", "pck", "top1")
-
-
 def _metric(metrics: dict) -> str:
-    name = next((k for k in METRICS if k in metrics), None)
+    from bnnctl.workers.metrics import HEADLINE_METRICS
+
+    name = next((k for k in HEADLINE_METRICS if k in metrics), None)
     return f"{name} {metrics[name]:.1f}" if name else ""
 
 
