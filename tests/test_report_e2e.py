@@ -33,6 +33,7 @@ ablations:
       - {{name: prelu, set: {{model.activation.kind: prelu}}}}
       - {{name: reverse, set: {{model.activation.kind: prelu}}, stages: reverse_order}}
       - {{name: distilled, set: {{model.activation.kind: prelu}}, teacher: real}}
+      - {{name: standard, set: {{model.activation.kind: prelu}}, stages: standard}}
 tracking: {{experiment: prov}}
 """
 
@@ -64,7 +65,8 @@ def test_provenance_budgets_and_the_rule_reach_tables_pages_and_mlflow(workdir):
     # the tables: an epochs column (equal budgets), the rule under each table
     result = runner.invoke(app, ["study", "show", "prov", "--format", "csv"])
     rows = {r["row"]: r for r in __import__("csv").DictReader(__import__("io").StringIO(result.output))}
-    assert {r: rows[r]["epochs"] for r in rows} == {"prelu": "4", "reverse": "4", "distilled": "4"}
+    assert {r: rows[r]["epochs"] for r in rows} == {"prelu": "4", "reverse": "4", "distilled": "4", "standard": "4"}
+    assert rows["standard"]["status"] == "done"  # the usual order: a real network, then all binary from it
     assert rows["reverse"]["report"] == "last" and rows["reverse"]["std"] == ""  # one seed: no spread
     md = runner.invoke(app, ["study", "show", "prov", "--format", "md"]).output
     assert "pckh at each run's last epoch" in md and "+" in md and "(n=1)" in md

@@ -22,8 +22,9 @@ from ..layers import binary_layers
 from ..models import ModelConfig, build_model
 
 CHECKPOINT_FORMAT = 1
-#: State a stage-2 model has and a stage-1 checkpoint (real weights) lacks.
-STAGE_ONLY_KEYS = ("alpha.value", "weight_quantizer.lam")
+#: State a stage-2 model has and a stage-1 checkpoint lacks: learned alphas and the weights' lambda
+#: (reverse order: real weights), the activations' lambda too (standard order: a real network).
+STAGE_ONLY_KEYS = ("alpha.value", "weight_quantizer.lam", "input_quantizer.lam")
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:

@@ -59,6 +59,16 @@ class TrainResult:
     best_metrics: dict[str, float] = field(default_factory=dict)
     best_epochs: dict[str, int] = field(default_factory=dict)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-safe): what the state store and MLflow keep."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainResult:
+        """Back from :meth:`to_dict`; results stored before a field existed get its default."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
 
 def environment(device: torch.device, deterministic: bool) -> dict[str, Any]:
     """The facts that can change a result for the same config and seed."""
@@ -142,181 +152,227 @@ def run_variant(config: TrainConfig, reporter: Reporter) -> TrainResult:
             unusable. No result is returned for a failed run.
         DataError, ConfigError: the data or the config is wrong.
     """
-    t_start = time.perf_counter()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    # per run, never left over from the previous task of a reused worker process
-    if config.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
-    torch.use_deterministic_algorithms(config.deterministic)
-    torch.backends.cudnn.benchmark = False
-    device = _device(config)
-    task = make_task(config)
-    model_cfg = config.model
-    if model_cfg.num_outputs is None:
-        model_cfg = dataclasses.replace(model_cfg, num_outputs=task.num_outputs)
-    elif model_cfg.num_outputs != task.num_outputs:
-        raise ConfigError("model.num_outputs", f"is {model_cfg.num_outputs} but the dataset has {task.num_outputs}")
-    model_cfg = model_cfg.resolved()
-    if model_cfg.input_size != config.data.input_size:
-        model_cfg = dataclasses.replace(model_cfg, input_size=config.data.input_size)
-
-    torch.manual_seed(config.seed)
-    model = build_model(model_cfg)
-    if config.init_from:
-        init_from_checkpoint(model, config.init_from)
-    model.to(device)
-    teacher, teacher_loss = None, None
-    if config.distill.teacher:
-        teacher, _, tdata = model_from_checkpoint(config.distill.teacher)
-        teacher_loss = tdata["config"]["loss"]
-        teacher.to(device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-    optimizer = _optimizer(model, config)
-
-    ckpt_dir = Path(reporter.checkpoint_dir)
-    last_path, best_path = ckpt_dir / LAST, ckpt_dir / BEST
-    config_data = to_dict(config)
-    start_epoch, best, best_epoch = 0, -math.inf, 0
-    history: list[tuple[int, dict[str, float]]] = []  # every finished epoch's reported metrics
-    state: dict[str, Any] | None = None
-    if last_path.exists():
-        state = load_checkpoint(last_path)
-        if comparable(state["config"]) != comparable(config_data):
-            raise TrainingError("checkpoint_mismatch", f"{last_path} was written by a different configuration; "
-                                "use another checkpoint folder or delete it to start over")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        start_epoch, best, best_epoch = state["epoch"], state["best"], state["best_epoch"]
-        # older checkpoints kept only the last epoch's metrics
-        history = [(int(e), dict(m)) for e, m in state.get("history") or
-                   [(state["epoch"], {k: v for k, v in state["metrics"].items() if k != "per_joint"})]]
-        # the driver may have died before it recorded what this run had reported: say it again
-        reporter.restored(history)
-
-    steps_per_epoch = len(_loader(task.train_set, config, True))
-    if config.max_batches:
-        steps_per_epoch = min(steps_per_epoch, config.max_batches)
-    schedule = config.lambda_schedule
-    # the schedules span the whole budget (both stages of a two-stage row); the last epoch (or step)
-    # of the budget runs at lambda_end
-    span = config.schedule_epochs or (config.schedule_offset + config.epochs)
-    offset = config.schedule_offset
-    last = span - 1 if schedule.unit == "epoch" else span * steps_per_epoch - 1
-    lam = LambdaScheduler(model, schedule, max(last, 1), config.lambda_groups)
-    flips = FlipTracker(model)
-    val_loader = _loader(task.val_set, config, False)
-    train_s = eval_s = 0.0
-    metrics: dict[str, Any] = {}
+    run = _Run(config, reporter)
+    run.restore()
     status = "completed"
-    epochs_done = start_epoch
-
-    for epoch in range(start_epoch, config.epochs):
-        t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = config.optim.lr_at(epoch)
-        task.train_set.set_epoch(epoch)
-        if schedule.unit == "epoch":
-            lam.step(offset + epoch)
-        model.train()
-        losses = []
-        for step, batch in enumerate(_loader(task.train_set, config, True, epoch)):
-            if step >= steps_per_epoch:
-                break
-            if schedule.unit == "step":
-                lam.step((offset + epoch) * steps_per_epoch + step)
-            batch = _move(batch, device)
-            teacher_out = None
-            if teacher is not None:
-                fm = config.distill.feature_weight > 0
-                teacher_out = task.teacher_targets(teacher, teacher_loss, batch["image"], fm)
-                if fm:
-                    outputs, teacher_out["student_features"] = model(batch["image"], return_features=True)
-                else:
-                    outputs = model(batch["image"])
-            else:
-                outputs = model(batch["image"])
-            loss = task.loss(outputs, batch, teacher_out)
-            if not torch.isfinite(loss):
-                raise TrainingError("nan_loss", f"the training loss became {float(loss.detach())} at epoch {epoch + 1}, "
-                                    f"batch {step + 1}; lower optim.lr or check the data")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            reporter.progress(step + 1, steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}")
-        t1 = time.perf_counter()
-        train_s += t1 - t0
-
-        model.eval()
-        metrics = task.evaluate(model, val_loader, device)
-        approx = _approximating(model)
-        if approx:  # the same network with the smooth approximation instead of sign
-            for q in approx:
-                q.train()
-            metrics[f"{task.metric}_approx"] = task.evaluate(model, val_loader, device)[task.metric]
-            for q in approx:
-                q.eval()
-        t2 = time.perf_counter()
-        eval_s += t2 - t1
-        ratios = flips.update()
-        clips = clip_fractions(model)
-        metrics.update({
-            "train_loss": sum(losses) / max(len(losses), 1),
-            "lr": config.optim.lr_at(epoch),
-            "lambda": lam.current,
-            **{f"lambda/{g}": v for g, v in lam.per_group.items()},
-            "flip_ratio": sum(ratios.values()) / len(ratios) if ratios else 0.0,
-            "clip_fraction": sum(clips.values()) / len(clips) if clips else 0.0,
-            "epoch_time": t2 - t0,
-        })
-        value = metrics[task.metric]
-        reported = {k: float(v) for k, v in metrics.items() if k != "per_joint"}
-        history.append((epoch + 1, reported))
-        improved = value > best
-        if improved:
-            best, best_epoch = value, epoch + 1
-        payload = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-            "epoch": epoch + 1, "best": best, "best_epoch": best_epoch, "config": config_data,
-            "model_config": to_dict(model_cfg), "metrics": metrics, "history": history,
-        }
-        save_checkpoint(last_path, payload)
-        if improved:
-            save_checkpoint(best_path, payload)
-        epochs_done = epoch + 1
+    for epoch in range(run.start_epoch, config.epochs):
+        losses, started = run.train_epoch(epoch)
+        reported = run.evaluate(epoch, losses, started)
+        run.checkpoint(epoch)
         reporter.report(epoch + 1, reported)
         if epoch + 1 < config.epochs and reporter.should_stop():
             status = "stopped"
             break
+    return run.result(status)
 
-    if not metrics:  # resumed a run that had already finished: its last metrics are in the checkpoint
-        assert state is not None
-        metrics = dict(state["metrics"])
-    predictions = None
-    if status == "completed" and hasattr(task, "render_predictions"):
+
+class _Run:
+    """The state of one training run, in the steps ``run_variant`` takes: set up (device, data,
+    model, teacher, optimizer), restore from the last checkpoint, train an epoch, evaluate it,
+    checkpoint it, and the result."""
+
+    def __init__(self, config: TrainConfig, reporter: Reporter) -> None:
+        self.t_start = time.perf_counter()
+        self.config, self.reporter = config, reporter
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        # per run, never left over from the previous task of a reused worker process
+        if config.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
+        torch.use_deterministic_algorithms(config.deterministic)
+        torch.backends.cudnn.benchmark = False
+        self.device = _device(config)
+        self.task = make_task(config)
+        self.model_cfg = self._model_config()
+        torch.manual_seed(config.seed)
+        self.model = build_model(self.model_cfg)
+        if config.init_from:
+            init_from_checkpoint(self.model, config.init_from)
+        self.model.to(self.device)
+        self.teacher, self.teacher_loss = self._teacher()
+        self.optimizer = _optimizer(self.model, config)
+        ckpt_dir = Path(reporter.checkpoint_dir)
+        self.ckpt_dir, self.last_path, self.best_path = ckpt_dir, ckpt_dir / LAST, ckpt_dir / BEST
+        self.config_data = to_dict(config)
+        self.start_epoch, self.best, self.best_epoch = 0, -math.inf, 0
+        self.history: list[tuple[int, dict[str, float]]] = []  # every finished epoch's reported metrics
+        self.state: dict[str, Any] | None = None
+        self.metrics: dict[str, Any] = {}
+        self.train_s = self.eval_s = 0.0
+        self.epochs_done = 0
+
+    def _model_config(self):
+        model_cfg, task = self.config.model, self.task
+        if model_cfg.num_outputs is None:
+            model_cfg = dataclasses.replace(model_cfg, num_outputs=task.num_outputs)
+        elif model_cfg.num_outputs != task.num_outputs:
+            raise ConfigError("model.num_outputs", f"is {model_cfg.num_outputs} but the dataset has {task.num_outputs}")
+        model_cfg = model_cfg.resolved()
+        if model_cfg.input_size != self.config.data.input_size:
+            model_cfg = dataclasses.replace(model_cfg, input_size=self.config.data.input_size)
+        return model_cfg
+
+    def _teacher(self):
+        if not self.config.distill.teacher:
+            return None, None
+        teacher, _, tdata = model_from_checkpoint(self.config.distill.teacher)
+        teacher.to(self.device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher, tdata["config"]["loss"]
+
+    # -- restore ----------------------------------------------------------------------------------
+    def restore(self) -> None:
+        """Continue from ``last.pt`` when there is one (same config only), and set up the schedules."""
+        if self.last_path.exists():
+            state = load_checkpoint(self.last_path)
+            if comparable(state["config"]) != comparable(self.config_data):
+                raise TrainingError("checkpoint_mismatch", f"{self.last_path} was written by a different "
+                                    "configuration; use another checkpoint folder or delete it to start over")
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+            self.start_epoch, self.best, self.best_epoch = state["epoch"], state["best"], state["best_epoch"]
+            # older checkpoints kept only the last epoch's metrics
+            self.history = [(int(e), dict(m)) for e, m in state.get("history") or
+                            [(state["epoch"], {k: v for k, v in state["metrics"].items() if k != "per_joint"})]]
+            # the driver may have died before it recorded what this run had reported: say it again
+            self.reporter.restored(self.history)
+            self.state = state
+        self.epochs_done = self.start_epoch
+        config = self.config
+        self.steps_per_epoch = len(_loader(self.task.train_set, config, True))
+        if config.max_batches:
+            self.steps_per_epoch = min(self.steps_per_epoch, config.max_batches)
+        schedule = config.lambda_schedule
+        # the schedules span the whole budget (both stages of a two-stage row); the last epoch (or
+        # step) of the budget runs at lambda_end
+        span = config.schedule_epochs or (config.schedule_offset + config.epochs)
+        last = span - 1 if schedule.unit == "epoch" else span * self.steps_per_epoch - 1
+        self.lam = LambdaScheduler(self.model, schedule, max(last, 1), config.lambda_groups)
+        self.flips = FlipTracker(self.model)
+        self.val_loader = _loader(self.task.val_set, config, False)
+
+    # -- one epoch --------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> tuple[list[float], float]:
+        """One epoch of training (lr and lambda of this epoch); its losses and when it started."""
+        config, model, offset = self.config, self.model, self.config.schedule_offset
+        t0 = time.perf_counter()
+        for group in self.optimizer.param_groups:
+            group["lr"] = config.optim.lr_at(epoch)
+        self.task.train_set.set_epoch(epoch)
+        per_step = config.lambda_schedule.unit == "step"
+        if not per_step:
+            self.lam.step(offset + epoch)
+        model.train()
+        losses = []
+        for step, batch in enumerate(_loader(self.task.train_set, config, True, epoch)):
+            if step >= self.steps_per_epoch:
+                break
+            if per_step:
+                self.lam.step((offset + epoch) * self.steps_per_epoch + step)
+            loss = self._loss(_move(batch, self.device))
+            if not torch.isfinite(loss):
+                raise TrainingError("nan_loss", f"the training loss became {float(loss.detach())} at epoch {epoch + 1}, "
+                                    f"batch {step + 1}; lower optim.lr or check the data")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            losses.append(float(loss.detach()))
+            self.reporter.progress(step + 1, self.steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}")
+        self.train_s += time.perf_counter() - t0
+        return losses, t0
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        """The batch's loss, against the ground truth and, with distillation, the teacher's outputs."""
+        teacher_out = None
+        if self.teacher is not None:
+            fm = self.config.distill.feature_weight > 0
+            teacher_out = self.task.teacher_targets(self.teacher, self.teacher_loss, batch["image"], fm)
+            if fm:
+                outputs, teacher_out["student_features"] = self.model(batch["image"], return_features=True)
+            else:
+                outputs = self.model(batch["image"])
+        else:
+            outputs = self.model(batch["image"])
+        return self.task.loss(outputs, batch, teacher_out)
+
+    def evaluate(self, epoch: int, losses: list[float], started: float) -> dict[str, float]:
+        """Validation metrics (and the smooth approximation's twin) plus the epoch's diagnostics;
+        returns what is reported (everything but the per-joint table)."""
+        model, task, config = self.model, self.task, self.config
+        t1 = time.perf_counter()
         model.eval()
-        predictions = task.render_predictions(model, ckpt_dir / "predictions.png", device)
-    acc = account(model, config.data.input_size, model_cfg.in_channels)
-    best_metrics, best_epochs = best_over_epochs(history)
-    return TrainResult(
-        status=status,
-        epochs_done=epochs_done,
-        metric=task.metric,
-        metrics={k: float(v) for k, v in metrics.items() if k != "per_joint"},
-        per_joint=dict(metrics.get("per_joint", {})),
-        best_metric=float(best),
-        best_epoch=best_epoch,
-        accounting={"params": acc.params, "binary_params": acc.binary_params, "real_params": acc.real_params,
-                    "trained_params": acc.trained_params, "bops": acc.bops, "flops": acc.flops,
-                    "deployed_bytes": acc.deployed_bytes, "trained_bytes": acc.trained_bytes},
-        last_checkpoint=str(last_path),
-        best_checkpoint=str(best_path),
-        timings={"train_s": train_s, "eval_s": eval_s, "total_s": time.perf_counter() - t_start},
-        predictions_image=str(predictions) if predictions else None,
-        environment=environment(device, config.deterministic),
-        best_metrics=best_metrics,
-        best_epochs=best_epochs,
-    )
+        metrics = task.evaluate(model, self.val_loader, self.device)
+        approx = _approximating(model)
+        if approx:  # the same network with the smooth approximation instead of sign
+            for q in approx:
+                q.train()
+            metrics[f"{task.metric}_approx"] = task.evaluate(model, self.val_loader, self.device)[task.metric]
+            for q in approx:
+                q.eval()
+        t2 = time.perf_counter()
+        self.eval_s += t2 - t1
+        ratios = self.flips.update()
+        clips = clip_fractions(model)
+        metrics.update({
+            "train_loss": sum(losses) / max(len(losses), 1),
+            "lr": config.optim.lr_at(epoch),
+            "lambda": self.lam.current,
+            **{f"lambda/{g}": v for g, v in self.lam.per_group.items()},
+            "flip_ratio": sum(ratios.values()) / len(ratios) if ratios else 0.0,
+            "clip_fraction": sum(clips.values()) / len(clips) if clips else 0.0,
+            "epoch_time": t2 - started,
+        })
+        self.metrics = metrics
+        reported = {k: float(v) for k, v in metrics.items() if k != "per_joint"}
+        self.history.append((epoch + 1, reported))
+        return reported
+
+    def checkpoint(self, epoch: int) -> None:
+        """``last.pt`` after every epoch, ``best.pt`` when the validation metric improved."""
+        value = self.metrics[self.task.metric]
+        improved = value > self.best
+        if improved:
+            self.best, self.best_epoch = value, epoch + 1
+        payload = {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
+            "epoch": epoch + 1, "best": self.best, "best_epoch": self.best_epoch, "config": self.config_data,
+            "model_config": to_dict(self.model_cfg), "metrics": self.metrics, "history": self.history,
+        }
+        save_checkpoint(self.last_path, payload)
+        if improved:
+            save_checkpoint(self.best_path, payload)
+        self.epochs_done = epoch + 1
+
+    # -- the result -------------------------------------------------------------------------------
+    def result(self, status: str) -> TrainResult:
+        metrics = self.metrics
+        if not metrics:  # resumed a run that had already finished: its last metrics are in the checkpoint
+            assert self.state is not None
+            metrics = dict(self.state["metrics"])
+        predictions = None
+        if status == "completed" and hasattr(self.task, "render_predictions"):
+            self.model.eval()
+            predictions = self.task.render_predictions(self.model, self.ckpt_dir / "predictions.png", self.device)
+        acc = account(self.model, self.config.data.input_size, self.model_cfg.in_channels)
+        best_metrics, best_epochs = best_over_epochs(self.history)
+        return TrainResult(
+            status=status,
+            epochs_done=self.epochs_done,
+            metric=self.task.metric,
+            metrics={k: float(v) for k, v in metrics.items() if k != "per_joint"},
+            per_joint=dict(metrics.get("per_joint", {})),
+            best_metric=float(self.best),
+            best_epoch=self.best_epoch,
+            accounting={"params": acc.params, "binary_params": acc.binary_params, "real_params": acc.real_params,
+                        "trained_params": acc.trained_params, "bops": acc.bops, "flops": acc.flops,
+                        "deployed_bytes": acc.deployed_bytes, "trained_bytes": acc.trained_bytes},
+            last_checkpoint=str(self.last_path),
+            best_checkpoint=str(self.best_path),
+            timings={"train_s": self.train_s, "eval_s": self.eval_s, "total_s": time.perf_counter() - self.t_start},
+            predictions_image=str(predictions) if predictions else None,
+            environment=environment(self.device, self.config.deterministic),
+            best_metrics=best_metrics,
+            best_epochs=best_epochs,
+        )
