@@ -337,3 +337,15 @@ def test_failed_trials_keep_their_reason(workdir):
         assert "lambda_end" in t.user_attrs["fail_reason"] and "must be >= lambda_start" in t.user_attrs["fail_reason"]
     shown = runner.invoke(app, ["tune", "show", "fails"])
     assert shown.exit_code == 0 and shown.output.count("FAIL") == 3 and "invalid combination" in shown.output
+
+
+def test_tune_run_trials_option_sets_the_budget_from_the_command_line(workdir):
+    f = _spec(workdir, name="few", epochs=1, trials=5, parallel=1)
+    bad = runner.invoke(app, ["tune", "run", str(f), "--trials", "0", "--no-track"])
+    assert bad.exit_code == 1 and "--trials: expected an integer in [1, 100000], got 0" in bad.output
+    assert not (workdir / ".bnnctl" / "state.db").exists()
+    ok = runner.invoke(app, ["tune", "run", str(f), "--trials", "1", "--no-track", "--cpus", "2"])
+    assert ok.exit_code == 0, ok.output
+    text = " ".join(ok.output.split())  # the console may wrap long lines
+    assert "1 trials requested" in text and "[1 done in this run: 0 pruned, 0 failed]" in text, text
+    assert [t.state.name for t in _optuna(workdir, "few/base").trials] == ["COMPLETE"]

@@ -230,3 +230,15 @@ def test_a_moved_project_folder_keeps_its_results_and_images(workdir, monkeypatc
 
     image = resolve(RunStorage(), store.variant(key).result["predictions_image"])
     assert image is not None and image.is_relative_to(moved) and image.exists()
+
+
+def test_study_rerun_through_the_cli_retries_what_a_plain_run_skips(workdir):
+    f = _spec(workdir)
+    assert run_study(f, options=_opts(only=("exploding",))).counts == {"failed": 2}  # NaN loss: its config
+    plain = runner.invoke(app, ["study", "run", str(f), "--only", "exploding", "--no-track", "--cpus", "2"])
+    assert plain.exit_code == 1 and "skipped 2 failed variant(s)" in plain.output and "study rerun" in plain.output
+    key = next(m.variant_key for m in Store().members(Store().study("flow").id) if m.row == "exploding")
+    assert [a.status for a in Store().attempts(key)] == ["failed"]  # nothing was started
+    again = runner.invoke(app, ["study", "rerun", str(f), "--only", "exploding", "--no-track", "--cpus", "2"])
+    assert again.exit_code == 1 and "2 trained or resumed in this run" in again.output, again.output
+    assert [a.status for a in Store().attempts(key)] == ["failed", "failed"]

@@ -67,11 +67,15 @@ def run(
 
     from bnnctl.orchestrator.tunespec import load_tune_spec
 
-    spec = load_tune_spec(file)  # a bad spec is refused before anything is shown or started
-    requested = (trials or spec.trials) * len(spec.arms)
+    from bnnctl.orchestrator.tuning import with_trials
+
+    spec = load_tune_spec(file)  # a bad spec (or --trials) is refused before anything is shown or started
+    if trials is not None:
+        spec = with_trials(spec, trials)
+    requested = spec.trials * len(spec.arms)
     out = console()
     counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
-    out.print(f"tuning {spec.name}: {requested} trials requested ({len(spec.arms)} arm(s) x {trials or spec.trials}); "
+    out.print(f"tuning {spec.name}: {requested} trials requested ({len(spec.arms)} arm(s) x {spec.trials}); "
               "finished trials of an earlier run count", highlight=False)
 
     def on_trial(e) -> None:
