@@ -381,15 +381,30 @@ def test_a_running_study_page_refreshes_itself(filled, browser, tmp_path):
     server = Server(f"sqlite:///{copy}", filled["root"] / ".bnnctl" / "runs")
     try:
         browser.get(server.url + "/study/dash")
-        cell = lambda: browser.find_element(By.CSS_SELECTOR, "tr[data-row=prelu] td.value").text  # noqa: E731
-        before = cell()
-        # the running variant's progress: its epochs recorded of its budget
-        progress = browser.find_element(By.CSS_SELECTOR, f"#running tr[data-variant='{key}'] td.epoch").text
+        def cell():
+            from selenium.common.exceptions import StaleElementReferenceException
+
+            try:
+                return browser.find_element(By.CSS_SELECTOR, "tr[data-row=prelu] td.value").text
+            except StaleElementReferenceException:  # the live refresh swapped the page meanwhile
+                return None
+
+        before = _wait(cell)
+        # the running variant's progress: its epochs recorded of its budget (read again if the live
+        # refresh swapped the page meanwhile)
+        from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+        def progress():
+            try:
+                return browser.find_element(By.CSS_SELECTOR, f"#running tr[data-variant='{key}'] td.epoch").text
+            except (StaleElementReferenceException, NoSuchElementException):
+                return None
+
         epochs = writer.variant(key).config["epochs"]
-        assert progress == f"{epochs}/{epochs}"  # every epoch recorded before the result
+        assert _wait(lambda: progress() == f"{epochs}/{epochs}")  # every epoch recorded before the result
         result["metrics"] = {**result["metrics"], "pckh": 99.0}
         writer.finish(key, result)
-        assert _wait(lambda: cell() != before, timeout=20)
+        assert _wait(lambda: cell() not in (None, before), timeout=20)
         other = next(v for v in writer.variants([key]).values())
         assert other.result["metrics"]["pckh"] == 99.0
         assert browser.execute_script("return document.querySelector('main').dataset.refreshed") >= "1"

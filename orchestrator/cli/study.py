@@ -166,14 +166,15 @@ def _run(file, db, tracking_uri, address, cpus, max_parallel, no_track, storage,
 
 
 def _existing_store(db: str | None):
-    """The state database when there is one (read-only), else None: nothing is created to look."""
-    from bnnctl.orchestrator.errors import StoreError
-    from bnnctl.orchestrator.store import Store
+    """The state database, or None when it is a sqlite file not created yet (nothing is created
+    just to look). A server database is opened as `study run` opens it (tables created or migrated
+    when needed); one that cannot be reached is an error, said as such."""
+    from bnnctl.orchestrator.store import Store, default_url
 
-    try:
-        return Store(db, readonly=True)
-    except StoreError:
+    url = db or default_url()
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         return None
+    return Store(url)  # migrates an older schema, as `study list` always did
 
 
 @app.command("plan")
@@ -391,9 +392,8 @@ def list_studies(db: DbOption = None,
 
     from rich.table import Table as RichTable
 
-    from bnnctl.orchestrator.store import Store
 
-    store = Store(db, readonly=True) if _existing_store(db) is not None else None
+    store = _existing_store(db)
     studies = store.studies() if store is not None else []
     listing = []
     for s in studies:
