@@ -188,8 +188,8 @@ def create_app(db: str | None = None, runs_dir: str | Path | None = None, mlflow
     def api_study(name: str):
         return views.study(store, name)
 
-    EXPORTS = {"csv": ("text/csv", "to_csv"), "md": ("text/markdown", "to_markdown"),
-               "tex": ("application/x-tex", "to_latex"), "html": ("text/html", "to_html")}
+    EXPORTS = {"csv": ("text/csv", "csv"), "md": ("text/markdown", "md"), "tex": ("application/x-tex", "latex"),
+               "html": ("text/html", "html")}  # file extension -> (media type, report format)
 
     @app.get("/study/{name}/tables.{ext}")
     def tables_file(name: str, ext: str):
@@ -200,11 +200,8 @@ def create_app(db: str | None = None, runs_dir: str | Path | None = None, mlflow
 
         if ext not in EXPORTS:
             raise NotFound(f"no export {ext!r}; there are: {', '.join(EXPORTS)}")
-        st = views._study(store, name, "study")
-        members = store.members(st.id)
-        tables = report.build_tables(st.spec, members, store.variants(sorted({m.variant_key for m in members})))
-        media, fn = EXPORTS[ext]
-        body = report.to_html(tables, f"{name} — ablation tables") if ext == "html" else getattr(report, fn)(tables)
+        media, fmt = EXPORTS[ext]
+        body = report.export(report.study_tables(store, views._study(store, name, "study")), fmt, name)
         return Response(body, media_type=f"{media}; charset=utf-8",
                         headers={"Content-Disposition": f'attachment; filename="{name}-tables.{ext}"'})
 

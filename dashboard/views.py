@@ -8,7 +8,7 @@ from __future__ import annotations
 import statistics
 from datetime import datetime
 
-from bnnctl.orchestrator.report import ALPHA, build_tables, reported, table_data
+from bnnctl.orchestrator.report import ALPHA, build_tables, reported, sources, table_data
 from bnnctl.orchestrator.tracking import flatten
 from bnnctl.workers.metrics import HEADLINE_METRICS
 
@@ -227,14 +227,16 @@ def variant(store, key: str, study_name: str | None = None, mlflow_url: str | No
             if base is not None and base.variant_key != key:
                 baseline = store.variant(base.variant_key)
     mine_flat = flatten(v.config)
-    sources = []  # what it was initialized from, what it learned from (filled in at execution)
-    for dep in v.deps or ():
-        d = store.variant(dep)
-        role = "initialized from" if d is not None and d.kind == "stage1" else "teacher"
-        sources.append({"role": role, "key": dep, "label": d.label if d else dep, "status": d.status if d else "?"})
-        field = "init_from" if role == "initialized from" else "distill.teacher"
+    found = []  # what it was initialized from, what it learned from (filled in at execution)
+    deps = store.variants(list(v.deps or ()))
+    for role, dep in sources(v, deps):
+        d = deps.get(dep)
+        label = d.label if d else dep
+        found.append({"role": "initialized from" if role == "init" else "teacher", "key": dep, "label": label,
+                      "status": d.status if d else "?"})
+        field = "init_from" if role == "init" else "distill.teacher"
         if mine_flat.get(field) in (None, "None"):
-            mine_flat[field] = f"{'last' if field == 'init_from' else 'best'} checkpoint of {d.label if d else dep} ({dep})"
+            mine_flat[field] = f"{'last' if field == 'init_from' else 'best'} checkpoint of {label} ({dep})"
     diff = []
     if baseline is not None:
         base_flat = flatten(baseline.config)
@@ -266,7 +268,7 @@ def variant(store, key: str, study_name: str | None = None, mlflow_url: str | No
         "mlflow_run": run,
         "mlflow_link": f"{mlflow_url.rstrip('/')}/#/experiments/{experiment}/runs/{run}"
         if run and mlflow_url and experiment is not None else None,
-        "deps": v.deps, "sources": sources, "updated": _iso(v.updated_at),
+        "deps": v.deps, "sources": found, "updated": _iso(v.updated_at),
         "report": report, "reported": reported_value,
     }
 

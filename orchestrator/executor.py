@@ -228,20 +228,22 @@ class _Loop:
                 # a resumed run's earlier epochs: record those a crashed driver never got
                 if msg.epoch in self.store.metric_epochs(msg.key):
                     continue
-                self.store.log_metrics(msg.key, msg.epoch, msg.metrics)
-                if self.runs.get(msg.key):
-                    self.ex.tracker.log_metrics(self.runs[msg.key], msg.epoch, msg.metrics)
+                self.record(msg)
                 self.hooks.judge(v, msg.epoch, msg.metrics)  # the trial's history; no verdict is awaited
             elif isinstance(msg, EpochMetrics):
-                self.store.log_metrics(msg.key, msg.epoch, msg.metrics)
-                if self.runs.get(msg.key):
-                    self.ex.tracker.log_metrics(self.runs[msg.key], msg.epoch, msg.metrics)
+                self.record(msg)
                 stop = bool(self.hooks.judge(v, msg.epoch, msg.metrics))  # tunings record every epoch
                 if self.hooks.prunes:
                     self.backend.decide(msg.key, msg.epoch, stop)
                 self.events.epoch(v, msg.epoch, msg.metrics)
             elif isinstance(msg, Progress):
                 self.events.progress(v, msg.done, msg.total)
+
+    def record(self, msg: EpochMetrics) -> None:
+        """An epoch's metrics into the store, then into the variant's MLflow run."""
+        self.store.log_metrics(msg.key, msg.epoch, msg.metrics)
+        if self.runs.get(msg.key):
+            self.ex.tracker.log_metrics(self.runs[msg.key], msg.epoch, msg.metrics)
 
     def collect(self, out: Finished) -> None:
         key = out.key

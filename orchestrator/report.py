@@ -385,3 +385,35 @@ def to_html(tables: list[Table], title: str) -> str:
     css = (TEMPLATES / "style.css").read_text()
     return jinja_env().get_template("export.html").render(
         title=title, css=css, tables=[table_data(t) for t in tables], alpha=ALPHA)
+
+
+def study_tables(store, study) -> list[Table]:
+    """A stored study's tables: its layout, membership and variants read from ``store``."""
+    members = store.members(study.id)
+    return build_tables(study.spec, members, store.variants(sorted({m.variant_key for m in members})))
+
+
+#: the formats a study's tables export to (the CLI's `study show --format`, the dashboard's downloads,
+#: the study's MLflow run)
+FORMATS = ("md", "csv", "latex", "html", "json")
+
+
+def export(tables: list[Table], fmt: str, study: str) -> str:
+    """``tables`` of ``study`` as one of FORMATS."""
+    if fmt == "html":
+        return to_html(tables, f"{study} — ablation tables")
+    if fmt == "json":
+        import json
+
+        return json.dumps({"study": study, "tables": [table_data(t) for t in tables]}, indent=2, default=str)
+    return {"md": to_markdown, "csv": to_csv, "latex": to_latex}[fmt](tables)
+
+
+def sources(v, variants: dict) -> list[tuple[str | None, str]]:
+    """(role, key) of each variant a stored variant depends on: "init" for the stage 1 it was
+    initialized from, "teacher" for the one it learned from, None for one not in ``variants``."""
+    out = []
+    for key in v.deps or ():
+        d = variants.get(key)
+        out.append((None if d is None else "init" if d.kind == "stage1" else "teacher", key))
+    return out

@@ -13,20 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .report import budget, reported
+from .report import budget, reported, sources
 from .store import Store
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """{"model": {"arch": "hourglass"}} -> {"model.arch": "hourglass"}, values keeping their types
-    (lists as tuples, so that a DataFrame cell is hashable)."""
-    out: dict[str, Any] = {}
-    if isinstance(data, dict):
-        for k, v in data.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    else:
-        out[prefix] = tuple(data) if isinstance(data, list) else data
-    return out
+from .tracking import flatten_values
 
 
 def _variant_record(v, variants: dict) -> dict[str, Any]:
@@ -34,14 +23,14 @@ def _variant_record(v, variants: dict) -> dict[str, Any]:
     out: dict[str, Any] = {
         "variant": v.key, "label": v.label, "kind": v.kind, "status": v.status, "error": v.error,
         "epochs": budget(v.key, variants), "mlflow_run_id": v.mlflow_run_id,
-        "init_from": next((d for d in v.deps or () if variants.get(d) is not None and variants[d].kind == "stage1"), None),
-        "teacher": next((d for d in v.deps or () if variants.get(d) is not None and variants[d].kind != "stage1"), None),
+        "init_from": next((key for role, key in sources(v, variants) if role == "init"), None),
+        "teacher": next((key for role, key in sources(v, variants) if role == "teacher"), None),
     }
     for prefix, values in (("metric", result.get("metrics")), ("best", result.get("best_metrics")),
                            ("accounting", result.get("accounting")), ("env", result.get("environment"))):
         for name, value in (values or {}).items():
             out[f"{prefix}.{name}"] = value
-    for path, value in flatten(v.config).items():
+    for path, value in flatten_values(v.config).items():
         out[f"config.{path}"] = value
     return out
 

@@ -206,13 +206,11 @@ def _run_study(spec: StudySpec, path, store: Store, opts: RunOptions, events, le
 
 def log_tables(tracker, run_id: str, store: Store, study_id: int, spec_file: str) -> None:
     """The study's spec and its tables as they stand (md, csv, html) on its MLflow parent run."""
-    from .report import build_tables, to_csv, to_html, to_markdown
+    from .report import export, study_tables
 
     study = store.study(study_id)
-    members = store.members(study_id)
-    tables = build_tables(study.spec, members, store.variants([m.variant_key for m in members]))
-    tracker.study_files(run_id, spec_file, {"tables.md": to_markdown(tables), "tables.csv": to_csv(tables),
-                                            "tables.html": to_html(tables, f"{study.name} — ablation tables")})
+    tables = study_tables(store, study)
+    tracker.study_files(run_id, spec_file, {f"tables.{fmt}": export(tables, fmt, study.name) for fmt in ("md", "csv", "html")})
 
 
 def cancel_study(name: str, db: str | None = None) -> bool:

@@ -41,15 +41,21 @@ def ui_hint(uri: str | None) -> str:
     return f"mlflow ui --backend-store-uri {mask_url(uri)}"
 
 
-def flatten(data: Any, prefix: str = "") -> dict[str, str]:
-    """{"model": {"arch": "hourglass"}} -> {"model.arch": "hourglass"} (lists as JSON)."""
-    out: dict[str, str] = {}
+def flatten_values(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"arch": "hourglass"}} -> {"model.arch": "hourglass"}, values keeping their types
+    (lists as tuples, so that a DataFrame cell is hashable)."""
+    out: dict[str, Any] = {}
     if isinstance(data, dict):
         for k, v in data.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+            out.update(flatten_values(v, f"{prefix}.{k}" if prefix else str(k)))
     else:
-        out[prefix] = json.dumps(data) if isinstance(data, (list, tuple)) else str(data)
+        out[prefix] = tuple(data) if isinstance(data, list) else data
     return out
+
+
+def flatten(data: Any) -> dict[str, str]:
+    """The same as text, as MLflow params and the pages show it (lists as JSON)."""
+    return {k: json.dumps(v) if isinstance(v, tuple) else str(v) for k, v in flatten_values(data).items()}
 
 
 def metric_name(name: str) -> str:

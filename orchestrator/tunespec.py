@@ -322,7 +322,7 @@ class _TuneParser(_Parser):
                 if p.type == "float" and p.step is None:
                     raise self.fail(f"search.{p.path}", "the grid sampler needs categorical choices or a `step` "
                                     "for float ranges")
-            size = math.prod(len(p.grid()) for p in params)
+            size = grid_size(params)
             if trials > size:
                 raise self.fail("trials", f"{trials} trials exceed the grid's {size} points")
         for key in ("startup_trials", "warmup_epochs", "min_epochs"):
@@ -338,6 +338,11 @@ class _TuneParser(_Parser):
         rf = pruner.get("reduction_factor")
         if rf is not None and (not isinstance(rf, int) or rf < 2):
             raise self.fail("pruner.reduction_factor", "expected an integer >= 2")
+
+
+def grid_size(params: tuple[Param, ...]) -> int:
+    """Points of the grid sampler's grid: the product of the parameters' grid sizes."""
+    return math.prod(len(p.grid()) for p in params)
 
 
 def load_tune_spec(path: str | Path) -> TuneSpec:

@@ -354,16 +354,12 @@ def check_compatible(spec: TuneSpec, storage) -> None:
 
 def with_trials(spec: TuneSpec, trials: int) -> TuneSpec:
     """``spec`` with another number of trials per arm (``tune run --trials``), checked as the spec's."""
-    from .tunespec import MAX_TRIALS
+    from .tunespec import MAX_TRIALS, grid_size
 
     if not 1 <= trials <= MAX_TRIALS:
         raise ConfigError("--trials", f"expected an integer in [1, {MAX_TRIALS}], got {trials}")
-    if spec.sampler.name == "grid":
-        size = 1
-        for p in spec.params:
-            size *= len(p.grid())
-        if trials > size:
-            raise ConfigError("--trials", f"{trials} trials exceed the grid's {size} points")
+    if spec.sampler.name == "grid" and trials > (size := grid_size(spec.params)):
+        raise ConfigError("--trials", f"{trials} trials exceed the grid's {size} points")
     return dataclasses.replace(spec, trials=trials)
 
 

@@ -115,9 +115,13 @@ def _check_events(text: str, file: str) -> None:
             elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
                 depth -= 1
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise SpecError(file, "", f"not valid YAML: {getattr(err, 'problem', None) or err}",
-                        mark.line + 1 if mark else None) from None
+        raise _invalid(err, file) from None
+
+
+def _invalid(err: yaml.YAMLError, file: str) -> SpecError:
+    """PyYAML's error as ours: "not valid YAML", with its line."""
+    mark = getattr(err, "problem_mark", None)
+    return SpecError(file, "", f"not valid YAML: {getattr(err, 'problem', None) or err}", mark.line + 1 if mark else None)
 
 
 class _Builder:
@@ -186,9 +190,7 @@ def read_yaml(path: str | Path, what: str = "study spec") -> tuple[Any, dict[str
     try:
         node = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise SpecError(str(path), "", f"not valid YAML: {getattr(err, 'problem', None) or err}",
-                        mark.line + 1 if mark else None) from None
+        raise _invalid(err, str(path)) from None
     if node is None:
         return None, {}
     builder = _Builder(str(path))

@@ -3,7 +3,6 @@ per running variant, and one line per finished variant that stays; piped to a fi
 per event (started, resumed, each epoch, finished, waiting, retrying) with the time."""
 from __future__ import annotations
 
-import sys
 import time
 from datetime import datetime
 
@@ -106,6 +105,3 @@ class StudyProgress:
         self.line(f"waiting  {v.label}: no worker with {v.resources.cpus:g} CPUs / {v.resources.gpus:g} GPUs free for "
                   f"{seconds:.0f} s (the cluster may be busy or scaling up)")
 
-
-def is_terminal() -> bool:
-    return sys.stdout.isatty()

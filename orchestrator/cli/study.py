@@ -47,13 +47,11 @@ def _load(ref: str, db: str | None):
 
 
 def _tables(store, study):
-    from bnnctl.orchestrator.report import build_tables
+    from bnnctl.orchestrator.report import study_tables
 
     if study.spec.get("kind") == "tuning":
         raise fail(f"{study.name!r} is a tuning, not a study; see it with: bnnctl tune show {study.name}")
-    members = store.members(study.id)
-    variants = store.variants([m.variant_key for m in members])
-    return build_tables(study.spec, members, variants)
+    return study_tables(store, study)
 
 
 def print_tables(tables, out) -> None:
@@ -285,29 +283,17 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="The tables as JSON (= --format json).")] = False,
 ) -> None:
     """Print a study's ablation tables (or export them as Markdown, CSV, LaTeX, standalone HTML or JSON)."""
-    import json
-
-    from bnnctl.orchestrator.report import table_data, to_csv, to_latex, to_markdown
+    from bnnctl.orchestrator.report import FORMATS, export
 
     if as_json:
         fmt = "json"
 
     store, s = _load(study, db)
     tables = _tables(store, s)
-
-    def to_html(ts):
-        from bnnctl.orchestrator.report import to_html as render
-
-        return render(ts, f"{s.name} — ablation tables")
-
-    def to_json(ts):
-        return json.dumps({"study": s.name, "tables": [table_data(t) for t in ts]}, indent=2, default=str)
-
-    exporters = {"md": to_markdown, "csv": to_csv, "latex": to_latex, "html": to_html, "json": to_json}
     if fmt == "table":
         print_tables(tables, console())
-    elif fmt in exporters:
-        typer.echo(exporters[fmt](tables))
+    elif fmt in FORMATS:
+        typer.echo(export(tables, fmt, s.name))
     else:
         raise fail(f"--format: unknown format {fmt!r}; allowed: table, md, csv, latex, html, json")
 
@@ -366,14 +352,10 @@ def _job_line(study) -> str:
 
 def provenance(v, variants: dict) -> str:
     """'init: <stage-1 label>; teacher: <label>' of a variant (what it started from, learned from)."""
-    parts = []
-    for dep in v.deps or ():
-        d = variants.get(dep)
-        if d is None:
-            parts.append(f"depends on {dep[:8]}")
-        else:
-            parts.append(f"{'init' if d.kind == 'stage1' else 'teacher'}: {d.label} ({dep[:8]})")
-    return "; ".join(parts)
+    from bnnctl.orchestrator.report import sources
+
+    return "; ".join(f"depends on {key[:8]}" if role is None else f"{role}: {variants[key].label} ({key[:8]})"
+                     for role, key in sources(v, variants))
 
 
 def node_label(attempt) -> str:
