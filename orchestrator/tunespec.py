@@ -77,6 +77,14 @@ class Param:
             return d.IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
         return d.FloatDistribution(float(self.low), float(self.high), log=self.log, step=self.step)
 
+    def suggest(self, trial) -> Any:
+        """Sample this value on an Optuna trial (its public suggest API, as ``ask`` does)."""
+        if self.type == "categorical":
+            return trial.suggest_categorical(self.path, list(self.choices))
+        if self.type == "int":
+            return trial.suggest_int(self.path, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.path, float(self.low), float(self.high), step=self.step, log=self.log)
+
     def grid(self) -> list:
         """The values a grid search visits (categorical choices or stepped ranges)."""
         if self.type == "categorical":

@@ -210,10 +210,16 @@ class _Driver(Hooks):
 
     def _variant(self, arm: Arm, trial) -> Variant | None:
         params = dict(trial.params)
-        missing = [p.path for p in self.spec.params if p.path not in params]
-        if missing:
-            self._fail(arm, trial, f"interrupted before its values were sampled ({', '.join(missing)})")
-            return None
+        missing = [p for p in self.spec.params if p.path not in params]
+        if missing:  # its driver was killed between creating the trial and sampling it: sample the rest now
+            try:
+                for p in missing:
+                    p.suggest(trial)
+            except Exception as err:  # noqa: BLE001 - a sampler that cannot continue such a trial
+                self._fail(arm, trial, f"interrupted before its values were sampled "
+                           f"({', '.join(p.path for p in missing)}; {type(err).__name__})")
+                return None
+            params = dict(trial.params)
         try:
             cfg = trial_config(arm, params, self.spec.seed)
         except ConfigError as err:

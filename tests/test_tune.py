@@ -349,3 +349,17 @@ def test_tune_run_trials_option_sets_the_budget_from_the_command_line(workdir):
     text = " ".join(ok.output.split())  # the console may wrap long lines
     assert "1 trials requested" in text and "[1 done in this run: 0 pruned, 0 failed]" in text, text
     assert [t.state.name for t in _optuna(workdir, "few/base").trials] == ["COMPLETE"]
+
+
+def test_a_trial_its_driver_left_unsampled_is_sampled_and_trained_not_failed(workdir):
+    """A driver killed between creating a trial and sampling its values (inside Optuna's ask)."""
+    f = _spec(workdir, name="half", epochs=1, trials=1, parallel=1)
+    assert run_tuning(f, cpus=2, track=False).finished == {"base": 1}
+    orphan = _optuna(workdir, "half/base").ask()  # RUNNING, no values: what the kill leaves
+    assert orphan.params == {}
+    f.write_text(f.read_text().replace("trials: 1", "trials: 2"))
+    out = run_tuning(f, cpus=2, track=False)
+    assert out.status == "completed" and out.finished == {"base": 2} and out.trained == 1
+    trials = _optuna(workdir, "half/base").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert set(trials[1].params) == {"lambda_schedule.lambda_start", "lambda_schedule.lambda_end"}
