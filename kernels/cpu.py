@@ -27,7 +27,8 @@ from torch import Tensor
 from .packing import words_for
 
 SOURCE = Path(__file__).with_name("xnor_cpu.c")
-FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c99")
+#: -ffp-contract=off: no fused multiply-adds where the float emulation rounds twice (bit-exact epilogues)
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c99", "-ffp-contract=off")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
@@ -70,6 +71,8 @@ def _build() -> ctypes.CDLL:
     lib.bnn_pack_weight.restype = None
     lib.bnn_xnor_conv_nchw.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int]
     lib.bnn_xnor_conv_nchw.restype = ctypes.c_int
+    lib.bnn_fused_conv.argtypes = [ptr] * 6 + [ctypes.POINTER(Epilogue), ptr, ctypes.c_int, ctypes.c_int]
+    lib.bnn_fused_conv.restype = ctypes.c_int
     for f in (lib.bnn_has_avx512, lib.bnn_has_openmp, lib.bnn_out_block, lib.bnn_pixel_block):
         f.argtypes = []
         f.restype = ctypes.c_int
@@ -108,6 +111,16 @@ def vector_popcount() -> bool:
 def multithreaded() -> bool:
     """Whether the compiled kernel shares its work among torch.get_num_threads() threads (OpenMP)."""
     return bool(library().bnn_has_openmp())
+
+
+class Epilogue(ctypes.Structure):
+    """``epilogue`` in xnor_cpu.c: what is done with each output value (see there)."""
+
+    _fields_ = [("alpha", ctypes.c_void_p), ("slope", ctypes.c_void_p), ("act", ctypes.c_int64),
+                ("y", ctypes.c_void_p), ("y_stride", ctypes.c_int64), ("res", ctypes.c_void_p),
+                ("gate", ctypes.c_void_p), ("packed", ctypes.c_void_p), ("p_hp", ctypes.c_int64),
+                ("p_cw", ctypes.c_int64), ("p_wp", ctypes.c_int64), ("p_pad", ctypes.c_int64),
+                ("pthresh", ctypes.c_void_p), ("pflip", ctypes.c_void_p)]
 
 
 #: MAX_TAPS and PX in xnor_cpu.c.
@@ -157,6 +170,11 @@ def check_operands(x: Tensor, w_shape: tuple[int, ...], alpha: Tensor | None, st
     return oh, ow
 
 
+def row_words(width: int, padding: int, out_width: int, stride: int, kw: int) -> int:
+    """Words per row of the kernel's padded input layout (room for whole pixel vectors)."""
+    return max(width + 2 * padding, -(-out_width // PIXEL_BLOCK) * PIXEL_BLOCK * stride + kw + 16)
+
+
 def xnor_conv2d(x: Tensor, w: Tensor | PackedWeight, alpha: Tensor | None = None, stride: int = 1,
                 padding: int = 0, portable: bool = False) -> Tensor:
     """F.conv2d(sign(x), sign(w), stride=stride, padding=padding) * alpha, bit-exact, on the CPU.
@@ -174,7 +192,7 @@ def xnor_conv2d(x: Tensor, w: Tensor | PackedWeight, alpha: Tensor | None = None
         raise ValueError("the CPU kernel takes a float32 input on the CPU")
     n, c, h, wd = x.shape
     o, _, kh, kw = packed.shape
-    width = max(wd + 2 * padding, -(-ow // PIXEL_BLOCK) * PIXEL_BLOCK * stride + kw + 16)
+    width = row_words(wd, padding, ow, stride, kw)
     a = None if alpha is None else alpha.detach().to(torch.float32).contiguous().cpu()
     x = x.detach().contiguous()
     y = torch.empty((n, o, oh, ow), dtype=torch.float32)
@@ -185,3 +203,115 @@ def xnor_conv2d(x: Tensor, w: Tensor | PackedWeight, alpha: Tensor | None = None
     if status != 0:
         raise MemoryError("the CPU XNOR kernel could not allocate its scratch memory")
     return y
+
+
+# --------------------------------------------------------------------------- fused inference
+
+ACT_NONE, ACT_RELU, ACT_SLOPE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Per-channel sign decision of a binary layer's input: bit = x >= value, or x <= value where
+    ``flip`` (a BatchNorm with a negative scale); float32 and uint8 tensors of the channel count."""
+
+    value: Tensor
+    flip: Tensor
+
+
+@dataclass(frozen=True)
+class PackedInput:
+    """A binary convolution's input already packed in the kernel's layout (N, H + 2 pad, CW, WP),
+    written by the previous convolution's epilogue; ``shape`` is the (N, C, H, W) it stands for."""
+
+    words: Tensor
+    shape: tuple[int, int, int, int]
+    padding: int
+    row_words: int
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def output_size(size: int, k: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - k) // stride + 1
+
+
+class ConvPlan:
+    """One binary convolution prepared for repeated fused calls on inputs of one shape: the
+    geometry and the per-channel parts (input thresholds, alpha, activation) are fixed here, the
+    buffers are given per call (see :meth:`run`). The kernel does everything around the convolution
+    in its pass over the output (see ``epilogue`` in xnor_cpu.c); results equal the float
+    emulation's, operation by operation.
+
+    Args:
+        shape: the input's (N, C, H, W).
+        w: the packed weight; stride, padding: as F.conv2d.
+        thresholds: the input bit of channel c is ``x >= t[c]`` (``<=`` where flipped); None: x >= 0.
+        alpha: (O,) per-output-channel scale or None; act: ACT_NONE, ACT_RELU or ACT_SLOPE with
+            ``slope`` (O,): v > 0 ? v : slope[o] * v.
+    """
+
+    def __init__(self, shape: tuple[int, int, int, int], w: PackedWeight, stride: int, padding: int, *,
+                 thresholds: Thresholds | None = None, alpha: Tensor | None = None, act: int = ACT_NONE,
+                 slope: Tensor | None = None) -> None:
+        n, c, h, wd = shape
+        oh, ow = check_operands(torch.empty((1, c, h, wd), device="meta"), w.shape, alpha, stride, padding)
+        o, _, kh, kw = w.shape
+        if act == ACT_SLOPE and (slope is None or slope.numel() != o):
+            raise ValueError(f"the activation needs {o} slopes")
+        self.shape, self.out_shape = tuple(shape), (n, o, oh, ow)
+        self.weight, self.stride, self.padding = w, stride, padding
+        self.row_words = row_words(wd, padding, ow, stride, kw)
+        self.thresholds = thresholds
+        self._keep = (alpha, slope)  # the kernel reads them through pointers
+        self._geometry = array("q", (n, c, h, wd, words_for(c), o, w.words.shape[2], kh, kw, stride, padding,
+                                     self.row_words, oh, ow))
+        self._alpha, self._slope, self._act = _ptr(alpha), _ptr(slope), act
+        self._thresh = None if thresholds is None else thresholds.value.data_ptr()
+        self._flip = None if thresholds is None else thresholds.flip.data_ptr()
+
+    def packed_input(self) -> PackedInput:
+        """A zeroed packed input for this convolution, for the previous one's epilogue to fill."""
+        n, c, h, _ = self.shape
+        words = torch.zeros((n, h + 2 * self.padding, words_for(c), self.row_words), dtype=torch.int64)
+        return PackedInput(words, self.shape, self.padding, self.row_words)
+
+    def run(self, x: Tensor | PackedInput, out: Tensor | None = None, res: Tensor | None = None,
+            gate: Tensor | None = None, packed_out: PackedInput | None = None,
+            out_thresholds: Thresholds | None = None, portable: bool = False) -> None:
+        """Convolve ``x`` (float32 NCHW of the planned shape, or the :meth:`packed_input` the previous
+        epilogue filled). Each output value is optionally written as the next binary conv's input bit
+        into ``packed_out`` (decided by ``out_thresholds``) and optionally stored into ``out`` (a
+        float32 (N, O, OH, OW) view with contiguous channels, e.g. channels of a larger tensor) as
+        v + res * gate[o], ``res`` laid out as ``out``."""
+        if isinstance(x, PackedInput):
+            if x.shape != self.shape or x.row_words != self.row_words or x.padding != self.padding:
+                raise ValueError("the packed input was laid out for another convolution")
+            xp, x_ptr = x.words.data_ptr(), None
+        else:
+            if tuple(x.shape) != self.shape or x.dtype != torch.float32 or x.device.type != "cpu":
+                raise ValueError(f"expected a float32 CPU input of shape {self.shape}, got {x.dtype} {tuple(x.shape)}")
+            x = x.contiguous()
+            xp, x_ptr = None, x.data_ptr()
+        ep = Epilogue(alpha=self._alpha, slope=self._slope, act=self._act, gate=_ptr(gate))
+        _, o, oh, ow = self.out_shape
+        if out is not None:
+            if tuple(out.shape) != self.out_shape or out.stride()[1:] != (oh * ow, ow, 1) or out.dtype != torch.float32:
+                raise ValueError(f"out must be a float32 {self.out_shape} view with contiguous channels")
+            if res is not None and (res.shape != out.shape or res.stride() != out.stride()):
+                raise ValueError("res must have the shape and strides of out")
+            ep.y, ep.y_stride, ep.res = out.data_ptr(), out.stride()[0], _ptr(res)
+        if packed_out is not None:
+            if out_thresholds is None or packed_out.shape != self.out_shape:
+                raise ValueError(f"packed_out must stand for {self.out_shape} and needs thresholds")
+            ep.packed, ep.p_hp, ep.p_cw, ep.p_wp, ep.p_pad = (packed_out.words.data_ptr(), oh + 2 * packed_out.padding,
+                                                              packed_out.words.shape[2], packed_out.row_words,
+                                                              packed_out.padding)
+            ep.pthresh, ep.pflip = out_thresholds.value.data_ptr(), out_thresholds.flip.data_ptr()
+        status = library().bnn_fused_conv(x_ptr, self._thresh, self._flip, xp, self.weight.words.data_ptr(),
+                                          self.weight.popcounts.data_ptr(), ctypes.byref(ep),
+                                          self._geometry.buffer_info()[0], int(portable), torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("the CPU XNOR kernel could not allocate its scratch memory")

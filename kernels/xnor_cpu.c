@@ -53,9 +53,17 @@ int bnn_has_openmp(void)
 #endif
 }
 
-/* x: (N, C, H, W) float32 -> xp: (N, HP, CW, WP), image at (pad, pad), zero words elsewhere. */
+static inline int bit_of(float v, const float *thresh, const uint8_t *flip, int64_t ch)
+{
+    if (!thresh) return v >= 0.0f;
+    return flip[ch] ? v <= thresh[ch] : v >= thresh[ch];
+}
+
+/* x: (N, C, H, W) float32 -> xp: (N, HP, CW, WP), image at (pad, pad), zero words elsewhere.
+ * The bit of channel ch is x >= thresh[ch], or x <= thresh[ch] where flip[ch] (thresh NULL: x >= 0):
+ * a BatchNorm followed by sign, folded into one comparison per channel (see workers/fused.py). */
 void bnn_pack_input(const float *x, int64_t n, int64_t c, int64_t h, int64_t w, int64_t cw,
-                    int64_t pad, int64_t hp, int64_t wp, uint64_t *out)
+                    int64_t pad, int64_t hp, int64_t wp, uint64_t *out, const float *thresh, const uint8_t *flip)
 {
     const int64_t plane = h * w;
 #ifdef _OPENMP
@@ -88,8 +96,10 @@ void bnn_pack_input(const float *x, int64_t n, int64_t c, int64_t h, int64_t w, 
                     const int64_t lo = c0 + 32 * part, hi = lo + 32 < c1 ? lo + 32 : c1;
                     __m512i acc = _mm512_setzero_si512(), bit = _mm512_set1_epi32(1);
                     for (int64_t ch = lo; ch < hi; ++ch, p += plane) {
-                        const __mmask16 m = _mm512_mask_cmp_ps_mask(lanes, _mm512_maskz_loadu_ps(lanes, p),
-                                                                    _mm512_setzero_ps(), _CMP_GE_OQ);
+                        const __m512 v = _mm512_maskz_loadu_ps(lanes, p);
+                        const __mmask16 m = !thresh ? _mm512_mask_cmp_ps_mask(lanes, v, _mm512_setzero_ps(), _CMP_GE_OQ)
+                                          : flip[ch] ? _mm512_mask_cmp_ps_mask(lanes, v, _mm512_set1_ps(thresh[ch]), _CMP_LE_OQ)
+                                                     : _mm512_mask_cmp_ps_mask(lanes, v, _mm512_set1_ps(thresh[ch]), _CMP_GE_OQ);
                         acc = _mm512_mask_or_epi32(acc, m, acc, bit);
                         bit = _mm512_slli_epi32(bit, 1);
                     }
@@ -105,7 +115,7 @@ void bnn_pack_input(const float *x, int64_t n, int64_t c, int64_t h, int64_t w, 
 #else
             memset(dst, 0, (size_t)w * sizeof(uint64_t));
             for (int64_t ch = c0; ch < c1; ++ch, src += plane)
-                for (s = 0; s < w; ++s) dst[s] |= (uint64_t)(src[s] >= 0.0f) << (ch - c0);
+                for (s = 0; s < w; ++s) dst[s] |= (uint64_t)bit_of(src[s], thresh, flip, ch) << (ch - c0);
 #endif
         }
     }
@@ -133,6 +143,48 @@ void bnn_pack_weight(const float *w, int64_t o, int64_t c, int64_t kh, int64_t k
 typedef struct {
     int64_t n, c, h, w, cw, o, op, kh, kw, stride, pad, hp, wp, oh, ow;
 } geom;
+
+/* What happens to each output value v = alpha[o] * (binary dot product), in the order of the float
+ * emulation (BinaryConv2d -> activation -> the block's sum), so results are bit-identical:
+ *   act 0: none; 1: v > 0 ? v : 0 (ReLU); 2: v > 0 ? v : slope[o] * v (LeakyReLU, PReLU);
+ *   packed: the next binary conv's input bit, v >= pthresh[o] (v <= pthresh[o] where pflip[o]), set in
+ *           that conv's packed input (N, p_hp, p_cw, p_wp), image at (p_pad, p_pad), which starts zeroed;
+ *   y: v + res * gate[o] (res NULL: v; gate NULL: v + res) at y + i * y_stride + o * OH * OW, res alike.
+ * The same struct is declared with ctypes in cpu.py. */
+typedef struct {
+    const float *alpha;
+    const float *slope;
+    int64_t act;
+    float *y;
+    int64_t y_stride;
+    const float *res;
+    const float *gate;
+    uint64_t *packed;
+    int64_t p_hp, p_cw, p_wp, p_pad;
+    const float *pthresh;
+    const uint8_t *pflip;
+} epilogue;
+
+static inline float activate(const epilogue *ep, int64_t oc, float v)
+{
+    if (ep->act == 1) return v > 0.0f ? v : 0.0f;
+    if (ep->act == 2) return v > 0.0f ? v : ep->slope[oc] * v;
+    return v;
+}
+
+/* The epilogue of one output value (scalar kernel); v already includes alpha. */
+static inline void emit(const geom *g, const epilogue *ep, int64_t i, int64_t r, int64_t s, int64_t oc, float v)
+{
+    v = activate(ep, oc, v);
+    if (ep->packed && (ep->pflip[oc] ? v <= ep->pthresh[oc] : v >= ep->pthresh[oc]))
+        ep->packed[((i * ep->p_hp + r + ep->p_pad) * ep->p_cw + (oc >> 6)) * ep->p_wp + ep->p_pad + s] |=
+            (uint64_t)1 << (oc & 63);
+    if (ep->y) {
+        const int64_t at = i * ep->y_stride + oc * g->oh * g->ow + r * g->ow + s;
+        if (ep->res) v = v + (ep->gate ? ep->res[at] * ep->gate[oc] : ep->res[at]);
+        ep->y[at] = v;
+    }
+}
 
 static inline int inside(const geom *g, int64_t r, int64_t s, int64_t a, int64_t b)
 {
@@ -263,10 +315,11 @@ counts_avx512(const uint64_t *x, const int64_t *off, const uint64_t *w, int64_t 
     }
 }
 
-/* One block: 8 pixels x 16 output channels. base: OR x PX finishing bases (see `bases`); store: the
- * lanes that are real output pixels. */
+/* One block: 8 pixels (s0 ..) of output row r of sample i x 16 output channels (o0 ..). base: OR x PX
+ * finishing bases (see `bases`); store: the lanes that are real output pixels. */
 static void block_avx512(const geom *g, const uint64_t *x, const int64_t *off, const uint64_t *w,
-                         const float *alpha, float *y, int64_t o0, const float *base, __mmask8 store)
+                         const epilogue *ep, int64_t i, int64_t r, int64_t s0, int64_t o0, const float *base,
+                         __mmask8 store)
 {
     __m512i acc[OR];
     const int64_t steps = g->kh * g->kw * g->cw;
@@ -274,20 +327,42 @@ static void block_avx512(const geom *g, const uint64_t *x, const int64_t *off, c
     if (g->stride == 1) counts_avx512(x, off, w, g->op, steps, 1, acc);
     else if (g->stride == 2) counts_avx512(x, off, w, g->op, steps, 2, acc);
     else counts_avx512(x, off, w, g->op, steps, g->stride, acc);
-    const int64_t ohw = g->oh * g->ow;
-    for (int q = 0; q < OR; ++q) {
-        const int64_t oc = o0 + q < g->o ? o0 + q : g->o - 1; /* padded channels: computed, not stored */
-        const __mmask8 keep = o0 + q < g->o ? store : (__mmask8)0;
+    const int64_t ohw = g->oh * g->ow, pix = r * g->ow + s0;
+    const __m256 zero = _mm256_setzero_ps();
+    __m512i bits = _mm512_setzero_si512();
+    for (int q = 0; q < OR && o0 + q < g->o; ++q) { /* padded channels: computed, not stored */
+        const int64_t oc = o0 + q;
         /* base - 2 count in single precision: integers below 2^24, so exact, as in the emulation */
         __m256 v = _mm256_fnmadd_ps(_mm512_cvtepi64_ps(acc[q]), _mm256_set1_ps(2.0f), _mm256_load_ps(base + q * PX));
-        if (alpha) v = _mm256_mul_ps(v, _mm256_set1_ps(alpha[oc]));
-        _mm256_mask_storeu_ps(y + oc * ohw, keep, v);
+        if (ep->alpha) v = _mm256_mul_ps(v, _mm256_set1_ps(ep->alpha[oc]));
+        if (ep->act == 1) v = _mm256_mask_blend_ps(_mm256_cmp_ps_mask(v, zero, _CMP_GT_OQ), zero, v);
+        else if (ep->act == 2)
+            v = _mm256_mask_blend_ps(_mm256_cmp_ps_mask(v, zero, _CMP_GT_OQ),
+                                     _mm256_mul_ps(v, _mm256_set1_ps(ep->slope[oc])), v);
+        if (ep->packed) {
+            const __m256 t = _mm256_set1_ps(ep->pthresh[oc]);
+            const __mmask8 m = ep->pflip[oc] ? _mm256_cmp_ps_mask(v, t, _CMP_LE_OQ) : _mm256_cmp_ps_mask(v, t, _CMP_GE_OQ);
+            bits = _mm512_mask_or_epi64(bits, m & store, bits, _mm512_set1_epi64((long long)(1ull << (oc & 63))));
+        }
+        if (ep->y) {
+            const int64_t at = i * ep->y_stride + oc * ohw + pix;
+            if (ep->res) {
+                __m256 rv = _mm256_maskz_loadu_ps(store, ep->res + at);
+                if (ep->gate) rv = _mm256_mul_ps(rv, _mm256_set1_ps(ep->gate[oc]));
+                v = _mm256_add_ps(v, rv);
+            }
+            _mm256_mask_storeu_ps(ep->y + at, store, v);
+        }
+    }
+    if (ep->packed) { /* one thread owns the output row: no other block writes these words now */
+        uint64_t *dst = ep->packed + ((i * ep->p_hp + r + ep->p_pad) * ep->p_cw + (o0 >> 6)) * ep->p_wp + ep->p_pad + s0;
+        _mm512_mask_storeu_epi64(dst, store, _mm512_or_si512(_mm512_maskz_loadu_epi64(store, dst), bits));
     }
 }
 #endif
 
 static void block_scalar(const geom *g, const uint64_t *x, const int64_t *off, const uint64_t *w,
-                         const int64_t *wpop, const float *alpha, float *y, int64_t r, int64_t s0, int64_t o0)
+                         const int64_t *wpop, const epilogue *ep, int64_t i, int64_t r, int64_t s0, int64_t o0)
 {
     int64_t acc[OR][PX];
     memset(acc, 0, sizeof(acc));
@@ -297,16 +372,16 @@ static void block_scalar(const geom *g, const uint64_t *x, const int64_t *off, c
         for (int q = 0; q < OR; ++q)
             for (int p = 0; p < PX; ++p) acc[q][p] += __builtin_popcountll(row[p * g->stride] ^ w[q]);
     }
-    const int64_t ohw = g->oh * g->ow;
     for (int q = 0; q < OR && o0 + q < g->o; ++q)
         for (int p = 0; p < PX && s0 + p < g->ow; ++p)
-            y[(o0 + q) * ohw + p] = finish(g, wpop, alpha, o0 + q, r, s0 + p, acc[q][p]);
+            emit(g, ep, i, r, s0 + p, o0 + q, finish(g, wpop, ep->alpha, o0 + q, r, s0 + p, acc[q][p]));
 }
 
-/* y[n, o, oh, ow] = alpha[o] * sum over taps inside the image of (C - 2 popcount(x ^ w)).
- * xp must have WP >= ceil(OW / PX) * PX * stride + KW + 16 words per row. `portable` picks the scalar
- * kernel even where the vector one exists. Returns 0, or -1 when scratch memory cannot be had. */
-int bnn_xnor_conv(const uint64_t *xp, const uint64_t *w, const int64_t *wpop, const float *alpha, float *y,
+/* alpha[o] * sum over taps inside the image of (C - 2 popcount(x ^ w)) for every output (n, o, oh, ow),
+ * handed to the epilogue. xp must have WP >= ceil(OW / PX) * PX * stride + KW + 16 words per row.
+ * `portable` picks the scalar kernel even where the vector one exists. Returns 0, or -1 when scratch
+ * memory cannot be had. */
+int bnn_xnor_conv(const uint64_t *xp, const uint64_t *w, const int64_t *wpop, const epilogue *ep,
                   int64_t n, int64_t c, int64_t h, int64_t wd, int64_t cw, int64_t o, int64_t op, int64_t kh,
                   int64_t kw, int64_t stride, int64_t pad, int64_t hp, int64_t wp, int64_t oh, int64_t ow,
                   int portable)
@@ -342,14 +417,13 @@ int bnn_xnor_conv(const uint64_t *xp, const uint64_t *w, const int64_t *wpop, co
         for (int64_t ir = 0; ir < n * oh; ++ir) {
             const int64_t i = ir / oh, r = ir % oh;
             const uint64_t *xrow = xp + (i * hp + r * stride) * cw * wp;
-            float *yrow = y + i * o * oh * ow + r * ow;
 #if BNN_AVX512
             if (!portable) {
                 if (!ready) continue; /* reported as a failure after the loop */
                 bases_for_row(&g, wpop, r, &bs);
                 for (int64_t o0 = 0; o0 < o; o0 += OR)
                     for (int64_t v = 0; v < nvec; ++v)
-                        block_avx512(&g, xrow + v * PX * stride, off, w + o0, alpha, yrow + v * PX, o0,
+                        block_avx512(&g, xrow + v * PX * stride, off, w + o0, ep, i, r, v * PX, o0,
                                      bs.edge[v] ? bs.base + (v * op + o0) * PX : bs.interior,
                                      v == nvec - 1 ? tail : (__mmask8)0xFF);
                 continue;
@@ -357,7 +431,7 @@ int bnn_xnor_conv(const uint64_t *xp, const uint64_t *w, const int64_t *wpop, co
 #endif
             for (int64_t o0 = 0; o0 < o; o0 += OR)
                 for (int64_t s0 = 0; s0 < ow; s0 += PX)
-                    block_scalar(&g, xrow + s0 * stride, off, w + o0, wpop, alpha, yrow + s0, r, s0, o0);
+                    block_scalar(&g, xrow + s0 * stride, off, w + o0, wpop, ep, i, r, s0, o0);
         }
 #if BNN_AVX512
         bases_free(&bs);
@@ -367,31 +441,45 @@ int bnn_xnor_conv(const uint64_t *xp, const uint64_t *w, const int64_t *wpop, co
     return failed ? -1 : 0;
 }
 
-/* Pack x (N, C, H, W) float32 into a scratch buffer and run the convolution: one call from Python.
+/* One binary convolution from Python in one foreign call.
+ * Input: x (N, C, H, W) float32, packed here with its per-channel thresholds (thresh NULL: x >= 0),
+ * or, when xp is not NULL, an input another call's epilogue packed already (N, H + 2 pad, CW, WP).
  * g: n, c, h, w, cw, o, op, kh, kw, stride, pad, wp, oh, ow (one array keeps the foreign call cheap).
  * threads: how many OpenMP threads to use (ignored without OpenMP). Returns 0, or -1 when scratch
  * memory cannot be allocated. */
-int bnn_xnor_conv_nchw(const float *x, const uint64_t *w, const int64_t *wpop, const float *alpha, float *y,
-                       const int64_t *g, int portable, int threads)
+int bnn_fused_conv(const float *x, const float *thresh, const uint8_t *flip, const uint64_t *xp,
+                   const uint64_t *w, const int64_t *wpop, const epilogue *ep, const int64_t *g, int portable,
+                   int threads)
 {
     const int64_t n = g[0], c = g[1], h = g[2], wd = g[3], cw = g[4], o = g[5], op = g[6], kh = g[7], kw = g[8],
                   stride = g[9], pad = g[10], wp = g[11], oh = g[12], ow = g[13];
     const int64_t hp = h + 2 * pad;
-    const size_t bytes = (size_t)(n * hp * cw * wp) * sizeof(uint64_t);
-    uint64_t *xp = (uint64_t *)aligned_alloc(64, (bytes + 63) / 64 * 64);
-    if (!xp) return -1;
+    uint64_t *scratch = NULL;
+    if (!xp) {
+        const size_t bytes = (size_t)(n * hp * cw * wp) * sizeof(uint64_t);
+        scratch = (uint64_t *)aligned_alloc(64, (bytes + 63) / 64 * 64);
+        if (!scratch) return -1;
+    }
 #ifdef _OPENMP
     const int saved = omp_get_max_threads();
     omp_set_num_threads(threads > 0 ? threads : 1);
 #else
     (void)threads;
 #endif
-    bnn_pack_input(x, n, c, h, wd, cw, pad, hp, wp, xp);
-    const int status = bnn_xnor_conv(xp, w, wpop, alpha, y, n, c, h, wd, cw, o, op, kh, kw, stride, pad, hp, wp,
-                                     oh, ow, portable);
+    if (scratch) bnn_pack_input(x, n, c, h, wd, cw, pad, hp, wp, scratch, thresh, flip);
+    const int status = bnn_xnor_conv(scratch ? scratch : xp, w, wpop, ep, n, c, h, wd, cw, o, op, kh, kw, stride,
+                                     pad, hp, wp, oh, ow, portable);
 #ifdef _OPENMP
     omp_set_num_threads(saved);
 #endif
-    free(xp);
+    free(scratch);
     return status;
+}
+
+/* y = conv(sign(x), sign(w)) * alpha: the plain convolution (kernels.xnor_conv2d). */
+int bnn_xnor_conv_nchw(const float *x, const uint64_t *w, const int64_t *wpop, const float *alpha, float *y,
+                       const int64_t *g, int portable, int threads)
+{
+    const epilogue ep = {alpha, NULL, 0, y, g[5] * g[12] * g[13], NULL, NULL, NULL, 0, 0, 0, 0, NULL, NULL};
+    return bnn_fused_conv(x, NULL, NULL, NULL, w, wpop, &ep, g, portable, threads);
 }

@@ -6,6 +6,7 @@ from bnnctl.orchestrator.cli import app
 from bnnctl.workers.binarize import BinarizeConfig
 from bnnctl.workers.errors import ConfigError, TrainingError
 from bnnctl.workers.export import export_model, load_exported
+from bnnctl.workers.layers import BinaryConv2d
 from bnnctl.workers.models import ModelConfig, build_model
 from bnnctl.workers.reparam import DecompositionConfig
 
@@ -50,8 +51,7 @@ def test_classification_model_round_trip(tmp_path):
         assert torch.equal(load_exported(tmp_path / "r.bnn")(x), expected)
 
 
-def test_exported_model_runs_the_xnor_kernel_with_the_same_outputs(tmp_path, monkeypatch):
-    from bnnctl import kernels
+def test_exported_model_runs_the_fused_kernel_with_the_same_outputs(tmp_path, monkeypatch):
     from bnnctl.kernels import cpu
 
     if not cpu.available():
@@ -63,11 +63,12 @@ def test_exported_model_runs_the_xnor_kernel_with_the_same_outputs(tmp_path, mon
         expected = model(x)[-1]
     export_model(model, cfg, tmp_path / "m.bnn")
     calls = []
-    real = kernels.xnor_conv2d
-    monkeypatch.setattr(kernels, "xnor_conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cpu.ConvPlan.run
+    monkeypatch.setattr(cpu.ConvPlan, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
         assert torch.equal(load_exported(tmp_path / "m.bnn", backend="xnor")(x)[-1], expected)
-        assert calls, "the exported model did not use the XNOR kernel"
+        convs = sum(isinstance(m, BinaryConv2d) for m in model.modules())
+        assert len(calls) == convs == 36, "every binary conv of the exported model runs fused, once"
         assert torch.equal(load_exported(tmp_path / "m.bnn", backend=None)(x)[-1], expected)
     with pytest.raises(ConfigError, match="backend"):
         load_exported(tmp_path / "m.bnn", backend="xnor9")

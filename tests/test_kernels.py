@@ -181,24 +181,28 @@ def test_xnor_backend_runs_the_kernel_only_when_both_operands_are_binary(monkeyp
 @needs_cpu_kernel
 @pytest.mark.parametrize("backend", ["xnor", "auto"])
 @pytest.mark.parametrize("alpha", ["analytic", "learned"])
-def test_inference_takes_signs_in_the_kernel_with_the_same_bits(backend, alpha, monkeypatch):
-    """Under no_grad the kernel gets the raw input and latent weight (it packs x >= 0 as +1, like the
-    sign quantizer) plus alpha; the result equals the float backend bit for bit, also after the
-    weights change in place (packed weight and analytic alpha are re-derived). With gradients on,
-    the quantized operands go through autograd as before."""
+def test_inference_runs_the_whole_layer_in_the_kernel_with_the_same_bits(backend, alpha, monkeypatch):
+    """Under no_grad in eval the whole layer (BatchNorm + sign folded into thresholds, conv, alpha,
+    PReLU) is one fused kernel call on the raw input; the result equals the float backend bit for
+    bit, also after the weights change in place (the prepared call is rebuilt). With gradients on,
+    the quantized operands go through autograd and the per-layer kernel as before."""
     from bnnctl.workers import layers
 
     monkeypatch.setattr(layers, "_AUTO_CHOICE", {})
-    seen = []
-    real = kernels.xnor_conv2d
-    monkeypatch.setattr(kernels, "xnor_conv2d",
-                        lambda x, w, alpha=None, *a, **k: seen.append((bool(x.abs().ne(1).any()), alpha is not None))
-                        or real(x, w, alpha, *a, **k))
+    fused_calls, plain_calls = [], []
+    real_run, real_conv = cpu.ConvPlan.run, kernels.xnor_conv2d
+    monkeypatch.setattr(cpu.ConvPlan, "run", lambda self, x, **k: fused_calls.append(type(x).__name__)
+                        or real_run(self, x, **k))
+    monkeypatch.setattr(kernels, "xnor_conv2d", lambda x, w, alpha=None, *a, **k:
+                        plain_calls.append((bool(x.abs().ne(1).any()), alpha is not None)) or real_conv(x, w, alpha, *a, **k))
     ref, fast = _pair(backend, binarize=BinarizeConfig(alpha=alpha))
-    if alpha == "learned":
-        with torch.no_grad():
+    with torch.no_grad():
+        if alpha == "learned":
             fast.alpha.value.uniform_(0.5, 2.0)
             ref.alpha.value.copy_(fast.alpha.value)
+        for layer in (ref, fast):  # a BatchNorm that is not the identity, with a negative scale
+            layer.bn.running_mean.copy_(torch.linspace(-1, 1, 24))
+            layer.bn.weight.copy_(torch.linspace(-2, 2, 24))
     ref.eval(), fast.eval()
     x = torch.randn(2, 24, 9, 9)
     x[0, 0, :3, :3] = 0.0
@@ -206,15 +210,17 @@ def test_inference_takes_signs_in_the_kernel_with_the_same_bits(backend, alpha, 
         layers._AUTO_CHOICE[layers._auto_key(fast, x)] = True  # as if measured faster
     with torch.no_grad():
         assert torch.equal(fast(x), ref(x))
-        assert torch.equal(fast(x), ref(x))  # cached packing and alpha
+        assert torch.equal(fast(x), ref(x))  # the prepared call is kept
         noise = torch.randn_like(ref.weight_source.weight)
         ref.weight_source.weight.add_(noise)
         fast.weight_source.weight.add_(noise)
         assert torch.equal(fast(x), ref(x))
-    assert seen == [(True, True)] * 3  # raw input, alpha applied in the kernel
+    assert fused_calls == ["Tensor"] * 3
+    # auto checks the fused result once per weight version against the layer-by-layer path
+    assert plain_calls == ([] if backend == "xnor" else [(True, True)] * 2)
     y = fast(x.clone().requires_grad_(True))
     assert torch.equal(y, ref(x))
-    assert seen[3] == (False, False)  # quantized input through autograd, alpha applied outside
+    assert plain_calls[-1] == (False, False) and len(fused_calls) == 3  # autograd: quantized operands
 
 
 @needs_cpu_kernel

@@ -17,6 +17,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor, nn
 
+from . import fused
 from .config import require
 from .layers import ActivationConfig, ConvFactory
 from .registry import Registry
@@ -88,10 +89,22 @@ class _Residual(nn.Module):
             self.proj = None
         self.gate = SoftGate(gate, out_channels)
 
+    #: The chained convs of the residual, and whether it concatenates their outputs (for fused inference).
+    CONVS: tuple[str, ...] = ()
+    CONCAT = False
+
     def residual(self, x: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled() and not self.training:
+            y = fused.block_forward(self, [getattr(self, name) for name in self.CONVS], x, self.CONCAT,
+                                    lambda: self._layer_by_layer(x))
+            if y is not None:
+                return y
+        return self._layer_by_layer(x)
+
+    def _layer_by_layer(self, x: Tensor) -> Tensor:
         skip = x if self.proj is None else self.proj(x)
         return self.residual(x) + self.gate(skip)
 
@@ -99,6 +112,8 @@ class _Residual(nn.Module):
 @BLOCKS.register("hpm")
 class HPMBlock(_Residual):
     """HB's hierarchical, parallel & multi-scale block: C/2, C/4, C/4 chained 3x3 convs, concatenated."""
+
+    CONVS, CONCAT = ("conv1", "conv2", "conv3"), True
 
     def __init__(self, in_channels: int, out_channels: int, conv: ConvFactory, *, stride: int = 1,
                  groups: int = 1, gate: GateConfig = GateConfig(), project: ConvFactory | None = None) -> None:
@@ -124,6 +139,8 @@ class HPMBlock(_Residual):
 class PreActBasicBlock(_Residual):
     """Pre-activation basic block: two 3x3 convs (each BatchNorm -> binarize -> conv -> activation)."""
 
+    CONVS = ("conv1", "conv2")
+
     def __init__(self, in_channels: int, out_channels: int, conv: ConvFactory, *, stride: int = 1,
                  groups: int = 1, gate: GateConfig = GateConfig(), project: ConvFactory | None = None) -> None:
         super().__init__()
@@ -138,6 +155,8 @@ class PreActBasicBlock(_Residual):
 @BLOCKS.register("bottleneck")
 class BottleneckBlock(_Residual):
     """Bottleneck block: 1x1 to C/4, 3x3 (carrying the stride), 1x1 back to C."""
+
+    CONVS = ("conv1", "conv2", "conv3")
 
     def __init__(self, in_channels: int, out_channels: int, conv: ConvFactory, *, stride: int = 1,
                  groups: int = 1, gate: GateConfig = GateConfig(), project: ConvFactory | None = None) -> None:

@@ -390,6 +390,15 @@ class BinaryConv2d(_BinaryLayer):
         self._init_binary(binarize, activation, out_channels,
                           (out_channels, in_channels // groups, kernel_size, kernel_size))
 
+    def forward(self, x: Tensor) -> Tensor:
+        if self.backend != "float" and not torch.is_grad_enabled():
+            from . import fused
+
+            y = fused.layer_forward(self, x, lambda: super(BinaryConv2d, self).forward(x))
+            if y is not None:
+                return y
+        return super().forward(x)
+
     def _operate(self, x: Tensor, w: Tensor, alpha: Tensor | None) -> Tensor:
         return self._backend_fn(self, x, w, alpha, self.exact_binary())
 

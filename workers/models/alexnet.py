@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..fused import MaxPool2d
 from ..layers import BinaryLinear
 from .config import MODELS, Architecture, ModelConfig
 
@@ -25,13 +26,13 @@ class BinaryAlexNet(nn.Module):
         self.features = nn.Sequential(
             nn.Conv2d(cfg.in_channels, c[0], 11, 4, 2),  # the first layer stays real
             nn.ReLU(inplace=True),
-            nn.MaxPool2d(3, 2),
+            MaxPool2d(3, 2, backend=cfg.backend),
             conv(c[0], c[1], 5),
-            nn.MaxPool2d(3, 2),
+            MaxPool2d(3, 2, backend=cfg.backend),
             conv(c[1], c[2], 3),
             conv(c[2], c[3], 3),
             conv(c[3], c[4], 3),
-            nn.MaxPool2d(3, 2),
+            MaxPool2d(3, 2, backend=cfg.backend),
             nn.AdaptiveAvgPool2d(6),
         )
         self.classifier = nn.Sequential(

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..blocks import make_block
+from ..fused import MaxPool2d, fast_glue, max_pool2d, upsample_add
 from ..layers import ActivationConfig
 from .config import MODELS, Architecture, ModelConfig
 
@@ -38,9 +39,9 @@ class Hourglass(nn.Module):
     """One hourglass of ``depth`` levels at constant width."""
 
     def __init__(self, depth: int, width: int, blocks_per_level: int, make: BlockMaker,
-                 merge: str = "sum", merge_groups: int = 1) -> None:
+                 merge: str = "sum", merge_groups: int = 1, backend: str = "float") -> None:
         super().__init__()
-        self.merge = merge
+        self.merge, self.backend = merge, backend
         self.levels = nn.ModuleList(
             nn.ModuleList(_blocks(make, width, blocks_per_level) for _ in PATHWAYS) for _ in range(depth)
         )
@@ -49,13 +50,17 @@ class Hourglass(nn.Module):
             self.merges = nn.ModuleList(make(2 * width, width, groups=merge_groups) for _ in range(depth))
 
     def forward(self, x: Tensor) -> Tensor:
+        fast = fast_glue(self.backend, x)  # inference: the same values from faster operations
         skips = []
         for up, low1, _ in self.levels:
             skips.append(up(x))
-            x = low1(F.max_pool2d(x, 2))
+            x = low1(max_pool2d(x, 2, 2, 0) if fast else F.max_pool2d(x, 2))
         x = self.bottom(x)
         for d in reversed(range(len(self.levels))):
             x = self.levels[d][2](x)
+            if self.merge == "sum" and fast:
+                x = upsample_add(x, skips[d])
+                continue
             x = F.interpolate(x, size=skips[d].shape[-2:], mode="nearest")
             if self.merge == "concat":
                 x = self.merges[d](torch.cat((skips[d], x), dim=1))
@@ -71,7 +76,8 @@ class HourglassStack(nn.Module):
         super().__init__()
         width, conv = cfg.width, cfg.conv_factory()
         assert width is not None and cfg.num_outputs is not None
-        self.hourglass = Hourglass(cfg.depth, width, cfg.blocks_per_level, make, merge, cfg.merge_groups)
+        self.hourglass = Hourglass(cfg.depth, width, cfg.blocks_per_level, make, merge, cfg.merge_groups,
+                                  cfg.backend)
         self.post = _blocks(make, width, cfg.blocks_per_level)
         self.lin = conv(width, width, 1)
         self.head = nn.Conv2d(width, cfg.num_outputs, 1)  # the last layer stays real
@@ -103,7 +109,7 @@ class StackedHourglass(nn.Module):
             nn.BatchNorm2d(w // 4),
             nn.ReLU(inplace=True),
             make(w // 4, w // 2),
-            nn.MaxPool2d(2),
+            MaxPool2d(2, backend=cfg.backend),
             make(w // 2, w // 2),
             make(w // 2, w),
         )
