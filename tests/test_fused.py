@@ -1,0 +1,235 @@
+"""Fused binary inference (workers/fused.py): identical outputs to the float emulation for every model
+family and option the export supports, thresholds exact at the boundary, and the fused path taken."""
+import pytest
+import torch
+from torch import nn
+
+from bnnctl.kernels import cpu
+from bnnctl.workers import fused
+from bnnctl.workers.binarize import BinarizeConfig
+from bnnctl.workers.blocks import GateConfig
+from bnnctl.workers.layers import ActivationConfig, BinaryConv2d
+from bnnctl.workers.models import ModelConfig, build_model
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C compiler for the CPU kernel")
+
+
+def _randomize(model: nn.Module, seed: int = 1) -> None:
+    """Trained-looking state: BatchNorm statistics and scales of both signs (some zero), PReLU
+    slopes, learned alphas and gates away from their initial values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.05)
+                w = torch.randn(c, generator=g)
+                w[::5] = 0.0
+                m.weight.copy_(w)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.3)
+            elif isinstance(m, nn.PReLU):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5)
+        for name, p in model.named_parameters():
+            if name.endswith("alpha.value") or name.endswith("gate.gate"):
+                p.copy_(torch.rand(p.shape, generator=g) * 1.5 + 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("gate.gate"):
+                b.copy_(torch.rand(b.shape, generator=g) + 0.2)
+
+
+def _pair(cfg: ModelConfig, backend: str = "xnor"):
+    torch.manual_seed(0)
+    ref = build_model(cfg).eval()
+    _randomize(ref)
+    fast = build_model(ModelConfig(**{**cfg.__dict__, "backend": backend})).eval()
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def _fusable_convs(model: nn.Module) -> int:
+    return sum(isinstance(m, BinaryConv2d) and m.groups == 1 and m.binary_weights and m.binary_inputs
+               for m in model.modules())
+
+
+def _runs(monkeypatch) -> list:
+    calls = []
+    real = cpu.ConvPlan.run
+    monkeypatch.setattr(cpu.ConvPlan, "run", lambda self, x, **k: calls.append((self, x, k)) or real(self, x, **k))
+    return calls
+
+
+def _outputs(model, x):
+    with torch.no_grad():
+        out = model(x)
+    return out if isinstance(out, list) else [out]
+
+
+HOURGLASS = dict(width=36, depth=2, num_outputs=5, input_size=32)  # 36: HPM channels 18, 9, 9; stem 9
+CASES = {
+    "hourglass-1-stack": ModelConfig(**HOURGLASS),
+    "hourglass-2-stacks": ModelConfig(stacks=2, **HOURGLASS),
+    "hourglass-3-stacks-real-joins": ModelConfig(stacks=3, join_binary=False, **HOURGLASS),
+    "hourglass-basic": ModelConfig(block="basic", **HOURGLASS),
+    "hourglass-bottleneck": ModelConfig(block="bottleneck", **HOURGLASS),
+    "hourglass-scalar-gate": ModelConfig(gate=GateConfig("scalar"), **HOURGLASS),
+    "hourglass-fixed-channel-gate": ModelConfig(gate=GateConfig("channel", 0.5, trainable=False), **HOURGLASS),
+    "hourglass-learned-alpha": ModelConfig(binarize=BinarizeConfig(alpha="learned"), **HOURGLASS),
+    "hourglass-no-alpha-relu": ModelConfig(binarize=BinarizeConfig(alpha="none"), activation=ActivationConfig("relu"),
+                                           **HOURGLASS),
+    "hourglass-leaky": ModelConfig(activation=ActivationConfig("leaky_relu", 0.2), **HOURGLASS),
+    "hourglass-prelu-per-channel": ModelConfig(activation=ActivationConfig("prelu", per_channel=True), **HOURGLASS),
+    "hourglass-no-activation": ModelConfig(activation=ActivationConfig("none"), **HOURGLASS),
+    "unet": ModelConfig(arch="unet_hourglass", **HOURGLASS),
+    "unet-grouped-merge": ModelConfig(arch="unet_hourglass", merge_groups=2, **HOURGLASS),
+    "resnet18": ModelConfig(arch="resnet18", width=12, num_outputs=7, input_size=64),
+    "resnet18-binary-downsample-learned": ModelConfig(arch="resnet18", width=12, num_outputs=7, input_size=64,
+                                                      downsample_binary=True,
+                                                      binarize=BinarizeConfig(alpha="learned")),
+    "alexnet": ModelConfig(arch="alexnet", width=20, num_outputs=7),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_fused_outputs_equal_the_float_emulation(name, monkeypatch):
+    cfg = CASES[name]
+    ref, fast = _pair(cfg)
+    size = cfg.resolved().input_size
+    x = torch.randn(2, 3, size, size)
+    expected = _outputs(ref, x)
+    calls = _runs(monkeypatch)
+    got = _outputs(fast, x)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b), f"{name}: max difference {(a - b).abs().max().item()}"
+    # every binary conv that the kernel can take (groups = 1) ran fused, once
+    assert len(calls) == _fusable_convs(fast) > 0
+    if cfg.arch == "unet_hourglass" and cfg.merge_groups == 2:
+        assert _fusable_convs(fast) < sum(isinstance(m, BinaryConv2d) for m in fast.modules())
+
+
+def test_auto_takes_the_fused_path_with_the_same_outputs(monkeypatch):
+    ref, fast = _pair(CASES["hourglass-2-stacks"], backend="auto")
+    x = torch.randn(1, 3, 32, 32)
+    calls = _runs(monkeypatch)
+    assert torch.equal(_outputs(fast, x)[-1], _outputs(ref, x)[-1])  # checked against layer by layer
+    calls.clear()
+    assert torch.equal(_outputs(fast, x)[-1], _outputs(ref, x)[-1])
+    assert len(calls) == _fusable_convs(fast)  # then fused only
+
+
+def test_basic_and_bottleneck_blocks_keep_activations_packed_between_their_convs(monkeypatch):
+    """Inside a block only the last conv writes floats; the others write the next conv's packed input."""
+    for block, convs in (("basic", 2), ("bottleneck", 3)):
+        ref, fast = _pair(ModelConfig(block=block, **HOURGLASS))
+        calls = _runs(monkeypatch)
+        with torch.no_grad():
+            body = fast.stacks[0].post[0]
+            x = torch.randn(1, 36, 8, 8)
+            assert torch.equal(body(x), ref.stacks[0].post[0](x))
+        kinds = [(type(inp).__name__, k.get("out") is not None, k.get("packed_out") is not None) for _, inp, k in calls]
+        assert kinds == [("Tensor", False, True)] + [("PackedInput", False, True)] * (convs - 2) \
+            + [("PackedInput", True, False)]
+        monkeypatch.undo()
+
+
+def test_hpm_writes_its_concatenation_in_place_and_packs_for_the_next_conv(monkeypatch):
+    ref, fast = _pair(ModelConfig(**HOURGLASS))
+    calls = _runs(monkeypatch)
+    block, x = fast.stacks[0].post[0], torch.randn(2, 36, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(block(x), ref.stacks[0].post[0](x))
+    kinds = [(type(inp).__name__, k["out"].shape[1], k.get("packed_out") is not None) for _, inp, k in calls]
+    assert kinds == [("Tensor", 18, True), ("PackedInput", 9, True), ("PackedInput", 9, False)]
+
+
+def test_not_fused_while_training_or_with_gradients(monkeypatch):
+    ref, fast = _pair(CASES["hourglass-1-stack"])
+    x = torch.randn(2, 3, 32, 32)
+    calls = _runs(monkeypatch)
+    assert torch.equal(fast(x)[-1], ref(x)[-1])  # eval, gradients on
+    fast.train()
+    with torch.no_grad():
+        fast(x)
+    assert calls == []
+
+
+def test_auto_keeps_the_layer_by_layer_path_where_the_fused_kernel_disagrees(monkeypatch):
+    """A wrong fused result must not change what auto returns: it is compared once per module and
+    shape with the layer-by-layer path, which is kept, with a warning."""
+    real = cpu.ConvPlan.run
+
+    def faulty(self, x, **k):
+        real(self, x, **k)
+        if k.get("out") is not None:
+            k["out"].add_(1.0)  # injected fault
+
+    ref, fast = _pair(CASES["hourglass-1-stack"], backend="auto")
+    monkeypatch.setattr(cpu.ConvPlan, "run", faulty)
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.warns(RuntimeWarning, match="fused inference disagreed"):
+        assert torch.equal(_outputs(fast, x)[-1], _outputs(ref, x)[-1])
+    assert torch.equal(_outputs(fast, x)[-1], _outputs(ref, x)[-1])  # remembered, still right
+
+
+# ------------------------------------------------------------------ thresholds
+
+
+def _bn(c: int, seed: int) -> nn.BatchNorm2d:
+    g = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm2d(c).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(c, generator=g) * 3)
+        bn.running_var.copy_(torch.rand(c, generator=g) * 5 + 1e-4)
+        w = torch.randn(c, generator=g)
+        w[:3] = torch.tensor([0.0, -0.0, 1e-30])  # constant channels, and a tiny scale
+        bn.weight.copy_(w)
+        bn.bias.copy_(torch.randn(c, generator=g))
+    return bn
+
+
+def _bits(t, x):
+    """Thresholds applied to x: (N, C, ...) -> bits, as the kernel packs them."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    value, flip = t.value.view(shape), t.flip.bool().view(shape)
+    return torch.where(flip, x <= value, x >= value)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_thresholds_decide_exactly_as_batchnorm_then_sign(seed):
+    bn = _bn(40, seed)
+    t = fused.sign_thresholds(bn)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 40, 9, 9, generator=g) * 4
+    with torch.no_grad():
+        assert torch.equal(_bits(t, x), bn(x) >= 0)
+        # at the threshold and one float either side of it, where rounding decides
+        finite = torch.isfinite(t.value)
+        v = torch.where(finite, t.value, torch.zeros(()))
+        edge = torch.stack([torch.nextafter(v, torch.tensor(-float("inf"))), v,
+                            torch.nextafter(v, torch.tensor(float("inf")))], dim=1).view(1, 40, 3, 1)
+        assert torch.equal(_bits(t, edge), bn(edge) >= 0)
+    flips = t.flip.bool()
+    assert flips[5:].eq(bn.weight[5:] < 0).all()  # a negative scale flips the comparison
+    assert not finite[:2].any() and finite[2]  # constant channels; a tiny scale still decides
+    # kept while the statistics are unchanged, recomputed when they change
+    assert fused.sign_thresholds(bn) is t
+    with torch.no_grad():
+        bn.running_mean.add_(1.0)
+    assert fused.sign_thresholds(bn) is not t
+
+
+def test_packing_with_thresholds_equals_batchnorm_then_sign_in_both_kernels():
+    from bnnctl import kernels
+
+    bn = _bn(70, 7)
+    t = fused.sign_thresholds(bn)
+    x = torch.randn(2, 70, 6, 11) * 3
+    w = torch.randn(5, 70, 3, 3)
+    with torch.no_grad():
+        expected = kernels.xnor_conv2d(bn(x), w, None, 1, 1)
+    for portable in (False, True):
+        plan = cpu.ConvPlan(tuple(x.shape), cpu.pack_weight(w), 1, 1, thresholds=t)
+        out = torch.empty(plan.out_shape)
+        plan.run(x, out=out, portable=portable)
+        assert torch.equal(out, expected)
