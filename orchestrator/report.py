@@ -53,6 +53,8 @@ class TableRow:
     p_adjusted: float | None = None  # p_value after the table's correction (Holm), else p_value
     alpha: float = ALPHA
     environment: str | None = None  # a short fingerprint of where its seeds trained
+    latency_ms: float | None = None  # the deployed binary model's CPU latency (median over seeds)
+    latency_float_ms: float | None = None  # the same network in float32, same machine
 
     @property
     def significant(self) -> bool | None:
@@ -73,6 +75,7 @@ class Table:
     alpha: float = ALPHA
     correction: str = "none"
     environments: tuple[str, ...] = ()  # the distinct environments its rows trained in
+    latency_machines: tuple[str, ...] = ()  # where its latencies were measured
 
     @property
     def rule(self) -> str:
@@ -83,6 +86,9 @@ class Table:
             test += ", Holm-corrected over the table's rows"
         text = (f"{self.metric} {which}; mean ± std over seeds; Δ vs {self.baseline}: {test}; n=1: one seed, "
                 "no test; epochs: the row's training budget over all its stages")
+        if self.latency_machines:
+            text += (f"; latency: the deployed model on the CPU, batch 1, one thread, median (in brackets: "
+                     f"speed-up over the same network in float32), measured on {' and '.join(self.latency_machines)}")
         if len(self.environments) > 1:
             text += (f". WARNING: its rows trained in {len(self.environments)} different environments "
                      f"({'; '.join(self.environments)}): numbers may differ for that reason alone")
@@ -146,6 +152,16 @@ def environment(result: dict | None) -> str | None:
     return ", ".join(str(p) for p in parts)
 
 
+def latency(results: list[dict | None], statuses: list[str]) -> tuple[float | None, float | None, set[str]]:
+    """(binary ms, float ms) medians over a row's completed seeds that measured them, and the machines."""
+    found = [r["latency"] for r, st in zip(results, statuses)
+             if st == "completed" and r and (r.get("latency") or {}).get("binary_ms") is not None]
+    if not found:
+        return None, None, set()
+    return (statistics.median(f["binary_ms"] for f in found), statistics.median(f["float_ms"] for f in found),
+            {f.get("machine", "?") for f in found})
+
+
 def budget(key: str, variants: dict) -> int | None:
     """Epochs a row's variant trained over all its stages (its own, plus its stage-1 chain)."""
     v = variants.get(key)
@@ -191,7 +207,7 @@ def build_tables(layout: dict, members: list, variants: dict) -> list[Table]:
             by_row.setdefault((m.ablation, m.row), []).append(m)
     tables = []
     for ab in layout["ablations"]:
-        cells, extra, budgets, envs = {}, {}, {}, {}
+        cells, extra, budgets, envs, latencies, machines = {}, {}, {}, {}, {}, set()
         for r in ab["rows"]:
             ms = sorted(by_row.get((ab["name"], r["name"]), []), key=lambda m: m.seed)
             vs = [variants.get(m.variant_key) for m in ms]
@@ -202,6 +218,8 @@ def build_tables(layout: dict, members: list, variants: dict) -> list[Table]:
             budgets[r["name"]] = next((b for m in ms if (b := budget(m.variant_key, variants)) is not None), None)
             found = sorted({e for res, st in zip(results, statuses) if st == "completed" and (e := environment(res))})
             envs[r["name"]] = " | ".join(found) if found else None
+            *latencies[r["name"]], where = latency(results, statuses)
+            machines |= where
         base = cells.get(ab["baseline"])
         means = [c.mean for c in cells.values() if c.mean is not None]
         top = max(means) if means else None
@@ -216,10 +234,10 @@ def build_tables(layout: dict, members: list, variants: dict) -> list[Table]:
             rows.append(TableRow(r["name"], c, delta, r.get("reference"), acc.get("params"), acc.get("bops"),
                                  acc.get("deployed_bytes"), r["name"] == ab["baseline"], p,
                                  c.mean is not None and c.mean == top, budgets[r["name"]], p_adj, alpha,
-                                 envs[r["name"]]))
+                                 envs[r["name"]], *latencies[r["name"]]))
         distinct = tuple(sorted({e for row in rows if row.environment for e in row.environment.split(" | ")}))
         tables.append(Table(ab["name"], ab["mode"], metric, ab["baseline"], tuple(rows), report, alpha, correction,
-                            distinct))
+                            distinct, tuple(sorted(machines))))
     return tables
 
 
@@ -269,7 +287,15 @@ def _size(n: int | None) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**17 else f"{n / 2**10:.1f} KiB"
 
 
-HEADERS = ("row", "metric", "Δ", "paper", "epochs", "params", "BOPs", "deployed")
+def format_latency(ms: float | None, float_ms: float | None = None) -> str:
+    """"2.68 ms (2.0x)": the binary model's latency and its speed-up over float32."""
+    if ms is None:
+        return "—"
+    text = f"{ms:.3g} ms" if ms < 100 else f"{ms:.0f} ms"
+    return text + (f" ({float_ms / ms:.1f}x)" if float_ms and ms > 0 else "")
+
+
+HEADERS = ("row", "metric", "Δ", "paper", "epochs", "params", "BOPs", "deployed", "latency")
 
 
 def table_cells(t: Table) -> list[list[str]]:
@@ -277,7 +303,8 @@ def table_cells(t: Table) -> list[list[str]]:
     for r in t.rows:
         out.append([r.name, format_value(r.cell), format_delta(r),
                     "—" if r.reference is None else f"{r.reference:.1f}", "—" if r.epochs is None else str(r.epochs),
-                    _millions(r.params), _giga(r.bops), _size(r.deployed_bytes)])
+                    _millions(r.params), _giga(r.bops), _size(r.deployed_bytes),
+                    format_latency(r.latency_ms, r.latency_float_ms)])
     return out
 
 
@@ -303,7 +330,8 @@ def to_csv(tables: list[Table]) -> str:
     w = csv.writer(buf)
     w.writerow(["ablation", "mode", "row", "metric", "report", "mean", "std", "seeds_done", "seeds_expected",
                 "status", "delta", "test", "alpha", "p_value", "p_adjusted", "significant", "best", "paper",
-                "epochs", "params", "bops", "deployed_bytes", "environment"])
+                "epochs", "params", "bops", "deployed_bytes", "environment", "latency_ms", "latency_float_ms",
+                "latency_machine"])
     for t in tables:
         for r in t.rows:
             c = r.cell
@@ -315,7 +343,10 @@ def to_csv(tables: list[Table]) -> str:
                         "" if r.p_adjusted is None else f"{r.p_adjusted:.4g}",
                         "" if r.significant is None else int(r.significant), int(r.best),
                         "" if r.reference is None else r.reference, "" if r.epochs is None else r.epochs,
-                        r.params or "", r.bops or "", r.deployed_bytes or "", r.environment or ""])
+                        r.params or "", r.bops or "", r.deployed_bytes or "", r.environment or "",
+                        "" if r.latency_ms is None else r.latency_ms,
+                        "" if r.latency_float_ms is None else r.latency_float_ms,
+                        " and ".join(t.latency_machines)])
     return buf.getvalue()
 
 
@@ -329,9 +360,9 @@ def _latex_escape(s: str) -> str:
 def to_latex(tables: list[Table]) -> str:
     parts = []
     for t in tables:
-        parts += [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{lrrrrrrr}", r"\toprule",
+        parts += [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{lrrrrrrrr}", r"\toprule",
                   " & ".join(["Method", _latex_escape(t.metric), r"$\Delta$", "Paper", "Epochs", "Params", "BOPs",
-                              "Size"]) + r" \\",
+                              "Size", "Latency"]) + r" \\",
                   r"\midrule"]
         for r, row in zip(t.rows, table_cells(t)):
             cells = [_latex_escape(c).replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("—", "--") for c in row]
@@ -371,12 +402,13 @@ def table_data(t: Table, cells: dict | None = None) -> dict:
             "delta": format_delta(r), "delta_value": r.delta, "p_value": r.p_value, "significant": r.significant,
             "reference": r.reference, "params": r.params, "bops": r.bops, "deployed_bytes": r.deployed_bytes,
             "baseline": r.is_baseline, "best": r.best, "epochs": r.epochs, "p_adjusted": r.p_adjusted,
-            "environment": r.environment,
+            "environment": r.environment, "latency_ms": r.latency_ms, "latency_float_ms": r.latency_float_ms,
+            "latency": format_latency(r.latency_ms, r.latency_float_ms),
             "variants": sorted((cells or {}).get((t.name, r.name), []), key=lambda c: c["seed"]),
         })
     return {"name": t.name, "mode": t.mode, "metric": t.metric, "baseline": t.baseline, "rows": rows,
             "report": t.report, "alpha": t.alpha, "correction": t.correction, "rule": t.rule,
-            "environments": list(t.environments)}
+            "environments": list(t.environments), "latency_machines": list(t.latency_machines)}
 
 
 def to_html(tables: list[Table], title: str) -> str:

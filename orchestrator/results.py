@@ -5,6 +5,7 @@ Columns: ``study``, ``ablation``, ``row``, ``seed``, ``variant`` (identity), ``l
 ``status``, ``error``, ``epochs`` (the row's budget over its stages), ``reported`` (the study's
 metric by its reporting rule), ``report`` (that rule), ``metric.<name>`` (last epoch),
 ``best.<name>`` (best epoch), ``accounting.<name>``, ``env.<name>`` (where it trained),
+``latency.<name>`` (the deployed model's measured CPU latency: ``binary_ms``, ``float_ms``, ...),
 ``init_from`` and ``teacher`` (the variants it started from and learned from), ``mlflow_run_id``,
 and ``config.<dotted path>`` for every config value. A tuning adds ``trial``, ``arm``, ``state``
 (Optuna's) and ``objective``.
@@ -27,7 +28,8 @@ def _variant_record(v, variants: dict) -> dict[str, Any]:
         "teacher": next((key for role, key in sources(v, variants) if role == "teacher"), None),
     }
     for prefix, values in (("metric", result.get("metrics")), ("best", result.get("best_metrics")),
-                           ("accounting", result.get("accounting")), ("env", result.get("environment"))):
+                           ("accounting", result.get("accounting")), ("env", result.get("environment")),
+                           ("latency", result.get("latency"))):
         for name, value in (values or {}).items():
             out[f"{prefix}.{name}"] = value
     for path, value in flatten_values(v.config).items():

@@ -208,6 +208,8 @@ class Tracker:
             ts = int(time.time() * 1000)
             final = {f"final.{k}": v for k, v in result["metrics"].items()}
             final.update({f"accounting.{k}": v for k, v in result["accounting"].items()})
+            final.update({f"latency.{k}": v for k, v in (result.get("latency") or {}).items()
+                          if k in ("binary_ms", "float_ms", "speedup")})
             final["best." + result["metric"]] = result["best_metric"]
             self.client.log_batch(run_id, metrics=[Metric(metric_name(k), float(v), ts, result["epochs_done"])
                                                    for k, v in final.items()])

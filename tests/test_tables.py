@@ -15,9 +15,11 @@ LAYOUT = {"metric": "pckh", "seeds": [0, 1, 2], "ablations": [
     {"name": "T3", "mode": "isolated", "baseline": "alone", "rows": [{"name": "alone", "reference": 1.0}]}]}
 
 
-def _variant(key, status, value=None, epochs=8, deps=(), kind="row", best=None, env=None):
+def _variant(key, status, value=None, epochs=8, deps=(), kind="row", best=None, env=None, latency=None):
     result = None if value is None else {"metrics": {"pckh": value}, "accounting": {"params": 6_200_000, "bops": 8e9,
                                                                                      "deployed_bytes": 2**20}}
+    if result is not None and latency is not None:
+        result["latency"] = {"binary_ms": latency, "float_ms": 10.0, "machine": "CPU X (AVX2)"}
     if result is not None and best is not None:
         result["best_metrics"] = {"pckh": best}
     if result is not None and env is not None:
@@ -36,7 +38,9 @@ def _fixture():
         for seed, (status, value) in enumerate(seeds):
             key = f"{ab}-{row}-{seed}"
             members.append(NS(variant_key=key, ablation=ab, row=row, seed=seed))
-            variants[key] = _variant(key, status, value)
+            # measured latencies of the T1 rows (seed 2 of "+ a" failed: not counted)
+            ms = {("T1", "base"): (3.0, 3.2, 2.8), ("T1", "+ a"): (2.0, 2.2, 9.9)}.get((ab, row))
+            variants[key] = _variant(key, status, value, latency=ms[seed] if ms else None)
     return members, variants
 
 
@@ -65,10 +69,17 @@ def test_csv_parses_back_and_latex_and_markdown_are_well_formed():
     assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex and r"$\pm$" in tex
     for line in tex.splitlines():
         if line.endswith(r"\\"):
-            assert line.count("&") == 7
+            assert line.count("&") == 8
+    # latency: the median over a row's completed seeds, its speed-up over float32, and the machine
+    assert rows[0]["latency_ms"] == "3.0" and rows[1]["latency_ms"] == "2.1" and rows[0]["latency_float_ms"] == "10.0"
+    assert rows[0]["latency_machine"] == "CPU X (AVX2)" and rows[2]["latency_ms"] == "" and rows[4]["latency_machine"] == ""
+    assert "3 ms (3.3x)" in tex and "measured on CPU X (AVX2)" in tex
     md = to_markdown(tables)
     # + a is the best row (bold) and its +3.0 over 2 shared seeds is not significant
-    assert "| + a | **75.0 ± 0.0 (2/3 seeds)** | +3.0 (n.s.) | 78.1 | 8 | 6.20M | 8.00G | 1.00 MiB |" in md
+    assert "| + a | **75.0 ± 0.0 (2/3 seeds)** | +3.0 (n.s.) | 78.1 | 8 | 6.20M | 8.00G | 1.00 MiB | 2.1 ms (4.8x) |" in md
+    assert "| + b | failed | — | — | 8 | — | — | — | — |" in md  # nothing measured for failed rows
+    assert "| alone | **50.0 ± 0.0** | baseline | 1.0 | 8 | 6.20M | 8.00G | 1.00 MiB | — |" in md  # not measured
+    assert md.split("### T3")[1].count("latency: the deployed model") == 0  # no machine to name
     # every export states the rule: which epoch, which test
     rule = "pckh at each run's last epoch; mean ± std over seeds; Δ vs base: paired t-test over shared seeds, α = 0.05"
     assert rule in md and rows[0]["report"] == "last" and rows[1]["test"] == "paired-t" and rows[0]["epochs"] == "8"

@@ -189,3 +189,18 @@ def test_a_result_round_trips_through_plain_data(synth_root, tmp_path):
     assert TrainResult.from_dict(data) == result
     old = {k: v for k, v in data.items() if k not in ("best_metrics", "best_epochs", "environment")}
     assert TrainResult.from_dict(old).best_metrics == {}  # a result stored before those fields existed
+
+
+def test_a_finished_run_measures_its_deployed_latency_unless_switched_off(synth_root, tmp_path):
+    """Binary and float latency of the deployed model (batch 1, one thread) on this machine; the
+    switch is not part of the run's identity (a resumed run with it off trains nothing)."""
+    result = run_variant(tiny(synth_root, epochs=1), LocalReporter(tmp_path / "a"))
+    lat = result.latency
+    assert lat["binary_ms"] > 0 and lat["float_ms"] > 0 and lat["speedup"] == round(lat["float_ms"] / lat["binary_ms"], 2)
+    assert lat["threads"] == 1 and lat["batch"] == 1 and lat["input"] == 32 and "(" in lat["machine"]
+    rep = LocalReporter(tmp_path / "a")
+    again = run_variant(tiny(synth_root, epochs=1, latency=False), rep)
+    assert rep.history == [] and again.latency == {}  # the same run, finished: nothing retrained
+    from bnnctl.orchestrator.plan import identity
+
+    assert identity(tiny(synth_root), ()) == identity(tiny(synth_root, latency=False), ())

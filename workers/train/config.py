@@ -169,6 +169,9 @@ class TrainConfig:
             epoch of the budget runs at ``lambda_end``. The learning rate restarts in each stage.
         deterministic: ask torch for deterministic algorithms (GPU training repeats exactly, where
             torch allows it; some operations are slower or refused).
+        latency: after training, time the deployed model on the CPU (batch 1, one thread, float vs
+            binary; seconds per variant) for the tables' latency column. Not part of the variant's
+            identity: switching it off does not retrain anything.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -188,6 +191,7 @@ class TrainConfig:
     schedule_offset: int = 0
     schedule_epochs: int | None = None
     deterministic: bool = False
+    latency: bool = True
 
     def __post_init__(self) -> None:
         require(1 <= self.epochs <= MAX_EPOCHS, "epochs", f"must be in [1, {MAX_EPOCHS}], got {self.epochs}")
@@ -216,8 +220,12 @@ class TrainConfig:
 #: Fields added after bnnctl 0.1, left out of a config's comparable form while they hold their
 #: default, so that variant identities and checkpoints written before they existed stay valid.
 LATER_FIELDS = {"lambda_groups": [], "schedule_offset": 0, "schedule_epochs": None, "deterministic": False}
+#: Fields that change what a run measures besides training, never what it trains.
+RUN_ONLY_FIELDS = {"latency"}
 
 
 def comparable(config_data: dict) -> dict:
-    """The plain-data config without later-added fields at their defaults (identity, resume checks)."""
-    return {k: v for k, v in config_data.items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+    """The plain-data config without later-added fields at their defaults and without run-only
+    fields (identity, resume checks)."""
+    return {k: v for k, v in config_data.items()
+            if k not in RUN_ONLY_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}

@@ -24,6 +24,7 @@ from ..binarize import Quantizer
 from ..config import to_dict
 from ..diagnostics import FlipTracker, clip_fractions
 from ..errors import ConfigError, TrainingError
+from ..latency import measure as measure_latency
 from ..models import build_model
 from ..schedules import LambdaScheduler
 from .checkpoint import init_from_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -58,6 +59,8 @@ class TrainResult:
     #: and the epoch it came from: what a study reports with ``report: best``
     best_metrics: dict[str, float] = field(default_factory=dict)
     best_epochs: dict[str, int] = field(default_factory=dict)
+    #: the deployed model's measured CPU latency (see workers/latency.py); empty when switched off
+    latency: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-safe): what the state store and MLflow keep."""
@@ -357,6 +360,10 @@ class _Run:
             predictions = self.task.render_predictions(self.model, self.ckpt_dir / "predictions.png", self.device)
         acc = account(self.model, self.config.data.input_size, self.model_cfg.in_channels)
         best_metrics, best_epochs = best_over_epochs(self.history)
+        latency: dict[str, Any] = {}
+        if status == "completed" and self.config.latency:
+            self.model.eval()
+            latency = measure_latency(self.model, self.model_cfg, self.config.data.input_size)
         return TrainResult(
             status=status,
             epochs_done=self.epochs_done,
@@ -375,4 +382,5 @@ class _Run:
             environment=environment(self.device, self.config.deterministic),
             best_metrics=best_metrics,
             best_epochs=best_epochs,
+            latency=latency,
         )

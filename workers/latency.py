@@ -1,0 +1,90 @@
+"""Measured CPU latency of a trained model as deployed: batch 1, one thread, float vs binary.
+
+The model is materialized (re-parametrizations folded, as :func:`~bnnctl.workers.export.export_model`
+does) and built twice from that state: with the float emulation ("float": what PyTorch does with
+the same network in float32) and with the XNOR backend ("xnor": fused binary inference where the
+kernel is available). Each is timed on one input of the task's size after a warm-up, in alternating
+rounds; the figure is the median over rounds of each round's median. Outputs of the two are
+compared first: a latency is only reported for a binary model that gives the float model's bits.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import platform
+import statistics
+import time
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models import ModelConfig, build_model
+from .reparam import materialize
+
+#: Timed calls per round and rounds (alternating float and binary), and the warm-up calls.
+REPEATS, ROUNDS, WARMUP = 5, 3, 2
+
+
+@lru_cache(maxsize=1)
+def machine() -> str:
+    """The CPU as a short name: model name and the instruction set PyTorch uses, e.g.
+    "AMD EPYC (AVX512)"."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def _deployed(model: nn.Module, cfg: ModelConfig, backend: str) -> nn.Module:
+    state = materialize(copy.deepcopy(model).cpu()).state_dict()
+    deployed = materialize(build_model(dataclasses.replace(cfg, backend=backend)))
+    deployed.load_state_dict(state)
+    return deployed.eval()
+
+
+def _median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def measure(model: nn.Module, cfg: ModelConfig, input_size: int, *, repeats: int = REPEATS,
+            rounds: int = ROUNDS) -> dict[str, Any]:
+    """{"binary_ms", "float_ms", "speedup", "machine", "threads", "batch", "input"} of ``model``;
+    ``model`` itself is not changed. Raises ArithmeticError if the binary model's outputs differ
+    from the float one's."""
+    from bnnctl import kernels
+
+    models = {b: _deployed(model, cfg, b) for b in ("float", "xnor")}
+    x = torch.randn(1, cfg.in_channels, input_size, input_size, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            out = {b: m(x) for b, m in models.items()}
+            first = {b: o[-1] if isinstance(o, list) else o for b, o in out.items()}
+            if not torch.equal(first["float"], first["xnor"]):
+                raise ArithmeticError("the binary model's outputs differ from the float model's")
+            for m in models.values():
+                for _ in range(WARMUP):
+                    m(x)
+            samples: dict[str, list[float]] = {b: [] for b in models}
+            for _ in range(rounds):
+                for b, m in models.items():
+                    samples[b].append(_median_ms(lambda m=m: m(x), repeats))
+    finally:
+        torch.set_num_threads(threads)
+    f, b = statistics.median(samples["float"]), statistics.median(samples["xnor"])
+    return {"binary_ms": round(b, 3), "float_ms": round(f, 3), "speedup": round(f / b, 2), "machine": machine(),
+            "threads": 1, "batch": 1, "input": input_size, "kernel": kernels.available("cpu")}
