@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bnnctl.orchestrator.report import build_tables, format_value
+from bnnctl.orchestrator.report import build_tables, format_latency, format_value
 from bnnctl.orchestrator.store import Store
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -216,10 +216,14 @@ def test_study_page_numbers_match_the_store(filled, browser, tmp_path):
         assert float(value.get_attribute("data-mean")) == pytest.approx(expected.cell.mean)
         assert len(expected.cell.values) == 2  # both seeds
         assert row.find_element(By.CSS_SELECTOR, "td.paper").text == f"{expected.reference:.4g}"
+        # the measured latency of the deployed model, with its speed-up over float32
+        assert expected.latency_ms > 0 and row.find_element(By.CSS_SELECTOR, "td.latency").text == \
+            format_latency(expected.latency_ms, expected.latency_float_ms)
         assert ("best" in row.get_attribute("class").split()) == expected.best
         links = row.find_elements(By.CSS_SELECTOR, "td.links a")
         assert [a.text for a in links] == ["seed 0", "seed 1"]
     assert page_rows[0].find_element(By.CSS_SELECTOR, "td.delta").text == "baseline"
+    assert f"measured on {table.latency_machines[0]}" in browser.find_element(By.CSS_SELECTOR, "p.rule").text
     assert _wait(lambda: _charts_drawn(browser) >= 1)  # the bar chart, drawn by Plotly served locally
     # the paper's per-joint groups; the 16 raw joints on demand
     heads = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#joint-groups thead th")]
