@@ -503,3 +503,113 @@ int bnn_xnor_conv_nchw(const float *x, const uint64_t *w, const int64_t *wpop, c
     const epilogue ep = {alpha, NULL, 0, y, g[5] * g[12] * g[13], NULL, NULL, NULL, 0, 0, 0, 0, NULL, NULL};
     return bnn_fused_conv(x, NULL, NULL, NULL, w, wpop, &ep, g, portable, threads);
 }
+
+/* ---------------------------------------------------------------- float operations between binary layers */
+
+#if BNN_AVX512
+/* max with NaN propagated (PyTorch's pooling: a NaN in the window gives NaN) */
+static inline __m512 max_nan(__m512 a, __m512 b)
+{
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q), _mm512_max_ps(a, b), _mm512_add_ps(a, b));
+}
+#endif
+
+static inline float max_nan1(float m, float v) { return (v > m || v != v) ? v : m; }
+
+/* y = max_pool2d(x, k, stride s, padding p) over `planes` (N * C) contiguous H x W planes: the maximum
+ * of each window's taps inside the image (padding never wins), NaN propagated as in PyTorch. Per
+ * output row: the window's rows reduced into one padded row (vectors along the row), then each
+ * output the maximum of k neighbours of that row, 8 at a time for stride 2 (even/odd shuffles).
+ * Returns 0, or -1 when scratch memory cannot be had. */
+int bnn_max_pool2d(const float *x, float *y, int64_t planes, int64_t h, int64_t w, int64_t k, int64_t s,
+                   int64_t p, int64_t oh, int64_t ow, int threads)
+{
+    const int64_t rw = (ow - 1) * s + k + 32; /* the reduced row, from column -p, -inf outside the image */
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads > 0 ? threads : 1) if (planes * oh * ow > 65536)
+#else
+    (void)threads;
+#endif
+    {
+        float *row = (float *)malloc((size_t)rw * sizeof(float));
+        if (!row) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            failed = 1;
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t pl = 0; pl < planes; ++pl) {
+            if (!row) continue;
+            const float *src = x + pl * h * w;
+            float *dst = y + pl * oh * ow;
+            for (int64_t i = 0; i < oh; ++i) {
+                const int64_t r0 = i * s - p < 0 ? 0 : i * s - p, r1 = i * s - p + k < h ? i * s - p + k : h;
+                for (int64_t c = 0; c < rw; ++c) row[c] = -__builtin_inff();
+                for (int64_t r = r0; r < r1; ++r) {
+                    const float *in = src + r * w;
+                    float *out = row + p; /* column c of the image at row[p + c] */
+                    int64_t c = 0;
+#if BNN_AVX512
+                    for (; c + 16 <= w; c += 16)
+                        _mm512_storeu_ps(out + c, max_nan(_mm512_loadu_ps(out + c), _mm512_loadu_ps(in + c)));
+#endif
+                    for (; c < w && p + c < rw; ++c) out[c] = max_nan1(out[c], in[c]);
+                }
+                int64_t j = 0;
+#if BNN_AVX512
+                if (s == 2 && k <= 3) {
+                    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+                    const __m512i one = _mm512_set1_epi32(1);
+                    for (; j + 8 <= ow && 2 * j + 32 <= rw; j += 8) {
+                        const __m512 a = _mm512_loadu_ps(row + 2 * j), b = _mm512_loadu_ps(row + 2 * j + 16);
+                        __m512 m = _mm512_permutex2var_ps(a, even, b);
+                        m = max_nan(m, _mm512_permutex2var_ps(a, _mm512_add_epi32(even, one), b));
+                        if (k == 3) m = max_nan(m, _mm512_permutex2var_ps(a, _mm512_add_epi32(even, _mm512_add_epi32(one, one)), b));
+                        _mm256_storeu_ps(dst + i * ow + j, _mm512_castps512_ps256(m));
+                    }
+                }
+#endif
+                for (; j < ow; ++j) {
+                    float m = -__builtin_inff();
+                    for (int64_t t = 0; t < k; ++t) m = max_nan1(m, row[j * s + t]);
+                    dst[i * ow + j] = m;
+                }
+            }
+        }
+        free(row);
+    }
+    return failed ? -1 : 0;
+}
+
+/* y = nearest 2x upsampling of x (planes of H x W) + skip (planes of 2H x 2W): one pass, the same sums. */
+void bnn_upsample2x_add(const float *x, const float *skip, float *y, int64_t planes, int64_t h, int64_t w,
+                        int threads)
+{
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1) if (planes * h * w > 16384)
+#else
+    (void)threads;
+#endif
+    for (int64_t pl = 0; pl < planes; ++pl)
+        for (int64_t i = 0; i < 2 * h; ++i) {
+            const float *src = x + (pl * h + i / 2) * w;
+            const float *sk = skip + (pl * 2 * h + i) * 2 * w;
+            float *dst = y + (pl * 2 * h + i) * 2 * w;
+            int64_t j = 0;
+#if BNN_AVX512
+            const __m512i twice = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+            for (; j + 8 <= w; j += 8) {
+                const __m512 v = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(_mm256_loadu_ps(src + j)));
+                _mm512_storeu_ps(dst + 2 * j, _mm512_add_ps(v, _mm512_loadu_ps(sk + 2 * j)));
+            }
+#endif
+            for (; j < w; ++j) {
+                dst[2 * j] = src[j] + sk[2 * j];
+                dst[2 * j + 1] = src[j] + sk[2 * j + 1];
+            }
+        }
+}

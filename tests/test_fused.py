@@ -8,7 +8,7 @@ from bnnctl.kernels import cpu
 from bnnctl.workers import fused
 from bnnctl.workers.binarize import BinarizeConfig
 from bnnctl.workers.blocks import GateConfig
-from bnnctl.workers.layers import ActivationConfig, BinaryConv2d
+from bnnctl.workers.layers import ActivationConfig, BinaryConv2d, BinaryLinear
 from bnnctl.workers.models import ModelConfig, build_model
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C compiler for the CPU kernel")
@@ -48,8 +48,9 @@ def _pair(cfg: ModelConfig, backend: str = "xnor"):
 
 
 def _fusable_convs(model: nn.Module) -> int:
-    return sum(isinstance(m, BinaryConv2d) and m.groups == 1 and m.binary_weights and m.binary_inputs
-               for m in model.modules())
+    """Binary convs the kernel takes (groups = 1) and binary linear layers (1x1 convs)."""
+    return sum(((isinstance(m, BinaryConv2d) and m.groups == 1) or isinstance(m, BinaryLinear))
+               and m.binary_weights and m.binary_inputs for m in model.modules())
 
 
 def _runs(monkeypatch) -> list:
@@ -104,6 +105,8 @@ def test_fused_outputs_equal_the_float_emulation(name, monkeypatch):
         assert torch.equal(a, b), f"{name}: max difference {(a - b).abs().max().item()}"
     # every binary conv that the kernel can take (groups = 1) ran fused, once
     assert len(calls) == _fusable_convs(fast) > 0
+    if cfg.arch == "alexnet":
+        assert sum(isinstance(m, BinaryLinear) for m in fast.modules()) == 2  # both FCs in the kernel too
     if cfg.arch == "unet_hourglass" and cfg.merge_groups == 2:
         assert _fusable_convs(fast) < sum(isinstance(m, BinaryConv2d) for m in fast.modules())
 
@@ -233,3 +236,33 @@ def test_packing_with_thresholds_equals_batchnorm_then_sign_in_both_kernels():
         out = torch.empty(plan.out_shape)
         plan.run(x, out=out, portable=portable)
         assert torch.equal(out, expected)
+
+
+# ------------------------------------------------------------------ pooling and upsampling
+
+
+@pytest.mark.parametrize("shape,k,s,p", [((1, 64, 128, 128), 2, 2, 0), ((2, 7, 13, 11), 3, 2, 1), ((1, 96, 55, 55), 3, 2, 0),
+                                         ((1, 3, 7, 9), 3, 1, 1), ((2, 2, 9, 9), 2, 3, 0), ((1, 5, 40, 37), 2, 2, 0)])
+def test_compiled_max_pool_equals_pytorchs_including_nan(shape, k, s, p):
+    import torch.nn.functional as F
+
+    x = torch.randn(*shape)
+    x[0, 0, 0, 0] = float("nan")  # NaN propagates, as in PyTorch
+    x[-1, -1, -1, -1] = float("inf")
+    ref, got = F.max_pool2d(x, k, s, p), cpu.max_pool2d(x, k, s, p)
+    assert torch.equal(got.isnan(), ref.isnan()) and got.isnan().any()
+    assert torch.equal(got.nan_to_num(7.0), ref.nan_to_num(7.0))
+    assert torch.equal(fused.max_pool2d(x, k, s, p).nan_to_num(7.0), ref.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("shape", [(1, 128, 32, 32), (2, 3, 5, 7), (1, 4, 1, 1)])
+def test_upsample_add_equals_interpolate_then_add(shape):
+    import torch.nn.functional as F
+
+    n, c, h, w = shape
+    x, skip = torch.randn(*shape), torch.randn(n, c, 2 * h, 2 * w)
+    expected = F.interpolate(x, scale_factor=2, mode="nearest") + skip
+    assert torch.equal(cpu.upsample2x_add(x, skip), expected)
+    assert torch.equal(fused.upsample_add(x, skip), expected)
+    odd = torch.randn(n, c, 2 * h + 1, 2 * w)  # not exactly twice: the two-step form
+    assert torch.equal(fused.upsample_add(x, odd), F.interpolate(x, size=odd.shape[-2:], mode="nearest") + odd)

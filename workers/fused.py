@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .layers import BinaryConv2d, _inference_alpha, _packed_weight
+from .layers import BinaryConv2d, BinaryLinear, _inference_alpha, _packed_weight
 
 #: kernels.cpu activation codes by activation module type.
 _NONE, _RELU, _SLOPE = 0, 1, 2
@@ -64,17 +64,21 @@ def _from_ordered(keys: Tensor) -> Tensor:
     return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
 
 
-def _decides(bn: nn.BatchNorm2d, values: Tensor, width: int = _CALIBRATION_WIDTH) -> Tensor:
-    """sign(bn(x)) >= 0 for x = values[c] in channel c, computed by the module (eval mode)."""
-    x = values.view(1, -1, 1, 1).expand(1, values.numel(), width, 1).contiguous()
-    y = bn(x) >= 0
-    agree = (y == y[:, :, :1]).all()
-    if not bool(agree):  # pragma: no cover - would mean BatchNorm rounds differently per position
+def _decides(bn: nn.Module, values: Tensor, width: int = _CALIBRATION_WIDTH) -> Tensor:
+    """sign(bn(x)) >= 0 for x = values[c] in channel c, computed by the module (eval mode); width
+    positions per channel (BatchNorm1d: a batch of ``width`` rows)."""
+    c = values.numel()
+    if isinstance(bn, nn.BatchNorm1d):
+        y = bn(values.view(1, c).expand(width, c).contiguous()) >= 0
+        y = y.t().reshape(1, c, width)
+    else:
+        y = (bn(values.view(1, c, 1, 1).expand(1, c, width, 1).contiguous()) >= 0).view(1, c, width)
+    if not bool((y == y[:, :, :1]).all()):  # pragma: no cover - BatchNorm rounding differently per position
         raise ArithmeticError("BatchNorm gave different signs for one value at different positions")
-    return y[0, :, 0, 0]
+    return y[0, :, 0]
 
 
-def _calibrate(bn: nn.BatchNorm2d):
+def _calibrate(bn: nn.Module):
     from bnnctl.kernels.cpu import Thresholds
 
     c = bn.num_features
@@ -105,7 +109,7 @@ def _calibrate(bn: nn.BatchNorm2d):
     return thresholds
 
 
-def sign_thresholds(bn: nn.BatchNorm2d):
+def sign_thresholds(bn: nn.Module):
     """The per-channel :class:`~bnnctl.kernels.cpu.Thresholds` with ``x >= t`` (or ``x <= t``)
     exactly where ``bn(x) >= 0`` (eval mode), kept while the module's statistics are unchanged."""
     key = _version_key(bn.running_mean, bn.running_var, bn.weight, bn.bias) + (bn.eps,)
@@ -115,13 +119,13 @@ def sign_thresholds(bn: nn.BatchNorm2d):
 # --------------------------------------------------------------------------- one layer
 
 
-def _activation(layer: BinaryConv2d) -> tuple[int, Tensor | None] | None:
+def _activation(layer: BinaryConv2d | BinaryLinear) -> tuple[int, Tensor | None] | None:
     act = layer.act
     if isinstance(act, nn.Identity):
         return _NONE, None
     if isinstance(act, nn.ReLU):
         return _RELU, None
-    c = layer.out_channels
+    c = layer.weight_shape[0]
     if isinstance(act, nn.LeakyReLU):
         return _SLOPE, torch.full((c,), float(act.negative_slope))
     if isinstance(act, nn.PReLU):
@@ -144,30 +148,39 @@ def _kernel_available() -> bool:
 
 def fusable(layer: nn.Module, x: Tensor) -> bool:
     """Whether ``layer`` applied to ``x`` can run fused (see the module docstring)."""
-    if not isinstance(layer, BinaryConv2d) or torch.is_grad_enabled() or layer.training or layer.bn.training:
+    if not isinstance(layer, (BinaryConv2d, BinaryLinear)) or torch.is_grad_enabled() or layer.training \
+            or layer.bn.training or layer.bn.running_mean is None:
         return False
-    if layer.backend not in ("xnor", "auto") or layer.groups != 1 or not layer.exact_binary():
+    if layer.backend not in ("xnor", "auto") or not layer.exact_binary():
         return False
-    if x.dim() != 4 or x.dtype != torch.float32 or x.device.type != "cpu" or layer.bn.running_mean is None:
+    if x.dtype != torch.float32 or x.device.type != "cpu":
         return False
-    return layer.kernel_size ** 2 <= 64 and _activation(layer) is not None and _kernel_available()
+    if isinstance(layer, BinaryLinear):
+        shape_ok = x.dim() == 2
+    else:
+        shape_ok = x.dim() == 4 and layer.groups == 1 and layer.kernel_size ** 2 <= 64
+    return shape_ok and _activation(layer) is not None and _kernel_available()
 
 
-def _plan(layer: BinaryConv2d, shape: tuple[int, int, int, int]):
-    """The layer's :class:`~bnnctl.kernels.cpu.ConvPlan` for inputs of ``shape``, kept while none of
-    its parameters and buffers (weight, alpha, BatchNorm, activation) changes."""
+def _plan(layer: BinaryConv2d | BinaryLinear, shape: tuple[int, int, int, int]):
+    """The layer's :class:`~bnnctl.kernels.cpu.ConvPlan` for inputs of ``shape`` (N, C, H, W; a
+    linear layer's (N, F) as (N, F, 1, 1)), kept while none of its parameters and buffers (weight,
+    alpha, BatchNorm, activation) changes."""
     key = (shape,) + _version_key(*layer.parameters(), *layer.buffers())
     return _cached(layer, "_bnnctl_plan", key, lambda: _make_plan(layer, shape))
 
 
-def _make_plan(layer: BinaryConv2d, shape: tuple[int, int, int, int]):
+def _make_plan(layer: BinaryConv2d | BinaryLinear, shape: tuple[int, int, int, int]):
     from bnnctl.kernels import cpu
 
     latent = layer.latent_weight().detach()
-    alpha = _inference_alpha(layer, latent)
+    alpha = _inference_alpha(layer, latent) if isinstance(layer, BinaryConv2d) else layer.alpha(latent)
     act, slope = _activation(layer)  # type: ignore[misc]
-    return cpu.ConvPlan(shape, _packed_weight(layer, latent), layer.stride, layer.padding,
-                        thresholds=sign_thresholds(layer.bn),
+    if isinstance(layer, BinaryConv2d):
+        packed, stride, padding = _packed_weight(layer, latent), layer.stride, layer.padding
+    else:  # a linear layer is a 1x1 convolution of a 1x1 map
+        packed, stride, padding = cpu.pack_weight(latent.reshape(*latent.shape, 1, 1)), 1, 0
+    return cpu.ConvPlan(shape, packed, stride, padding, thresholds=sign_thresholds(layer.bn),
                         alpha=None if alpha is None else alpha.detach().to(torch.float32).contiguous(),
                         act=act, slope=slope)
 
@@ -191,14 +204,19 @@ def _checked(module: nn.Module, backend: str, x: Tensor, out: Tensor, reference:
     return _cached(module, "_bnnctl_fused_checked", key, compare)
 
 
-def layer_forward(layer: BinaryConv2d, x: Tensor, reference: Callable[[], Tensor]) -> Tensor | None:
-    """The whole layer (BatchNorm, sign, conv, alpha, activation) in one kernel call, or None where
-    it does not apply. ``reference`` computes the layer-by-layer result (see :func:`_checked`)."""
+def layer_forward(layer: BinaryConv2d | BinaryLinear, x: Tensor, reference: Callable[[], Tensor]) -> Tensor | None:
+    """The whole layer (BatchNorm, sign, conv or linear, alpha, activation) in one kernel call, or
+    None where it does not apply. ``reference`` computes the layer-by-layer result (see :func:`_checked`)."""
     if not fusable(layer, x):
         return None
+    linear = x.dim() == 2
+    if linear:
+        x = x.reshape(*x.shape, 1, 1)
     plan = _plan(layer, tuple(x.shape))
     out = torch.empty(plan.out_shape)
     plan.run(x, out=out)
+    if linear:
+        out, x = out.view(out.shape[:2]), x.view(x.shape[:2])
     return out if _checked(layer, layer.backend, x, out, reference) else None
 
 
@@ -261,8 +279,13 @@ def fast_glue(backend: str, x: Tensor) -> bool:
 
 
 def max_pool2d(x: Tensor, kernel: int, stride: int, padding: int) -> Tensor:
-    """F.max_pool2d(x, kernel, stride, padding) as the maximum of kernel^2 strided views: the same
-    values (a maximum is exact), several times faster than PyTorch 2.13's one-thread CPU kernel."""
+    """F.max_pool2d(x, kernel, stride, padding), the same values (a maximum is exact): the compiled
+    kernel's pooling, else the maximum of kernel^2 strided views (both several times faster than
+    PyTorch 2.13's one-thread CPU kernel)."""
+    if _kernel_available() and x.dtype == torch.float32 and 2 * padding <= kernel:
+        from bnnctl.kernels import cpu
+
+        return cpu.max_pool2d(x, kernel, stride, padding)
     n, c, h, w = x.shape
     oh, ow = (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
     if padding:
@@ -278,10 +301,14 @@ def max_pool2d(x: Tensor, kernel: int, stride: int, padding: int) -> Tensor:
 
 
 def upsample_add(x: Tensor, skip: Tensor) -> Tensor:
-    """F.interpolate(x, size=skip's, mode="nearest") + skip in one broadcast sum where ``skip`` is
-    exactly twice ``x``'s size (the same additions, no upsampled copy); the two steps otherwise."""
+    """F.interpolate(x, size=skip's, mode="nearest") + skip in one pass where ``skip`` is exactly
+    twice ``x``'s size (the same additions, no upsampled copy); the two steps otherwise."""
     n, c, h, w = x.shape
     if tuple(skip.shape) == (n, c, 2 * h, 2 * w):
+        if _kernel_available() and x.dtype == skip.dtype == torch.float32:
+            from bnnctl.kernels import cpu
+
+            return cpu.upsample2x_add(x, skip)
         return (x.view(n, c, h, 1, w, 1) + skip.view(n, c, h, 2, w, 2)).view(n, c, 2 * h, 2 * w)
     return torch.nn.functional.interpolate(x, size=skip.shape[-2:], mode="nearest") + skip
 

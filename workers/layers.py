@@ -413,15 +413,28 @@ class BinaryConv2d(_BinaryLayer):
 
 
 class BinaryLinear(_BinaryLayer):
-    """BatchNorm1d -> binarize input -> linear with alpha * sign(W) -> activation (AlexNet's FCs)."""
+    """BatchNorm1d -> binarize input -> linear with alpha * sign(W) -> activation (AlexNet's FCs).
+    Training and the float backend use F.linear; inference with "xnor"/"auto" runs it in the XNOR
+    kernel as a 1x1 convolution (workers/fused.py)."""
 
     def __init__(self, in_features: int, out_features: int,
                  binarize: BinarizeConfig = BinarizeConfig(),
-                 activation: ActivationConfig = ActivationConfig()) -> None:
+                 activation: ActivationConfig = ActivationConfig(), backend: str = "float") -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.backend = backend
+        CONV_BACKENDS.get(backend, "backend")
         self.bn = nn.BatchNorm1d(in_features)
         self._init_binary(binarize, activation, out_features, (out_features, in_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.backend != "float" and not torch.is_grad_enabled():  # inference: a 1x1 XNOR conv, fused
+            from . import fused
+
+            y = fused.layer_forward(self, x, lambda: super(BinaryLinear, self).forward(x))
+            if y is not None:
+                return y
+        return super().forward(x)
 
     def _operate(self, x: Tensor, w: Tensor, alpha: Tensor | None) -> Tensor:
         return _scale(F.linear(x, w), alpha)

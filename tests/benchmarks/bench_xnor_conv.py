@@ -2,16 +2,17 @@
 layer shapes, after a correctness check on each shape.
 
 - CPU: compiled kernel (input packing and the Python call included, weights packed once) vs F.conv2d
-  float32, one thread by default (--threads N for more; the kernel uses OpenMP where it was built
-  with it). Target (issue 7): >= 8x. Each operation is timed in its own loop (median of --repeats
+  float32, one thread by default (--threads 1 2 for several; the kernel uses OpenMP where it was
+  built with it). Target (issue 7): >= 8x. Each operation is timed in its own loop (median of --repeats
   calls), in --rounds rounds that alternate float and XNOR after a warm-up; the speed-up reported is
-  the median over rounds, so a slow spell of a shared machine does not decide it. Then two whole
-  networks in evaluation, backend "float" vs "xnor", with their outputs compared.
+  the median over rounds, so a slow spell of a shared machine does not decide it. Then whole
+  networks in evaluation, backend "float" vs "xnor" (fused binary inference), outputs compared.
+  Goals (issue 19): kernel geometric mean >= 20x; hourglass >= 6x, ResNet-18 >= 10x.
 - GPU (when CUDA and CuPy are present): the CuPy kernels -- CUDA-core popcount and, on sm_80+, 1-bit
   tensor cores -- vs cuDNN FP16 and BF16 at batch 1 and 32, timed with CUDA events after a
   correctness check. Target: >= 1x at batch 1.
 
-    .venv/bin/python tests/benchmarks/bench_xnor_conv.py [--batch 1] [--threads 1] [--repeats 20] [--rounds 5]
+    .venv/bin/python tests/benchmarks/bench_xnor_conv.py [--batch 1] [--threads 1 2] [--repeats 20] [--rounds 5]
 """
 from __future__ import annotations
 
@@ -77,27 +78,55 @@ def run_cpu(batch: int, threads: int, repeats: int, rounds: int) -> None:
           f"(target >= 8x)")
 
 
-def run_networks(threads: int, repeats: int) -> None:
-    """Whole networks in evaluation (torch.no_grad), backend "float" vs "xnor": everything included
-    (BatchNorm, activations, the real first and last layers, pooling)."""
+NETWORKS = (("hourglass width 128, 1 stack, 256x256", dict(width=128, num_outputs=16), 256),
+            ("ResNet-18, 224x224", dict(arch="resnet18", num_outputs=1000), 224),
+            ("AlexNet, 224x224", dict(arch="alexnet", num_outputs=1000), 224))
+
+
+def run_networks(threads: int, repeats: int, rounds: int) -> None:
+    """Whole networks in evaluation (torch.no_grad, batch 1), backend "float" (PyTorch float32, the
+    baseline) vs "xnor" (fused binary inference: workers/fused.py), everything included (the real
+    first and last layers, pooling, upsampling); outputs compared first. Also "xnor" with PyTorch's
+    own pooling/upsampling (``fused convs only``), to show what the faster exact forms add, and the
+    real-valued network of the same architecture (float weights: no binarization done per call, as
+    the float emulation of a binary network does). Rounds alternate them; each figure is the median
+    over rounds of each round's median."""
+    from bnnctl.workers import fused
     from bnnctl.workers.models import ModelConfig, build_model
 
     torch.set_num_threads(threads)
-    print(f"Whole networks, eval, batch 1, {threads} thread(s), median of {repeats}:")
-    for label, kw, shape in (("hourglass width 128, 1 stack", dict(width=128, num_outputs=16), (1, 3, 256, 256)),
-                             ("ResNet-18", dict(arch="resnet18", num_outputs=1000), (1, 3, 224, 224))):
-        x = torch.randn(*shape)
-        times, outputs = {}, {}
+    print(f"Whole networks, eval, batch 1, {threads} thread(s), median of {repeats} calls, median of {rounds} rounds:")
+    for label, kw, size in NETWORKS:
+        x = torch.randn(1, 3, size, size)
+        models = {}
         for backend in ("float", "xnor"):
             torch.manual_seed(0)
-            model = build_model(ModelConfig(backend=backend, **kw)).eval()
-            with torch.no_grad():
-                out = model(x)
-                outputs[backend] = out[-1] if isinstance(out, list) else out
-                times[backend] = cpu_time(lambda m=model: m(x), repeats)
-        assert torch.equal(outputs["float"], outputs["xnor"]), "mismatch"
-        print(f"  {label:30s} float {times['float'] * 1e3:7.1f} ms  xnor {times['xnor'] * 1e3:7.1f} ms  "
-              f"{times['float'] / times['xnor']:.2f}x (outputs identical)")
+            models[backend] = build_model(ModelConfig(backend=backend, **kw)).eval()
+        models["real"] = build_model(ModelConfig(**kw).real()).eval()
+        glue = fused.fast_glue
+        calls = {"float": lambda: models["float"](x), "xnor": lambda: models["xnor"](x),
+                 "real": lambda: models["real"](x)}
+
+        def convs_only():
+            fused.fast_glue = lambda backend, t: False
+            try:
+                return models["xnor"](x)
+            finally:
+                fused.fast_glue = glue
+        calls["convs only"] = convs_only
+        with torch.no_grad():
+            outs = {k: fn() for k, fn in calls.items()}
+            last = {k: o[-1] if isinstance(o, list) else o for k, o in outs.items()}
+            assert torch.equal(last["float"], last["xnor"]) and torch.equal(last["float"], last["convs only"]), "mismatch"
+            samples: dict[str, list[float]] = {k: [] for k in calls}
+            for _ in range(rounds):
+                for k, fn in calls.items():
+                    samples[k].append(cpu_time(fn, repeats))
+        t = {k: statistics.median(v) for k, v in samples.items()}
+        ratio = statistics.median(f / b for f, b in zip(samples["float"], samples["xnor"]))
+        print(f"  {label:38s} float {t['float'] * 1e3:7.1f} ms  xnor {t['xnor'] * 1e3:6.1f} ms  {ratio:5.2f}x  "
+              f"(fused convs only: {t['convs only'] * 1e3:6.1f} ms, {t['float'] / t['convs only']:.2f}x; outputs identical; "
+              f"the real-valued network: {t['real'] * 1e3:.1f} ms, {t['real'] / t['xnor']:.2f}x)")
 
 
 def run_gpu(repeats: int) -> None:
@@ -142,12 +171,13 @@ def run_gpu(repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1], help="one or more thread counts")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    run_cpu(args.batch, args.threads, args.repeats, args.rounds)
-    run_networks(args.threads, max(args.repeats // 4, 3))
+    for threads in args.threads:
+        run_cpu(args.batch, threads, args.repeats, args.rounds)
+        run_networks(threads, max(args.repeats // 4, 3), args.rounds)
     run_gpu(args.repeats)
 
 

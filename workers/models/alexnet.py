@@ -37,8 +37,8 @@ class BinaryAlexNet(nn.Module):
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            BinaryLinear(c[4] * 36, fc, cfg.binarize, cfg.activation),
-            BinaryLinear(fc, fc, cfg.binarize, cfg.activation),
+            BinaryLinear(c[4] * 36, fc, cfg.binarize, cfg.activation, cfg.backend),
+            BinaryLinear(fc, fc, cfg.binarize, cfg.activation, cfg.backend),
             nn.Linear(fc, cfg.num_outputs),  # the last layer stays real
         )
 
