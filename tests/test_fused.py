@@ -266,3 +266,22 @@ def test_upsample_add_equals_interpolate_then_add(shape):
     assert torch.equal(fused.upsample_add(x, skip), expected)
     odd = torch.randn(n, c, 2 * h + 1, 2 * w)  # not exactly twice: the two-step form
     assert torch.equal(fused.upsample_add(x, odd), F.interpolate(x, size=odd.shape[-2:], mode="nearest") + odd)
+
+
+def test_the_stems_batchnorm_and_relu_fold_into_the_first_blocks_thresholds(monkeypatch):
+    """Hourglass stem: conv -> BatchNorm -> ReLU -> a block with a projection; in fused inference
+    the BatchNorm and ReLU never run on the data (their effect is in the block's input thresholds),
+    and the outputs are the float emulation's."""
+    ref, fast = _pair(CASES["hourglass-1-stack"])
+    x = torch.randn(2, 3, 32, 32)
+    _outputs(fast, x)  # thresholds calibrated (through the modules themselves) on the first call
+    seen = []
+    for module in (fast.stem[1], fast.stem[2]):
+        module.register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    for a, b in zip(_outputs(fast, x), _outputs(ref, x)):
+        assert torch.equal(a, b)
+    assert seen == []
+    with torch.no_grad():  # a changed BatchNorm is noticed: recalibrated, still identical
+        for model in (ref, fast):
+            model.stem[1].running_mean.add_(0.3)
+    assert torch.equal(_outputs(fast, x)[-1], _outputs(ref, x)[-1])

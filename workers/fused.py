@@ -64,32 +64,34 @@ def _from_ordered(keys: Tensor) -> Tensor:
     return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
 
 
-def _decides(bn: nn.Module, values: Tensor, width: int = _CALIBRATION_WIDTH) -> Tensor:
-    """sign(bn(x)) >= 0 for x = values[c] in channel c, computed by the module (eval mode); width
-    positions per channel (BatchNorm1d: a batch of ``width`` rows)."""
+def _decides(chain: tuple[nn.Module, ...], values: Tensor, width: int = _CALIBRATION_WIDTH) -> Tensor:
+    """chain(x) >= 0 for x = values[c] in channel c, computed by the modules themselves (eval mode;
+    per-channel operations: BatchNorm, ReLU), at ``width`` positions per channel (BatchNorm1d: a batch
+    of ``width`` rows)."""
     c = values.numel()
-    if isinstance(bn, nn.BatchNorm1d):
-        y = bn(values.view(1, c).expand(width, c).contiguous()) >= 0
-        y = y.t().reshape(1, c, width)
-    else:
-        y = (bn(values.view(1, c, 1, 1).expand(1, c, width, 1).contiguous()) >= 0).view(1, c, width)
+    one_d = isinstance(chain[-1], nn.BatchNorm1d)
+    y = values.view(1, c).expand(width, c) if one_d else values.view(1, c, 1, 1).expand(1, c, width, 1)
+    y = y.contiguous()
+    for module in chain:
+        y = module(y)
+    y = (y >= 0).t().reshape(1, c, width) if one_d else (y >= 0).view(1, c, width)
     if not bool((y == y[:, :, :1]).all()):  # pragma: no cover - BatchNorm rounding differently per position
         raise ArithmeticError("BatchNorm gave different signs for one value at different positions")
     return y[0, :, 0]
 
 
-def _calibrate(bn: nn.Module):
+def _calibrate(chain: tuple[nn.Module, ...]):
     from bnnctl.kernels.cpu import Thresholds
 
-    c = bn.num_features
+    c = chain[-1].num_features
     lo_val, hi_val = torch.full((c,), -FLOAT_MAX), torch.full((c,), FLOAT_MAX)
-    at_lo, at_hi = _decides(bn, lo_val), _decides(bn, hi_val)
+    at_lo, at_hi = _decides(chain, lo_val), _decides(chain, hi_val)
     increasing = ~at_lo & at_hi  # else decreasing (at_lo & ~at_hi) or constant (at_lo == at_hi)
     lo, hi = _ordered(lo_val), _ordered(hi_val)
     # invariant: the decision differs between lo and hi (for non-constant channels)
     while bool((hi - lo > 1).any()):
         mid = (lo + hi) // 2
-        decided = _decides(bn, _from_ordered(mid))
+        decided = _decides(chain, _from_ordered(mid))
         go_down = decided == increasing  # increasing: true at mid -> the boundary is below
         hi = torch.where(go_down, mid, hi)
         lo = torch.where(go_down, lo, mid)
@@ -102,18 +104,22 @@ def _calibrate(bn: nn.Module):
     thresholds = Thresholds(value.contiguous(), flip.to(torch.uint8).contiguous())
     # the decision at the threshold and just beyond it, in the scalar BatchNorm path too
     for width in (1, _CALIBRATION_WIDTH):
-        check = _decides(bn, value, width)
-        beyond = _decides(bn, torch.nextafter(value, torch.where(flip.bool(), hi_val, lo_val)), width)
+        check = _decides(chain, value, width)
+        beyond = _decides(chain, torch.nextafter(value, torch.where(flip.bool(), hi_val, lo_val)), width)
         if not bool((check | constant).all()) or bool((beyond & ~constant).any()):  # pragma: no cover
             raise ArithmeticError("BatchNorm's sign is not monotone in its input")
     return thresholds
 
 
-def sign_thresholds(bn: nn.Module):
+def sign_thresholds(bn: nn.Module, prefix: tuple[nn.Module, ...] = ()):
     """The per-channel :class:`~bnnctl.kernels.cpu.Thresholds` with ``x >= t`` (or ``x <= t``)
-    exactly where ``bn(x) >= 0`` (eval mode), kept while the module's statistics are unchanged."""
-    key = _version_key(bn.running_mean, bn.running_var, bn.weight, bn.bias) + (bn.eps,)
-    return _cached(bn, "_bnnctl_thresholds", key, lambda: _calibrate(bn))
+    exactly where ``bn(x) >= 0`` (eval mode), or ``bn(prefix(x)) >= 0`` with monotone per-channel
+    ``prefix`` modules before it (a BatchNorm and ReLU folded in too); kept while the modules'
+    parameters and statistics are unchanged."""
+    chain = (*prefix, bn)
+    key = tuple(id(m) for m in chain) + _version_key(*(t for m in chain for t in (*m.parameters(), *m.buffers())))
+    attr = "_bnnctl_thresholds_prefixed" if prefix else "_bnnctl_thresholds"
+    return _cached(bn, attr, key, lambda: _calibrate(chain))
 
 
 # --------------------------------------------------------------------------- one layer
@@ -170,7 +176,14 @@ def _plan(layer: BinaryConv2d | BinaryLinear, shape: tuple[int, int, int, int]):
     return _cached(layer, "_bnnctl_plan", key, lambda: _make_plan(layer, shape))
 
 
-def _make_plan(layer: BinaryConv2d | BinaryLinear, shape: tuple[int, int, int, int]):
+def _prefixed_plan(layer: BinaryConv2d, shape: tuple[int, int, int, int], prefix: tuple[nn.Module, ...]):
+    """The layer's plan for an input that ``prefix`` (per-channel modules) has not been applied to yet."""
+    tensors = (*layer.parameters(), *layer.buffers(), *(t for m in prefix for t in (*m.parameters(), *m.buffers())))
+    key = (shape,) + tuple(id(m) for m in prefix) + _version_key(*tensors)
+    return _cached(layer, "_bnnctl_plan_prefixed", key, lambda: _make_plan(layer, shape, prefix))
+
+
+def _make_plan(layer: BinaryConv2d | BinaryLinear, shape: tuple[int, int, int, int], prefix: tuple[nn.Module, ...] = ()):
     from bnnctl.kernels import cpu
 
     latent = layer.latent_weight().detach()
@@ -180,7 +193,7 @@ def _make_plan(layer: BinaryConv2d | BinaryLinear, shape: tuple[int, int, int, i
         packed, stride, padding = _packed_weight(layer, latent), layer.stride, layer.padding
     else:  # a linear layer is a 1x1 convolution of a 1x1 map
         packed, stride, padding = cpu.pack_weight(latent.reshape(*latent.shape, 1, 1)), 1, 0
-    return cpu.ConvPlan(shape, packed, stride, padding, thresholds=sign_thresholds(layer.bn),
+    return cpu.ConvPlan(shape, packed, stride, padding, thresholds=sign_thresholds(layer.bn, prefix),
                         alpha=None if alpha is None else alpha.detach().to(torch.float32).contiguous(),
                         act=act, slope=slope)
 
@@ -233,20 +246,32 @@ def _gate(block: nn.Module, channels: int) -> Tensor | None:
 
 
 def block_forward(block: nn.Module, convs: list[BinaryConv2d], x: Tensor, concat: bool,
-                  reference: Callable[[], Tensor]) -> Tensor | None:
+                  reference: Callable[[], Tensor], prefix: tuple[nn.Module, ...] = ()) -> Tensor | None:
     """A residual block ``residual(x) + gate(skip(x))`` whose residual chains ``convs`` (each
     conv's output the next one's input), fused; ``concat``: the residual is the concatenation of
     every conv's output (HPM), else the last conv's output. None where it does not apply.
-    ``reference`` computes the layer-by-layer result (see :func:`_checked`)."""
+    ``reference`` computes the layer-by-layer result (see :func:`_checked`).
+
+    ``prefix``: per-channel monotone modules (BatchNorm, ReLU) still to be applied to ``x``, folded
+    into the thresholds of the first conv and of the skip's projection, which are the only readers
+    of the block's input then (no float copy of it is ever made); a block with an identity skip
+    needs that input as floats and returns None."""
     if not all(fusable(c, x) for c in convs):
+        return None
+    if prefix and (block.proj is None or not fusable(block.proj, x)):
         return None
     plans, shape = [], tuple(x.shape)
     for layer in convs:
-        plans.append(_plan(layer, shape))
+        plans.append(_prefixed_plan(layer, shape, prefix) if prefix and not plans else _plan(layer, shape))
         shape = plans[-1].out_shape
     n, _, oh, ow = shape
     channels = sum(p.out_shape[1] for p in plans) if concat else shape[1]
-    skip = x if block.proj is None else block.proj(x)
+    if prefix:
+        proj = _prefixed_plan(block.proj, tuple(x.shape), prefix)
+        skip = torch.empty(proj.out_shape)
+        proj.run(x, out=skip)
+    else:
+        skip = x if block.proj is None else block.proj(x)
     if tuple(skip.shape) != (n, channels, oh, ow) or skip.dtype != torch.float32:
         return None
     skip = skip.contiguous()
@@ -267,6 +292,18 @@ def block_forward(block: nn.Module, convs: list[BinaryConv2d], x: Tensor, concat
             plan.run(source, packed_out=packed_out, out_thresholds=out_thresholds)
         source = packed_out
     return out if _checked(block, convs[0].backend, x, out, reference) else None
+
+
+def prefixed_block(block: nn.Module, x: Tensor, prefix: tuple[nn.Module, ...]) -> Tensor | None:
+    """``block(prefix(x))`` fused with ``prefix`` folded into the block's input thresholds (see
+    :func:`block_forward`), or None where that does not apply."""
+    def reference() -> Tensor:
+        y = x
+        for m in prefix:
+            y = m(y.clone())
+        return block(y)
+
+    return block_forward(block, [getattr(block, n) for n in block.CONVS], x, block.CONCAT, reference, prefix)
 
 
 # --------------------------------------------------------------------------- pooling and upsampling

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..blocks import make_block
+from .. import fused
 from ..fused import MaxPool2d, fast_glue, max_pool2d, upsample_add
 from ..layers import ActivationConfig
 from .config import MODELS, Architecture, ModelConfig
@@ -99,6 +100,7 @@ class StackedHourglass(nn.Module):
         cfg = cfg.resolved()
         assert cfg.width is not None and cfg.block is not None
         w = cfg.width
+        self.backend = cfg.backend
         conv = cfg.conv_factory()
 
         def make(cin: int, cout: int, **kwargs) -> nn.Module:
@@ -117,10 +119,19 @@ class StackedHourglass(nn.Module):
             HourglassStack(cfg, make, last=(i == cfg.stacks - 1), merge=merge) for i in range(cfg.stacks)
         )
 
+    def _stem(self, x: Tensor) -> Tensor:
+        if fast_glue(self.backend, x):  # inference: the stem's BatchNorm and ReLU folded into the
+            y = self.stem[0](x)          # first block's input thresholds (no float map between them)
+            z = fused.prefixed_block(self.stem[3], y, (self.stem[1], self.stem[2]))
+            if z is not None:
+                return self.stem[4:](z)
+            return self.stem[1:](y)
+        return self.stem(x)
+
     def forward(self, x: Tensor, return_features: bool = False):
         """Heatmaps of every stack; with ``return_features``, also each stack's features before
         its head (used for feature-matching distillation)."""
-        x = self.stem(x)
+        x = self._stem(x)
         outputs, features_out = [], []
         for stack in self.stacks:
             features, heatmaps = stack(x)
