@@ -50,6 +50,18 @@ def _version_key(*tensors: Tensor | None) -> tuple:
     return tuple((None, None) if t is None else (t.data_ptr(), t._version) for t in tensors)
 
 
+def _state(module: nn.Module, out: list | None = None) -> list:
+    """Every parameter and buffer of ``module`` and its children (what ``parameters()`` and
+    ``buffers()`` give, a third of the time: this runs for every layer of every fused forward)."""
+    out = [] if out is None else out
+    out.extend(module._parameters.values())
+    out.extend(module._buffers.values())
+    for child in module._modules.values():
+        if child is not None:
+            _state(child, out)
+    return out
+
+
 # --------------------------------------------------------------------------- BatchNorm + sign
 
 
@@ -172,13 +184,15 @@ def _plan(layer: BinaryConv2d | BinaryLinear, shape: tuple[int, int, int, int]):
     """The layer's :class:`~bnnctl.kernels.cpu.ConvPlan` for inputs of ``shape`` (N, C, H, W; a
     linear layer's (N, F) as (N, F, 1, 1)), kept while none of its parameters and buffers (weight,
     alpha, BatchNorm, activation) changes."""
-    key = (shape,) + _version_key(*layer.parameters(), *layer.buffers())
+    key = (shape,) + _version_key(*_state(layer))
     return _cached(layer, "_bnnctl_plan", key, lambda: _make_plan(layer, shape))
 
 
 def _prefixed_plan(layer: BinaryConv2d, shape: tuple[int, int, int, int], prefix: tuple[nn.Module, ...]):
     """The layer's plan for an input that ``prefix`` (per-channel modules) has not been applied to yet."""
-    tensors = (*layer.parameters(), *layer.buffers(), *(t for m in prefix for t in (*m.parameters(), *m.buffers())))
+    tensors = _state(layer)
+    for m in prefix:
+        _state(m, tensors)
     key = (shape,) + tuple(id(m) for m in prefix) + _version_key(*tensors)
     return _cached(layer, "_bnnctl_plan_prefixed", key, lambda: _make_plan(layer, shape, prefix))
 
@@ -204,7 +218,7 @@ def _checked(module: nn.Module, backend: str, x: Tensor, out: Tensor, reference:
     warning, where they differ; "xnor" trusts the kernel."""
     if backend != "auto":
         return True
-    key = (tuple(x.shape),) + _version_key(*module.parameters(), *module.buffers())
+    key = (tuple(x.shape),) + _version_key(*_state(module))
 
     def compare() -> bool:
         same = torch.equal(out, reference())
