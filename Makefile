@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; on a CUDA machine install your torch build into the venv first (README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run test bench clean browser postgres
+.PHONY: setup run test bench clean browser postgres gpu-check
 
 setup: $(VENV)/.bnnctl-installed
 
@@ -43,6 +43,14 @@ test: setup browser postgres
 
 bench: setup
 	$(PY) tests/benchmarks/bench_binary_vs_real.py
+
+# The GPU check, in one command, on a machine with a CUDA GPU whose python has torch and CuPy (nothing
+# else: no Ray, MLflow, Optuna, ... and no network): the CuPy kernels' tests against the float
+# emulation, then their timings against cuDNN FP16/BF16.
+gpu-check:
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_kernels.py -k gpu
+	$(PYTHON) tests/benchmarks/bench_xnor_conv.py --gpu-only
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

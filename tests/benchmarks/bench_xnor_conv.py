@@ -12,7 +12,7 @@ layer shapes, after a correctness check on each shape.
   tensor cores -- vs cuDNN FP16 and BF16 at batch 1 and 32, timed with CUDA events after a
   correctness check. Target: >= 1x at batch 1.
 
-    .venv/bin/python tests/benchmarks/bench_xnor_conv.py [--batch 1] [--threads 1 2] [--repeats 20] [--rounds 5]
+    .venv/bin/python tests/benchmarks/bench_xnor_conv.py [--batch 1] [--threads 1 2] [--repeats 20] [--rounds 5] [--gpu-only]
 """
 from __future__ import annotations
 
@@ -174,7 +174,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1], help="one or more thread counts")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--gpu-only", action="store_true", help="only the GPU part (the device check: `make gpu-check`)")
     args = parser.parse_args()
+    if args.gpu_only:
+        run_gpu(args.repeats)
+        return
     for threads in args.threads:
         run_cpu(args.batch, threads, args.repeats, args.rounds)
         run_networks(threads, max(args.repeats // 4, 3), args.rounds)
