@@ -158,7 +158,8 @@ def latency(results: list[dict | None], statuses: list[str]) -> tuple[float | No
              if st == "completed" and r and (r.get("latency") or {}).get("binary_ms") is not None]
     if not found:
         return None, None, set()
-    return (statistics.median(f["binary_ms"] for f in found), statistics.median(f["float_ms"] for f in found),
+    floats = [f["float_ms"] for f in found if f.get("float_ms") is not None]  # none for real-valued networks
+    return (statistics.median(f["binary_ms"] for f in found), statistics.median(floats) if floats else None,
             {f.get("machine", "?") for f in found})
 
 

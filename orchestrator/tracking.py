@@ -209,7 +209,7 @@ class Tracker:
             final = {f"final.{k}": v for k, v in result["metrics"].items()}
             final.update({f"accounting.{k}": v for k, v in result["accounting"].items()})
             final.update({f"latency.{k}": v for k, v in (result.get("latency") or {}).items()
-                          if k in ("binary_ms", "float_ms", "speedup")})
+                          if k in ("binary_ms", "float_ms", "speedup") and v is not None})
             final["best." + result["metric"]] = result["best_metric"]
             self.client.log_batch(run_id, metrics=[Metric(metric_name(k), float(v), ts, result["epochs_done"])
                                                    for k, v in final.items()])

@@ -204,3 +204,10 @@ def test_a_finished_run_measures_its_deployed_latency_unless_switched_off(synth_
     from bnnctl.orchestrator.plan import identity
 
     assert identity(tiny(synth_root), ()) == identity(tiny(synth_root, latency=False), ())
+
+
+def test_a_real_valued_network_reports_its_latency_without_a_speed_up(synth_root, tmp_path):
+    result = run_variant(tiny(synth_root, epochs=1, model=ModelConfig(width=16, depth=2).real()),
+                         LocalReporter(tmp_path / "r"))
+    assert result.latency["binary_ms"] > 0 and result.latency["float_ms"] is None and result.latency["speedup"] is None
+    assert result.latency["binary_layers"] is False

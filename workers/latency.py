@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layers import binary_layers
 from .models import ModelConfig, build_model
 from .reparam import materialize
 
@@ -61,12 +62,14 @@ def _median_ms(fn, repeats: int) -> float:
 
 def measure(model: nn.Module, cfg: ModelConfig, input_size: int, *, repeats: int = REPEATS,
             rounds: int = ROUNDS) -> dict[str, Any]:
-    """{"binary_ms", "float_ms", "speedup", "machine", "threads", "batch", "input"} of ``model``;
-    ``model`` itself is not changed. Raises ArithmeticError if the binary model's outputs differ
-    from the float one's."""
+    """{"binary_ms", "float_ms", "speedup", "machine", "threads", "batch", "input", ...} of
+    ``model`` (a network without binary layers: its float32 latency as "binary_ms", no "float_ms"
+    or "speedup"); ``model`` itself is not changed. Raises ArithmeticError if the binary model's
+    outputs differ from the float one's."""
     from bnnctl import kernels
 
-    models = {b: _deployed(model, cfg, b) for b in ("float", "xnor")}
+    binary = any(layer.binary_weights and layer.binary_inputs for _, layer in binary_layers(model))
+    models = {b: _deployed(model, cfg, b) for b in (("float", "xnor") if binary else ("float",))}
     x = torch.randn(1, cfg.in_channels, input_size, input_size, generator=torch.Generator().manual_seed(0))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -74,7 +77,7 @@ def measure(model: nn.Module, cfg: ModelConfig, input_size: int, *, repeats: int
         with torch.no_grad():
             out = {b: m(x) for b, m in models.items()}
             first = {b: o[-1] if isinstance(o, list) else o for b, o in out.items()}
-            if not torch.equal(first["float"], first["xnor"]):
+            if binary and not torch.equal(first["float"], first["xnor"]):
                 raise ArithmeticError("the binary model's outputs differ from the float model's")
             for m in models.values():
                 for _ in range(WARMUP):
@@ -85,6 +88,10 @@ def measure(model: nn.Module, cfg: ModelConfig, input_size: int, *, repeats: int
                     samples[b].append(_median_ms(lambda m=m: m(x), repeats))
     finally:
         torch.set_num_threads(threads)
-    f, b = statistics.median(samples["float"]), statistics.median(samples["xnor"])
+    f = statistics.median(samples["float"])
+    if not binary:  # a real-valued network: its latency, no binary counterpart to compare
+        return {"binary_ms": round(f, 3), "float_ms": None, "speedup": None, "machine": machine(), "threads": 1,
+                "batch": 1, "input": input_size, "kernel": kernels.available("cpu"), "binary_layers": False}
+    b = statistics.median(samples["xnor"])
     return {"binary_ms": round(b, 3), "float_ms": round(f, 3), "speedup": round(f / b, 2), "machine": machine(),
-            "threads": 1, "batch": 1, "input": input_size, "kernel": kernels.available("cpu")}
+            "threads": 1, "batch": 1, "input": input_size, "kernel": kernels.available("cpu"), "binary_layers": True}
