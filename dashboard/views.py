@@ -10,10 +10,7 @@ from datetime import datetime
 
 from bnnctl.orchestrator.report import ALPHA, build_tables, reported, sources, table_data
 from bnnctl.orchestrator.tracking import flatten
-from bnnctl.workers.metrics import HEADLINE_METRICS
-
-TRACKED = ("train_loss", "val_loss", "pckh", "pck", "top1", "top5", "pckh_approx", "lambda", "lr",
-           "flip_ratio", "clip_fraction")
+from bnnctl.workers.metrics import CURVES, HEADLINE_METRICS
 
 
 class NotFound(LookupError):
@@ -245,7 +242,7 @@ def variant(store, key: str, study_name: str | None = None, mlflow_url: str | No
                 diff.append({"path": path, "baseline": base_flat.get(path), "value": mine_flat.get(path)})
     history = store.metrics(key)
     curves = {name: {"epochs": [e for e, _ in pts], "values": [x for _, x in pts]}
-              for name, pts in history.items() if name in TRACKED or name.startswith("lambda/")}
+              for name, pts in history.items() if name in CURVES or name.startswith("lambda/")}
     result = v.result or {}
     report = reported_value = None
     if study_name and s.spec.get("kind", "study") == "study" and result:  # the study's reporting rule

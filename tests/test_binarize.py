@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnnctl.workers.binarize import APPROXIMATIONS, AlphaScale, BinarizeConfig, Quantizer, hard_sign, sign_ste
+from bnnctl.workers.binarize import QUANTIZERS, AlphaScale, BinarizeConfig, Quantizer, hard_sign, sign_ste
 from bnnctl.workers.errors import ConfigError
 from bnnctl.workers.layers import ActivationConfig, BinaryConv2d
 
@@ -18,9 +18,9 @@ def test_ste_gradient_is_one_inside_clip_and_zero_outside():
     assert x.grad.tolist() == [0.0, 0.0, 2.0, 2.0, 2.0, 2.0, 2.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("kind", APPROXIMATIONS.names())
+@pytest.mark.parametrize("kind", [n for n in QUANTIZERS.names() if not QUANTIZERS.get(n).exact])
 def test_approximation_tends_to_sign_with_finite_gradient(kind):
-    fn = APPROXIMATIONS.get(kind)
+    fn = QUANTIZERS.get(kind).approximate
     x = torch.cat([torch.linspace(-2, -0.05, 50), torch.linspace(0.05, 2, 50)])
     errors = []
     for lam in (1.0, 10.0, 100.0, 1e3, 1e4, 1e5):
@@ -55,7 +55,8 @@ def test_binarized_weights_take_exactly_plus_minus_alpha_per_channel(alpha):
     if alpha == "learned":  # free to change sign and magnitude
         with torch.no_grad():
             layer.alpha.value.copy_(torch.tensor([0.5, -2.0, 1e-3, 3.0, -0.1]))
-    w = layer.effective_weight().detach()
+    signs, scale = layer.quantized_weight()
+    w = (signs if scale is None else signs * scale.view(-1, 1, 1, 1)).detach()  # what the layer multiplies by
     latent = layer.latent_weight().detach()
     expected_alpha = {"none": torch.ones(5), "analytic": latent.abs().flatten(1).mean(1),
                       "learned": torch.tensor([0.5, -2.0, 1e-3, 3.0, -0.1])}[alpha]
@@ -102,5 +103,24 @@ def test_bad_binarize_settings_are_rejected():
         BinarizeConfig(lambda_init=0.0)
     with pytest.raises(ConfigError, match="alpha"):
         AlphaScale("median", 3)
-    with pytest.raises(ConfigError, match="valid names: sigmoid, softsign, tanh"):
+    with pytest.raises(ConfigError, match="unknown quantizer 'arctan'; valid names: sigmoid, sign, softsign, tanh"):
         Quantizer("arctan")
+    with pytest.raises(ConfigError, match="alpha.*valid names: analytic, learned, none"):
+        BinarizeConfig(alpha="fixed")  # only what materialization leaves behind
+
+
+def test_a_new_quantizer_is_one_registration(monkeypatch):
+    """Adding a technique to an axis = registering one object: specs, layers, the schedules' list
+    of approximating quantizers and the exact/inexact decision (XNOR kernel or not) follow."""
+    from bnnctl.workers.binarize import approximation
+    from bnnctl.workers.layers import BinaryConv2d
+    from bnnctl.workers.train.loop import _approximating
+
+    monkeypatch.setattr(QUANTIZERS, "_items", dict(QUANTIZERS._items))  # undone after the test
+    approximation("clipped_linear")(lambda x, lam: (lam * x).clamp(-1, 1))
+    cfg = BinarizeConfig(quantizer="clipped_linear", lambda_init=2.0)
+    layer = BinaryConv2d(4, 4, binarize=cfg).train()
+    assert not layer.exact_binary() and _approximating(layer) == [layer.input_quantizer]
+    x = torch.tensor([-1.0, -0.25, 0.1, 3.0])
+    assert layer.input_quantizer(x).tolist() == [-1.0, -0.5, 0.20000000298023224, 1.0]
+    assert layer.eval().exact_binary()  # evaluation is always the exact sign

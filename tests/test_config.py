@@ -19,10 +19,10 @@ def test_round_trip_and_overrides():
     ({"width": "wide"}, "model.width", "expected an integer"),
     ({"width": 2}, "model.width", "at least 4"),
     ({"stacks": True}, "model.stacks", "expected an integer"),
-    ({"binarize": {"alpha": "median"}}, "model.binarize.alpha", "'analytic'"),
+    ({"binarize": {"alpha": "median"}}, "model.binarize.alpha", "valid names: analytic, learned, none"),
     ({"binarize": {"activations": "yes"}}, "model.binarize.activations", "boolean"),
     ({"decomposition": {"rank": 1.5}}, "model.decomposition.rank", "(0, 1]"),
-    ({"gate": {"kind": "sigmoid"}}, "model.gate.kind", "'channel'"),
+    ({"gate": {"kind": "sigmoid"}}, "model.gate.kind", "valid names: channel, identity, scalar"),
     ({"activation": "prelu"}, "model.activation", "mapping"),
     ({"merge_groups": 3}, "model.merge_groups", "1 or 2"),
 ])
@@ -46,7 +46,7 @@ def test_unknown_names_list_the_valid_ones(data, kind, valid):
 
 
 def test_unknown_decomposition_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match="'none', 'svd', 'tucker', 'holistic_tucker'"):
+    with pytest.raises(ConfigError, match="decomposition.kind: unknown decomposition 'cp'; valid names: holistic_tucker, none, svd, tucker"):
         from_dict(ModelConfig, {"decomposition": {"kind": "cp"}})
 
 

@@ -2,9 +2,8 @@ import pytest
 import torch
 
 from bnnctl.workers.binarize import BinarizeConfig
-from bnnctl.workers.diagnostics import FlipTracker, clip_fractions, lambdas, layer_diagnostics
+from bnnctl.workers.diagnostics import FlipTracker, clip_fractions
 from bnnctl.workers.models import ModelConfig, build_model
-from bnnctl.workers.schedules import set_lambda
 
 
 def _model(**kw):
@@ -27,7 +26,7 @@ def test_flip_ratio_counts_sign_changes_since_last_evaluation():
     assert tracker.update()["stem.3.conv1"] == 0.0  # nothing changed since
 
 
-def test_clip_fraction_and_lambdas():
+def test_clip_fraction():
     model = _model(binarize=BinarizeConfig(quantizer="tanh"))
     layer = model.stem[3].conv2
     w = layer.weight_source.weight
@@ -35,10 +34,3 @@ def test_clip_fraction_and_lambdas():
         w.zero_()
         w.flatten()[: w.numel() // 4] = 2.0
     assert clip_fractions(model)["stem.3.conv2"] == (w.numel() // 4) / w.numel()
-    set_lambda(model, 7.0)
-    lams = lambdas(model)
-    assert lams and set(lams.values()) == {7.0}
-    assert all(k.endswith(".input") for k in lams)  # weights use plain sign: no lambda
-    rows = {r.name: r for r in layer_diagnostics(model, {"stem.3.conv2": 0.5})}
-    assert rows["stem.3.conv2"].flip_ratio == 0.5 and rows["stem.3.conv2"].lambda_input == 7.0
-    assert rows["stem.3.conv2"].lambda_weight is None

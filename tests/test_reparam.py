@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from bnnctl.workers.binarize import BinarizeConfig
-from bnnctl.workers.layers import binary_layers
+from bnnctl.workers.layers import DenseWeight, binary_layers
 from bnnctl.workers.models import ModelConfig, build_model
 from bnnctl.workers.reparam import (DecompositionConfig, HolisticSlice, SVDWeight, TuckerWeight,
-                                    holistic_groups, is_materialized, materialize)
+                                    holistic_groups, materialize)
 
 HG = dict(width=16, depth=2, stacks=2, num_outputs=3)
 
@@ -85,7 +85,8 @@ def test_materialize_keeps_eval_outputs_and_drops_factors(dec, alpha, quantizer)
         materialize(model)
         after = model(x)
     assert all(torch.equal(a, b) for a, b in zip(before, after))
-    assert is_materialized(model)
+    assert all(isinstance(layer.weight_source, DenseWeight) for _, layer in binary_layers(model))
+    assert not holistic_groups(model)
     names = list(model.state_dict())
     assert not any(k in n for n in names for k in ("core", "factors", ".U", ".S", ".V", "reparam_groups"))
     for _, layer in binary_layers(model):

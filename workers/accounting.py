@@ -124,7 +124,7 @@ def account(model: nn.Module, input_size: int | tuple[int, int], in_channels: in
     binary_ids = {id(p) for p in binary_weights}
     real = sum(p.numel() for p in deployed.parameters() if id(p) not in binary_ids)
     real += sum(layer.alpha.value.numel() for _, layer in binary_layers(deployed)
-                if layer.alpha is not None and layer.alpha.mode == "fixed")
+                if layer.alpha is not None and layer.alpha.kind.stored == "buffer")
     stats = _bn_stats(model)
     deployed_bits = sum(p.numel() for p in binary_weights)
     return ModelAccount(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -18,9 +18,6 @@ from .registry import Registry
 
 #: The STE passes the gradient where |x| <= STE_CLIP and zeroes it elsewhere (IT §3.1).
 STE_CLIP = 1.0
-
-QuantizerKind = Literal["sign", "tanh", "sigmoid", "softsign"]
-AlphaMode = Literal["none", "analytic", "learned"]
 
 
 def hard_sign(x: Tensor) -> Tensor:
@@ -62,63 +59,131 @@ def sign_ste(x: Tensor) -> Tensor:
     return SignSTE.apply(x)
 
 
+@dataclass(frozen=True)
+class QuantizerKind:
+    """A registered way to map real values to ±1 in training.
+
+    Attributes:
+        approximate: the smooth approximation ``(x, lam) -> (-1, 1)`` used in training, or None for
+            sign with the straight-through estimator.
+    """
+
+    approximate: Callable[[Tensor, Tensor], Tensor] | None = None
+
+    @property
+    def exact(self) -> bool:
+        """Whether its training output is exactly ±1 (what an XNOR kernel needs)."""
+        return self.approximate is None
+
+
+#: Quantizers by name. Adding one = registering it here (``approximation("name")`` for a smooth one).
+QUANTIZERS: Registry[QuantizerKind] = Registry("quantizer")
+QUANTIZERS.register("sign")(QuantizerKind())
+
+
+def approximation(name: str) -> Callable[[Callable[[Tensor, Tensor], Tensor]], Callable[[Tensor, Tensor], Tensor]]:
+    """Register a smooth approximation of sign as the quantizer ``name``."""
+
+    def decorator(fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+        QUANTIZERS.register(name)(QuantizerKind(fn))
+        return fn
+
+    return decorator
+
+
 # Smooth approximations of sign, parametrized by the sharpness lambda (IT §3.4, Fig. 6). Each maps
 # to (-1, 1) and tends to sign(x) for x != 0 as lambda -> inf; gradients are the true derivatives.
-APPROXIMATIONS: Registry[Callable[[Tensor, Tensor], Tensor]] = Registry("sign approximation")
 
 
-@APPROXIMATIONS.register("tanh")
+@approximation("tanh")
 def tanh_approx(x: Tensor, lam: Tensor) -> Tensor:
     return torch.tanh(lam * x)
 
 
-@APPROXIMATIONS.register("sigmoid")
+@approximation("sigmoid")
 def sigmoid_approx(x: Tensor, lam: Tensor) -> Tensor:
     return 2.0 * torch.sigmoid(lam * x) - 1.0
 
 
-@APPROXIMATIONS.register("softsign")
+@approximation("softsign")
 def softsign_approx(x: Tensor, lam: Tensor) -> Tensor:
     z = lam * x
     return z / (1.0 + z.abs())
 
 
-QUANTIZER_KINDS = ("sign", *APPROXIMATIONS.names())
-
-
 class Quantizer(nn.Module):
     """Maps real values to ±1.
 
-    In training, ``kind="sign"`` is sign with the STE and any other kind is its smooth approximation
-    at the current sharpness ``lam`` (a buffer, so it is checkpointed and moved with the module).
-    In evaluation it is always the exact sign: validation measures the binary network.
+    In training, an exact kind ("sign") is sign with the STE and any other kind is its smooth
+    approximation at the current sharpness ``lam`` (a buffer, so it is checkpointed and moved with
+    the module). In evaluation it is always the exact sign: validation measures the binary network.
 
     Args:
-        kind: "sign", "tanh", "sigmoid" or "softsign".
+        kind: a name in QUANTIZERS: "sign", "tanh", "sigmoid" or "softsign".
         lambda_init: initial sharpness (ignored for "sign").
         group: name of the layer group, so lambda schedules can address parts of the network.
     """
 
     def __init__(self, kind: str = "sign", lambda_init: float = 1.0, group: str = "") -> None:
         super().__init__()
-        if kind != "sign":
-            APPROXIMATIONS.get(kind)
         self.kind = kind
         self.group = group
         self.register_buffer("lam", torch.tensor(float(lambda_init)))
 
     @property
+    def kind(self) -> str:
+        return self._kind
+
+    @kind.setter
+    def kind(self, name: str) -> None:
+        self.spec = QUANTIZERS.get(name)  # unknown names fail here, listing the valid ones
+        self._kind = name
+
+    @property
+    def approximating(self) -> bool:
+        """Whether training uses a smooth approximation (whose sharpness schedules drive)."""
+        return not self.spec.exact
+
+    @property
     def exact(self) -> bool:
-        """True when the output is exactly ±1 (plain sign, or any kind in eval mode)."""
-        return self.kind == "sign" or not self.training
+        """True when the output is exactly ±1 (an exact kind, or any kind in eval mode)."""
+        return self.spec.exact or not self.training
 
     def forward(self, x: Tensor) -> Tensor:
         if self.exact:
             return sign_ste(x)
-        return APPROXIMATIONS.get(self.kind)(x, self.lam.to(x.dtype))
+        assert self.spec.approximate is not None
+        return self.spec.approximate(x, self.lam.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, lam={float(self.lam):g}" + (f", group={self.group}" if self.group else "")
+
+
+@dataclass(frozen=True)
+class AlphaKind:
+    """A registered kind of per-output-channel weight scale.
+
+    Attributes:
+        stored: "parameter" (learned), "buffer" (frozen) or None (nothing stored).
+        analytic: computed from the latent weights at every call (mean |W| per output channel).
+        configurable: a spec may ask for it (False: only what materialization leaves behind).
+    """
+
+    stored: str | None = None
+    analytic: bool = False
+    configurable: bool = True
+
+    @property
+    def scales(self) -> bool:
+        return self.analytic or self.stored is not None
+
+
+#: Alpha kinds by name. Adding one = registering it here.
+ALPHAS: Registry[AlphaKind] = Registry("alpha")
+ALPHAS.register("none")(AlphaKind())
+ALPHAS.register("analytic")(AlphaKind(analytic=True))  # XNOR-Net
+ALPHAS.register("learned")(AlphaKind(stored="parameter"))  # MT §4.3
+ALPHAS.register("fixed")(AlphaKind(stored="buffer", configurable=False))  # after materialize
 
 
 class AlphaScale(nn.Module):
@@ -134,12 +199,11 @@ class AlphaScale(nn.Module):
 
     def __init__(self, mode: str, out_channels: int) -> None:
         super().__init__()
-        require(mode in ("none", "analytic", "learned", "fixed"), "alpha",
-                f"unknown alpha mode {mode!r}; valid: analytic, fixed, learned, none")
         self.mode = mode
-        if mode == "learned":
+        self.kind = ALPHAS.get(mode, "alpha")
+        if self.kind.stored == "parameter":
             self.value = nn.Parameter(torch.ones(out_channels))
-        elif mode == "fixed":
+        elif self.kind.stored == "buffer":
             self.register_buffer("value", torch.ones(out_channels))
 
     @staticmethod
@@ -148,16 +212,14 @@ class AlphaScale(nn.Module):
 
     @torch.no_grad()
     def reset(self, latent: Tensor) -> None:
-        """Re-initialize a learned (or fixed) alpha from the analytic value of ``latent``."""
-        if self.mode in ("learned", "fixed"):
+        """Re-initialize a stored (learned or fixed) alpha from the analytic value of ``latent``."""
+        if self.kind.stored is not None:
             self.value.copy_(self.analytic(latent))
 
     def forward(self, latent: Tensor) -> Tensor | None:
-        if self.mode == "none":
-            return None
-        if self.mode == "analytic":
+        if self.kind.analytic:
             return self.analytic(latent)
-        return self.value
+        return self.value if self.kind.stored is not None else None
 
     def extra_repr(self) -> str:
         return f"mode={self.mode}"
@@ -182,12 +244,16 @@ class BinarizeConfig:
 
     activations: bool = True
     weights: bool = True
-    quantizer: QuantizerKind = "sign"
-    weight_quantizer: QuantizerKind = "sign"
-    alpha: AlphaMode = "analytic"
+    quantizer: str = "sign"
+    weight_quantizer: str = "sign"
+    alpha: str = "analytic"
     lambda_init: float = 1.0
 
     def __post_init__(self) -> None:
+        QUANTIZERS.get(self.quantizer, "quantizer")
+        QUANTIZERS.get(self.weight_quantizer, "weight_quantizer")
+        valid = [n for n in ALPHAS.names() if ALPHAS.get(n).configurable]
+        require(self.alpha in valid, "alpha", f"unknown alpha {self.alpha!r}; valid names: {', '.join(valid)}")
         require(math.isfinite(self.lambda_init) and self.lambda_init > 0, "lambda_init",
                 f"must be a positive number, got {self.lambda_init}")
 

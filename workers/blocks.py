@@ -12,7 +12,7 @@ pre-activation order is built into the layer. When channel counts or resolution 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,22 @@ from .config import require
 from .layers import ActivationConfig, ConvFactory
 from .registry import Registry
 
-GateKind = Literal["identity", "scalar", "channel"]
+
+
+@dataclass(frozen=True)
+class GateKind:
+    """A registered kind of soft gate: ``gated`` False is the plain residual; else one gate for all
+    channels, or one per channel."""
+
+    gated: bool = True
+    per_channel: bool = False
+
+
+#: Gate kinds by name (SG). Adding one = registering it here.
+GATES: Registry[GateKind] = Registry("gate")
+GATES.register("identity")(GateKind(gated=False))
+GATES.register("scalar")(GateKind())
+GATES.register("channel")(GateKind(per_channel=True))
 
 
 @dataclass(frozen=True)
@@ -36,11 +51,12 @@ class GateConfig:
         trainable: learn the gate (False keeps it fixed at ``init``: SG's "fixed" variant).
     """
 
-    kind: GateKind = "identity"
+    kind: str = "identity"
     init: float = 1.0
     trainable: bool = True
 
     def __post_init__(self) -> None:
+        GATES.get(self.kind, "kind")
         require(self.init == self.init, "init", "must be a number")
 
 
@@ -50,10 +66,11 @@ class SoftGate(nn.Module):
     def __init__(self, cfg: GateConfig, channels: int) -> None:
         super().__init__()
         self.kind = cfg.kind
-        if cfg.kind == "identity":
+        spec = GATES.get(cfg.kind)
+        if not spec.gated:
             self.gate = None
             return
-        size = 1 if cfg.kind == "scalar" else channels
+        size = channels if spec.per_channel else 1
         value = torch.full((1, size, 1, 1), float(cfg.init))
         if cfg.trainable:
             self.gate = nn.Parameter(value)

@@ -1,9 +1,7 @@
 """Per-layer training diagnostics of binary layers: how many binary weights flipped sign between two
-evaluations, how many latent weights sit beyond the STE clip (their gradient is zero), and the
-current sharpness lambda of each approximating quantizer."""
+evaluations, and how many latent weights sit beyond the STE clip (their gradient is zero). The
+current lambdas are reported by the trainer (``lambda``, ``lambda/<group>``)."""
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -40,32 +38,3 @@ def clip_fractions(model: nn.Module) -> dict[str, float]:
     """Per binary-weight layer: the fraction of latent weights with |w| > STE_CLIP."""
     return {name: float((layer.latent_weight().abs() > STE_CLIP).float().mean())
             for name, layer in binary_layers(model) if layer.binary_weights}
-
-
-def lambdas(model: nn.Module) -> dict[str, float]:
-    """Per quantizer that approximates sign: its current lambda (keys ``layer.input`` / ``layer.weight``)."""
-    out = {}
-    for name, layer in binary_layers(model):
-        for role, q in (("input", layer.input_quantizer), ("weight", layer.weight_quantizer)):
-            if q is not None and q.kind != "sign":
-                out[f"{name}.{role}"] = float(q.lam)
-    return out
-
-
-@dataclass(frozen=True)
-class LayerDiagnostics:
-    name: str
-    flip_ratio: float | None
-    clip_fraction: float | None
-    lambda_input: float | None
-    lambda_weight: float | None
-
-
-def layer_diagnostics(model: nn.Module, flips: dict[str, float] | None = None) -> list[LayerDiagnostics]:
-    """One row per binary layer with the three diagnostics (None where they do not apply)."""
-    clips = clip_fractions(model)
-    lams = lambdas(model)
-    flips = flips or {}
-    return [LayerDiagnostics(name, flips.get(name), clips.get(name),
-                             lams.get(f"{name}.input"), lams.get(f"{name}.weight"))
-            for name, _ in binary_layers(model)]

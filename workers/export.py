@@ -67,7 +67,7 @@ def export_model(model: nn.Module, cfg: ModelConfig, path: str | Path) -> Export
         shapes[key] = list(w.shape)
         bits += w.numel()
         fp32 += FP32_BYTES * w.numel()
-        alpha = layer.alpha.value.numel() if layer.alpha is not None and layer.alpha.mode == "fixed" else 0
+        alpha = layer.alpha.value.numel() if layer.alpha is not None and layer.alpha.kind.stored == "buffer" else 0
         packed_bytes += packed[key].numel() + FP32_BYTES * alpha
     payload = {"format": EXPORT_FORMAT, "model_config": to_dict(cfg), "packed": packed, "shapes": shapes,
                "state": {k: v.detach().cpu() for k, v in state.items()}}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,6 @@ from .config import require
 from .registry import Registry
 
 # --------------------------------------------------------------------------- activations
-
-ActivationKind = Literal["none", "relu", "leaky_relu", "prelu"]
 
 #: Default negative slopes: LeakyReLU's value is not given by IT §3.2 (assumed); PReLU starts at
 #: PyTorch's usual 0.25 and learns its slope.
@@ -274,7 +272,7 @@ def _inference_alpha(layer: "BinaryConv2d", latent: Tensor) -> Tensor | None:
     """alpha for inference; the analytic one (mean |W| per output channel) is kept while the stored
     weight is unchanged, like the packed weight."""
     assert layer.alpha is not None
-    if layer.alpha.mode != "analytic":
+    if not layer.alpha.kind.analytic:
         return layer.alpha(latent)
     return _kept_while_weight_unchanged(layer, "_xnor_alpha", (latent.device,), lambda: layer.alpha(latent))
 
@@ -289,8 +287,10 @@ class _BinaryLayer(nn.Module):
     weight_source: WeightSource
 
     def _init_binary(self, binarize: BinarizeConfig, activation: ActivationConfig,
-                     out_features: int, weight_shape: tuple[int, ...]) -> None:
+                     out_features: int, weight_shape: tuple[int, ...], reparametrizable: bool = True) -> None:
         self.binarize = binarize
+        #: on the binary path: MT decompositions re-parametrize it (layers kept real are not)
+        self.reparametrizable = reparametrizable
         self.activation_config = activation
         self.input_quantizer = (Quantizer(binarize.quantizer, binarize.lambda_init)
                                 if binarize.activations else None)
@@ -328,13 +328,6 @@ class _BinaryLayer(nn.Module):
         assert self.alpha is not None
         return self.weight_quantizer(latent), self.alpha(latent)
 
-    def effective_weight(self) -> Tensor:
-        """alpha * sign(W) per output channel (or the real weight): what the layer multiplies by."""
-        w, alpha = self.quantized_weight()
-        if alpha is None:
-            return w
-        return w * alpha.view(-1, *([1] * (w.dim() - 1)))
-
     def exact_binary(self) -> bool:
         """Both operands are exactly ±1 in the current mode (an XNOR kernel could run)."""
         return (self.input_quantizer is not None and self.input_quantizer.exact
@@ -371,13 +364,17 @@ class BinaryConv2d(_BinaryLayer):
         padding: defaults to ``kernel_size // 2`` ("same" for odd kernels at stride 1).
         binarize: what to binarize; ``BinarizeConfig.real()`` gives the real-valued layer.
         activation: the non-linearity after the conv.
-        backend: name of the conv backend ("float" here; the kernels package registers more).
+        reparametrizable: on the binary path (MT decompositions re-parametrize it); False for
+            layers kept real.
+        backend: a name in CONV_BACKENDS: "float" (the emulation), "xnor" or "auto" (the XNOR kernels;
+            in inference also fused, see fused.py).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
                  padding: int | None = None, groups: int = 1,
                  binarize: BinarizeConfig = BinarizeConfig(),
-                 activation: ActivationConfig = ActivationConfig(), backend: str = "float") -> None:
+                 activation: ActivationConfig = ActivationConfig(), backend: str = "float",
+                 reparametrizable: bool = True) -> None:
         super().__init__()
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"channels {in_channels}->{out_channels} not divisible by groups={groups}")
@@ -388,7 +385,7 @@ class BinaryConv2d(_BinaryLayer):
         self._backend_fn = CONV_BACKENDS.get(backend, "backend")
         self.bn = nn.BatchNorm2d(in_channels)
         self._init_binary(binarize, activation, out_channels,
-                          (out_channels, in_channels // groups, kernel_size, kernel_size))
+                          (out_channels, in_channels // groups, kernel_size, kernel_size), reparametrizable)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.backend != "float" and not torch.is_grad_enabled():
@@ -465,11 +462,13 @@ class ConvFactory:
 
     def __call__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
                  groups: int = 1, activation: ActivationConfig | None = None) -> BinaryConv2d:
-        layer = BinaryConv2d(in_channels, out_channels, kernel_size, stride, groups=groups,
-                             binarize=self.binarize, activation=activation or self.activation,
-                             backend=self.backend)
-        layer.reparametrizable = self.reparametrizable
-        return layer
+        return BinaryConv2d(in_channels, out_channels, kernel_size, stride, groups=groups,
+                            binarize=self.binarize, activation=activation or self.activation,
+                            backend=self.backend, reparametrizable=self.reparametrizable)
+
+    def linear(self, in_features: int, out_features: int) -> "BinaryLinear":
+        """A binary-capable fully connected layer with the same settings (AlexNet's FCs)."""
+        return BinaryLinear(in_features, out_features, self.binarize, self.activation, self.backend)
 
     def real(self) -> "ConvFactory":
         """The same factory with nothing binarized (for layers kept real-valued)."""

@@ -21,6 +21,11 @@ ALL_TABLE_METRICS = tuple(m for names in TABLE_METRICS.values() for m in names)
 HEADLINE_METRICS = ("pckh", "pck", "top1")
 #: losses a tuning may minimize
 LOSSES = ("val_loss", "train_loss")
+#: per-epoch values a variant's curves show (besides per-group lambdas, ``lambda/<group>``)
+CURVES = ("train_loss", "val_loss", "pckh", "pck", "top1", "top5", "pckh_approx", "lambda", "lr", "flip_ratio",
+          "clip_fraction")
+#: per-epoch values `bnnctl train` prints
+PRINTED = ("pckh", "pck", "top1", "top5", "train_loss", "val_loss", "lambda", "epoch_time")
 
 #: Head size = HEAD_SIZE_FACTOR x head-box diagonal (MPII's SC_BIAS).
 HEAD_SIZE_FACTOR = 0.6

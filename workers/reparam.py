@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -32,8 +32,12 @@ from torch import Tensor, nn
 from .binarize import AlphaScale, hard_sign
 from .config import require
 from .layers import DenseWeight, WeightSource, binary_layers
+from .registry import Registry
 
-DecompositionKind = Literal["none", "svd", "tucker", "holistic_tucker"]
+#: Decompositions by name: each re-parametrizes the given binary-path layers of a model in place
+#: (None: no re-parametrization). Adding one = registering its function here.
+DECOMPOSITIONS: Registry[Callable[[nn.Module, list, "DecompositionConfig"], None] | None] = Registry("decomposition")
+DECOMPOSITIONS.register("none")(None)
 
 
 @dataclass(frozen=True)
@@ -46,11 +50,12 @@ class DecompositionConfig:
         n_iter: HOOI iterations used to initialize Tucker factors.
     """
 
-    kind: DecompositionKind = "none"
+    kind: str = "none"
     rank: float = 1.0
     n_iter: int = 10
 
     def __post_init__(self) -> None:
+        DECOMPOSITIONS.get(self.kind, "kind")
         require(0.0 < self.rank <= 1.0, "rank", f"must be in (0, 1] (a fraction of full rank), got {self.rank}")
         require(self.n_iter >= 1, "n_iter", f"must be >= 1, got {self.n_iter}")
 
@@ -194,30 +199,41 @@ def _grid(coords: list[tuple[object, ...]]) -> tuple[tuple[int, ...], list[tuple
 
 def decomposable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The layers on the binary path (those a decomposition re-parametrizes)."""
-    return [(n, m) for n, m in binary_layers(model) if getattr(m, "reparametrizable", True)]
+    return [(n, m) for n, m in binary_layers(model) if m.reparametrizable]
 
 
 def apply_decomposition(model: nn.Module, cfg: DecompositionConfig) -> nn.Module:
     """Re-parametrize the weights of ``model``'s binary-path layers in place, initialized from their
     current values; learned alphas are re-initialized from the reconstructed weights."""
-    if cfg.kind == "none":
+    apply = DECOMPOSITIONS.get(cfg.kind, "kind")
+    if apply is None:
         return model
     layers = decomposable_layers(model)
-    if cfg.kind == "svd":
-        for _, layer in layers:
-            layer.set_weight_source(SVDWeight(layer.latent_weight(), cfg.rank))
-    elif cfg.kind == "tucker":
-        for _, layer in layers:
-            layer.set_weight_source(TuckerWeight(layer.latent_weight(), cfg.rank, cfg.n_iter))
-    else:
-        _apply_holistic(model, layers, cfg)
+    apply(model, layers, cfg)
     for _, layer in layers:
         if layer.alpha is not None:
             layer.alpha.reset(layer.latent_weight().detach())
     return model
 
 
+@DECOMPOSITIONS.register("svd")
+def _apply_svd(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: DecompositionConfig) -> None:
+    """Layer-wise SVD of each weight reshaped to a matrix (MT §4.2)."""
+    for _, layer in layers:
+        layer.set_weight_source(SVDWeight(layer.latent_weight(), cfg.rank))
+
+
+@DECOMPOSITIONS.register("tucker")
+def _apply_tucker(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: DecompositionConfig) -> None:
+    """Layer-wise Tucker of each 4-d weight (MT §4.2)."""
+    for _, layer in layers:
+        layer.set_weight_source(TuckerWeight(layer.latent_weight(), cfg.rank, cfg.n_iter))
+
+
+@DECOMPOSITIONS.register("holistic_tucker")
 def _apply_holistic(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: DecompositionConfig) -> None:
+    """One Tucker decomposition per group of identically shaped weights at corresponding places of
+    the network (MT §4.2's holistic variant)."""
     buckets: dict[tuple, list[tuple[str, nn.Module, tuple]]] = {}
     for name, layer in layers:
         template, coords = _structure_key(name)
@@ -271,7 +287,3 @@ def materialize(model: nn.Module) -> nn.Module:
     if hasattr(model, "reparam_groups"):
         del model.reparam_groups
     return model
-
-
-def is_materialized(model: nn.Module) -> bool:
-    return all(isinstance(layer.weight_source, DenseWeight) for _, layer in binary_layers(model)) and not holistic_groups(model)

@@ -119,21 +119,20 @@ def summary(
 @app.command("list")
 def list_names() -> None:
     """List the valid names of every model-library choice."""
-    from bnnctl.workers.binarize import QUANTIZER_KINDS
-    from bnnctl.workers.blocks import BLOCKS
+    from bnnctl.workers.binarize import ALPHAS, QUANTIZERS
+    from bnnctl.workers.blocks import BLOCKS, GATES
     from bnnctl.workers.layers import ACTIVATIONS, CONV_BACKENDS
     from bnnctl.workers.models import MODELS
-    from bnnctl.workers.reparam import DecompositionKind
-    from typing import get_args
+    from bnnctl.workers.reparam import DECOMPOSITIONS
 
     rows = {
         "model.arch": MODELS.names(),
         "model.block": BLOCKS.names(),
         "model.activation.kind": ACTIVATIONS.names(),
-        "model.binarize.quantizer": list(QUANTIZER_KINDS),
-        "model.binarize.alpha": ["none", "analytic", "learned"],
-        "model.gate.kind": ["identity", "scalar", "channel"],
-        "model.decomposition.kind": list(get_args(DecompositionKind)),
+        "model.binarize.quantizer": QUANTIZERS.names(),
+        "model.binarize.alpha": [n for n in ALPHAS.names() if ALPHAS.get(n).configurable],
+        "model.gate.kind": GATES.names(),
+        "model.decomposition.kind": DECOMPOSITIONS.names(),
         "model.backend": CONV_BACKENDS.names(),
     }
     for key, names in rows.items():

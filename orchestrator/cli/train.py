@@ -38,7 +38,9 @@ class _ConsoleReporter:
         return self._dir
 
     def report(self, epoch: int, metrics) -> None:
-        keys = [k for k in ("pckh", "pck", "top1", "top5", "train_loss", "val_loss", "lambda", "epoch_time") if k in metrics]
+        from bnnctl.workers.metrics import PRINTED
+
+        keys = [k for k in PRINTED if k in metrics]
         self.out.print(f"epoch {epoch:4d}  " + "  ".join(f"{k} {metrics[k]:.4g}" for k in keys))
 
     def restored(self, history) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..fused import MaxPool2d
-from ..layers import BinaryLinear
 from .config import MODELS, Architecture, ModelConfig
 
 _CONV_WIDTHS = (96, 256, 384, 384, 256)
@@ -37,8 +36,8 @@ class BinaryAlexNet(nn.Module):
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            BinaryLinear(c[4] * 36, fc, cfg.binarize, cfg.activation, cfg.backend),
-            BinaryLinear(fc, fc, cfg.binarize, cfg.activation, cfg.backend),
+            conv.linear(c[4] * 36, fc),
+            conv.linear(fc, fc),
             nn.Linear(fc, cfg.num_outputs),  # the last layer stays real
         )
 

@@ -143,7 +143,7 @@ def _move(batch: dict, device: torch.device) -> dict:
 
 
 def _approximating(model: nn.Module) -> list[Quantizer]:
-    return [m for m in model.modules() if isinstance(m, Quantizer) and m.kind != "sign"]
+    return [m for m in model.modules() if isinstance(m, Quantizer) and m.approximating]
 
 
 def run_variant(config: TrainConfig, reporter: Reporter) -> TrainResult:
