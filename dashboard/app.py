@@ -81,29 +81,14 @@ def templates():
     return jinja_env(HERE / "templates")
 
 
-def create_app(db: str | None = None, runs_dir: str | Path | None = None, mlflow_url: str | None = None,
-               refresh_s: float = 3.0, token: str | None = None, hosts: set[str] | None = None):
-    """The dashboard app over the store at ``db`` (read-only), serving images from the run storage
-    ``runs_dir`` (a folder or an fsspec URL; default: $BNNCTL_STORAGE or .bnnctl/runs). ``token``:
-    required on every request when given; ``hosts``: the Host header values answered (default:
-    loopback names only, see :func:`allowed_hosts`)."""
+def _guard(token: str | None, answered: set[str]):
+    """The request check every response passes first: Host header, method, access token. Returns a
+    function giving None when the request may be served, else the refusal."""
     import secrets
 
-    from fastapi import FastAPI, Query, Request
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
+    from fastapi.responses import PlainTextResponse, RedirectResponse
 
-    from bnnctl.orchestrator.runstorage import RunStorage
-    from bnnctl.orchestrator.store import Store, readonly_url
-    from bnnctl.orchestrator.urls import mask_url
-
-    store = Store(db, readonly=True)
-    storage = RunStorage(runs_dir)
-    env = templates()
-    app = FastAPI(title="bnnctl dashboard", docs_url=None, redoc_url=None, openapi_url=None)
-    answered = set(hosts) if hosts is not None else set(LOOPBACK_HOSTS)
-
-    def guarded(request: Request):
-        """None when the request may be served, else the refusal."""
+    def guarded(request):
         if request_host(request.headers.get("host", "")) not in answered:
             return PlainTextResponse("refused: this dashboard does not answer to that Host header (start it with "
                                      "--allowed-host NAME to add one)", status_code=400)
@@ -129,48 +114,75 @@ def create_app(db: str | None = None, runs_dir: str | Path | None = None, mlflow
                                  "(…/?token=…), or send Authorization: Bearer TOKEN", status_code=401,
                                  headers={"WWW-Authenticate": "Bearer"})
 
-    @app.middleware("http")
-    async def security(request: Request, call_next):
-        response = guarded(request) or await call_next(request)
-        for name, value in SECURITY_HEADERS.items():
-            response.headers[name] = value
-        return response
+    return guarded
 
-    def page(name: str, status: int = 200, **ctx) -> HTMLResponse:
-        html = env.get_template(name).render(refresh_s=refresh_s, mlflow_url=mask_url(mlflow_url), db=store.display_url, **ctx)
+
+class _Site:
+    """What the routes share: the read-only store, the run storage, the templates."""
+
+    def __init__(self, db: str | None, runs_dir, mlflow_url: str | None, refresh_s: float) -> None:
+        from bnnctl.orchestrator.runstorage import RunStorage
+        from bnnctl.orchestrator.store import Store
+
+        self.store = Store(db, readonly=True)
+        self.storage = RunStorage(runs_dir)
+        self.env = templates()
+        self.mlflow_url, self.refresh_s = mlflow_url, refresh_s
+        self._optuna: list = []  # one read-only Optuna storage (engine) for the app's lifetime, made on first use
+
+    def page(self, name: str, status: int = 200, **ctx):
+        from fastapi.responses import HTMLResponse
+
+        from bnnctl.orchestrator.urls import mask_url
+
+        html = self.env.get_template(name).render(refresh_s=self.refresh_s, mlflow_url=mask_url(self.mlflow_url),
+                                                  db=self.store.display_url, **ctx)
         return HTMLResponse(html, status_code=status)
 
-    optuna_reader: list = []  # one read-only Optuna storage (engine) for the app's lifetime, made on first use
-
-    def tuning_studies(name: str) -> dict:
+    def tuning_studies(self, name: str) -> dict:
+        from bnnctl.orchestrator.store import readonly_url
         from bnnctl.orchestrator.tuning import arm_studies, optuna_storage
 
-        s = store.study(name)
+        s = self.store.study(name)
         if s is None or s.spec.get("kind") != "tuning":
             raise NotFound(f"no tuning named {name!r}")
-        if not optuna_reader:
-            optuna_reader.append(optuna_storage(readonly_url(store.url), readonly=True))
-        return arm_studies(s.spec, optuna_reader[0])
+        if not self._optuna:
+            self._optuna.append(optuna_storage(readonly_url(self.store.url), readonly=True))
+        return arm_studies(s.spec, self._optuna[0])
+
+
+def _errors(app, site: _Site) -> None:
+    """404 pages (or JSON under /api/), and a bug as a short 500 page, never a traceback."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
 
     @app.exception_handler(NotFound)
     async def not_found(request: Request, exc: NotFound):
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": str(exc)}, status_code=404)
-        return page("404.html", 404, message=str(exc))
+        return site.page("404.html", 404, message=str(exc))
 
     @app.exception_handler(Exception)
-    async def server_error(request: Request, exc: Exception):  # a bug: say so, without a traceback page
+    async def server_error(request: Request, exc: Exception):
         import logging
 
         logging.getLogger("bnnctl.dashboard").exception("error serving %s", request.url.path)
         message = f"internal error ({type(exc).__name__}); the server log has the details"
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": message}, status_code=500)
-        return page("404.html", 500, message=message)
+        return site.page("404.html", 500, message=message)
 
     @app.exception_handler(404)
     async def no_route(request: Request, exc):
-        return page("404.html", 404, message=f"no page at {request.url.path}")
+        return site.page("404.html", 404, message=f"no page at {request.url.path}")
+
+
+def _pages(app, site: _Site) -> None:
+    """The HTML pages and their JSON twins (/api/...)."""
+    from fastapi import Query
+    from fastapi.responses import HTMLResponse
+
+    store, page, mlflow_url = site.store, site.page, site.mlflow_url
 
     @app.get("/", response_class=HTMLResponse)
     def index():
@@ -187,23 +199,6 @@ def create_app(db: str | None = None, runs_dir: str | Path | None = None, mlflow
     @app.get("/api/study/{name}")
     def api_study(name: str):
         return views.study(store, name)
-
-    EXPORTS = {"csv": ("text/csv", "csv"), "md": ("text/markdown", "md"), "tex": ("application/x-tex", "latex"),
-               "html": ("text/html", "html")}  # file extension -> (media type, report format)
-
-    @app.get("/study/{name}/tables.{ext}")
-    def tables_file(name: str, ext: str):
-        """A study's tables as a file to download (the same exports as `bnnctl study show --format`)."""
-        from fastapi.responses import Response
-
-        from bnnctl.orchestrator import report
-
-        if ext not in EXPORTS:
-            raise NotFound(f"no export {ext!r}; there are: {', '.join(EXPORTS)}")
-        media, fmt = EXPORTS[ext]
-        body = report.export(report.study_tables(store, views._study(store, name, "study")), fmt, name)
-        return Response(body, media_type=f"{media}; charset=utf-8",
-                        headers={"Content-Disposition": f'attachment; filename="{name}-tables.{ext}"'})
 
     @app.get("/compare", response_class=HTMLResponse)
     def compare(study: list[str] = Query(default=[]), row: list[str] = Query(default=[])):
@@ -223,11 +218,35 @@ def create_app(db: str | None = None, runs_dir: str | Path | None = None, mlflow
 
     @app.get("/tuning/{name}", response_class=HTMLResponse)
     def tuning(name: str):
-        return page("tuning.html", t=views.tuning(store, name, tuning_studies(name)))
+        return page("tuning.html", t=views.tuning(store, name, site.tuning_studies(name)))
 
     @app.get("/api/tuning/{name}")
     def api_tuning(name: str):
-        return views.tuning(store, name, tuning_studies(name))
+        return views.tuning(store, name, site.tuning_studies(name))
+
+
+#: table downloads: file extension -> (media type, report format)
+EXPORTS = {"csv": ("text/csv", "csv"), "md": ("text/markdown", "md"), "tex": ("application/x-tex", "latex"),
+           "html": ("text/html", "html")}
+
+
+def _files(app, site: _Site) -> None:
+    """Downloads (tables), a variant's images from the run storage, and the static files."""
+    from fastapi.responses import FileResponse, JSONResponse, Response
+
+    store = site.store
+
+    @app.get("/study/{name}/tables.{ext}")
+    def tables_file(name: str, ext: str):
+        """A study's tables as a file to download (the same exports as `bnnctl study show --format`)."""
+        from bnnctl.orchestrator import report
+
+        if ext not in EXPORTS:
+            raise NotFound(f"no export {ext!r}; there are: {', '.join(EXPORTS)}")
+        media, fmt = EXPORTS[ext]
+        body = report.export(report.study_tables(store, views._study(store, name, "study")), fmt, name)
+        return Response(body, media_type=f"{media}; charset=utf-8",
+                        headers={"Content-Disposition": f'attachment; filename="{name}-tables.{ext}"'})
 
     @app.get("/files/{key}/{filename}")
     def files(key: str, filename: str):
@@ -239,7 +258,7 @@ def create_app(db: str | None = None, runs_dir: str | Path | None = None, mlflow
             raise NotFound(f"no variant {key!r}")
         if filename not in SERVED:
             return JSONResponse({"error": "refused: only a variant's own images are served"}, status_code=403)
-        roots = [storage]
+        roots = [site.storage]
         if v.checkpoint_dir and is_url(v.checkpoint_dir) and v.checkpoint_dir.endswith("/" + key):
             roots.append(RunStorage(v.checkpoint_dir.removesuffix("/" + key)))  # the storage it ran with
         for root in roots:
@@ -268,4 +287,27 @@ def create_app(db: str | None = None, runs_dir: str | Path | None = None, mlflow
             raise NotFound(f"no static file {name!r}")
         return FileResponse(target)
 
+
+def create_app(db: str | None = None, runs_dir: str | Path | None = None, mlflow_url: str | None = None,
+               refresh_s: float = 3.0, token: str | None = None, hosts: set[str] | None = None):
+    """The dashboard app over the store at ``db`` (read-only), serving images from the run storage
+    ``runs_dir`` (a folder or an fsspec URL; default: $BNNCTL_STORAGE or .bnnctl/runs). ``token``:
+    required on every request when given; ``hosts``: the Host header values answered (default:
+    loopback names only, see :func:`allowed_hosts`)."""
+    from fastapi import FastAPI, Request
+
+    site = _Site(db, runs_dir, mlflow_url, refresh_s)
+    app = FastAPI(title="bnnctl dashboard", docs_url=None, redoc_url=None, openapi_url=None)
+    guarded = _guard(token, set(hosts) if hosts is not None else set(LOOPBACK_HOSTS))
+
+    @app.middleware("http")
+    async def security(request: Request, call_next):
+        response = guarded(request) or await call_next(request)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers[name] = value
+        return response
+
+    _errors(app, site)
+    _pages(app, site)
+    _files(app, site)
     return app
