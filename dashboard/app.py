@@ -144,11 +144,11 @@ class _Site:
         from bnnctl.orchestrator.tuning import arm_studies, optuna_storage
 
         s = self.store.study(name)
-        if s is None or s.spec.get("kind") != "tuning":
+        if s is None or s.kind != "tuning":
             raise NotFound(f"no tuning named {name!r}")
         if not self._optuna:
             self._optuna.append(optuna_storage(readonly_url(self.store.url), readonly=True))
-        return arm_studies(s.spec, self._optuna[0])
+        return arm_studies(s.layout, self._optuna[0])
 
 
 def _errors(app, site: _Site) -> None:

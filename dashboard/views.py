@@ -5,9 +5,11 @@ nothing here writes anything.
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from datetime import datetime
 
+from bnnctl.orchestrator.layouts import StudyLayout
 from bnnctl.orchestrator.report import ALPHA, build_tables, reported, sources, table_data
 from bnnctl.orchestrator.tracking import flatten
 from bnnctl.workers.metrics import CURVES, HEADLINE_METRICS
@@ -31,7 +33,7 @@ def studies(store) -> list[dict]:
         members = store.members(s.id)
         variants = store.variants(sorted({m.variant_key for m in members}))
         last = max([s.updated_at] + [v.updated_at for v in variants.values()])
-        out.append({"name": s.name, "kind": s.spec.get("kind", "study"), "spec_file": s.spec_file, "status": s.status,
+        out.append({"name": s.name, "kind": s.kind, "spec_file": s.spec_file, "status": s.status,
                     "counts": _counts([v.status for v in variants.values()]), "total": len(variants),
                     "last_activity": _iso(last)})
     return out
@@ -43,7 +45,7 @@ def _iso(t: datetime | None) -> str | None:
 
 def _study(store, name: str, kind: str):
     s = store.study(name)
-    if s is None or s.spec.get("kind", "study") != kind:
+    if s is None or s.kind != kind:
         raise NotFound(f"no {kind} named {name!r}")
     return s
 
@@ -53,7 +55,8 @@ def study(store, name: str) -> dict:
     s = _study(store, name, "study")
     members = store.members(s.id)
     variants = store.variants(sorted({m.variant_key for m in members}))
-    tables = build_tables(s.spec, members, variants)
+    layout = s.layout
+    tables = build_tables(layout, members, variants)
     cells: dict[tuple[str, str], list[dict]] = {}
     for m in members:
         if m.ablation is not None:
@@ -61,31 +64,31 @@ def study(store, name: str) -> dict:
             cells.setdefault((m.ablation, m.row), []).append(
                 {"seed": m.seed, "key": m.variant_key, "status": v.status if v else "pending"})
     prereqs = [variants[m.variant_key] for m in members if m.ablation is None and m.variant_key in variants]
-    metric = s.spec["metric"]
+    metric = layout.metric
     return {
-        "groups": joint_groups(s.spec, members, variants, metric),
-        "curves": row_curves(store, s.spec, members, variants, metric),
+        "groups": joint_groups(layout, members, variants, metric),
+        "curves": row_curves(store, layout, members, variants, metric),
         "progress": running(store, [v for v in variants.values() if v.status == "running"]),
-        "name": s.name, "status": s.status, "spec_file": s.spec_file, "description": s.spec.get("description", ""),
-        "metric": s.spec["metric"], "seeds": s.spec["seeds"], "alpha": ALPHA,
+        "name": s.name, "status": s.status, "spec_file": s.spec_file, "description": layout.description,
+        "metric": metric, "seeds": list(layout.seeds), "alpha": ALPHA,
         "counts": _counts([v.status for v in variants.values()]), "updated": _iso(s.updated_at),
         "tables": [table_data(t, cells) for t in tables],
-        "per_joint": per_joint(s.spec, members, variants),
+        "per_joint": per_joint(layout, members, variants),
         "prerequisites": [{"key": v.key, "label": v.label, "status": v.status} for v in prereqs],
     }
 
 
-def row_curves(store, layout: dict, members: list, variants: dict, metric: str) -> list[dict]:
+def row_curves(store, layout: StudyLayout, members: list, variants: dict, metric: str) -> list[dict]:
     """Per table, each row's validation curve over epochs: the mean over its finished seeds and a
     ± std band; a two-stage row's stage 2 is drawn after its stage 1's epochs (its budget)."""
     out = []
-    for ab in layout["ablations"]:
+    for ab in layout.ablations:
         lines = []
-        for r in ab["rows"]:
+        for r in ab.rows:
             per_epoch: dict[int, list[float]] = {}
             for m in members:
                 v = variants.get(m.variant_key)
-                if m.ablation != ab["name"] or m.row != r["name"] or v is None:
+                if m.ablation != ab.name or m.row != r.name or v is None:
                     continue
                 offset = int(v.config.get("schedule_offset") or 0)
                 for epoch, value in store.metrics(v.key).get(metric, []):
@@ -95,9 +98,9 @@ def row_curves(store, layout: dict, members: list, variants: dict, metric: str) 
             xs = sorted(per_epoch)
             means = [sum(per_epoch[x]) / len(per_epoch[x]) for x in xs]
             stds = [statistics.stdev(per_epoch[x]) if len(per_epoch[x]) > 1 else 0.0 for x in xs]
-            lines.append({"row": r["name"], "epochs": xs, "mean": means, "low": [m - d for m, d in zip(means, stds)],
+            lines.append({"row": r.name, "epochs": xs, "mean": means, "low": [m - d for m, d in zip(means, stds)],
                           "high": [m + d for m, d in zip(means, stds)], "seeds": max(len(v) for v in per_epoch.values())})
-        out.append({"ablation": ab["name"], "metric": metric, "lines": lines, "traces": curve_traces(lines)})
+        out.append({"ablation": ab.name, "metric": metric, "lines": lines, "traces": curve_traces(lines)})
     return out
 
 
@@ -118,7 +121,7 @@ def curve_traces(lines: list[dict]) -> list[dict]:
     return traces
 
 
-def joint_groups(layout: dict, members: list, variants: dict, metric: str) -> dict | None:
+def joint_groups(layout: StudyLayout, members: list, variants: dict, metric: str) -> dict | None:
     """Pose studies: the paper's per-joint table (Head, Shoulder, Elbow, Wrist, Hip, Knee, Ankle,
     Mean) of every row, the mean over its finished seeds."""
     if not (metric.startswith("pckh") or metric == "pck"):
@@ -126,10 +129,10 @@ def joint_groups(layout: dict, members: list, variants: dict, metric: str) -> di
     groups = ("head", "shoulder", "elbow", "wrist", "hip", "knee", "ankle")
     prefix = "pckh" if metric.startswith("pckh") else "pck"
     rows = []
-    for ab in layout["ablations"]:
-        for r in ab["rows"]:
+    for ab in layout.ablations:
+        for r in ab.rows:
             results = [variants[m.variant_key].result for m in members
-                       if m.ablation == ab["name"] and m.row == r["name"] and m.variant_key in variants
+                       if m.ablation == ab.name and m.row == r.name and m.variant_key in variants
                        and variants[m.variant_key].status == "completed" and variants[m.variant_key].result]
             values = {}
             for g in (*groups, None):
@@ -137,7 +140,7 @@ def joint_groups(layout: dict, members: list, variants: dict, metric: str) -> di
                 found = [res["metrics"][name] for res in results if name in res.get("metrics", {})]
                 if found:
                     values[g.capitalize() if g else "Mean"] = sum(found) / len(found)
-            rows.append({"ablation": ab["name"], "row": r["name"], "values": values})
+            rows.append({"ablation": ab.name, "row": r.name, "values": values})
     if not any(r["values"] for r in rows):
         return None
     return {"columns": [g.capitalize() for g in groups] + ["Mean"], "rows": rows}
@@ -160,17 +163,17 @@ def compare(store, names: list[str], selected: list[str]) -> dict:
     """The compare page: the chosen studies' tables side by side, and the chosen rows
     ("STUDY/ABLATION/ROW") overlaid as curves with seed bands."""
     chosen, lines = [], []
-    everything = [{"name": s.name, "checked": s.name in names} for s in store.studies()
-                  if s.spec.get("kind", "study") == "study"]
+    everything = [{"name": s.name, "checked": s.name in names} for s in store.studies() if s.kind == "study"]
     for name in names:
         st = _study(store, name, "study")
         members = store.members(st.id)
         variants = store.variants(sorted({m.variant_key for m in members}))
-        tables = build_tables(st.spec, members, variants)
+        layout = st.layout
+        tables = build_tables(layout, members, variants)
         rows = [f"{name}/{t.name}/{r.name}" for t in tables for r in t.rows]
         chosen.append({"name": name, "tables": [table_data(t) for t in tables], "rows": rows,
-                       "metric": st.spec["metric"]})
-        for c in row_curves(store, st.spec, members, variants, st.spec["metric"]):
+                       "metric": layout.metric})
+        for c in row_curves(store, layout, members, variants, layout.metric):
             for line in c["lines"]:
                 ref = f"{name}/{c['ablation']}/{line['row']}"
                 if ref in selected:
@@ -178,24 +181,24 @@ def compare(store, names: list[str], selected: list[str]) -> dict:
     return {"studies": everything, "chosen": chosen, "selected": selected, "traces": curve_traces(lines)}
 
 
-def per_joint(layout: dict, members: list, variants: dict) -> dict | None:
+def per_joint(layout: StudyLayout, members: list, variants: dict) -> dict | None:
     """Pose studies: per-joint PCKh of every row (mean over finished seeds), in spec order."""
     rows, joints = [], []
     by_row: dict[tuple[str, str], list] = {}
     for m in members:
         if m.ablation is not None:
             by_row.setdefault((m.ablation, m.row), []).append(variants.get(m.variant_key))
-    for ab in layout["ablations"]:
-        for r in ab["rows"]:
-            tables = [v.result["per_joint"] for v in by_row.get((ab["name"], r["name"]), [])
+    for ab in layout.ablations:
+        for r in ab.rows:
+            tables = [v.result["per_joint"] for v in by_row.get((ab.name, r.name), [])
                       if v is not None and v.status == "completed" and v.result and v.result.get("per_joint")]
             if not tables:
-                rows.append({"ablation": ab["name"], "row": r["name"], "by_joint": {}})
+                rows.append({"ablation": ab.name, "row": r.name, "by_joint": {}})
                 continue
             for j in tables[0]:
                 if j not in joints:
                     joints.append(j)
-            rows.append({"ablation": ab["name"], "row": r["name"],
+            rows.append({"ablation": ab.name, "row": r.name,
                          "by_joint": {j: sum(t[j] for t in tables) / len(tables) for j in tables[0]}})
     if not joints:
         return None
@@ -213,13 +216,13 @@ def variant(store, key: str, study_name: str | None = None, mlflow_url: str | No
         s = store.study(study_name)
         if s is None:
             raise NotFound(f"no study named {study_name!r}")
-        experiment = s.spec.get("mlflow_experiment_id")
+        layout = s.layout
+        experiment = layout.mlflow_experiment_id
         members = store.members(s.id)
         mine = next((m for m in members if m.variant_key == key), None)
-        if mine is not None and mine.ablation is not None and s.spec.get("kind", "study") == "study":
+        if mine is not None and mine.ablation is not None and s.kind == "study":
             place = {"ablation": mine.ablation, "row": mine.row, "seed": mine.seed}
-            ab = next(a for a in s.spec["ablations"] if a["name"] == mine.ablation)
-            base = next((m for m in members if m.ablation == mine.ablation and m.row == ab["baseline"]
+            base = next((m for m in members if m.ablation == mine.ablation and m.row == layout.ablation(mine.ablation).baseline
                          and m.seed == mine.seed), None)
             if base is not None and base.variant_key != key:
                 baseline = store.variant(base.variant_key)
@@ -245,9 +248,9 @@ def variant(store, key: str, study_name: str | None = None, mlflow_url: str | No
               for name, pts in history.items() if name in CURVES or name.startswith("lambda/")}
     result = v.result or {}
     report = reported_value = None
-    if study_name and s.spec.get("kind", "study") == "study" and result:  # the study's reporting rule
-        report = s.spec.get("report", "last")
-        reported_value = reported(result, s.spec.get("metric", result.get("metric")), report)
+    if study_name and s.kind == "study" and result:  # the study's reporting rule
+        report = s.layout.report
+        reported_value = reported(result, s.layout.metric or result.get("metric"), report)
     run = v.mlflow_run_id
     return {
         "key": v.key, "label": v.label, "kind": v.kind, "status": v.status, "error": v.error,
@@ -300,12 +303,13 @@ def tuning(store, name: str, studies_by_arm: dict) -> dict:
     from bnnctl.workers.schedules import LambdaSchedule
 
     s = _study(store, name, "tuning")
-    layout = s.spec
+    layout = s.layout
+    base_data = layout.data.get("base") or {}  # the tuning spec as written
     arms = []
-    for arm in layout["arms"]:
-        summary = summarize(studies_by_arm[arm["name"]])
+    for arm in layout.arms:
+        summary = summarize(studies_by_arm[arm.name])
         history, best_so_far, running_best = [], [], None
-        maximize = layout["direction"] == "maximize"
+        maximize = layout.maximize
         for t in sorted(summary["trials"], key=lambda t: t["number"]):
             if t["state"] == "COMPLETE" and t["value"] is not None:
                 if running_best is None or (t["value"] > running_best if maximize else t["value"] < running_best):
@@ -316,18 +320,19 @@ def tuning(store, name: str, studies_by_arm: dict) -> dict:
         if summary["best"] is not None:  # the best lambda schedule as a curve (when one was searched)
             params = summary["best"]["params"]
             if any(p.startswith("lambda_schedule.") for p in params):
-                base = from_dict(LambdaSchedule, layout["data"].get("base", {}).get("lambda_schedule") or {})
+                base = from_dict(LambdaSchedule, base_data.get("lambda_schedule") or {})
                 sched = with_overrides(base, {p.removeprefix("lambda_schedule."): v for p, v in params.items()
                                               if p.startswith("lambda_schedule.")})
-                epochs = int(layout["data"].get("base", {}).get("epochs", 120))
+                epochs = int(base_data.get("epochs", 120))
                 last = max(epochs - 1, 1)  # as the trainer: epoch k (1-based) runs at t = k - 1, the last at lambda_end
                 schedule = {"epochs": list(range(1, epochs + 1)),
                             "best": [sched.value(e, last) for e in range(epochs)],
                             "default": [base.value(e, last) for e in range(epochs)]}
         complete = [t for t in summary["trials"] if t["state"] == "COMPLETE" and t["value"] is not None]
-        paths = [p["path"] for p in layout["params"]]
+        paths = layout.param_paths
+        logs = {p.path: p.log for p in layout.params}
         few = len(complete) < 4 * max(len(paths), 1)
-        arms.append({"name": arm["name"], "trials": summary["trials"], "best": summary["best"],
+        arms.append({"name": arm.name, "trials": summary["trials"], "best": summary["best"],
                      "default": summary["default"], "importances": summary["importances"],
                      "importance_note": (f"from {len(complete)} completed trials for {len(paths)} parameters: too "
                                          "few to rank them reliably (aim for 4 per parameter or more)") if few else None,
@@ -335,13 +340,13 @@ def tuning(store, name: str, studies_by_arm: dict) -> dict:
                                        "name": f"trial {t['number']}" + (" (pruned)" if t["state"] == "PRUNED" else ""),
                                        "mode": "lines", "line": {"dash": "dot" if t["state"] == "PRUNED" else "solid"}}
                                       for t in summary["trials"] if t["intermediate"]],
-                     "parallel": parallel_traces(paths, complete, layout["metric"], maximize) if len(complete) >= 2 else None,
-                     "slices": [{"path": p, "log": next((q.get("log", False) for q in layout["params"] if q["path"] == p), False),
+                     "parallel": parallel_traces(paths, complete, layout.metric, maximize) if len(complete) >= 2 else None,
+                     "slices": [{"path": p, "log": logs.get(p, False),
                                  "x": [t["params"].get(p) for t in complete], "y": [t["value"] for t in complete],
                                  "text": [f"trial {t['number']}" for t in complete]} for p in paths],
                      "history": history, "best_so_far": best_so_far, "schedule": schedule,
                      "finished": sum(1 for t in summary["trials"] if t["state"] in ("COMPLETE", "PRUNED", "FAIL"))})
-    return {"name": s.name, "status": s.status, "spec_file": s.spec_file, "description": layout.get("description", ""),
-            "metric": layout["metric"], "direction": layout["direction"], "value": layout["value"],
-            "trials": layout["trials"], "sampler": layout["sampler"], "pruner": layout["pruner"],
-            "params": layout["params"], "arms": arms, "updated": _iso(s.updated_at)}
+    return {"name": s.name, "status": s.status, "spec_file": s.spec_file, "description": layout.description,
+            "metric": layout.metric, "direction": layout.direction, "value": layout.value,
+            "trials": layout.trials, "sampler": layout.sampler, "pruner": layout.pruner,
+            "params": [dataclasses.asdict(p) for p in layout.params], "arms": arms, "updated": _iso(s.updated_at)}

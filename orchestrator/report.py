@@ -13,6 +13,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from .layouts import StudyLayout
+
 #: Significance level of the paired test against the baseline row.
 ALPHA = 0.05
 
@@ -195,50 +197,48 @@ def paired_p_value(a: Cell, b: Cell) -> float | None:
     return p if math.isfinite(p) else None
 
 
-def build_tables(layout: dict, members: list, variants: dict) -> list[Table]:
-    """Tables of a study from its stored layout, its members and their variants (store snapshots)."""
-    metric = layout["metric"]
-    seeds = layout["seeds"]
-    report = layout.get("report", "last")
-    alpha = float(layout.get("alpha", ALPHA))
-    correction = layout.get("correction", "none")
+def build_tables(layout: StudyLayout | dict, members: list, variants: dict) -> list[Table]:
+    """Tables of a study from its stored layout (typed, or its stored data), its members and their
+    variants (store snapshots)."""
+    if not isinstance(layout, StudyLayout):
+        layout = StudyLayout.from_dict(layout)
+    metric, seeds, report = layout.metric, layout.seeds, layout.report
     by_row: dict[tuple[str, str], list] = {}
     for m in members:
         if m.ablation is not None:
             by_row.setdefault((m.ablation, m.row), []).append(m)
     tables = []
-    for ab in layout["ablations"]:
+    for ab in layout.ablations:
         cells, extra, budgets, envs, latencies, machines = {}, {}, {}, {}, {}, set()
-        for r in ab["rows"]:
-            ms = sorted(by_row.get((ab["name"], r["name"]), []), key=lambda m: m.seed)
+        for r in ab.rows:
+            ms = sorted(by_row.get((ab.name, r.name), []), key=lambda m: m.seed)
             vs = [variants.get(m.variant_key) for m in ms]
             results = [v.result if v else None for v in vs]
             statuses = [v.status if v else "pending" for v in vs]
-            cells[r["name"]] = cell(results, statuses, metric, len(seeds), [m.seed for m in ms], report)
-            extra[r["name"]] = next((res["accounting"] for res in results if res), None)
-            budgets[r["name"]] = next((b for m in ms if (b := budget(m.variant_key, variants)) is not None), None)
+            cells[r.name] = cell(results, statuses, metric, len(seeds), [m.seed for m in ms], report)
+            extra[r.name] = next((res["accounting"] for res in results if res), None)
+            budgets[r.name] = next((b for m in ms if (b := budget(m.variant_key, variants)) is not None), None)
             found = sorted({e for res, st in zip(results, statuses) if st == "completed" and (e := environment(res))})
-            envs[r["name"]] = " | ".join(found) if found else None
-            *latencies[r["name"]], where = latency(results, statuses)
+            envs[r.name] = " | ".join(found) if found else None
+            *latencies[r.name], where = latency(results, statuses)
             machines |= where
-        base = cells.get(ab["baseline"])
+        base = cells.get(ab.baseline)
         means = [c.mean for c in cells.values() if c.mean is not None]
         top = max(means) if means else None
-        names = [r["name"] for r in ab["rows"]]
-        ps = [None if n == ab["baseline"] or base is None else paired_p_value(cells[n], base) for n in names]
-        adjusted = holm(ps) if correction == "holm" else ps
+        ps = [None if n == ab.baseline or base is None else paired_p_value(cells[n], base) for n in ab.row_names]
+        adjusted = holm(ps) if layout.correction == "holm" else ps
         rows = []
-        for r, p, p_adj in zip(ab["rows"], ps, adjusted):
-            c = cells[r["name"]]
+        for r, p, p_adj in zip(ab.rows, ps, adjusted):
+            c = cells[r.name]
             delta = (c.mean - base.mean) if (c.mean is not None and base is not None and base.mean is not None) else None
-            acc = extra[r["name"]] or {}
-            rows.append(TableRow(r["name"], c, delta, r.get("reference"), acc.get("params"), acc.get("bops"),
-                                 acc.get("deployed_bytes"), r["name"] == ab["baseline"], p,
-                                 c.mean is not None and c.mean == top, budgets[r["name"]], p_adj, alpha,
-                                 envs[r["name"]], *latencies[r["name"]]))
+            acc = extra[r.name] or {}
+            rows.append(TableRow(r.name, c, delta, r.reference, acc.get("params"), acc.get("bops"),
+                                 acc.get("deployed_bytes"), r.name == ab.baseline, p,
+                                 c.mean is not None and c.mean == top, budgets[r.name], p_adj, layout.alpha,
+                                 envs[r.name], *latencies[r.name]))
         distinct = tuple(sorted({e for row in rows if row.environment for e in row.environment.split(" | ")}))
-        tables.append(Table(ab["name"], ab["mode"], metric, ab["baseline"], tuple(rows), report, alpha, correction,
-                            distinct, tuple(sorted(machines))))
+        tables.append(Table(ab.name, ab.mode, metric, ab.baseline, tuple(rows), report, layout.alpha,
+                            layout.correction, distinct, tuple(sorted(machines))))
     return tables
 
 
@@ -423,7 +423,7 @@ def to_html(tables: list[Table], title: str) -> str:
 def study_tables(store, study) -> list[Table]:
     """A stored study's tables: its layout, membership and variants read from ``store``."""
     members = store.members(study.id)
-    return build_tables(study.spec, members, store.variants(sorted({m.variant_key for m in members})))
+    return build_tables(study.layout, members, store.variants(sorted({m.variant_key for m in members})))
 
 
 #: the formats a study's tables export to (the CLI's `study show --format`, the dashboard's downloads,

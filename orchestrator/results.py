@@ -56,11 +56,11 @@ def records(study: str, db: str | None = None, store: Store | None = None) -> li
     s = store.study(study)
     if s is None:
         raise ConfigError("study", f"no study or tuning named {study!r} in {store.display_url}")
-    if s.spec.get("kind") == "tuning":
+    if s.kind == "tuning":
         return _trial_records(store, s)
     members = store.members(s.id)
     variants = _stored_variants(store, [m.variant_key for m in members])
-    metric, rule = s.spec.get("metric"), s.spec.get("report", "last")
+    metric, rule = s.layout.metric, s.layout.report
     out = []
     for m in members:
         v = variants.get(m.variant_key)
@@ -78,14 +78,14 @@ def _trial_records(store: Store, s) -> list[dict[str, Any]]:
     from .tuning import arm_studies, optuna_storage
     from .store import readonly_url
 
-    studies = arm_studies(s.spec, optuna_storage(readonly_url(store.url), readonly=True))
+    studies = arm_studies(s.layout, optuna_storage(readonly_url(store.url), readonly=True))
     keys = [t.user_attrs.get("bnnctl.variant") for st in studies.values() for t in st.get_trials(deepcopy=False)]
     variants = _stored_variants(store, [k for k in keys if k])
     out = []
     for arm, st in studies.items():
         for t in st.get_trials(deepcopy=False):
             rec: dict[str, Any] = {"study": s.name, "arm": arm, "trial": t.number, "state": t.state.name,
-                                   "objective": t.value, "seed": s.spec.get("data", {}).get("seed", 0)}
+                                   "objective": t.value, "seed": s.layout.data.get("seed", 0)}
             rec.update({f"param.{k}": v for k, v in t.params.items()})
             v = variants.get(t.user_attrs.get("bnnctl.variant"))
             if v is not None:

@@ -162,11 +162,22 @@ class Study:
     name: str
     spec_file: str
     spec_hash: str
-    spec: dict
+    spec: dict  # its layout as stored (see layouts.py), with the driver's annotations
     status: str
     mlflow_run_id: str | None
     created_at: datetime
     updated_at: datetime
+
+    @property
+    def layout(self):
+        """The typed :class:`~bnnctl.orchestrator.layouts.StudyLayout` or ``TuningLayout``."""
+        from .layouts import parse
+
+        return parse(self.spec)
+
+    @property
+    def kind(self) -> str:
+        return "tuning" if (self.spec or {}).get("kind") == "tuning" else "study"
 
 
 @dataclass(frozen=True)

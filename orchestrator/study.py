@@ -8,6 +8,7 @@ from pathlib import Path
 from bnnctl.workers.config import to_dict
 
 from .executor import Events
+from .layouts import AblationLayout, RowLayout, StudyLayout
 from .plan import Plan, Variant, build_plan
 from .runcore import DriverSession, LeaseKeeper, RunOptions
 from .spec import StudySpec, load_spec
@@ -17,14 +18,15 @@ DEFAULT_METRIC = {"pose": "pckh", "classification": "top1"}
 
 
 def table_layout(spec: StudySpec) -> dict:
-    """What the tables need from the spec, stored with the study (the dashboard reads it)."""
+    """What the tables need from the spec, stored with the study (the dashboard reads it): a
+    :class:`~bnnctl.orchestrator.layouts.StudyLayout` as plain data."""
     metric = spec.metric or ("pck" if spec.base.data.dataset == "lsp" else DEFAULT_METRIC[spec.base.task])
-    return {
-        "name": spec.name, "description": spec.description, "seeds": list(spec.seeds), "metric": metric,
-        "report": spec.report, "alpha": spec.statistics.alpha, "correction": spec.statistics.correction,
-        "ablations": [{"name": a.name, "mode": a.mode, "baseline": a.baseline,
-                       "rows": [{"name": r.name, "reference": r.reference} for r in a.rows]} for a in spec.ablations],
-    }
+    return StudyLayout(
+        name=spec.name, description=spec.description, seeds=tuple(spec.seeds), metric=metric, report=spec.report,
+        alpha=spec.statistics.alpha, correction=spec.statistics.correction,
+        ablations=tuple(AblationLayout(a.name, a.mode, a.baseline, tuple(RowLayout(r.name, r.reference) for r in a.rows))
+                        for a in spec.ablations),
+    ).to_dict()
 
 
 def check_data(plan: Plan) -> None:

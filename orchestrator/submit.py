@@ -127,7 +127,7 @@ def submit(spec_path: Path, kind: str, address: str, db: str | None, storage: st
 
 def job_of(study, address: str | None) -> tuple[Any, str] | None:
     """(client, job id) of a study's last submitted job, or None when it was never submitted."""
-    job = (study.spec or {}).get("job")
+    job = study.layout.job
     if not job:
         return None
     return client(address or job["address"]), job["id"]

@@ -31,6 +31,7 @@ from bnnctl.workers.errors import ConfigError
 
 from .errors import SpecError, StoreError
 from .executor import Events, Hooks
+from .layouts import ArmLayout, ParamLayout, TuningLayout
 from .plan import Plan, Variant, add_teacher, identity
 from .runcore import DriverSession, LeaseKeeper, RunOptions
 from .store import Member, Store, readonly_url
@@ -99,16 +100,15 @@ def make_pruner(spec: TuneSpec):
 
 
 def tuning_layout(spec: TuneSpec) -> dict:
-    """What ``tune show``, ``tune best`` and the dashboard need, stored with the tuning."""
-    return {
-        "kind": "tuning", "name": spec.name, "description": spec.description, "seed": spec.seed,
-        "metric": spec.objective.metric, "direction": spec.objective.direction, "value": spec.objective.value,
-        "trials": spec.trials, "sampler": spec.sampler.name, "pruner": spec.pruner.name,
-        "space_hash": spec.space_hash,
-        "arms": [{"name": a.name, "optuna_study": spec.optuna_study(a.name), "teacher": a.teacher} for a in spec.arms],
-        "params": [{"path": p.path, "type": p.type, "describe": p.describe(), "log": p.log} for p in spec.params],
-        "data": spec.data,
-    }
+    """What ``tune show``, ``tune best`` and the dashboard need, stored with the tuning: a
+    :class:`~bnnctl.orchestrator.layouts.TuningLayout` as plain data."""
+    return TuningLayout(
+        name=spec.name, description=spec.description, seed=spec.seed, metric=spec.objective.metric,
+        direction=spec.objective.direction, value=spec.objective.value, trials=spec.trials,
+        sampler=spec.sampler.name, pruner=spec.pruner.name, space_hash=spec.space_hash,
+        arms=tuple(ArmLayout(a.name, spec.optuna_study(a.name), a.teacher) for a in spec.arms),
+        params=tuple(ParamLayout(p.path, p.type, p.describe(), p.log) for p in spec.params), data=spec.data,
+    ).to_dict()
 
 
 def objective_value(metrics: dict[str, list[tuple[int, float]]], spec_metric: str, direction: str,
@@ -395,7 +395,7 @@ def _run_tuning(spec: TuneSpec, path, store: Store, opts: RunOptions, events, on
     from optuna.trial import TrialState
 
     existing = store.study(spec.name)
-    if existing is not None and existing.spec.get("kind") != "tuning":
+    if existing is not None and existing.kind != "tuning":
         raise SpecError(spec.file, "name", f"{spec.name!r} is already the name of a study in {store.display_url}; "
                         "give the tuning another name")
     try:
@@ -501,43 +501,43 @@ def load_tuning(name: str, db: str | None = None) -> tuple[Store, Any, dict[str,
     """The stored tuning ``name``: (store, its study row, {arm: optuna.Study}), opened read-only."""
     store = Store(db, readonly=True)
     row = store.study(name)
-    if row is None or row.spec.get("kind") != "tuning":
-        known = ", ".join(s.name for s in store.studies() if s.spec.get("kind") == "tuning") or "none yet"
+    if row is None or row.kind != "tuning":
+        known = ", ".join(s.name for s in store.studies() if s.kind == "tuning") or "none yet"
         raise ConfigError("tuning", f"no tuning {name!r} in {store.display_url}; known tunings: {known}")
-    return store, row, arm_studies(row.spec, optuna_storage(readonly_url(store.url), readonly=True))
+    return store, row, arm_studies(row.layout, optuna_storage(readonly_url(store.url), readonly=True))
 
 
-def arm_studies(layout: dict, storage) -> dict[str, Any]:
+def arm_studies(layout: TuningLayout, storage) -> dict[str, Any]:
     """{arm: optuna.Study} of a stored tuning layout, loaded from ``storage``."""
     import optuna
 
     studies = {}
-    for arm in layout["arms"]:
+    for arm in layout.arms:
         try:
-            studies[arm["name"]] = optuna.load_study(study_name=arm["optuna_study"], storage=storage)
+            studies[arm.name] = optuna.load_study(study_name=arm.optuna_study, storage=storage)
         except KeyError:
-            raise StoreError(f"the Optuna study {arm['optuna_study']!r} is missing from the state database") from None
+            raise StoreError(f"the Optuna study {arm.optuna_study!r} is missing from the state database") from None
     return studies
 
 
-def best_as_spec(row_spec: dict, studies: dict[str, Any]) -> dict:
+def best_as_spec(layout: TuningLayout, studies: dict[str, Any]) -> dict:
     """A study spec (plain data) comparing each arm's default with its best trial, ready for
     ``bnnctl study run``."""
-    data = row_spec["data"]
+    data = layout.data  # the tuning spec as written
     rows = []
-    for arm in row_spec["arms"]:
-        summary = summarize(studies[arm["name"]])
+    for arm in layout.arms:
+        summary = summarize(studies[arm.name])
         if summary["best"] is None:
-            raise ConfigError("tuning", f"arm {arm['name']!r} has no completed trial yet; run the tuning first")
-        arm_set = next((dict(a.get("set") or {}) for a in data.get("arms") or [] if a.get("name") == arm["name"]), {})
-        prefix = "" if arm["name"] == "base" and not data.get("arms") else f"{arm['name']}: "
+            raise ConfigError("tuning", f"arm {arm.name!r} has no completed trial yet; run the tuning first")
+        arm_set = next((dict(a.get("set") or {}) for a in data.get("arms") or [] if a.get("name") == arm.name), {})
+        prefix = "" if arm.name == "base" and not data.get("arms") else f"{arm.name}: "
         default_row: dict[str, Any] = {"name": f"{prefix}default"}
         tuned_row: dict[str, Any] = {"name": f"{prefix}tuned (trial {summary['best']['number']})"}
         if arm_set:
             default_row["set"] = dict(arm_set)
         tuned_row["set"] = {**arm_set, **summary["best"]["params"]}
-        if arm.get("teacher"):
-            default_row["teacher"] = tuned_row["teacher"] = arm["teacher"]
+        if arm.teacher:
+            default_row["teacher"] = tuned_row["teacher"] = arm.teacher
         rows += [default_row, tuned_row]
     spec: dict[str, Any] = {
         "name": f"{data['name']}-best",
@@ -550,7 +550,7 @@ def best_as_spec(row_spec: dict, studies: dict[str, Any]) -> dict:
             spec[key] = data[key]
     from bnnctl.workers.metrics import ALL_TABLE_METRICS
 
-    spec["metric"] = row_spec["metric"] if row_spec["metric"] in ALL_TABLE_METRICS else None
+    spec["metric"] = layout.metric if layout.metric in ALL_TABLE_METRICS else None
     if spec["metric"] is None:
         del spec["metric"]
     # the tuning's reporting rule: the table then shows each trial's objective as `tune show` does

@@ -49,7 +49,7 @@ def _load(ref: str, db: str | None):
 def _tables(store, study):
     from bnnctl.orchestrator.report import study_tables
 
-    if study.spec.get("kind") == "tuning":
+    if study.kind == "tuning":
         raise fail(f"{study.name!r} is a tuning, not a study; see it with: bnnctl tune show {study.name}")
     return study_tables(store, study)
 
@@ -155,8 +155,8 @@ def _run(file, db, tracking_uri, address, cpus, max_parallel, no_track, storage,
     if outcome.skipped_failed:
         out.print(f"[yellow]skipped[/] {outcome.skipped_failed} failed variant(s) and what depends on them; retry "
                   f"with: bnnctl study rerun {file}")
-    if outcome.status == "stopped" and study.spec.get("stopped_reason"):
-        out.print(f"[yellow]stopped[/]: {study.spec['stopped_reason']}")
+    if outcome.status == "stopped" and study.layout.stopped_reason:
+        out.print(f"[yellow]stopped[/]: {study.layout.stopped_reason}")
     if not no_track:
         out.print(f"compare the runs in MLflow: {ui_hint(tracking_uri)}")
     if outcome.status != "completed":
@@ -271,7 +271,7 @@ def logs(
         sys.stdout.flush()
 
     status = follow_logs(s, address, out, follow=follow)
-    typer.echo(f"job {s.spec['job']['id']}: {status}")
+    typer.echo(f"job {s.layout.job['id']}: {status}")
 
 
 @app.command("show")
@@ -317,7 +317,7 @@ def status(study: Annotated[str, typer.Argument(help="Study name or spec file.")
         return
     members = store.members(s.id)
     variants = store.variants([m.variant_key for m in members])
-    reason = f" ({s.spec['stopped_reason']})" if s.status == "stopped" and s.spec.get("stopped_reason") else ""
+    reason = f" ({s.layout.stopped_reason})" if s.status == "stopped" and s.layout.stopped_reason else ""
     t = RichTable(title=f"{s.name}: {s.status}{reason}{_job_line(s)}")
     for col in ("variant", "kind", "status", "attempts", "node (last attempt)", "from", "result / error"):
         t.add_column(col)
@@ -336,7 +336,7 @@ def status(study: Annotated[str, typer.Argument(help="Study name or spec file.")
 
 def _job_line(study) -> str:
     """'; job ID on ADDRESS: RUNNING' for a submitted study (the job server asked now)."""
-    job = study.spec.get("job")
+    job = study.layout.job
     if not job:
         return ""
     from bnnctl.orchestrator.submit import SubmitError, job_of
@@ -382,7 +382,7 @@ def list_studies(db: DbOption = None,
         counts: dict[str, int] = {}
         for v in store.variants([m.variant_key for m in store.members(s.id)]).values():
             counts[v.status] = counts.get(v.status, 0) + 1
-        listing.append({"name": s.name, "kind": s.spec.get("kind", "study"), "status": s.status,
+        listing.append({"name": s.name, "kind": s.kind, "status": s.status,
                         "variants": counts, "updated": f"{s.updated_at:%Y-%m-%d %H:%M}", "spec_file": s.spec_file})
     if as_json:
         typer.echo(json.dumps(listing, indent=2))
@@ -419,20 +419,20 @@ def delete(
     if s is None:
         raise fail(f"no study or tuning {name!r} in {store.display_url}")
     members = {m.variant_key for m in store.members(s.id)}
-    if not yes and not typer.confirm(f"delete {s.spec.get('kind', 'study')} {name!r} ({len(members)} variants, those "
+    if not yes and not typer.confirm(f"delete {s.kind} {name!r} ({len(members)} variants, those "
                                      "no other study uses with their attempts and metrics)"
                                      + (" and their files in the run storage" if files else "") + "?"):
         raise typer.Exit(code=1)
     removed, kept = store.delete_study(name)
-    if s.spec.get("kind") == "tuning":
+    if s.kind == "tuning":
         import optuna
 
         from bnnctl.orchestrator.tuning import optuna_storage
 
         storage_ = optuna_storage(store.url)
-        for arm in s.spec.get("arms", []):
+        for arm in s.layout.arms:
             try:
-                optuna.delete_study(study_name=arm["optuna_study"], storage=storage_)
+                optuna.delete_study(study_name=arm.optuna_study, storage=storage_)
             except KeyError:  # never created
                 pass
     gone_files = 0
@@ -460,9 +460,9 @@ def cancel(study: Annotated[str, typer.Argument(help="Study name or spec file.")
     name = _study_name(study)
     marked = cancel_study(name, db)
     store, s = _load(name, db)
-    if s.spec.get("job"):  # a submitted study: its driver stops by itself, or the job server stops it
+    if s.layout.job:  # a submitted study: its driver stops by itself, or the job server stops it
         status = stop_job(s, None, grace=30.0 if marked else 0.0)
-        typer.echo(f"study {name}: job {s.spec['job']['id']} {status}. Submit it again to continue.")
+        typer.echo(f"study {name}: job {s.layout.job['id']} {status}. Submit it again to continue.")
     elif marked:
         typer.echo(f"study {name}: cancelled; its driver stops within seconds. Run it again to continue.")
     else:

@@ -107,8 +107,8 @@ def run(
         from bnnctl.orchestrator.store import Store
 
         stopped = Store(db, readonly=True).study(outcome.name)
-        if stopped is not None and stopped.spec.get("stopped_reason"):
-            out.print(f"[yellow]stopped[/]: {stopped.spec['stopped_reason']}")
+        if stopped is not None and stopped.layout.stopped_reason:
+            out.print(f"[yellow]stopped[/]: {stopped.layout.stopped_reason}")
     out.print(f"details: bnnctl tune show {outcome.name}    Optuna's dashboard: optuna-dashboard "
               f"{_storage_url(db)}")
     if not no_track:
@@ -148,10 +148,10 @@ def _show(name: str, db: str | None, out, trials: bool = True) -> None:
     from bnnctl.orchestrator.tuning import load_tuning, summarize
 
     _, row, studies = load_tuning(name, db)
-    layout = row.spec
-    metric = f"{layout['metric']} ({layout['value']} epoch, {layout['direction']})"
-    summary_table = Table(title=f"tuning {row.name}: {row.status} — objective {metric}, {layout['sampler']} sampler, "
-                                f"{layout['pruner']} pruner")
+    layout = row.layout
+    metric = f"{layout.metric} ({layout.value} epoch, {layout.direction})"
+    summary_table = Table(title=f"tuning {row.name}: {row.status} — objective {metric}, {layout.sampler} sampler, "
+                                f"{layout.pruner} pruner")
     for col in ("arm", "finished", "default", "best", "Δ", "best trial", "best values"):
         summary_table.add_column(col, justify="left" if col in ("arm", "best values") else "right")
     summaries = {arm: summarize(study) for arm, study in studies.items()}
@@ -213,7 +213,7 @@ def best(
     from bnnctl.orchestrator.tuning import best_as_spec, load_tuning
 
     _, row, studies = load_tuning(_name(tuning), db)
-    spec = best_as_spec(row.spec, studies)
+    spec = best_as_spec(row.layout, studies)
     if as_spec.exists() and not force:
         raise fail(f"--as-spec: {as_spec} exists; choose another file or add --force to overwrite it")
     text = (f"# Written by `bnnctl tune best {row.name}`: each arm's default against its best trial.\n"
