@@ -205,29 +205,27 @@ def per_joint(layout: StudyLayout, members: list, variants: dict) -> dict | None
     return {"joints": joints, "rows": rows}
 
 
-def variant(store, key: str, study_name: str | None = None, mlflow_url: str | None = None) -> dict:
-    """A variant page: config (and its diff against the baseline row's variant), curves, accounting,
-    diagnostics, status and attempts, and its MLflow run."""
-    v = store.variant(key)
-    if v is None:
-        raise NotFound(f"no variant {key!r}")
-    baseline = place = experiment = None
-    if study_name:
-        s = store.study(study_name)
-        if s is None:
-            raise NotFound(f"no study named {study_name!r}")
-        layout = s.layout
-        experiment = layout.mlflow_experiment_id
-        members = store.members(s.id)
-        mine = next((m for m in members if m.variant_key == key), None)
-        if mine is not None and mine.ablation is not None and s.kind == "study":
-            place = {"ablation": mine.ablation, "row": mine.row, "seed": mine.seed}
-            base = next((m for m in members if m.ablation == mine.ablation and m.row == layout.ablation(mine.ablation).baseline
-                         and m.seed == mine.seed), None)
-            if base is not None and base.variant_key != key:
-                baseline = store.variant(base.variant_key)
-    mine_flat = flatten(v.config)
-    found = []  # what it was initialized from, what it learned from (filled in at execution)
+def _place(store, key: str, study_name: str):
+    """(the study, {ablation, row, seed} of the variant in it, the baseline row's variant of the same
+    seed) for a variant shown within a study."""
+    s = store.study(study_name)
+    if s is None:
+        raise NotFound(f"no study named {study_name!r}")
+    members = store.members(s.id)
+    mine = next((m for m in members if m.variant_key == key), None)
+    if mine is None or mine.ablation is None or s.kind != "study":
+        return s, None, None
+    ablation = s.layout.ablation(mine.ablation)
+    base = next((m for m in members if ablation is not None and m.ablation == mine.ablation
+                 and m.row == ablation.baseline and m.seed == mine.seed), None)
+    baseline = store.variant(base.variant_key) if base is not None and base.variant_key != key else None
+    return s, {"ablation": mine.ablation, "row": mine.row, "seed": mine.seed}, baseline
+
+
+def _sources(store, v, flat: dict) -> list[dict]:
+    """What the variant was initialized from and learned from; ``flat`` (its flattened config) gets
+    those checkpoints named, as they are filled in only at execution."""
+    found = []
     deps = store.variants(list(v.deps or ()))
     for role, dep in sources(v, deps):
         d = deps.get(dep)
@@ -235,20 +233,34 @@ def variant(store, key: str, study_name: str | None = None, mlflow_url: str | No
         found.append({"role": "initialized from" if role == "init" else "teacher", "key": dep, "label": label,
                       "status": d.status if d else "?"})
         field = "init_from" if role == "init" else "distill.teacher"
-        if mine_flat.get(field) in (None, "None"):
-            mine_flat[field] = f"{'last' if field == 'init_from' else 'best'} checkpoint of {label} ({dep})"
+        if flat.get(field) in (None, "None"):
+            flat[field] = f"{'last' if field == 'init_from' else 'best'} checkpoint of {label} ({dep})"
+    return found
+
+
+def variant(store, key: str, study_name: str | None = None, mlflow_url: str | None = None) -> dict:
+    """A variant page: config (and its diff against the baseline row's variant), curves, accounting,
+    diagnostics, status and attempts, and its MLflow run."""
+    v = store.variant(key)
+    if v is None:
+        raise NotFound(f"no variant {key!r}")
+    s = baseline = place = experiment = None
+    if study_name:
+        s, place, baseline = _place(store, key, study_name)
+        experiment = s.layout.mlflow_experiment_id
+    mine_flat = flatten(v.config)
+    found = _sources(store, v, mine_flat)
     diff = []
     if baseline is not None:
         base_flat = flatten(baseline.config)
-        for path in sorted(set(mine_flat) | set(base_flat)):
-            if mine_flat.get(path) != base_flat.get(path):
-                diff.append({"path": path, "baseline": base_flat.get(path), "value": mine_flat.get(path)})
+        diff = [{"path": path, "baseline": base_flat.get(path), "value": mine_flat.get(path)}
+                for path in sorted(set(mine_flat) | set(base_flat)) if mine_flat.get(path) != base_flat.get(path)]
     history = store.metrics(key)
     curves = {name: {"epochs": [e for e, _ in pts], "values": [x for _, x in pts]}
               for name, pts in history.items() if name in CURVES or name.startswith("lambda/")}
     result = v.result or {}
     report = reported_value = None
-    if study_name and s.kind == "study" and result:  # the study's reporting rule
+    if s is not None and s.kind == "study" and result:  # the study's reporting rule
         report = s.layout.report
         reported_value = reported(result, s.layout.metric or result.get("metric"), report)
     run = v.mlflow_run_id
@@ -261,6 +273,7 @@ def variant(store, key: str, study_name: str | None = None, mlflow_url: str | No
         "metrics": result.get("metrics", {}), "best_metric": result.get("best_metric"),
         "best_epoch": result.get("best_epoch"), "metric": result.get("metric"),
         "accounting": result.get("accounting", {}), "per_joint": result.get("per_joint", {}),
+        "latency": result.get("latency") or {},
         "timings": result.get("timings", {}), "epochs_done": result.get("epochs_done"),
         "predictions": bool(result.get("predictions_image")),
         "attempts": [{"number": a.number, "status": a.status, "node": a.node, "node_id": a.node_id, "error": a.error,

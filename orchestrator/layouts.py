@@ -76,8 +76,8 @@ class StudyLayout(Annotations):
     def to_dict(self) -> dict[str, Any]:
         return _plain(self)
 
-    def ablation(self, name: str) -> AblationLayout:
-        return next(a for a in self.ablations if a.name == name)
+    def ablation(self, name: str) -> AblationLayout | None:
+        return next((a for a in self.ablations if a.name == name), None)
 
 
 @dataclass(frozen=True)

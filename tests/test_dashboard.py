@@ -291,6 +291,10 @@ def test_variant_page(filled, browser, tmp_path):
     diff = {tr.find_elements(By.TAG_NAME, "td")[0].text: tr.find_elements(By.TAG_NAME, "td")[2].text
             for tr in browser.find_elements(By.CSS_SELECTOR, "#config-diff tbody tr")}
     assert diff == {"model.activation.kind": "prelu"}  # against relu, same seed
+    lat = v.result["latency"]  # its deployed model's measured latency, and where
+    cells = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#latency td")]
+    assert cells[0] == f"{lat['binary_ms']:.3g} ms ({lat['speedup']}x faster than float32: {lat['float_ms']:.3g} ms)"
+    assert cells[1].startswith(lat["machine"]) and lat["speedup"] > 0
     attempts = browser.find_elements(By.CSS_SELECTOR, "#attempts tbody tr")
     assert len(attempts) == len(store.attempts(v.key)) >= 1
     last = store.attempts(v.key)[-1]

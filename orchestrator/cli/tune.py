@@ -58,27 +58,37 @@ def run(
                                                   "the spec's `trials`); more continues the same Optuna study.")] = None,
 ) -> None:
     """Run a tuning, or continue it up to its number of trials (the same command resumes it)."""
-    from rich.markup import escape
-
     from bnnctl.orchestrator.executor import Events
     from bnnctl.orchestrator.runcore import RunOptions
-    from bnnctl.orchestrator.tracking import ui_hint
-    from bnnctl.orchestrator.tuning import run_tuning
-
     from bnnctl.orchestrator.tunespec import load_tune_spec
-
-    from bnnctl.orchestrator.tuning import with_trials
+    from bnnctl.orchestrator.tuning import run_tuning, with_trials
 
     spec = load_tune_spec(file)  # a bad spec (or --trials) is refused before anything is shown or started
     if trials is not None:
         spec = with_trials(spec, trials)
-    requested = spec.trials * len(spec.arms)
     out = console()
-    counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
-    out.print(f"tuning {spec.name}: {requested} trials requested ({len(spec.arms)} arm(s) x {spec.trials}); "
-              "finished trials of an earlier run count", highlight=False)
+    out.print(f"tuning {spec.name}: {spec.trials * len(spec.arms)} trials requested ({len(spec.arms)} arm(s) x "
+              f"{spec.trials}); finished trials of an earlier run count", highlight=False)
+    printer = _TrialPrinter(out)
+    stop_on_sigterm()
+    outcome = run_tuning(file, events=Events(finished=printer.finished), on_trial=printer.trial,
+                         options=RunOptions(db, tracking_uri, address, cpus, max_parallel, not no_track, storage=storage,
+                                            takeover=takeover, trials=trials))
+    _closing(outcome, db, out, not no_track, tracking_uri)
 
-    def on_trial(e) -> None:
+
+class _TrialPrinter:
+    """One line per finished trial (state, value, parameters, best so far, this run's tally), and
+    the teachers' and retries' news."""
+
+    def __init__(self, out) -> None:
+        self.out = out
+        self.counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
+
+    def trial(self, e) -> None:
+        from rich.markup import escape
+
+        counts = self.counts
         counts[e.state] += 1
         colour = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}[e.state]
         value = f"{format_number(e.value)}" if e.value is not None else ""
@@ -86,19 +96,21 @@ def run(
         reason = f"  [red]{escape(e.reason)}[/]" if e.reason else ""
         state = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}[e.state]
         tally = f"  [{sum(counts.values())} done in this run: {counts['PRUNED']} pruned, {counts['FAIL']} failed]"
-        out.print(f"{escape('[' + e.arm + ']')} trial {e.number:3d} [{colour}]{state:8s}[/] {value:>8s}  "
-                  f"{_params(e.params)}{best}{reason}{escape(tally)}", highlight=False)
+        self.out.print(f"{escape('[' + e.arm + ']')} trial {e.number:3d} [{colour}]{state:8s}[/] {value:>8s}  "
+                       f"{_params(e.params)}{best}{reason}{escape(tally)}", highlight=False)
 
-    def finished(v, status, error) -> None:
+    def finished(self, v, status, error) -> None:
         if v.kind == "teacher":
-            out.print(f"teacher {v.label}: {status}" + (f" ({error})" if error else ""))
+            self.out.print(f"teacher {v.label}: {status}" + (f" ({error})" if error else ""))
         elif status == "retrying":
-            out.print(f"[yellow]retrying[/] {v.label} ({error}); it resumes from its checkpoint")
+            self.out.print(f"[yellow]retrying[/] {v.label} ({error}); it resumes from its checkpoint")
 
-    stop_on_sigterm()
-    outcome = run_tuning(file, events=Events(finished=finished), on_trial=on_trial,
-                         options=RunOptions(db, tracking_uri, address, cpus, max_parallel, not no_track, storage=storage,
-                                            takeover=takeover, trials=trials))
+
+def _closing(outcome, db: str | None, out, track: bool, tracking_uri: str | None) -> None:
+    """The tuning's summary table, its state (and why it stopped), where to look next; exit 1
+    unless it completed."""
+    from bnnctl.orchestrator.tracking import ui_hint
+
     _show(outcome.name, db, out, trials=False)
     out.print(f"tuning {outcome.name}: {outcome.status} "
               f"({', '.join(f'{arm}: {n} finished trials' for arm, n in outcome.finished.items())}; "
@@ -111,7 +123,7 @@ def run(
             out.print(f"[yellow]stopped[/]: {stopped.layout.stopped_reason}")
     out.print(f"details: bnnctl tune show {outcome.name}    Optuna's dashboard: optuna-dashboard "
               f"{_storage_url(db)}")
-    if not no_track:
+    if track:
         out.print(f"compare the trials in MLflow: {ui_hint(tracking_uri)}")
     if outcome.status != "completed":
         raise typer.Exit(code=1)
