@@ -204,3 +204,24 @@ def test_two_stage_rows_train_the_same_budget_as_one_stage_rows_unless_told(tmp_
     f.write_text(TWO_STAGE.format(epochs=2).replace("stage1_epochs: 2}", "stage1_epochs: 5}"))
     with pytest.raises(SpecError, match=r"rows\[4\].stages: 5 epochs leave none of the row's 2"):
         load_spec(f)
+
+
+def test_a_new_ablation_mode_is_one_registration(tmp_path, monkeypatch):
+    """Ablation modes are a registry like every other axis: registering one function makes it a valid
+    `mode`, and unknown modes list the registered ones."""
+    from bnnctl.orchestrator import spec as specmod
+
+    monkeypatch.setattr(specmod, "ABLATION_MODES", dict(specmod.ABLATION_MODES))  # undone after the test
+
+    @specmod.ablation_mode("isolated_backwards")
+    def backwards(p, body, path, name, base_data, teachers):
+        return list(reversed(specmod.ABLATION_MODES["isolated"](p, body, path, name, base_data, teachers)))
+
+    f = tmp_path / "s.yaml"
+    f.write_text(GOOD.replace("mode: incremental", "mode: isolated_backwards"))
+    (ablation, *_) = load_spec(f).ablations
+    forward = yaml.safe_load(GOOD)["ablations"][0]["rows"]
+    assert [r.name for r in ablation.rows] == [r["name"] for r in reversed(forward)]
+    f.write_text(GOOD.replace("mode: incremental", "mode: sideways"))
+    with pytest.raises(SpecError, match="unknown mode 'sideways'; allowed: incremental, isolated, grid, isolated_backwards"):
+        load_spec(f)
