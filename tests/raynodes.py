@@ -167,13 +167,12 @@ class RayNodes:
         proc.wait(timeout=30)
 
     def close(self) -> None:
+        # SIGKILL at once: `ray start --block` ignored SIGTERM for the whole 20 s grace period it used
+        # to get (21 s of every cluster test's teardown), and a test cluster keeps nothing worth a
+        # graceful stop
         for proc in reversed(self.procs):
             if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    proc.wait(timeout=20)
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    self.kill(proc)
+                self.kill(proc)
         time.sleep(1)  # raylets take their workers along
         if self._record is None:
             RECORD.unlink(missing_ok=True)
