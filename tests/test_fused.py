@@ -285,3 +285,35 @@ def test_the_stems_batchnorm_and_relu_fold_into_the_first_blocks_thresholds(monk
         for model in (ref, fast):
             model.stem[1].running_mean.add_(0.3)
     assert torch.equal(_outputs(fast, x)[-1], _outputs(ref, x)[-1])
+
+
+def test_nan_statistics_fold_exactly_and_a_failed_fold_runs_layer_by_layer(monkeypatch):
+    """A NaN variance makes a channel's BatchNorm output NaN, whose sign is -1 for every input: a
+    constant channel, folded exactly. Where a fold fails (BatchNorm's sign found non-monotone),
+    that layer's block runs layer by layer; nothing fails, outputs stay the emulation's."""
+    ref, fast = _pair(CASES["hourglass-1-stack"])
+    with torch.no_grad():
+        for model in (ref, fast):
+            model.stacks[0].post[0].conv2.bn.running_var[3] = float("nan")
+    x = torch.randn(1, 3, 32, 32)
+    calls = _runs(monkeypatch)
+    for a, b in zip(_outputs(fast, x), _outputs(ref, x)):
+        assert torch.equal(a, b)
+    assert len(calls) == _fusable_convs(fast)  # everything fused, the NaN channel too
+    calls.clear()
+    real = fused._calibrate
+    broken = fast.stacks[0].post[0].conv2.bn
+
+    def calibrate(chain):
+        if chain[-1] is broken:
+            raise ArithmeticError("BatchNorm's sign is not monotone in its input")
+        return real(chain)
+
+    monkeypatch.setattr(fused, "_calibrate", calibrate)
+    with torch.no_grad():
+        broken.running_mean.add_(0.1)  # new statistics: calibrated again
+        ref.stacks[0].post[0].conv2.bn.running_mean.add_(0.1)
+    for a, b in zip(_outputs(fast, x), _outputs(ref, x)):
+        assert torch.equal(a, b)
+    # the post block ran layer by layer: its conv1 and conv3 fused one at a time, conv2 not at all
+    assert len(calls) == _fusable_convs(fast) - 1

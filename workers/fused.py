@@ -185,7 +185,16 @@ def _plan(layer: BinaryConv2d | BinaryLinear, shape: tuple[int, int, int, int]):
     linear layer's (N, F) as (N, F, 1, 1)), kept while none of its parameters and buffers (weight,
     alpha, BatchNorm, activation) changes."""
     key = (shape,) + _version_key(*_state(layer))
-    return _cached(layer, "_bnnctl_plan", key, lambda: _make_plan(layer, shape))
+    return _cached(layer, "_bnnctl_plan", key, lambda: _guarded_plan(layer, shape))
+
+
+def _guarded_plan(layer, shape, prefix: tuple[nn.Module, ...] = ()):
+    """The plan, or None where the layer's BatchNorm cannot be folded (statistics that make its
+    sign non-monotone: NaN or negative variances): the layer then runs layer by layer."""
+    try:
+        return _make_plan(layer, shape, prefix)
+    except ArithmeticError:
+        return None
 
 
 def _prefixed_plan(layer: BinaryConv2d, shape: tuple[int, int, int, int], prefix: tuple[nn.Module, ...]):
@@ -194,7 +203,7 @@ def _prefixed_plan(layer: BinaryConv2d, shape: tuple[int, int, int, int], prefix
     for m in prefix:
         _state(m, tensors)
     key = (shape,) + tuple(id(m) for m in prefix) + _version_key(*tensors)
-    return _cached(layer, "_bnnctl_plan_prefixed", key, lambda: _make_plan(layer, shape, prefix))
+    return _cached(layer, "_bnnctl_plan_prefixed", key, lambda: _guarded_plan(layer, shape, prefix))
 
 
 def _make_plan(layer: BinaryConv2d | BinaryLinear, shape: tuple[int, int, int, int], prefix: tuple[nn.Module, ...] = ()):
@@ -240,6 +249,8 @@ def layer_forward(layer: BinaryConv2d | BinaryLinear, x: Tensor, reference: Call
     if linear:
         x = x.reshape(*x.shape, 1, 1)
     plan = _plan(layer, tuple(x.shape))
+    if plan is None:
+        return None
     out = torch.empty(plan.out_shape)
     plan.run(x, out=out)
     if linear:
@@ -276,12 +287,17 @@ def block_forward(block: nn.Module, convs: list[BinaryConv2d], x: Tensor, concat
         return None
     plans, shape = [], tuple(x.shape)
     for layer in convs:
-        plans.append(_prefixed_plan(layer, shape, prefix) if prefix and not plans else _plan(layer, shape))
-        shape = plans[-1].out_shape
+        plan = _prefixed_plan(layer, shape, prefix) if prefix and not plans else _plan(layer, shape)
+        if plan is None:
+            return None
+        plans.append(plan)
+        shape = plan.out_shape
     n, _, oh, ow = shape
     channels = sum(p.out_shape[1] for p in plans) if concat else shape[1]
     if prefix:
         proj = _prefixed_plan(block.proj, tuple(x.shape), prefix)
+        if proj is None:
+            return None
         skip = torch.empty(proj.out_shape)
         proj.run(x, out=skip)
     else:

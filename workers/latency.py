@@ -88,10 +88,11 @@ def measure(model: nn.Module, cfg: ModelConfig, input_size: int, *, repeats: int
                     samples[b].append(_median_ms(lambda m=m: m(x), repeats))
     finally:
         torch.set_num_threads(threads)
+    where = machine() if kernels.available("cpu") else f"{machine()}, no XNOR kernel (no C compiler)"
     f = statistics.median(samples["float"])
     if not binary:  # a real-valued network: its latency, no binary counterpart to compare
-        return {"binary_ms": round(f, 3), "float_ms": None, "speedup": None, "machine": machine(), "threads": 1,
+        return {"binary_ms": round(f, 3), "float_ms": None, "speedup": None, "machine": where, "threads": 1,
                 "batch": 1, "input": input_size, "kernel": kernels.available("cpu"), "binary_layers": False}
     b = statistics.median(samples["xnor"])
-    return {"binary_ms": round(b, 3), "float_ms": round(f, 3), "speedup": round(f / b, 2), "machine": machine(),
+    return {"binary_ms": round(b, 3), "float_ms": round(f, 3), "speedup": round(f / b, 2), "machine": where,
             "threads": 1, "batch": 1, "input": input_size, "kernel": kernels.available("cpu"), "binary_layers": True}

@@ -363,7 +363,10 @@ class _Run:
         latency: dict[str, Any] = {}
         if status == "completed" and self.config.latency:
             self.model.eval()
-            latency = measure_latency(self.model, self.model_cfg, self.config.data.input_size)
+            try:
+                latency = measure_latency(self.model, self.model_cfg, self.config.data.input_size)
+            except Exception as err:  # noqa: BLE001 - a measurement, never a reason to lose the trained result
+                latency = {"error": f"{type(err).__name__}: {err}"[:500]}
         return TrainResult(
             status=status,
             epochs_done=self.epochs_done,
