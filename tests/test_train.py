@@ -211,3 +211,15 @@ def test_a_real_valued_network_reports_its_latency_without_a_speed_up(synth_root
                          LocalReporter(tmp_path / "r"))
     assert result.latency["binary_ms"] > 0 and result.latency["float_ms"] is None and result.latency["speedup"] is None
     assert result.latency["binary_layers"] is False
+
+
+def test_a_failed_latency_measurement_keeps_the_trained_result(synth_root, tmp_path, monkeypatch):
+    from bnnctl.workers.train import loop
+
+    def broken(*args, **kwargs):
+        raise ArithmeticError("the binary model's outputs differ from the float model's")
+
+    monkeypatch.setattr(loop, "measure_latency", broken)
+    result = run_variant(tiny(synth_root, epochs=1), LocalReporter(tmp_path / "f"))
+    assert result.status == "completed" and result.metrics["pckh"] >= 0
+    assert result.latency == {"error": "ArithmeticError: the binary model's outputs differ from the float model's"}
