@@ -59,20 +59,7 @@ def coerce(tp: Any, value: Any, path: str) -> Any:
         return value
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return coerce(arg, value, path)
-            except ConfigError as err:
-                errors.append(err)
-        if len(errors) == 1:
-            raise errors[0]
-        raise ConfigError(path, f"expected {_describe(tp)}, got {value!r}")
+        return _coerce_union(tp, value, path)
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed or isinstance(value, bool) != any(isinstance(a, bool) for a in allowed):
@@ -85,46 +72,80 @@ def coerce(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(path, f"expected {_describe(tp)}, got {value!r}")
         return from_dict(tp, value, path)
     if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(path, f"expected a list, got {value!r}")
-        args = get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(coerce(args[0], v, _join(path, i)) for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise ConfigError(path, f"expected a list of {len(args)} items, got {len(value)}")
-        return tuple(coerce(a, v, _join(path, i)) for i, (a, v) in enumerate(zip(args, value)))
+        return _coerce_tuple(tp, value, path)
     if origin in (dict, Mapping):
         if not isinstance(value, Mapping):
             raise ConfigError(path, f"expected a mapping, got {value!r}")
         key_tp, val_tp = get_args(tp) or (Any, Any)
         return {coerce(key_tp, k, path): coerce(val_tp, v, _join(path, str(k))) for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(path, f"expected a boolean (true/false), got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(path, f"expected an integer, got {value!r}")
-        if abs(value) > 2**63 - 1:
-            raise ConfigError(path, f"{value} is far beyond any meaningful value (|n| < 2^63)")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(path, f"expected a number, got {value!r}")
-        try:
-            number = float(value)
-        except OverflowError:  # an integer beyond any float
-            number = math.inf
-        if not math.isfinite(number):
-            raise ConfigError(path, f"expected a finite number, got {value!r}")
-        return number
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(path, f"expected a string, got {value!r}")
-        return value
+    if tp in _SCALARS:
+        return _SCALARS[tp](value, path)
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     raise ConfigError(path, f"expected {_describe(tp)}, got {value!r}")
+
+
+def _coerce_union(tp: Any, value: Any, path: str) -> Any:
+    args = get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return coerce(arg, value, path)
+        except ConfigError as err:
+            errors.append(err)
+    if len(errors) == 1:
+        raise errors[0]
+    raise ConfigError(path, f"expected {_describe(tp)}, got {value!r}")
+
+
+def _coerce_tuple(tp: Any, value: Any, path: str) -> tuple:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(path, f"expected a list, got {value!r}")
+    args = get_args(tp)
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(coerce(args[0], v, _join(path, i)) for i, v in enumerate(value))
+    if len(args) != len(value):
+        raise ConfigError(path, f"expected a list of {len(args)} items, got {len(value)}")
+    return tuple(coerce(a, v, _join(path, i)) for i, (a, v) in enumerate(zip(args, value)))
+
+
+def _coerce_bool(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(path, f"expected a boolean (true/false), got {value!r}")
+    return value
+
+
+def _coerce_int(value: Any, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(path, f"expected an integer, got {value!r}")
+    if abs(value) > 2**63 - 1:
+        raise ConfigError(path, f"{value} is far beyond any meaningful value (|n| < 2^63)")
+    return value
+
+
+def _coerce_float(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(path, f"expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        number = math.inf
+    if not math.isfinite(number):
+        raise ConfigError(path, f"expected a finite number, got {value!r}")
+    return number
+
+
+def _coerce_str(value: Any, path: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(path, f"expected a string, got {value!r}")
+    return value
+
+
+_SCALARS: dict[Any, Any] = {bool: _coerce_bool, int: _coerce_int, float: _coerce_float, str: _coerce_str}
 
 
 def field_types(cls: type) -> dict[str, Any]:
