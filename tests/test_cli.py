@@ -28,6 +28,18 @@ def test_summary_table_and_options():
     assert "resnet18 · real-valued" in result.output and "layers.3.1.conv2" in result.output
 
 
+def test_summary_measures_the_latency_on_request():
+    result = runner.invoke(app, ["models", "summary", "--json", "--arch", "resnet18", "--width", "8",
+                                 "--input-size", "32", "--latency"])
+    assert result.exit_code == 0, result.output
+    lat = json.loads(result.output)["latency"]
+    assert lat["binary_ms"] > 0 and lat["float_ms"] > 0 and lat["speedup"] == round(lat["float_ms"] / lat["binary_ms"], 2)
+    assert (lat["batch"], lat["threads"], lat["input"]) == (1, 1, 32)
+    table = runner.invoke(app, ["models", "summary", "--arch", "resnet18", "--width", "8", "--input-size", "32",
+                                "--real", "--latency"])
+    assert table.exit_code == 0 and "latency (CPU)" in table.output and "x)" not in table.output  # no speed-up: real
+
+
 def test_set_overrides_any_field(tmp_path):
     spec = tmp_path / "model.yaml"
     spec.write_text("arch: hourglass\nwidth: 16\ndepth: 2\nstacks: 2\n")

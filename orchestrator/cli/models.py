@@ -55,6 +55,8 @@ def summary(
     config: Annotated[Optional[Path], typer.Option(help="YAML file with model settings.")] = None,
     input_size: Annotated[Optional[int], typer.Option(help="Input side in pixels (default: the papers').")] = None,
     layers: Annotated[bool, typer.Option("--layers", help="Also print the per-layer table.")] = False,
+    latency: Annotated[bool, typer.Option("--latency", help="Also time the model on this CPU (batch 1, one "
+                                                            "thread): fused binary vs float32, a few seconds.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Build a model and print its parameters, BOPs, FLOPs and sizes (trained and deployed).
@@ -62,24 +64,40 @@ def summary(
     The default is the papers' 1-stack binary hourglass with HPM blocks (IT Table 2: 6.2M params).
     """
     from bnnctl.workers.accounting import account
-    from bnnctl.workers.config import to_dict
     from bnnctl.workers.models import build_model
 
     cfg = _model_config(config, arch, block, width, stacks, real, set_)
     size = input_size or cfg.input_size
-    acc = account(build_model(cfg), size, cfg.in_channels)
-    if as_json:
-        out = {
-            "config": to_dict(cfg), "input_size": size,
-            "binary_params": acc.binary_params, "real_params": acc.real_params, "params": acc.params,
-            "trained_params": acc.trained_params, "bops": acc.bops, "flops": acc.flops, "ops": acc.ops,
-            "trained_bytes": acc.trained_bytes, "deployed_bytes": acc.deployed_bytes,
-        }
-        if layers:
-            out["layers"] = [to_dict(r) for r in acc.layers]
-        typer.echo(json.dumps(out, indent=2))
-        return
+    model = build_model(cfg)
+    acc = account(model, size, cfg.in_channels)
+    timed = None
+    if latency:
+        from bnnctl.workers.latency import measure
 
+        timed = measure(model, cfg, size)
+    if as_json:
+        _summary_json(cfg, size, acc, layers, timed)
+    else:
+        _summary_tables(cfg, size, acc, layers, timed)
+
+
+def _summary_json(cfg, size: int, acc, layers: bool, timed: dict | None) -> None:
+    from bnnctl.workers.config import to_dict
+
+    out = {
+        "config": to_dict(cfg), "input_size": size,
+        "binary_params": acc.binary_params, "real_params": acc.real_params, "params": acc.params,
+        "trained_params": acc.trained_params, "bops": acc.bops, "flops": acc.flops, "ops": acc.ops,
+        "trained_bytes": acc.trained_bytes, "deployed_bytes": acc.deployed_bytes,
+    }
+    if timed is not None:
+        out["latency"] = timed
+    if layers:
+        out["layers"] = [to_dict(r) for r in acc.layers]
+    typer.echo(json.dumps(out, indent=2))
+
+
+def _summary_tables(cfg, size: int, acc, layers: bool, timed: dict | None) -> None:
     from rich.table import Table
 
     b = cfg.binarize
@@ -104,6 +122,11 @@ def summary(
     table.add_row("size as trained", f"{acc.trained_bytes / 2**20:,.2f} MiB", "fp32, BN statistics included")
     table.add_row("size deployed", f"{acc.deployed_bytes / 2**20:,.2f} MiB",
                   f"{acc.compression:,.1f}x smaller than trained")
+    if timed is not None:
+        from bnnctl.orchestrator.report import format_latency
+
+        table.add_row("latency (CPU)", format_latency(timed["binary_ms"], timed["float_ms"]),
+                      f"batch 1, 1 thread, {timed['machine']}" + ("; in brackets: vs float32" if timed["float_ms"] else ""))
     out = console()
     out.print(table)
     if layers:
