@@ -203,9 +203,9 @@ def test_inference_runs_the_whole_layer_in_the_kernel_with_the_same_bits(backend
     PReLU) is one fused kernel call on the raw input; the result equals the float backend bit for
     bit, also after the weights change in place (the prepared call is rebuilt). With gradients on,
     the quantized operands go through autograd and the per-layer kernel as before."""
-    from bnnctl.workers import layers
+    from bnnctl.workers import backends
 
-    monkeypatch.setattr(layers, "_AUTO_CHOICE", {})
+    monkeypatch.setattr(backends, "_AUTO_CHOICE", {})
     fused_calls, plain_calls = [], []
     real_run, real_conv = cpu.ConvPlan.run, kernels.xnor_conv2d
     monkeypatch.setattr(cpu.ConvPlan, "run", lambda self, x, **k: fused_calls.append(type(x).__name__)
@@ -224,7 +224,7 @@ def test_inference_runs_the_whole_layer_in_the_kernel_with_the_same_bits(backend
     x = torch.randn(2, 24, 9, 9)
     x[0, 0, :3, :3] = 0.0
     if backend == "auto":
-        layers._AUTO_CHOICE[layers._auto_key(fast, x)] = True  # as if measured faster
+        backends._AUTO_CHOICE[backends._auto_key(fast, x)] = True  # as if measured faster
     with torch.no_grad():
         assert torch.equal(fast(x), ref(x))
         assert torch.equal(fast(x), ref(x))  # the prepared call is kept
@@ -244,17 +244,17 @@ def test_inference_runs_the_whole_layer_in_the_kernel_with_the_same_bits(backend
 def test_auto_backend_keeps_the_float_path_where_the_kernel_disagrees(monkeypatch):
     """A kernel that is wrong on some device (say an unverified GPU) must not change results: auto
     compares the bits once per shape and keeps the float emulation, with a warning."""
-    from bnnctl.workers import layers
+    from bnnctl.workers import backends
 
     real = kernels.xnor_conv2d
     monkeypatch.setattr(kernels, "xnor_conv2d", lambda *a, **k: real(*a, **k) + 2.0)  # injected fault
-    monkeypatch.setattr(layers, "_AUTO_CHOICE", {})
+    monkeypatch.setattr(backends, "_AUTO_CHOICE", {})
     a, b = _pair("auto")
     x = torch.randn(2, 24, 7, 7)
     with pytest.warns(RuntimeWarning, match="disagreed with the float emulation"):
         with torch.no_grad():
             assert torch.equal(b.eval()(x), a.eval()(x))
-    assert list(layers._AUTO_CHOICE.values()) == [False]
+    assert list(backends._AUTO_CHOICE.values()) == [False]
 
 
 @needs_cpu_kernel

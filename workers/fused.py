@@ -29,7 +29,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .layers import BinaryConv2d, BinaryLinear, _inference_alpha, _packed_weight
+from .backends import _inference_alpha, _packed_weight
+from .layers import BinaryConv2d, BinaryLinear
 
 #: kernels.cpu activation codes by activation module type.
 _NONE, _RELU, _SLOPE = 0, 1, 2

@@ -144,7 +144,8 @@ def list_names() -> None:
     """List the valid names of every model-library choice."""
     from bnnctl.workers.binarize import ALPHAS, QUANTIZERS
     from bnnctl.workers.blocks import BLOCKS, GATES
-    from bnnctl.workers.layers import ACTIVATIONS, CONV_BACKENDS
+    from bnnctl.workers.backends import CONV_BACKENDS
+    from bnnctl.workers.layers import ACTIVATIONS
     from bnnctl.workers.models import MODELS
     from bnnctl.workers.reparam import DECOMPOSITIONS
 

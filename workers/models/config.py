@@ -10,7 +10,8 @@ from torch import nn
 from ..binarize import BinarizeConfig
 from ..blocks import BLOCKS, GateConfig
 from ..config import require
-from ..layers import CONV_BACKENDS, ActivationConfig, ConvFactory
+from ..backends import CONV_BACKENDS
+from ..layers import ActivationConfig, ConvFactory
 from ..registry import Registry
 from ..reparam import DecompositionConfig
 

@@ -1,0 +1,191 @@
+"""Conv backends of the binary layers: how ``BinaryConv2d`` computes its linear operation.
+
+- "float": the emulation, ``F.conv2d`` of the quantized operands times alpha.
+- "xnor": the XNOR-popcount kernel (``kernels/``) wherever both operands are exactly ±1 and groups = 1
+  (bit-identical to the emulation; the straight-through backward in float); the emulation elsewhere.
+- "auto": the kernel where it is measured faster for the layer's shape and gave the same bits.
+
+In inference (no gradients) the CPU path is fused further: see ``fused.py``. Adding a backend =
+registering its function in CONV_BACKENDS.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .registry import Registry
+
+if TYPE_CHECKING:
+    from .layers import BinaryConv2d
+
+
+#: A backend computes the layer's linear operation from the quantized input ``x``, the quantized
+#: weight ``w`` (±1 when the weights are binarized) and the per-output-channel ``alpha`` (or None).
+#: ``exact`` says both operands are exactly ±1, which is when an XNOR kernel may be used; the
+#: result must equal the float emulation ``op(x, w) * alpha``.
+ConvBackend = Callable[["BinaryConv2d", Tensor, Tensor, "Tensor | None", bool], Tensor]
+CONV_BACKENDS: Registry[ConvBackend] = Registry("conv backend")
+
+
+def _scale(y: Tensor, alpha: Tensor | None) -> Tensor:
+    if alpha is None:
+        return y
+    return y * alpha.view(1, -1, *([1] * (y.dim() - 2)))
+
+
+@CONV_BACKENDS.register("float")
+def float_conv(layer: "BinaryConv2d", x: Tensor, w: Tensor, alpha: Tensor | None, exact: bool) -> Tensor:
+    """The float emulation: F.conv2d(x, w) * alpha. Zero padding contributes 0 to the sum."""
+    return _scale(F.conv2d(x, w, None, layer.stride, layer.padding, 1, layer.groups), alpha)
+
+
+class _XnorConvFunction(torch.autograd.Function):
+    """Forward: the XNOR-popcount kernel on exactly binary operands (bit-identical to F.conv2d of
+    them). Backward: F.conv2d's gradients in float, i.e. the straight-through estimator continues
+    upstream exactly as with the float backend."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, stride: int, padding: int, packed) -> Tensor:  # type: ignore[override]
+        from bnnctl import kernels
+
+        ctx.save_for_backward(x, w)
+        ctx.stride, ctx.padding = stride, padding
+        return kernels.xnor_conv2d(x, w, None, stride, padding, packed).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.nn.grad.conv2d_input(x.shape, w, grad, ctx.stride, ctx.padding)
+        if ctx.needs_input_grad[1]:
+            gw = torch.nn.grad.conv2d_weight(x, w.shape, grad, ctx.stride, ctx.padding)
+        return gx, gw, None, None, None
+
+
+def _xnor_possible(layer: "BinaryConv2d", x: Tensor, exact: bool) -> bool:
+    if not exact or layer.groups != 1 or x.dim() != 4 or x.dtype != torch.float32:
+        return False
+    from bnnctl import kernels
+
+    return kernels.available(x.device.type)
+
+
+def _kept_while_weight_unchanged(layer: "BinaryConv2d", attr: str, extra: tuple, compute: Callable[[], Any]) -> Any:
+    """``compute()``, kept on the layer (attribute ``attr``) while its stored dense weight is
+    unchanged and no gradients are wanted (inference); computed afresh otherwise."""
+    from .layers import DenseWeight
+
+    src = layer.weight_source
+    if torch.is_grad_enabled() or not isinstance(src, DenseWeight):
+        return compute()
+    key = (src.weight.data_ptr(), src.weight._version, *extra)
+    cached = getattr(layer, attr, None)
+    if cached is None or cached[0] != key:
+        cached = (key, compute())
+        setattr(layer, attr, cached)
+    return cached[1]
+
+
+def _packed_weight(layer: "BinaryConv2d", w: Tensor):
+    """Pack the binary weight, reusing the packing while the stored weight is unchanged (inference)."""
+    from bnnctl import kernels
+
+    return _kept_while_weight_unchanged(layer, "_xnor_packed", (w.device, layer.weight_quantizer.kind),
+                                        lambda: kernels.pack_weight(w))
+
+
+@CONV_BACKENDS.register("xnor")
+def xnor_conv(layer: "BinaryConv2d", x: Tensor, w: Tensor, alpha: Tensor | None, exact: bool) -> Tensor:
+    """The XNOR kernel whenever both operands are exactly ±1 (eval, or training with plain sign) and
+    groups = 1; the float emulation otherwise. Outputs are bit-identical to the float backend."""
+    if not _xnor_possible(layer, x, exact):
+        return float_conv(layer, x, w, alpha, exact)
+    y = _XnorConvFunction.apply(x, w, layer.stride, layer.padding, _packed_weight(layer, w))
+    return _scale(y, alpha)
+
+
+#: (device type, input shape, weight shape, stride, padding) -> whether XNOR was faster.
+_AUTO_CHOICE: dict[tuple, bool] = {}
+AUTO_REPEATS = 3
+
+
+def _time(fn: Callable[[], Tensor], sync: Callable[[], None]) -> float:
+    import time
+
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(AUTO_REPEATS):
+        fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def _auto_key(layer: "BinaryConv2d", x: Tensor) -> tuple:
+    return (x.device.type, tuple(x.shape), tuple(layer.weight_shape), layer.stride, layer.padding)
+
+
+@CONV_BACKENDS.register("auto")
+def auto_conv(layer: "BinaryConv2d", x: Tensor, w: Tensor, alpha: Tensor | None, exact: bool) -> Tensor:
+    """XNOR where it is measured faster than the float emulation for this layer shape (timed once
+    per shape and device) and gave the same bits on that measurement's input; the float emulation
+    elsewhere. The outputs are identical either way."""
+    if not _xnor_possible(layer, x, exact):
+        return float_conv(layer, x, w, alpha, exact)
+    key = _auto_key(layer, x)
+    if key not in _AUTO_CHOICE:
+        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+        with torch.no_grad():
+            xd, wd = x.detach(), w.detach()
+            t_float = _time(lambda: F.conv2d(xd, wd, None, layer.stride, layer.padding), sync)
+            packed = _packed_weight(layer, wd)
+            from bnnctl import kernels
+
+            t_xnor = _time(lambda: kernels.xnor_conv2d(xd, wd, None, layer.stride, layer.padding, packed), sync)
+            same = torch.equal(kernels.xnor_conv2d(xd, wd, None, layer.stride, layer.padding, packed),
+                               F.conv2d(xd, wd, None, layer.stride, layer.padding))
+        if not same:
+            warnings.warn(f"the XNOR kernel on {x.device.type} disagreed with the float emulation for input "
+                          f"{tuple(x.shape)} and weight {tuple(w.shape)}; backend 'auto' uses the float "
+                          f"emulation there", RuntimeWarning, stacklevel=2)
+        _AUTO_CHOICE[key] = same and t_xnor < t_float
+    if _AUTO_CHOICE[key]:
+        return xnor_conv(layer, x, w, alpha, exact)
+    return float_conv(layer, x, w, alpha, exact)
+
+
+def xnor_from_raw(layer: "BinaryConv2d", x: Tensor) -> Tensor | None:
+    """Inference fast path of the "xnor" and "auto" backends: the kernel takes the signs of the raw
+    input and the latent weight itself (x >= 0 is +1, exactly as the sign quantizer) and applies
+    alpha, so evaluation skips materializing sign(x), sign(W) and the scaled product. Same bits as
+    the float emulation. None where it does not apply (gradients wanted, operands not exactly binary,
+    groups > 1, no kernel, or auto has not chosen the kernel for this shape)."""
+    if torch.is_grad_enabled() or not layer.exact_binary() or layer.groups != 1 or x.dim() != 4 \
+            or x.dtype != torch.float32:
+        return None
+    if layer.backend == "auto":
+        if not _AUTO_CHOICE.get(_auto_key(layer, x)):
+            return None
+    elif layer.backend != "xnor":
+        return None
+    from bnnctl import kernels
+
+    if not kernels.available(x.device.type):
+        return None
+    latent = layer.latent_weight()
+    return kernels.xnor_conv2d(x, latent, _inference_alpha(layer, latent), layer.stride, layer.padding,
+                               _packed_weight(layer, latent))
+
+
+def _inference_alpha(layer: "BinaryConv2d", latent: Tensor) -> Tensor | None:
+    """alpha for inference; the analytic one (mean |W| per output channel) is kept while the stored
+    weight is unchanged, like the packed weight."""
+    assert layer.alpha is not None
+    if not layer.alpha.kind.analytic:
+        return layer.alpha(latent)
+    return _kept_while_weight_unchanged(layer, "_xnor_alpha", (latent.device,), lambda: layer.alpha(latent))
