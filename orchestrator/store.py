@@ -22,36 +22,41 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import (
-    JSON,
-    DateTime,
-    Float,
-    ForeignKey,
-    Integer,
-    String,
-    Text,
-    UniqueConstraint,
     create_engine,
     event,
     select,
 )
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from .errors import LeaseHeld, StoreError
+from .records import (  # noqa: F401 - the snapshots are the store's vocabulary: importable from here too
+    PREFIX,
+    SCHEMA_VERSION,
+    V1_TABLES,
+    Attempt,
+    AttemptRow,
+    Base,
+    Lease,
+    LeaseRow,
+    Member,
+    MetricRow,
+    SchemaInfo,
+    Study,
+    StudyRow,
+    StudyVariantRow,
+    Variant,
+    VariantRow,
+    _now,
+    _study,
+    _variant,
+)
 from .urls import mask_text, mask_url
 
-SCHEMA_VERSION = 3
-#: Every table is prefixed, so that Optuna's tables (``studies``, ``trials``...) can live in the same
-#: database. Schema 1 had unprefixed names; opening such a database renames its tables in place.
-#: Schema 3 added ``bnnctl_attempts.node_id`` (the backend's node id beside the host name) and the
-#: ``bnnctl_leases`` table (one driver per study).
-PREFIX = "bnnctl_"
-V1_TABLES = ("schema_info", "studies", "variants", "study_variants", "attempts", "metrics")
 DEFAULT_DIR = Path(".bnnctl")
 #: annotations of a study that survive a new run of its spec (its MLflow experiment, its submitted job)
 KEPT_ANNOTATIONS = ("mlflow_experiment_id", "job")
@@ -64,175 +69,6 @@ TRANSITIONS = {
     "completed": set(),
 }
 STUDY_STATES = ("pending", "running", "completed", "failed", "cancelled", "stopped")
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class SchemaInfo(Base):
-    __tablename__ = "bnnctl_schema_info"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    version: Mapped[int] = mapped_column(Integer)
-
-
-class StudyRow(Base):
-    __tablename__ = "bnnctl_studies"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
-    spec_file: Mapped[str] = mapped_column(Text)
-    spec_hash: Mapped[str] = mapped_column(String(64))
-    spec: Mapped[dict] = mapped_column(JSON)  # the table layout: ablations, rows, references, seeds
-    status: Mapped[str] = mapped_column(String(20), default="pending")
-    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-class VariantRow(Base):
-    __tablename__ = "bnnctl_variants"
-    key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    label: Mapped[str] = mapped_column(Text)
-    kind: Mapped[str] = mapped_column(String(20))
-    config: Mapped[dict] = mapped_column(JSON)
-    deps: Mapped[list] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(20), default="pending")
-    result: Mapped[dict | None] = mapped_column(JSON, nullable=True)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    checkpoint_dir: Mapped[str | None] = mapped_column(Text, nullable=True)
-    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-class StudyVariantRow(Base):
-    __tablename__ = "bnnctl_study_variants"
-    __table_args__ = (UniqueConstraint("study_id", "ablation", "row", "seed"),)
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_id: Mapped[int] = mapped_column(ForeignKey("bnnctl_studies.id", ondelete="CASCADE"))
-    variant_key: Mapped[str] = mapped_column(ForeignKey("bnnctl_variants.key"))
-    ablation: Mapped[str | None] = mapped_column(Text, nullable=True)  # None for prerequisites
-    row: Mapped[str | None] = mapped_column(Text, nullable=True)
-    seed: Mapped[int] = mapped_column(Integer)
-
-
-class AttemptRow(Base):
-    __tablename__ = "bnnctl_attempts"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    variant_key: Mapped[str] = mapped_column(ForeignKey("bnnctl_variants.key"))
-    number: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(20))
-    node: Mapped[str | None] = mapped_column(String(200), nullable=True)  # host name
-    node_id: Mapped[str | None] = mapped_column(String(100), nullable=True)  # e.g. Ray's node id
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-
-
-class LeaseRow(Base):
-    """Which driver runs a study or tuning now (one row per name while a driver holds it)."""
-
-    __tablename__ = "bnnctl_leases"
-    name: Mapped[str] = mapped_column(String(200), primary_key=True)
-    holder: Mapped[str] = mapped_column(String(300))  # host:pid of the driver
-    token: Mapped[str] = mapped_column(String(64))
-    acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-class MetricRow(Base):
-    __tablename__ = "bnnctl_metrics"
-    __table_args__ = (UniqueConstraint("variant_key", "epoch", "name"),)
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    variant_key: Mapped[str] = mapped_column(ForeignKey("bnnctl_variants.key"))
-    epoch: Mapped[int] = mapped_column(Integer)
-    name: Mapped[str] = mapped_column(String(100))
-    value: Mapped[float] = mapped_column(Float)
-
-
-# --------------------------------------------------------------------------- snapshots
-
-@dataclass(frozen=True)
-class Study:
-    id: int
-    name: str
-    spec_file: str
-    spec_hash: str
-    spec: dict  # its layout as stored (see layouts.py), with the driver's annotations
-    status: str
-    mlflow_run_id: str | None
-    created_at: datetime
-    updated_at: datetime
-
-    @property
-    def layout(self):
-        """The typed :class:`~bnnctl.orchestrator.layouts.StudyLayout` or ``TuningLayout``."""
-        from .layouts import parse
-
-        return parse(self.spec)
-
-    @property
-    def kind(self) -> str:
-        return "tuning" if (self.spec or {}).get("kind") == "tuning" else "study"
-
-
-@dataclass(frozen=True)
-class Variant:
-    key: str
-    label: str
-    kind: str
-    config: dict
-    deps: list
-    status: str
-    result: dict | None
-    error: str | None
-    checkpoint_dir: str | None
-    mlflow_run_id: str | None
-    updated_at: datetime
-
-
-@dataclass(frozen=True)
-class Attempt:
-    variant_key: str
-    number: int
-    status: str
-    node: str | None
-    error: str | None
-    started_at: datetime
-    ended_at: datetime | None
-    node_id: str | None = None
-
-
-@dataclass(frozen=True)
-class Lease:
-    name: str
-    holder: str
-    token: str
-    acquired_at: datetime
-    heartbeat_at: datetime
-
-
-@dataclass(frozen=True)
-class Member:
-    """A variant's place in a study's tables."""
-
-    variant_key: str
-    ablation: str | None
-    row: str | None
-    seed: int
-
-
-def _study(r: StudyRow) -> Study:
-    return Study(r.id, r.name, r.spec_file, r.spec_hash, dict(r.spec), r.status, r.mlflow_run_id, r.created_at, r.updated_at)
-
-
-def _variant(r: VariantRow) -> Variant:
-    return Variant(r.key, r.label, r.kind, dict(r.config), list(r.deps), r.status, r.result, r.error,
-                   r.checkpoint_dir, r.mlflow_run_id, r.updated_at)
 
 
 def readonly_url(url: str) -> str:
