@@ -141,7 +141,7 @@ class _Site:
 
     def tuning_studies(self, name: str) -> dict:
         from bnnctl.orchestrator.store import readonly_url
-        from bnnctl.orchestrator.tuning import arm_studies, optuna_storage
+        from bnnctl.orchestrator.tuneresults import arm_studies, optuna_storage
 
         s = self.store.study(name)
         if s is None or s.kind != "tuning":

@@ -311,7 +311,7 @@ def parallel_traces(paths: list[str], trials: list[dict], metric: str, maximize:
 
 def tuning(store, name: str, studies_by_arm: dict) -> dict:
     """A tuning page: per arm the trials, optimization history, importances and the best schedule."""
-    from bnnctl.orchestrator.tuning import summarize
+    from bnnctl.orchestrator.tuneresults import summarize
     from bnnctl.workers.config import from_dict, with_overrides
     from bnnctl.workers.schedules import LambdaSchedule
 

@@ -75,7 +75,7 @@ def records(study: str, db: str | None = None, store: Store | None = None) -> li
 
 
 def _trial_records(store: Store, s) -> list[dict[str, Any]]:
-    from .tuning import arm_studies, optuna_storage
+    from .tuneresults import arm_studies, optuna_storage
     from .store import readonly_url
 
     studies = arm_studies(s.layout, optuna_storage(readonly_url(store.url), readonly=True))

@@ -427,7 +427,7 @@ def delete(
     if s.kind == "tuning":
         import optuna
 
-        from bnnctl.orchestrator.tuning import optuna_storage
+        from bnnctl.orchestrator.tuneresults import optuna_storage
 
         storage_ = optuna_storage(store.url)
         for arm in s.layout.arms:

@@ -157,7 +157,7 @@ def _show(name: str, db: str | None, out, trials: bool = True) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from bnnctl.orchestrator.tuning import load_tuning, summarize
+    from bnnctl.orchestrator.tuneresults import load_tuning, summarize
 
     _, row, studies = load_tuning(name, db)
     layout = row.layout
@@ -222,7 +222,7 @@ def best(
     """Write the best values into a study spec, runnable with `bnnctl study run`."""
     import yaml
 
-    from bnnctl.orchestrator.tuning import best_as_spec, load_tuning
+    from bnnctl.orchestrator.tuneresults import best_as_spec, load_tuning
 
     _, row, studies = load_tuning(_name(tuning), db)
     spec = best_as_spec(row.layout, studies)
