@@ -209,13 +209,13 @@ def test_two_stage_rows_train_the_same_budget_as_one_stage_rows_unless_told(tmp_
 def test_a_new_ablation_mode_is_one_registration(tmp_path, monkeypatch):
     """Ablation modes are a registry like every other axis: registering one function makes it a valid
     `mode`, and unknown modes list the registered ones."""
-    from bnnctl.orchestrator import spec as specmod
+    from bnnctl.orchestrator import ablations
 
-    monkeypatch.setattr(specmod, "ABLATION_MODES", dict(specmod.ABLATION_MODES))  # undone after the test
+    monkeypatch.setattr(ablations, "ABLATION_MODES", dict(ablations.ABLATION_MODES))  # undone after the test
 
-    @specmod.ablation_mode("isolated_backwards")
+    @ablations.ablation_mode("isolated_backwards")
     def backwards(p, body, path, name, base_data, teachers):
-        return list(reversed(specmod.ABLATION_MODES["isolated"](p, body, path, name, base_data, teachers)))
+        return list(reversed(ablations.ABLATION_MODES["isolated"](p, body, path, name, base_data, teachers)))
 
     f = tmp_path / "s.yaml"
     f.write_text(GOOD.replace("mode: incremental", "mode: isolated_backwards"))

@@ -1,0 +1,105 @@
+"""Ablation modes: how an ablation's body in a study spec expands into its table rows.
+
+- ``incremental``: each row adds its overrides (and stages, teacher) to all the previous rows' (IT Table 1);
+- ``isolated``: each row applies only its own overrides to the base;
+- ``grid``: the cross product of the axes' levels.
+
+Adding a mode = registering its function with :func:`ablation_mode`; it gets the spec parser (for
+its checks and messages naming file, line and field), the ablation's body and where it is.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Callable
+
+from .spec import RowSpec
+
+if TYPE_CHECKING:
+    from .spec import _Parser
+
+#: Ablation modes by name: each expands an ablation's body into its rows (RowSpec). Adding one =
+#: registering its function here.
+ABLATION_MODES: dict[str, Callable[..., list[RowSpec]]] = {}
+
+
+def ablation_mode(name: str):
+    def decorator(fn):
+        if name in ABLATION_MODES:
+            raise ValueError(f"ablation mode {name!r} is registered twice")
+        ABLATION_MODES[name] = fn
+        return fn
+
+    return decorator
+
+
+def _listed_rows(p: "_Parser", body: dict, path: str, name: str, base_data: dict, teachers: dict,
+                 cumulative_rows: bool) -> list[RowSpec]:
+    """Rows as listed; ``cumulative_rows``: each row adds its overrides (and stages, teacher) to
+    the previous rows' (incremental), else each row stands alone on the base (isolated)."""
+    mode = "incremental" if cumulative_rows else "isolated"
+    raw_rows = body.get("rows")
+    if not isinstance(raw_rows, list) or not raw_rows:
+        raise p.fail(f"{path}.rows", "required: a list of rows ({name, set, reference})")
+    rows: list[RowSpec] = []
+    cumulative: tuple = ()
+    stages, teacher, split = "single", None, None
+    for j, raw_row in enumerate(raw_rows):
+        rpath = f"{path}.rows[{j}]"
+        rb = p.mapping(raw_row, rpath, {"name", "set", "stages", "teacher", "reference"})
+        rname = p.label(rb.get("name"), f"{rpath}.name", "row")
+        own = p.overrides(rb.get("set"), f"{rpath}.set")
+        r_stages, r_teacher, ref = p.row_extras(rb, rpath, teachers)
+        if cumulative_rows:
+            cumulative = cumulative + own
+            if r_stages is not None:
+                stages = r_stages
+            teacher = r_teacher or teacher
+            overrides, row_stages, row_teacher = cumulative, stages, teacher
+        else:
+            overrides, row_stages, row_teacher = own, r_stages or "single", r_teacher
+        cfg = p.config(base_data, overrides, f"{rpath}.set")
+        if r_stages is not None or not cumulative_rows:
+            split = p.stage_epochs(rb, rpath, row_stages, cfg)
+        elif row_stages != "single" and split is None and cfg.epochs < 2:
+            raise p.fail(f"{rpath}", "a two-stage row needs at least 2 epochs")
+        rows.append(RowSpec(rname, name, mode, overrides, row_stages, row_teacher, ref, cfg, split))
+    return rows
+
+
+@ablation_mode("incremental")
+def _incremental(p: "_Parser", body: dict, path: str, name: str, base_data: dict, teachers: dict) -> list[RowSpec]:
+    """Each row adds its overrides to all the previous rows' (IT Table 1)."""
+    return _listed_rows(p, body, path, name, base_data, teachers, cumulative_rows=True)
+
+
+@ablation_mode("isolated")
+def _isolated(p: "_Parser", body: dict, path: str, name: str, base_data: dict, teachers: dict) -> list[RowSpec]:
+    """Each row applies only its own overrides to the base."""
+    return _listed_rows(p, body, path, name, base_data, teachers, cumulative_rows=False)
+
+
+@ablation_mode("grid")
+def _grid(p: "_Parser", body: dict, path: str, name: str, base_data: dict, teachers: dict) -> list[RowSpec]:
+    """The cross product of the axes' levels, one row per combination (named level/level/...)."""
+    axes = p.mapping(body.get("axes"), f"{path}.axes")
+    if not axes:
+        raise p.fail(f"{path}.axes", "a grid needs at least one axis: {axis: {level: {path: value}}}")
+    refs = p.mapping(body.get("references"), f"{path}.references")
+    levels = []
+    for axis, values in axes.items():
+        values = p.mapping(values, f"{path}.axes.{axis}")
+        if not values:
+            raise p.fail(f"{path}.axes.{axis}", "an axis needs at least one level")
+        levels.append([(lvl, p.overrides(v, f"{path}.axes.{axis}.{lvl}"), f"{path}.axes.{axis}.{lvl}")
+                       for lvl, v in values.items()])
+    rows = []
+    for combo in itertools.product(*levels):
+        row_name = "/".join(str(lvl) for lvl, _, _ in combo)
+        overrides: tuple = ()
+        cfg = None
+        for lvl, ov, where in combo:
+            overrides += ov
+            cfg = p.config(base_data, overrides, where)
+        ref = refs.get(row_name)
+        rows.append(RowSpec(row_name, name, "grid", overrides, "single", None, None if ref is None else float(ref), cfg))
+    return rows
