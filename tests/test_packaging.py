@@ -95,3 +95,20 @@ def test_layers_import_only_downwards_and_workers_import_no_orchestration_librar
                         assert parts[1] in allowed | ENTRY_POINTS.get(rel, set()), f"{rel} imports {name}"
                     if layer in ("workers", "kernels"):
                         assert parts[0] not in HEAVY, f"{rel} imports {name}"
+
+
+#: A function longer than this reads as several steps: name them (STYLE.md; issue 18).
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_is_longer_than_a_screen():
+    """Also the command for the lengths: every function over MAX_FUNCTION_LINES, longest first."""
+    long = []
+    for layer in LAYERS:
+        for path in sorted((ROOT / layer).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > MAX_FUNCTION_LINES:
+                        long.append((lines, f"{path.relative_to(ROOT)}:{node.name}"))
+    assert sorted(long, reverse=True) == []
