@@ -15,6 +15,10 @@ as one call per convolution:
   the concatenation, so each convolution writes its float channels straight into its slice of the
   block's output and the next convolution's packed bits in the same pass: no ``torch.cat``.
 - The residual sum ``out + skip * gate`` is applied once, where the output value is written.
+- Per-channel modules before a block whose input only binary layers read (the hourglass stem's
+  BatchNorm and ReLU) fold into those layers' thresholds too (:func:`prefixed_block`); binary linear
+  layers run as 1x1 convolutions; max-pooling and nearest upsampling + sum take compiled exact forms
+  (:class:`MaxPool2d`, :func:`upsample_add`).
 
 Every step is the float emulation's operation in its order and precision (alpha product, then the
 activation, then the gated sum), so outputs are identical to ``backend: float`` (tests/test_fused.py
