@@ -172,7 +172,7 @@ def _show(name: str, db: str | None, out, trials: bool = True) -> None:
         d = s["default"]["value"] if s["default"] else None
         b = s["best"]["value"] if s["best"] else None
         delta = f"{b - d:+.3g}" if b is not None and d is not None else "—"
-        summary_table.add_row(arm, f"{finished}/{layout['trials']}", format_number(d), format_number(b), delta,
+        summary_table.add_row(arm, f"{finished}/{layout.trials}", format_number(d), format_number(b), delta,
                               str(s["best"]["number"]) if s["best"] else "—",
                               _params(s["best"]["params"]) if s["best"] else "—")
     out.print(summary_table)
