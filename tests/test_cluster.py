@@ -26,7 +26,7 @@ SPEC = """
 name: cluster
 base:
   model: {{width: 8, depth: 2}}
-  data: {{root: data/syn, synthetic: {{train: 48, valid: 16}}, input_size: 32}}
+  data: {{root: data/syn, synthetic: {{train: 160, valid: 16}}, input_size: 32}}
   epochs: {epochs}
   batch_size: 16
   loss: mse
@@ -161,7 +161,8 @@ def test_a_study_runs_on_two_nodes_with_s3_storage_and_survives_a_lost_node(tmp_
         def training_on_second_node():
             for key in run1["attempts"].keys() ^ {m.variant_key for m in store.members(store.study("cluster").id)}:
                 atts = store.attempts(key)
-                # one epoch done, five to go: the node dies while the variant trains there
+                # one epoch done, five to go (10 batches each: seconds, more than the driver takes to
+                # record an epoch, so the node dies while the variant still trains there)
                 if atts and atts[-1].status == "running" and atts[-1].node_id == second and store.metrics(key):
                     return key
             return None
