@@ -223,3 +223,15 @@ def test_a_failed_latency_measurement_keeps_the_trained_result(synth_root, tmp_p
     result = run_variant(tiny(synth_root, epochs=1), LocalReporter(tmp_path / "f"))
     assert result.status == "completed" and result.metrics["pckh"] >= 0
     assert result.latency == {"error": "ArithmeticError: the binary model's outputs differ from the float model's"}
+
+
+def test_measuring_the_latency_leaves_the_random_state_alone():
+    from bnnctl.workers.latency import measure
+    from bnnctl.workers.models import build_model
+
+    cfg = ModelConfig(width=8, depth=2)
+    model = build_model(cfg)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    measure(model, cfg, 32, repeats=1, rounds=1)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -69,7 +69,8 @@ def measure(model: nn.Module, cfg: ModelConfig, input_size: int, *, repeats: int
     from bnnctl import kernels
 
     binary = any(layer.binary_weights and layer.binary_inputs for _, layer in binary_layers(model))
-    models = {b: _deployed(model, cfg, b) for b in (("float", "xnor") if binary else ("float",))}
+    with torch.random.fork_rng(devices=[]):  # building the copies draws initial weights: not from the run's RNG
+        models = {b: _deployed(model, cfg, b) for b in (("float", "xnor") if binary else ("float",))}
     x = torch.randn(1, cfg.in_channels, input_size, input_size, generator=torch.Generator().manual_seed(0))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
