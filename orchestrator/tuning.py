@@ -47,8 +47,8 @@ from .tuneresults import (  # noqa: F401 - the reading side, also importable fro
 )
 
 def make_sampler(spec: TuneSpec, resumed_after: int = 0):
-    """The spec's sampler. A driver that continues a study with ``resumed_after`` trials gets a seed
-    derived from both (the same seed again would sample the first trials' values once more)."""
+    """The spec's sampler. A driver that continues a study gets a seed derived from the spec's and
+    ``resumed_after`` (:func:`drawn`; the same seed again would sample earlier values once more)."""
     import optuna
 
     s = spec.sampler
@@ -316,12 +316,21 @@ def open_studies(spec: TuneSpec, storage) -> tuple[dict[str, Any], list[tuple[Ar
                 if spec.sampler.name != "grid" or all(defaults[p.path] in p.grid() for p in spec.params):
                     study.enqueue_trial(defaults, user_attrs={"bnnctl.default": True})
         if study.trials:  # continued: not the seed's first values again
-            study.sampler = make_sampler(spec, len(study.trials))
+            study.sampler = make_sampler(spec, drawn(study.trials))
         studies[arm.name] = study
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             # Optuna has no public way to reopen a running trial by id; Trial(study, id) is its constructor
             orphans.append((arm, optuna.Trial(study, t._trial_id)))
     return studies, orphans
+
+
+def drawn(trials) -> int:
+    """How far a study's sampling has gone: its trials plus the values stored in them. Every draw
+    a driver keeps raises it (a new trial, or a value for a trial a killed driver left unsampled),
+    so a driver continuing the study never replays a seed stream an earlier driver drew from.
+    (The trial count alone does not: a driver that only sampled such a trial, then was killed,
+    left the count as it found it, and the next driver repeated its values in a new trial.)"""
+    return len(trials) + sum(len(t.params) for t in trials)
 
 
 def check_compatible(spec: TuneSpec, storage) -> None:

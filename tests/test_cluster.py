@@ -31,6 +31,7 @@ base:
   batch_size: 16
   loss: mse
   threads: 1
+  latency: false
 seeds: {seeds}
 teachers:
   real:

@@ -33,6 +33,7 @@ base:
   batch_size: 16
   loss: mse
   threads: 1
+  latency: false
 seeds: [0]
 ablations:
   - name: acts
@@ -56,6 +57,7 @@ base:
   batch_size: 16
   loss: mse
   threads: 1
+  latency: false
   lambda_schedule: {{kind: exponential, lambda_start: 1.0, lambda_end: 20.0}}
 search:
   lambda_schedule.lambda_start: {{type: float, low: 0.5, high: 5, log: true}}
@@ -155,9 +157,9 @@ def _histories(store: Store, keys) -> dict[str, dict[str, list]]:
 def test_a_study_killed_at_every_kind_of_moment_ends_as_if_never_interrupted(workdir, tmp_path_factory):
     spec = workdir / "crash.yaml"
     spec.write_text(STUDY.format(root="syn", epochs=4))  # relative: the reference folder has the same identities
-    moments = ["started", "epoch", "completed", "started", "completed", "epoch"]
+    moments = ["started", "epoch", "completed"]  # one kill of each kind (each restart costs a Ray start)
     kills = _kill_loop(workdir, ["study", "run", str(spec), "--cpus", "2"], "crash", moments)
-    assert len(kills) >= 3, kills  # the study outlived at least one kill of each kind before it finished
+    assert kills == moments  # the study outlived one kill of each kind before it finished
     out = run_study(spec, cpus=2)
     assert out.status == "completed"
     store = Store()
@@ -188,9 +190,9 @@ def test_a_tuning_killed_at_every_kind_of_moment_ends_with_exactly_its_trials(wo
 
     spec = workdir / "tcrash.yaml"
     spec.write_text(TUNING.format(root=workdir / "syn"))
-    moments = ["started", "completed", "epoch", "started", "completed"]
+    moments = ["started", "completed", "epoch"]
     kills = _kill_loop(workdir, ["tune", "run", str(spec), "--cpus", "2"], "tcrash", moments)
-    assert len(kills) >= 3, kills
+    assert kills == moments
     out = run_tuning(spec, cpus=2)
     assert out.status == "completed" and out.finished == {"base": 5}
     storage = optuna.storages.RDBStorage(f"sqlite:///{workdir / '.bnnctl' / 'state.db'}")

@@ -17,6 +17,7 @@ base:
   epochs: 1
   batch_size: 16
   threads: 1
+  latency: false
 ablations:
   - {{name: a, mode: isolated, rows: [{{name: relu, set: {{model.activation.kind: relu}}}}]}}
 """
@@ -29,6 +30,7 @@ base:
   epochs: 1
   batch_size: 16
   threads: 1
+  latency: false
 search:
   lambda_schedule.lambda_end: {{type: float, low: 10, high: 200, log: true}}
 trials: 2

@@ -21,6 +21,7 @@ base:
   epochs: 2
   batch_size: 16
   threads: 1
+  latency: false
 ablations:
   - name: a
     mode: isolated

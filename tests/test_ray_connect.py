@@ -18,6 +18,7 @@ base:
   batch_size: 16
   loss: mse
   threads: 1
+  latency: false
 seeds: [{seed}]
 ablations:
   - name: acts

@@ -23,6 +23,7 @@ base:
   batch_size: 16
   loss: mse
   threads: 1
+  latency: false
   lambda_schedule: {{kind: linear, lambda_start: 1.0, lambda_end: 20.0}}
 teachers:
   real: {{set: {{model.binarize.activations: false, model.binarize.weights: false}}}}
@@ -113,6 +114,7 @@ base:
   batch_size: 16
   loss: mse
   threads: 1
+  latency: false
   lambda_schedule: {{kind: exponential, lambda_start: 1.0, lambda_end: 20.0}}
 search:
   lambda_schedule.lambda_end: {{type: float, low: 10, high: 200, log: true}}

@@ -6,6 +6,8 @@ import sys
 import time
 
 
+from bnnctl.orchestrator.backends.inprocess import InProcessBackend
+from bnnctl.orchestrator.runcore import RunOptions
 from bnnctl.orchestrator.store import SCHEMA_VERSION, Store
 from bnnctl.orchestrator.study import run_study
 from bnnctl.workers.config import from_dict
@@ -20,6 +22,7 @@ base:
   batch_size: 16
   loss: mse
   threads: 1
+  latency: false
 seeds: [0]
 ablations:
   - name: acts
@@ -180,7 +183,9 @@ def test_cancel_stops_the_study_and_a_rerun_finishes_it(workdir):
     import ray
 
     ray.shutdown()
-    assert run_study(spec, cpus=2, track=False).status == "completed"
+    # the rerun's backend does not matter here: the driver's own threads (no second Ray start)
+    rerun = RunOptions(track=False, backend_instance=InProcessBackend(capacity=2))
+    assert run_study(spec, options=rerun).status == "completed"
     assert not cancel_study("e2e")  # not running any more
 
 
@@ -243,8 +248,8 @@ def test_two_drivers_started_at_once_one_trains_the_other_refuses(workdir, tmp_p
     # the same results as one driver alone
     ref = ref_dir / "e2e.yaml"
     ref.write_text(spec.read_text())
-    os.chdir(ref_dir)
-    assert run_study(ref, cpus=2, track=False).status == "completed"
+    os.chdir(ref_dir)  # in the driver's own thread: one task at a time, as the torch RNG is shared
+    assert run_study(ref, options=RunOptions(track=False, backend_instance=InProcessBackend(capacity=1))).status == "completed"
     mine = {(m.row, m.seed): store.variant(m.variant_key).result["metrics"]["pckh"] for m in members}
     alone = Store()
     theirs = {(m.row, m.seed): alone.variant(m.variant_key).result["metrics"]["pckh"]

@@ -20,6 +20,7 @@ base:
   epochs: 40
   batch_size: 16
   threads: 1
+  latency: false
 ablations:
   - name: acts
     mode: isolated

@@ -24,6 +24,7 @@ def tiny(root, **kw):
         model=ModelConfig(width=16, depth=2),
         data=DataConfig(root=root, synthetic=SyntheticConfig(train=48, valid=16), input_size=32),
         optim=OptimConfig(lr=2e-3), epochs=3, batch_size=8, loss="mse", threads=1, seed=1,
+        latency=False,  # measured in the latency tests below (about a second per run)
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -194,7 +195,7 @@ def test_a_result_round_trips_through_plain_data(synth_root, tmp_path):
 def test_a_finished_run_measures_its_deployed_latency_unless_switched_off(synth_root, tmp_path):
     """Binary and float latency of the deployed model (batch 1, one thread) on this machine; the
     switch is not part of the run's identity (a resumed run with it off trains nothing)."""
-    result = run_variant(tiny(synth_root, epochs=1), LocalReporter(tmp_path / "a"))
+    result = run_variant(tiny(synth_root, epochs=1, latency=True), LocalReporter(tmp_path / "a"))
     lat = result.latency
     assert lat["binary_ms"] > 0 and lat["float_ms"] > 0 and lat["speedup"] == round(lat["float_ms"] / lat["binary_ms"], 2)
     assert lat["threads"] == 1 and lat["batch"] == 1 and lat["input"] == 32 and "(" in lat["machine"]
@@ -203,11 +204,11 @@ def test_a_finished_run_measures_its_deployed_latency_unless_switched_off(synth_
     assert rep.history == [] and again.latency == {}  # the same run, finished: nothing retrained
     from bnnctl.orchestrator.plan import identity
 
-    assert identity(tiny(synth_root), ()) == identity(tiny(synth_root, latency=False), ())
+    assert identity(tiny(synth_root, latency=True), ()) == identity(tiny(synth_root, latency=False), ())
 
 
 def test_a_real_valued_network_reports_its_latency_without_a_speed_up(synth_root, tmp_path):
-    result = run_variant(tiny(synth_root, epochs=1, model=ModelConfig(width=16, depth=2).real()),
+    result = run_variant(tiny(synth_root, epochs=1, latency=True, model=ModelConfig(width=16, depth=2).real()),
                          LocalReporter(tmp_path / "r"))
     assert result.latency["binary_ms"] > 0 and result.latency["float_ms"] is None and result.latency["speedup"] is None
     assert result.latency["binary_layers"] is False
@@ -220,7 +221,7 @@ def test_a_failed_latency_measurement_keeps_the_trained_result(synth_root, tmp_p
         raise ArithmeticError("the binary model's outputs differ from the float model's")
 
     monkeypatch.setattr(loop, "measure_latency", broken)
-    result = run_variant(tiny(synth_root, epochs=1), LocalReporter(tmp_path / "f"))
+    result = run_variant(tiny(synth_root, epochs=1, latency=True), LocalReporter(tmp_path / "f"))
     assert result.status == "completed" and result.metrics["pckh"] >= 0
     assert result.latency == {"error": "ArithmeticError: the binary model's outputs differ from the float model's"}
 

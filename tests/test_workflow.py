@@ -24,6 +24,7 @@ base:
   batch_size: 16
   loss: mse
   threads: 1
+  latency: false
 seeds: [0, 1]
 teachers:
   real: {{set: {{model.binarize.activations: false, model.binarize.weights: false}}}}
