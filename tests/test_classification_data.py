@@ -45,27 +45,10 @@ def test_embedded_digits_are_real_digits_in_the_imagefolder_layout(tmp_path):
 
 def test_processes_writing_the_embedded_digits_at_once_all_succeed(tmp_path):
     """Parallel variants preparing the embedded data in a fresh folder at the same moment."""
-    import multiprocessing as mp
+    import racers
 
-    ctx = mp.get_context("spawn")
-    barrier, results = ctx.Barrier(3), ctx.Queue()
     root = tmp_path / "digits"
-    procs = [ctx.Process(target=_write_at_once, args=(str(root), barrier, results)) for _ in range(3)]
-    for p in procs:
-        p.start()
-    outcomes = [results.get(timeout=180) for _ in procs]
-    for p in procs:
-        p.join()
+    outcomes = racers.race(racers.write_digits, (str(root),), 3)
     assert outcomes == [str(root)] * 3, outcomes
     assert sum(1 for _ in root.rglob("*.png")) == 1797
     assert [p.name for p in tmp_path.iterdir()] == ["digits"]  # no temporary folder left behind
-
-
-def _write_at_once(root, barrier, results):
-    from bnnctl.workers.data.classification import write_digits_imagefolder
-
-    barrier.wait()
-    try:
-        results.put(str(write_digits_imagefolder(root)))
-    except Exception as err:  # reported to the test instead of dying silently
-        results.put(repr(err))

@@ -5,7 +5,6 @@ Real drivers (the CLI in a subprocess, its own private Ray cluster), real sqlite
 stores, real training. Each kill loop writes its figures to ``$BNNCTL_KILL_FIGURES`` when set.
 """
 import json
-import multiprocessing as mp
 import os
 import signal
 import subprocess
@@ -270,27 +269,11 @@ def test_a_deleted_state_database_stops_the_driver_and_a_rerun_recovers_everythi
 # --------------------------------------------------------------------------- creation races
 
 def test_processes_creating_the_mlflow_store_at_once_all_succeed(tmp_path):
-    ctx = mp.get_context("spawn")
+    import racers
+    from mlflow.tracking import MlflowClient
+
     for round_ in range(2):
         uri = f"sqlite:///{tmp_path / f'r{round_}' / 'mlflow.db'}"
-        barrier, results = ctx.Barrier(4), ctx.Queue()
-        procs = [ctx.Process(target=_open_tracker, args=(uri, barrier, results)) for _ in range(4)]
-        for p in procs:
-            p.start()
-        outcomes = [results.get(timeout=180) for _ in procs]
-        for p in procs:
-            p.join()
+        outcomes = racers.race(racers.open_tracker, (uri,), 4)
         assert len(set(outcomes)) == 1 and not outcomes[0].startswith("error"), outcomes
-        from mlflow.tracking import MlflowClient
-
         assert len(MlflowClient(uri).search_experiments(filter_string="name = 'race'")) == 1
-
-
-def _open_tracker(uri, barrier, results):
-    from bnnctl.orchestrator.tracking import Tracker
-
-    barrier.wait()  # every process creates the store and the experiment at the same moment
-    try:
-        results.put(Tracker(uri, "race").experiment_id)
-    except Exception as err:  # reported to the test instead of dying silently
-        results.put(f"error {err!r}")

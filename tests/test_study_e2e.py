@@ -191,31 +191,12 @@ def test_cancel_stops_the_study_and_a_rerun_finishes_it(workdir):
 
 def test_concurrent_first_opens_of_the_store_do_not_race(tmp_path):
     """A driver and `study status` may create a new state database at the same moment."""
-    import multiprocessing as mp
+    import racers
 
-    ctx = mp.get_context("spawn")
     for round_ in range(3):
         url = f"sqlite:///{tmp_path / f'state{round_}.db'}"
-        barrier, results = ctx.Barrier(6), ctx.Queue()
-        procs = [ctx.Process(target=_open_store, args=(url, barrier, results)) for _ in range(6)]
-        for p in procs:
-            p.start()
-        outcomes = [results.get(timeout=120) for _ in procs]
-        for p in procs:
-            p.join()
+        outcomes = racers.race(racers.open_store, (url,), 6, timeout=120)
         assert outcomes == [SCHEMA_VERSION] * 6, outcomes
-
-
-def _open_store(url, barrier, results):
-    from bnnctl.orchestrator.store import SchemaInfo, Store
-
-    barrier.wait()  # every process creates the tables at the same moment
-    try:
-        store = Store(url)
-        with store.session() as s:
-            results.put(s.get(SchemaInfo, 1).version)
-    except Exception as err:  # reported to the test instead of dying silently
-        results.put(repr(err))
 
 
 def test_two_drivers_started_at_once_one_trains_the_other_refuses(workdir, tmp_path_factory):
