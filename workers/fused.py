@@ -21,7 +21,7 @@ as one call per convolution:
   (:class:`MaxPool2d`, :func:`upsample_add`).
 
 Every step is the float emulation's operation in its order and precision (alpha product, then the
-activation, then the gated sum), so outputs are identical to ``backend: float`` (tests/test_fused.py
+activation, then the gated sum), so outputs are identical to ``backend: float`` (tests/workers/test_fused.py
 holds every model family to that). Anything else -- training, gradients, inexact quantizers,
 grouped convolutions, CUDA tensors, no compiled kernel -- takes the layer-by-layer path.
 """

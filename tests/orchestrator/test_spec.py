@@ -11,7 +11,7 @@ from bnnctl.orchestrator.plan import build_plan
 from bnnctl.orchestrator.spec import SpecError, load_spec
 from bnnctl.workers.config import to_dict
 
-SPECS = sorted((Path(__file__).resolve().parent.parent / "studies").glob("*.yaml"))
+SPECS = sorted((Path(__file__).resolve().parents[2] / "studies").glob("*.yaml"))
 STUDIES = [p for p in SPECS if yaml.safe_load(p.read_text()).get("kind") != "tuning"]  # tunings: test_tune.py
 runner = CliRunner()
 

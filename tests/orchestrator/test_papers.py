@@ -7,7 +7,7 @@ import pytest
 from bnnctl.orchestrator.plan import build_plan
 from bnnctl.orchestrator.spec import load_spec
 
-STUDIES = Path(__file__).resolve().parent.parent / "studies"
+STUDIES = Path(__file__).resolve().parents[2] / "studies"
 
 # (file, ablation) -> [(row, the paper's value or None where the paper gives none)]
 PAPERS = {

@@ -1,6 +1,6 @@
 """The scheduling loop against the in-process backend: no cluster starts, task bodies are scripted.
 
-The Ray backend runs the same loop in tests/test_study_e2e.py and tests/test_cluster.py.
+The Ray backend runs the same loop in tests/orchestrator/test_study_e2e.py and tests/orchestrator/test_cluster.py.
 """
 import dataclasses
 import socket

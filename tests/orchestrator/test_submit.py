@@ -128,7 +128,7 @@ def test_tune_submit_refuses_what_the_cluster_cannot_reach(tmp_path, monkeypatch
     from bnnctl.orchestrator.cli import app
 
     monkeypatch.chdir(tmp_path)
-    spec = Path(__file__).resolve().parent.parent / "studies" / "tune_lambda.yaml"
+    spec = Path(__file__).resolve().parents[2] / "studies" / "tune_lambda.yaml"
     result = CliRunner().invoke(app, ["tune", "submit", str(spec), "--address", "http://127.0.0.1:9", "--no-track",
                                       "--db", "postgresql+psycopg://u:hunter2@db/x"])
     assert result.exit_code == 1 and "needs run storage every node reaches" in result.output

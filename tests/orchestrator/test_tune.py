@@ -19,7 +19,7 @@ from bnnctl.orchestrator.store import Store
 from bnnctl.orchestrator.tunespec import Param, load_tune_spec
 from bnnctl.orchestrator.tuning import load_tuning, objective_value, run_tuning, summarize
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 TINY = """
