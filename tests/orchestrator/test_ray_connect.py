@@ -32,6 +32,11 @@ execution: {{max_parallel: 2}}
 
 @pytest.fixture()
 def nodes(tmp_path):
+    import ray
+
+    # `--address auto` looks for the machine's clusters: the one the other tests share in this
+    # process must not be among them
+    ray.shutdown()
     n = RayNodes(tmp_path / "ray")
     yield n
     n.close()
