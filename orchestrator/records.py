@@ -1,13 +1,17 @@
-"""The state store's schema (SQLAlchemy 2 ORM rows, every table prefixed ``bnnctl_``) and the frozen
-snapshots its reads return (:class:`Study`, :class:`Variant`, :class:`Attempt`, :class:`Lease`,
-:class:`Member`). The contract that writes them is :class:`~bnnctl.orchestrator.store.Store`'s."""
+"""The state store's schema (SQLAlchemy 2 ORM rows, every table prefixed ``bnnctl_``), how a database
+is opened and migrated to it, and the frozen snapshots its reads return (:class:`Study`,
+:class:`Variant`, :class:`Attempt`, :class:`Lease`, :class:`Member`). The contract that writes them is :class:`~bnnctl.orchestrator.store.Store`'s."""
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy import JSON, DateTime, Engine, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 SCHEMA_VERSION = 3
 #: Every table is prefixed, so that Optuna's tables (``studies``, ``trials``...) can live in the same
@@ -183,3 +187,110 @@ def _study(r: StudyRow) -> Study:
 def _variant(r: VariantRow) -> Variant:
     return Variant(r.key, r.label, r.kind, dict(r.config), list(r.deps), r.status, r.result, r.error,
                    r.checkpoint_dir, r.mlflow_run_id, r.updated_at)
+
+
+# --------------------------------------------------------------------------- opening and migrating
+
+def open_engine(url: str, engine_url: str, readonly: bool, display_url: str) -> Engine:
+    """The engine of the state database at ``url`` (``engine_url``: how to open it, e.g. sqlite
+    read-only). sqlite gets WAL (the dashboard reads while the orchestrator writes), a busy timeout
+    and foreign keys; a read-only engine on a server makes every transaction read-only."""
+    from sqlalchemy import create_engine, event
+
+    from .errors import StoreError
+    from .urls import mask_text
+
+    try:
+        engine = create_engine(engine_url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
+    except (SQLAlchemyError, ImportError) as err:
+        raise StoreError(mask_text(f"cannot open the state database {display_url}: {err}")) from None
+    if url.startswith("sqlite"):
+        @event.listens_for(engine, "connect")
+        def _pragmas(conn, _record) -> None:
+            cur = conn.cursor()
+            if not readonly:
+                cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+    elif readonly:
+        @event.listens_for(engine, "begin")
+        def _readonly(conn) -> None:
+            conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+    return engine
+
+
+def _rename_v1_tables(engine: Engine) -> None:
+    """Schema 1 -> 2: prefix the table names (foreign keys follow the renames on SQLite >= 3.26 and
+    PostgreSQL), in one transaction."""
+    from sqlalchemy import inspect
+
+    names = set(inspect(engine).get_table_names())
+    if "schema_info" not in names or PREFIX + "schema_info" in names:
+        return
+    with engine.begin() as conn:
+        for table in V1_TABLES:
+            if table in names:
+                conn.exec_driver_sql(f"ALTER TABLE {table} RENAME TO {PREFIX}{table}")
+        conn.exec_driver_sql(f"UPDATE {PREFIX}schema_info SET version = 2 WHERE id = 1 AND version = 1")
+
+
+def _add_v3_columns(engine: Engine) -> None:
+    """Schema 2 -> 3: ``bnnctl_attempts.node_id`` (create_all creates tables, never columns)."""
+    from sqlalchemy import inspect
+
+    insp = inspect(engine)
+    if PREFIX + "attempts" not in insp.get_table_names():
+        return
+    if "node_id" not in {c["name"] for c in insp.get_columns(PREFIX + "attempts")}:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"ALTER TABLE {PREFIX}attempts ADD COLUMN node_id VARCHAR(100)")
+
+
+def check_version(session: Callable[[], AbstractContextManager[Session]], display_url: str) -> None:
+    """Refuse (StoreError) a database of another schema version; for readers, which never migrate."""
+    from .errors import StoreError
+
+    try:
+        with session() as s:
+            info = s.get(SchemaInfo, 1)
+    except StoreError as err:
+        raise StoreError(f"{display_url} is not a bnnctl state database of this version (schema "
+                         f"{SCHEMA_VERSION}); open it once with `bnnctl study list` to migrate it ({err})") from None
+    if info is None or info.version != SCHEMA_VERSION:
+        raise StoreError(f"{display_url} has schema {info.version if info else 'none'}, this bnnctl reads "
+                         f"{SCHEMA_VERSION}; `bnnctl study list` migrates an older one")
+
+
+def migrate(engine: Engine, session: Callable[[], AbstractContextManager[Session]], display_url: str) -> None:
+    """Create the tables of a new database, or bring an older one to :data:`SCHEMA_VERSION`;
+    refuse one written by a newer bnnctl."""
+    from .errors import StoreError
+
+    # Two processes may open a new database at once (a driver and `bnnctl study status`): the
+    # loser of the CREATE TABLE race sees "already exists"; trying again finds the tables there.
+    for attempt in range(3):
+        try:
+            _rename_v1_tables(engine)
+            _add_v3_columns(engine)
+            Base.metadata.create_all(engine)
+            break
+        except SQLAlchemyError as err:
+            if attempt == 2:
+                raise StoreError(f"cannot create the state tables in {display_url}: {err}") from None
+            time.sleep(0.2)
+    try:
+        with session() as s:
+            if s.get(SchemaInfo, 1) is None:
+                s.add(SchemaInfo(id=1, version=SCHEMA_VERSION))
+    except StoreError:  # another opener inserted the row first: fine, it is read below
+        pass
+    with session() as s:
+        info = s.get(SchemaInfo, 1)
+        if info is None:
+            raise StoreError(f"cannot record the schema version in {display_url}")
+        if info.version > SCHEMA_VERSION:
+            raise StoreError(f"{display_url} was written by a newer bnnctl (schema {info.version} > "
+                             f"{SCHEMA_VERSION}); upgrade bnnctl to read it")
+        if info.version < SCHEMA_VERSION:  # the columns were added above; record the new version
+            info.version = SCHEMA_VERSION

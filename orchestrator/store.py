@@ -19,17 +19,12 @@ Contract of :class:`Store` (the orchestrator is its only writer; the dashboard o
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import (
-    create_engine,
-    event,
-    select,
-)
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -54,6 +49,9 @@ from .records import (  # noqa: F401 - the snapshots are the store's vocabulary:
     _now,
     _study,
     _variant,
+    check_version,
+    migrate,
+    open_engine,
 )
 from .urls import mask_text, mask_url
 
@@ -102,28 +100,12 @@ class Store:
                 engine_url = readonly_url(self.url)
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.engine = create_engine(engine_url, connect_args={"timeout": 30} if self.url.startswith("sqlite") else {})
-        except (SQLAlchemyError, ImportError) as err:
-            raise StoreError(mask_text(f"cannot open the state database {self.display_url}: {err}")) from None
-        if self.url.startswith("sqlite"):
-            @event.listens_for(self.engine, "connect")
-            def _pragmas(conn, _record) -> None:  # WAL lets the dashboard read while the orchestrator writes
-                cur = conn.cursor()
-                if not readonly:
-                    cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute("PRAGMA busy_timeout=30000")
-                cur.execute("PRAGMA foreign_keys=ON")
-                cur.close()
-        elif readonly:
-            @event.listens_for(self.engine, "begin")
-            def _readonly(conn) -> None:  # PostgreSQL: every transaction of this engine is read-only
-                conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+        self.engine = open_engine(self.url, engine_url, readonly, self.display_url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         if readonly:
-            self._check_version()
+            check_version(self.session, self.display_url)
         else:
-            self._migrate()
+            migrate(self.engine, self.session, self.display_url)
 
     def file_identity(self) -> tuple[int, int] | None:
         """(device, inode) of a sqlite database file, None when it is missing (deleted); None for
@@ -156,71 +138,6 @@ class Store:
             raise
         finally:
             s.close()
-
-    def _rename_v1_tables(self) -> None:
-        """Schema 1 -> 2: prefix the table names (foreign keys follow the renames on SQLite >= 3.26 and
-        PostgreSQL), in one transaction."""
-        from sqlalchemy import inspect
-
-        names = set(inspect(self.engine).get_table_names())
-        if "schema_info" not in names or PREFIX + "schema_info" in names:
-            return
-        with self.engine.begin() as conn:
-            for table in V1_TABLES:
-                if table in names:
-                    conn.exec_driver_sql(f"ALTER TABLE {table} RENAME TO {PREFIX}{table}")
-            conn.exec_driver_sql(f"UPDATE {PREFIX}schema_info SET version = 2 WHERE id = 1 AND version = 1")
-
-    def _add_v3_columns(self) -> None:
-        """Schema 2 -> 3: ``bnnctl_attempts.node_id`` (create_all creates tables, never columns)."""
-        from sqlalchemy import inspect
-
-        insp = inspect(self.engine)
-        if PREFIX + "attempts" not in insp.get_table_names():
-            return
-        if "node_id" not in {c["name"] for c in insp.get_columns(PREFIX + "attempts")}:
-            with self.engine.begin() as conn:
-                conn.exec_driver_sql(f"ALTER TABLE {PREFIX}attempts ADD COLUMN node_id VARCHAR(100)")
-
-    def _check_version(self) -> None:
-        try:
-            with self.session() as s:
-                info = s.get(SchemaInfo, 1)
-        except StoreError as err:
-            raise StoreError(f"{self.display_url} is not a bnnctl state database of this version (schema "
-                             f"{SCHEMA_VERSION}); open it once with `bnnctl study list` to migrate it ({err})") from None
-        if info is None or info.version != SCHEMA_VERSION:
-            raise StoreError(f"{self.display_url} has schema {info.version if info else 'none'}, this bnnctl reads "
-                             f"{SCHEMA_VERSION}; `bnnctl study list` migrates an older one")
-
-    def _migrate(self) -> None:
-        # Two processes may open a new database at once (a driver and `bnnctl study status`): the
-        # loser of the CREATE TABLE race sees "already exists"; trying again finds the tables there.
-        for attempt in range(3):
-            try:
-                self._rename_v1_tables()
-                self._add_v3_columns()
-                Base.metadata.create_all(self.engine)
-                break
-            except SQLAlchemyError as err:
-                if attempt == 2:
-                    raise StoreError(f"cannot create the state tables in {self.display_url}: {err}") from None
-                time.sleep(0.2)
-        try:
-            with self.session() as s:
-                if s.get(SchemaInfo, 1) is None:
-                    s.add(SchemaInfo(id=1, version=SCHEMA_VERSION))
-        except StoreError:  # another opener inserted the row first: fine, it is read below
-            pass
-        with self.session() as s:
-            info = s.get(SchemaInfo, 1)
-            if info is None:
-                raise StoreError(f"cannot record the schema version in {self.display_url}")
-            if info.version > SCHEMA_VERSION:
-                raise StoreError(f"{self.display_url} was written by a newer bnnctl (schema {info.version} > "
-                                 f"{SCHEMA_VERSION}); upgrade bnnctl to read it")
-            if info.version < SCHEMA_VERSION:  # the columns were added above; record the new version
-                info.version = SCHEMA_VERSION
 
     # -- studies ----------------------------------------------------------------------------------
     def upsert_study(self, name: str, spec_file: str, spec_hash: str, spec: dict) -> Study:

@@ -75,20 +75,32 @@ def _xnor_possible(layer: "BinaryConv2d", x: Tensor, exact: bool) -> bool:
     return kernels.available(x.device.type)
 
 
+def kept(owner: object, attr: str, key: tuple, compute: Callable[[], Any]) -> Any:
+    """``compute()``, kept on ``owner`` (attribute ``attr``, beside its key) and reused while the
+    key is unchanged: what inference derives from a module's parameters (packed weights, alphas,
+    thresholds, plans), keyed by :func:`version_key` of the tensors it was derived from."""
+    cached = getattr(owner, attr, None)
+    if cached is None or cached[0] != key:
+        cached = (key, compute())
+        object.__setattr__(owner, attr, cached)  # a plain attribute, even on an nn.Module
+    return cached[1]
+
+
+def version_key(*tensors: Tensor | None) -> tuple:
+    """Changes whenever one of ``tensors`` is replaced or written in place (PyTorch's version
+    counter counts in-place writes, ``load_state_dict`` and optimizer steps included)."""
+    return tuple((None, None) if t is None else (t.data_ptr(), t._version) for t in tensors)
+
+
 def _kept_while_weight_unchanged(layer: "BinaryConv2d", attr: str, extra: tuple, compute: Callable[[], Any]) -> Any:
-    """``compute()``, kept on the layer (attribute ``attr``) while its stored dense weight is
-    unchanged and no gradients are wanted (inference); computed afresh otherwise."""
+    """:func:`kept` while the layer's stored dense weight is unchanged and no gradients are wanted
+    (inference); computed afresh otherwise."""
     from .layers import DenseWeight
 
     src = layer.weight_source
     if torch.is_grad_enabled() or not isinstance(src, DenseWeight):
         return compute()
-    key = (src.weight.data_ptr(), src.weight._version, *extra)
-    cached = getattr(layer, attr, None)
-    if cached is None or cached[0] != key:
-        cached = (key, compute())
-        setattr(layer, attr, cached)
-    return cached[1]
+    return kept(layer, attr, version_key(src.weight) + extra, compute)
 
 
 def _packed_weight(layer: "BinaryConv2d", w: Tensor):

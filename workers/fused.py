@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .backends import _inference_alpha, _packed_weight
+from .backends import _inference_alpha, _packed_weight, kept, version_key
 from .layers import BinaryConv2d, BinaryLinear
 
 #: kernels.cpu activation codes by activation module type.
@@ -41,18 +41,6 @@ _NONE, _RELU, _SLOPE = 0, 1, 2
 FLOAT_MAX = torch.finfo(torch.float32).max
 #: The image size of the calibration tensor: long enough for the vectorized BatchNorm path.
 _CALIBRATION_WIDTH = 16
-
-
-def _cached(owner: nn.Module, attr: str, key: tuple, compute: Callable[[], Any]) -> Any:
-    cached = getattr(owner, attr, None)
-    if cached is None or cached[0] != key:
-        cached = (key, compute())
-        object.__setattr__(owner, attr, cached)
-    return cached[1]
-
-
-def _version_key(*tensors: Tensor | None) -> tuple:
-    return tuple((None, None) if t is None else (t.data_ptr(), t._version) for t in tensors)
 
 
 def _state(module: nn.Module, out: list | None = None) -> list:
@@ -134,9 +122,9 @@ def sign_thresholds(bn: nn.Module, prefix: tuple[nn.Module, ...] = ()):
     ``prefix`` modules before it (a BatchNorm and ReLU folded in too); kept while the modules'
     parameters and statistics are unchanged."""
     chain = (*prefix, bn)
-    key = tuple(id(m) for m in chain) + _version_key(*(t for m in chain for t in (*m.parameters(), *m.buffers())))
+    key = tuple(id(m) for m in chain) + version_key(*(t for m in chain for t in (*m.parameters(), *m.buffers())))
     attr = "_bnnctl_thresholds_prefixed" if prefix else "_bnnctl_thresholds"
-    return _cached(bn, attr, key, lambda: _calibrate(chain))
+    return kept(bn, attr, key, lambda: _calibrate(chain))
 
 
 # --------------------------------------------------------------------------- one layer
@@ -153,7 +141,7 @@ def _activation(layer: BinaryConv2d | BinaryLinear) -> tuple[int, Tensor | None]
         return _SLOPE, torch.full((c,), float(act.negative_slope))
     if isinstance(act, nn.PReLU):
         w = act.weight.detach().to(torch.float32)
-        return _SLOPE, _cached(act, "_bnnctl_slopes", _version_key(act.weight),
+        return _SLOPE, kept(act, "_bnnctl_slopes", version_key(act.weight),
                                lambda: w.reshape(-1).expand(c).contiguous() if w.numel() == 1 else w.contiguous())
     return None
 
@@ -189,8 +177,8 @@ def _plan(layer: BinaryConv2d | BinaryLinear, shape: tuple[int, int, int, int]):
     """The layer's :class:`~bnnctl.kernels.cpu.ConvPlan` for inputs of ``shape`` (N, C, H, W; a
     linear layer's (N, F) as (N, F, 1, 1)), kept while none of its parameters and buffers (weight,
     alpha, BatchNorm, activation) changes."""
-    key = (shape,) + _version_key(*_state(layer))
-    return _cached(layer, "_bnnctl_plan", key, lambda: _guarded_plan(layer, shape))
+    key = (shape,) + version_key(*_state(layer))
+    return kept(layer, "_bnnctl_plan", key, lambda: _guarded_plan(layer, shape))
 
 
 def _guarded_plan(layer, shape, prefix: tuple[nn.Module, ...] = ()):
@@ -207,8 +195,8 @@ def _prefixed_plan(layer: BinaryConv2d, shape: tuple[int, int, int, int], prefix
     tensors = _state(layer)
     for m in prefix:
         _state(m, tensors)
-    key = (shape,) + tuple(id(m) for m in prefix) + _version_key(*tensors)
-    return _cached(layer, "_bnnctl_plan_prefixed", key, lambda: _guarded_plan(layer, shape, prefix))
+    key = (shape,) + tuple(id(m) for m in prefix) + version_key(*tensors)
+    return kept(layer, "_bnnctl_plan_prefixed", key, lambda: _guarded_plan(layer, shape, prefix))
 
 
 def _make_plan(layer: BinaryConv2d | BinaryLinear, shape: tuple[int, int, int, int], prefix: tuple[nn.Module, ...] = ()):
@@ -232,7 +220,7 @@ def _checked(module: nn.Module, backend: str, x: Tensor, out: Tensor, reference:
     warning, where they differ; "xnor" trusts the kernel."""
     if backend != "auto":
         return True
-    key = (tuple(x.shape),) + _version_key(*_state(module))
+    key = (tuple(x.shape),) + version_key(*_state(module))
 
     def compare() -> bool:
         same = torch.equal(out, reference())
@@ -242,7 +230,7 @@ def _checked(module: nn.Module, backend: str, x: Tensor, out: Tensor, reference:
                           RuntimeWarning, stacklevel=4)
         return same
 
-    return _cached(module, "_bnnctl_fused_checked", key, compare)
+    return kept(module, "_bnnctl_fused_checked", key, compare)
 
 
 def layer_forward(layer: BinaryConv2d | BinaryLinear, x: Tensor, reference: Callable[[], Tensor]) -> Tensor | None:
@@ -271,7 +259,7 @@ def _gate(block: nn.Module, channels: int) -> Tensor | None:
     if g is None:
         return None
     g = g.detach().to(torch.float32)
-    return _cached(block.gate, "_bnnctl_gate", _version_key(block.gate.gate),
+    return kept(block.gate, "_bnnctl_gate", version_key(block.gate.gate),
                    lambda: g.reshape(-1).expand(channels).contiguous() if g.numel() == 1 else g.reshape(-1).contiguous())
 
 
