@@ -223,6 +223,7 @@ class DriverSession:
                 "(their checkpoints would stay on them). Give a run storage every node reaches: --storage "
                 "s3://bucket/prefix (or gs://...), or a folder every node mounts at the same path (--storage "
                 "/shared/runs), or set `storage:` in the spec")
+        self.backend.warm(self.parallel, self.resources.cpus, self.resources.gpus)
 
     def _open_tracking(self) -> None:
         existing_run, spec_file, experiment, kind = self._args

@@ -14,7 +14,8 @@ Adding one (Ray Jobs, SLURM, a queue) is one new module with a class that implem
 Contract:
 
 - ``start`` connects, refuses a per-variant resource request that no node can satisfy
-  (:class:`ResourceError`, with the cluster's resources in the message) and may warm workers up.
+  (:class:`ResourceError`, with the cluster's resources in the message); ``warm``, once the driver
+  has accepted the run, may start worker processes ahead of the first task.
 - ``submit(task)`` starts a task. Its worker sends a :class:`Started` message naming its node when it
   really starts (a task waiting for resources has sent none), then :class:`EpochMetrics` and
   :class:`Progress` messages; ``messages()`` returns (and forgets) those that arrived.
@@ -119,7 +120,11 @@ class Backend(ABC):
     @abstractmethod
     def start(self, workers: int, cpus: float, gpus: float) -> None:
         """Connect; refuse (ResourceError) a request of ``cpus``/``gpus`` per task that no node can
-        hold; optionally warm ``workers`` worker processes up."""
+        hold. Nothing runs on the workers yet: the driver may still refuse the run (see ``warm``)."""
+
+    def warm(self, workers: int, cpus: float, gpus: float) -> None:
+        """Optionally start ``workers`` worker processes of ``cpus``/``gpus`` now (imports and all),
+        once the driver has accepted the run, while it opens the rest."""
 
     @abstractmethod
     def submit(self, task: Task, verdicts: bool = False) -> None:

@@ -235,6 +235,10 @@ class RayBackend(Backend):
         self._here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self._queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": self._here})
         self._remote = ray.remote(ray_task)
+
+    def warm(self, workers: int, cpus: float, gpus: float) -> None:
+        import ray
+
         # workers import torch and the trainer now, while the driver opens MLflow; Ray reuses them
         warm = ray.remote(_warm_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
         self._warm = [warm.remote() for _ in range(workers)]
