@@ -55,6 +55,7 @@ base:
   batch_size: 16
   loss: mse
   threads: 1
+  latency: false  # the tuning page shows no latency (the study above measures it)
   lambda_schedule: {{kind: exponential, lambda_start: 1.0, lambda_end: 20.0}}
 search:
   lambda_schedule.lambda_start: {{type: float, low: 0.5, high: 2, log: true}}
