@@ -1,6 +1,7 @@
 """The state store's schema (SQLAlchemy 2 ORM rows, every table prefixed ``bnnctl_``), how a database
 is opened and migrated to it, and the frozen snapshots its reads return (:class:`Study`,
-:class:`Variant`, :class:`Attempt`, :class:`Lease`, :class:`Member`). The contract that writes them is :class:`~bnnctl.orchestrator.store.Store`'s."""
+:class:`Variant`, :class:`Attempt`, :class:`Lease`, :class:`Member`). The contract that writes
+them is :class:`~bnnctl.orchestrator.store.Store`'s."""
 from __future__ import annotations
 
 import time
