@@ -76,7 +76,7 @@ def plotly_js() -> Path:
 
 def templates():
     """The dashboard's pages, and the report's table markup (orchestrator/templates) they include."""
-    from bnnctl.orchestrator.report import jinja_env
+    from bnnctl.orchestrator.formats import jinja_env
 
     return jinja_env(HERE / "templates")
 
@@ -239,12 +239,12 @@ def _files(app, site: _Site) -> None:
     @app.get("/study/{name}/tables.{ext}")
     def tables_file(name: str, ext: str):
         """A study's tables as a file to download (the same exports as `bnnctl study show --format`)."""
-        from bnnctl.orchestrator import report
+        from bnnctl.orchestrator import formats, report
 
         if ext not in EXPORTS:
             raise NotFound(f"no export {ext!r}; there are: {', '.join(EXPORTS)}")
         media, fmt = EXPORTS[ext]
-        body = report.export(report.study_tables(store, views._study(store, name, "study")), fmt, name)
+        body = formats.export(report.study_tables(store, views._study(store, name, "study")), fmt, name)
         return Response(body, media_type=f"{media}; charset=utf-8",
                         headers={"Content-Disposition": f'attachment; filename="{name}-tables.{ext}"'})
 
@@ -276,7 +276,7 @@ def _files(app, site: _Site) -> None:
 
     @app.get("/static/style.css")
     def stylesheet():  # one stylesheet for the pages and the HTML export
-        from bnnctl.orchestrator.report import TEMPLATES
+        from bnnctl.orchestrator.formats import TEMPLATES
 
         return FileResponse(TEMPLATES / "style.css", media_type="text/css")
 

@@ -10,7 +10,8 @@ import statistics
 from datetime import datetime
 
 from bnnctl.orchestrator.layouts import StudyLayout
-from bnnctl.orchestrator.report import ALPHA, build_tables, reported, sources, table_data
+from bnnctl.orchestrator.formats import table_data
+from bnnctl.orchestrator.report import ALPHA, build_tables, reported, sources
 from bnnctl.orchestrator.tracking import flatten
 from bnnctl.workers.metrics import CURVES, HEADLINE_METRICS
 

@@ -208,7 +208,8 @@ def _run_study(spec: StudySpec, path, store: Store, opts: RunOptions, events, le
 
 def log_tables(tracker, run_id: str, store: Store, study_id: int, spec_file: str) -> None:
     """The study's spec and its tables as they stand (md, csv, html) on its MLflow parent run."""
-    from .report import export, study_tables
+    from .formats import export
+    from .report import study_tables
 
     study = store.study(study_id)
     tables = study_tables(store, study)

@@ -123,7 +123,7 @@ def _summary_tables(cfg, size: int, acc, layers: bool, timed: dict | None) -> No
     table.add_row("size deployed", f"{acc.deployed_bytes / 2**20:,.2f} MiB",
                   f"{acc.compression:,.1f}x smaller than trained")
     if timed is not None:
-        from bnnctl.orchestrator.report import format_latency
+        from bnnctl.orchestrator.formats import format_latency
 
         table.add_row("latency (CPU)", format_latency(timed["binary_ms"], timed["float_ms"]),
                       f"batch 1, 1 thread, {timed['machine']}" + ("; in brackets: vs float32" if timed["float_ms"] else ""))

@@ -57,7 +57,7 @@ def _tables(store, study):
 def print_tables(tables, out) -> None:
     from rich.table import Table as RichTable
 
-    from bnnctl.orchestrator.report import HEADERS, table_cells
+    from bnnctl.orchestrator.formats import HEADERS, table_cells
 
     for t in tables:
         rt = RichTable(title=f"{t.name} — {t.mode}, {t.metric} (Δ vs {t.baseline})")
@@ -283,7 +283,7 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="The tables as JSON (= --format json).")] = False,
 ) -> None:
     """Print a study's ablation tables (or export them as Markdown, CSV, LaTeX, standalone HTML or JSON)."""
-    from bnnctl.orchestrator.report import FORMATS, export
+    from bnnctl.orchestrator.formats import FORMATS, export
 
     if as_json:
         fmt = "json"

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bnnctl.orchestrator.report import format_number
+from bnnctl.orchestrator.formats import format_number
 
 from ._common import (
     AddressOption,

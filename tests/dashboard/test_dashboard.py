@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from bnnctl.orchestrator.report import build_tables, format_latency, format_value
+from bnnctl.orchestrator.formats import format_latency, format_value
+from bnnctl.orchestrator.report import build_tables
 from bnnctl.orchestrator.store import Store
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")

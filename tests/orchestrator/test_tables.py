@@ -5,8 +5,8 @@ from types import SimpleNamespace as NS
 
 import pytest
 
-from bnnctl.orchestrator.report import (Cell, build_tables, format_delta, format_value, paired_p_value, to_csv, to_latex,
-                                     to_markdown)
+from bnnctl.orchestrator.formats import format_delta, format_value, to_csv, to_latex, to_markdown
+from bnnctl.orchestrator.report import Cell, build_tables, paired_p_value
 
 LAYOUT = {"metric": "pckh", "seeds": [0, 1, 2], "ablations": [
     {"name": "T1", "mode": "incremental", "baseline": "base",
@@ -125,7 +125,7 @@ def test_significance_marks_and_best_row_in_the_table():
 def test_html_export_is_the_dashboards_table_markup():
     from html.parser import HTMLParser
 
-    from bnnctl.orchestrator.report import to_html
+    from bnnctl.orchestrator.formats import to_html
 
     class Cells(HTMLParser):
         def __init__(self):

@@ -1,0 +1,204 @@
+"""A study's tables (:mod:`.report`'s model) as text and markup: the cells as the CLI, the dashboard and
+the exports show them, and each export format (Markdown, CSV, LaTeX, standalone HTML, JSON). The
+HTML is the dashboard's own table markup (``templates/``), so a downloaded table looks as it does
+on the study page."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .report import ALPHA, Cell, Table, TableRow
+
+
+def format_value(c: Cell) -> str:
+    if c.mean is None:
+        return {"failed": "failed", "pending": "—"}.get(c.status, "—")
+    text = f"{c.mean:.1f} (n=1)" if c.std is None else f"{c.mean:.1f} ± {c.std:.1f}"
+    if c.status == "partial":
+        text += f" ({len(c.values)}/{c.expected} seeds)"
+    return text
+
+
+def format_delta(row: TableRow) -> str:
+    if row.is_baseline:
+        return "baseline"
+    if row.delta is None:
+        return "—"
+    if row.significant is None:  # fewer than 2 seeds shared with the baseline: no claim either way
+        return f"{row.delta:+.1f} (n=1)"
+    return f"{row.delta:+.1f}" + (" (n.s.)" if row.significant is False else "")
+
+
+def format_number(value: object, digits: int = 4) -> str:
+    """A value for a table cell: floats to ``digits`` significant digits, None and non-finite as —."""
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return "—" if not math.isfinite(value) else f"{value:.{digits}g}"
+    return str(value)
+
+
+def _millions(n: int | None) -> str:
+    if n is None:
+        return "—"
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+def _giga(n: float | None) -> str:
+    if n is None:
+        return "—"
+    return f"{n / 1e9:.2f}G" if n >= 1e8 else f"{n / 1e6:.1f}M"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "—"
+    return f"{n / 2**20:.2f} MiB" if n >= 2**17 else f"{n / 2**10:.1f} KiB"
+
+
+def format_latency(ms: float | None, float_ms: float | None = None) -> str:
+    """"2.68 ms (2.0x)": the binary model's latency and its speed-up over float32."""
+    if ms is None:
+        return "—"
+    text = f"{ms:.3g} ms" if ms < 100 else f"{ms:.0f} ms"
+    return text + (f" ({float_ms / ms:.1f}x)" if float_ms and ms > 0 else "")
+
+
+HEADERS = ("row", "metric", "Δ", "paper", "epochs", "params", "BOPs", "deployed", "latency")
+
+
+def table_cells(t: Table) -> list[list[str]]:
+    out = []
+    for r in t.rows:
+        out.append([r.name, format_value(r.cell), format_delta(r),
+                    "—" if r.reference is None else f"{r.reference:.1f}", "—" if r.epochs is None else str(r.epochs),
+                    _millions(r.params), _giga(r.bops), _size(r.deployed_bytes),
+                    format_latency(r.latency_ms, r.latency_float_ms)])
+    return out
+
+
+def to_markdown(tables: list[Table]) -> str:
+    parts = []
+    for t in tables:
+        parts.append(f"### {t.name} ({t.mode}; {t.metric}, Δ vs {t.baseline})\n")
+        parts.append("| " + " | ".join(HEADERS) + " |")
+        parts.append("|" + "---|" * len(HEADERS))
+        for r, row in zip(t.rows, table_cells(t)):
+            if r.best:
+                row[1] = f"**{row[1]}**"
+            parts.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
+        parts.append(f"\n{t.rule}.\n")
+    return "\n".join(parts)
+
+
+def to_csv(tables: list[Table]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["ablation", "mode", "row", "metric", "report", "mean", "std", "seeds_done", "seeds_expected",
+                "status", "delta", "test", "alpha", "p_value", "p_adjusted", "significant", "best", "paper",
+                "epochs", "params", "bops", "deployed_bytes", "environment", "latency_ms", "latency_float_ms",
+                "latency_machine"])
+    for t in tables:
+        for r in t.rows:
+            c = r.cell
+            w.writerow([t.name, t.mode, r.name, t.metric, t.report, "" if c.mean is None else f"{c.mean:.4f}",
+                        "" if c.std is None else f"{c.std:.4f}", len(c.values), c.expected, c.status,
+                        "" if r.delta is None else f"{r.delta:.4f}",
+                        "" if r.is_baseline else "paired-t" + ("+holm" if t.correction == "holm" else ""), t.alpha,
+                        "" if r.p_value is None else f"{r.p_value:.4g}",
+                        "" if r.p_adjusted is None else f"{r.p_adjusted:.4g}",
+                        "" if r.significant is None else int(r.significant), int(r.best),
+                        "" if r.reference is None else r.reference, "" if r.epochs is None else r.epochs,
+                        r.params or "", r.bops or "", r.deployed_bytes or "", r.environment or "",
+                        "" if r.latency_ms is None else r.latency_ms,
+                        "" if r.latency_float_ms is None else r.latency_float_ms,
+                        " and ".join(t.latency_machines)])
+    return buf.getvalue()
+
+
+def _latex_escape(s: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
+                 ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\^{}")):
+        s = s.replace(a, b)
+    return s
+
+
+def to_latex(tables: list[Table]) -> str:
+    parts = []
+    for t in tables:
+        parts += [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{lrrrrrrrr}", r"\toprule",
+                  " & ".join(["Method", _latex_escape(t.metric), r"$\Delta$", "Paper", "Epochs", "Params", "BOPs",
+                              "Size", "Latency"]) + r" \\",
+                  r"\midrule"]
+        for r, row in zip(t.rows, table_cells(t)):
+            cells = [_latex_escape(c).replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("—", "--") for c in row]
+            if r.best:
+                cells[1] = rf"\textbf{{{cells[1]}}}"
+            parts.append(" & ".join(cells) + r" \\")
+        caption = _latex_escape(f"{t.name}. {t.rule}.")
+        for a, b in (("α", r"$\alpha$"), ("Δ", r"$\Delta$"), ("±", r"$\pm$")):
+            caption = caption.replace(a, b)
+        parts += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{caption}}}", r"\end{table}", ""]
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- HTML (the dashboard's markup)
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+def jinja_env(*folders: Path):
+    """A Jinja environment over ``folders`` then the report templates, with the table filters."""
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    env = Environment(loader=FileSystemLoader([*map(str, folders), str(TEMPLATES)]),
+                      autoescape=select_autoescape(["html"]))
+    env.filters.update(fmt=format_number, millions=_millions, mib=_size, giga=_giga)
+    return env
+
+
+def table_data(t: Table, cells: dict | None = None) -> dict:
+    """A table as plain data (the dashboard's JSON and the HTML template's input); ``cells``:
+    (ablation, row) -> the variants behind each seed, for links."""
+    rows = []
+    for r in t.rows:
+        rows.append({
+            "name": r.name, "value": format_value(r.cell), "mean": r.cell.mean, "std": r.cell.std,
+            "status": r.cell.status, "seeds_done": len(r.cell.values), "seeds": r.cell.expected,
+            "delta": format_delta(r), "delta_value": r.delta, "p_value": r.p_value, "significant": r.significant,
+            "reference": r.reference, "params": r.params, "bops": r.bops, "deployed_bytes": r.deployed_bytes,
+            "baseline": r.is_baseline, "best": r.best, "epochs": r.epochs, "p_adjusted": r.p_adjusted,
+            "environment": r.environment, "latency_ms": r.latency_ms, "latency_float_ms": r.latency_float_ms,
+            "latency": format_latency(r.latency_ms, r.latency_float_ms),
+            "variants": sorted((cells or {}).get((t.name, r.name), []), key=lambda c: c["seed"]),
+        })
+    return {"name": t.name, "mode": t.mode, "metric": t.metric, "baseline": t.baseline, "rows": rows,
+            "report": t.report, "alpha": t.alpha, "correction": t.correction, "rule": t.rule,
+            "environments": list(t.environments), "latency_machines": list(t.latency_machines)}
+
+
+def to_html(tables: list[Table], title: str) -> str:
+    """A standalone HTML document of the ablation tables (``bnnctl study show --format html``, the
+    study's MLflow run): the same table markup as the dashboard's study page, stylesheet inlined."""
+    css = (TEMPLATES / "style.css").read_text()
+    return jinja_env().get_template("export.html").render(
+        title=title, css=css, tables=[table_data(t) for t in tables], alpha=ALPHA)
+
+
+#: the formats a study's tables export to (the CLI's `study show --format`, the dashboard's downloads,
+#: the study's MLflow run)
+FORMATS = ("md", "csv", "latex", "html", "json")
+
+
+def export(tables: list[Table], fmt: str, study: str) -> str:
+    """``tables`` of ``study`` as one of FORMATS."""
+    if fmt == "html":
+        return to_html(tables, f"{study} — ablation tables")
+    if fmt == "json":
+        import json
+
+        return json.dumps({"study": study, "tables": [table_data(t) for t in tables]}, indent=2, default=str)
+    return {"md": to_markdown, "csv": to_csv, "latex": to_latex}[fmt](tables)
