@@ -10,9 +10,13 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, DateTime, Engine, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (JSON, DateTime, Engine, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
+                        create_engine, event, inspect)
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from .errors import StoreError
+from .urls import mask_text
 
 SCHEMA_VERSION = 3
 #: Every table is prefixed, so that Optuna's tables (``studies``, ``trials``...) can live in the same
@@ -196,11 +200,6 @@ def open_engine(url: str, engine_url: str, readonly: bool, display_url: str) -> 
     """The engine of the state database at ``url`` (``engine_url``: how to open it, e.g. sqlite
     read-only). sqlite gets WAL (the dashboard reads while the orchestrator writes), a busy timeout
     and foreign keys; a read-only engine on a server makes every transaction read-only."""
-    from sqlalchemy import create_engine, event
-
-    from .errors import StoreError
-    from .urls import mask_text
-
     try:
         engine = create_engine(engine_url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
     except (SQLAlchemyError, ImportError) as err:
@@ -224,8 +223,6 @@ def open_engine(url: str, engine_url: str, readonly: bool, display_url: str) -> 
 def _rename_v1_tables(engine: Engine) -> None:
     """Schema 1 -> 2: prefix the table names (foreign keys follow the renames on SQLite >= 3.26 and
     PostgreSQL), in one transaction."""
-    from sqlalchemy import inspect
-
     names = set(inspect(engine).get_table_names())
     if "schema_info" not in names or PREFIX + "schema_info" in names:
         return
@@ -238,8 +235,6 @@ def _rename_v1_tables(engine: Engine) -> None:
 
 def _add_v3_columns(engine: Engine) -> None:
     """Schema 2 -> 3: ``bnnctl_attempts.node_id`` (create_all creates tables, never columns)."""
-    from sqlalchemy import inspect
-
     insp = inspect(engine)
     if PREFIX + "attempts" not in insp.get_table_names():
         return
@@ -250,8 +245,6 @@ def _add_v3_columns(engine: Engine) -> None:
 
 def check_version(session: Callable[[], AbstractContextManager[Session]], display_url: str) -> None:
     """Refuse (StoreError) a database of another schema version; for readers, which never migrate."""
-    from .errors import StoreError
-
     try:
         with session() as s:
             info = s.get(SchemaInfo, 1)
@@ -266,8 +259,6 @@ def check_version(session: Callable[[], AbstractContextManager[Session]], displa
 def migrate(engine: Engine, session: Callable[[], AbstractContextManager[Session]], display_url: str) -> None:
     """Create the tables of a new database, or bring an older one to :data:`SCHEMA_VERSION`;
     refuse one written by a newer bnnctl."""
-    from .errors import StoreError
-
     # Two processes may open a new database at once (a driver and `bnnctl study status`): the
     # loser of the CREATE TABLE race sees "already exists"; trying again finds the tables there.
     for attempt in range(3):

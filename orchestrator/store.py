@@ -30,12 +30,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .errors import LeaseHeld, StoreError
 from .records import (  # noqa: F401 - the snapshots are the store's vocabulary: importable from here too
-    PREFIX,
     SCHEMA_VERSION,
-    V1_TABLES,
     Attempt,
     AttemptRow,
-    Base,
     Lease,
     LeaseRow,
     Member,
