@@ -111,6 +111,16 @@ def softsign_approx(x: Tensor, lam: Tensor) -> Tensor:
     return z / (1.0 + z.abs())
 
 
+#: Below this, a weight channel's mean |W| counts as zero (its scale-free argument is then W itself).
+SCALE_EPS = 1e-12
+
+
+def channel_scale(w: Tensor) -> Tensor:
+    """mean |W| over each output channel (dim 0), shaped to broadcast against ``w``: the analytic
+    alpha of XNOR-Net, and the unit of a weight quantizer's scale-free argument."""
+    return w.abs().flatten(1).mean(dim=1).clamp_min(SCALE_EPS).view(-1, *([1] * (w.dim() - 1)))
+
+
 class Quantizer(nn.Module):
     """Maps real values to ±1.
 
@@ -118,17 +128,36 @@ class Quantizer(nn.Module):
     approximation at the current sharpness ``lam`` (a buffer, so it is checkpointed and moved with
     the module). In evaluation it is always the exact sign: validation measures the binary network.
 
+    A weight quantizer (``scale_free``) approximates sign(W) as f(lam * W / mean|W|), the mean taken
+    per output channel. IT §3.4 grows lambda "so that the selection of the weights to be binarized
+    occurs implicitly", and its Fig. 5 reads the lambda at which the approximation is close to sign
+    off the distribution of BatchNorm-normalised *features*: "Most values are in a range where the
+    approximation function outputs values close to [±1] allowing the approximator to reach good
+    estimates for relatively low values of [lambda]". Features after BatchNorm have unit scale;
+    latent weights do not (|W| ~ 0.05 in a 3x3x128 conv), so tanh(lam * W) at lam = 20 would leave
+    most weights far from ±1 and the trained network far from the binary one that is evaluated.
+    Dividing by the channel's mean |W| gives the weights the features' unit scale, so one lambda
+    means the same sharpness for both, whatever the weights' scale. sign(W / mean|W|) = sign(W),
+    so the exact forward (evaluation, export) is unchanged; the gradient flows through the
+    normaliser as it does through the analytic alpha.
+
     Args:
         kind: a name in QUANTIZERS: "sign", "tanh", "sigmoid" or "softsign".
         lambda_init: initial sharpness (ignored for "sign").
         group: name of the layer group, so lambda schedules can address parts of the network.
+        scale_free: the argument of the approximation is ``x / mean|x|`` per output channel
+            (weights); False: ``x`` itself (BatchNorm-normalised activations).
     """
 
-    def __init__(self, kind: str = "sign", lambda_init: float = 1.0, group: str = "") -> None:
+    def __init__(self, kind: str = "sign", lambda_init: float = 1.0, group: str = "",
+                 scale_free: bool = False) -> None:
         super().__init__()
         self.kind = kind
         self.group = group
+        self.scale_free = scale_free
         self.register_buffer("lam", torch.tensor(float(lambda_init)))
+        #: (values with |lam * argument| < 1, values seen) while a diagnostic counts them, else None
+        self.tally: list[int] | None = None
 
     @property
     def kind(self) -> str:
@@ -149,14 +178,23 @@ class Quantizer(nn.Module):
         """True when the output is exactly ±1 (an exact kind, or any kind in eval mode)."""
         return self.spec.exact or not self.training
 
+    def argument(self, x: Tensor) -> Tensor:
+        """What lambda multiplies: ``x``, or ``x / mean|x|`` per output channel when scale-free."""
+        return x / channel_scale(x) if self.scale_free else x
+
     def forward(self, x: Tensor) -> Tensor:
         if self.exact:
             return sign_ste(x)
         assert self.spec.approximate is not None
-        return self.spec.approximate(x, self.lam.to(x.dtype))
+        lam, u = self.lam.to(x.dtype), self.argument(x)
+        if self.tally is not None:
+            self.tally[0] += int((lam * u.detach()).abs().lt(1).sum())
+            self.tally[1] += u.numel()
+        return self.spec.approximate(u, lam)
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, lam={float(self.lam):g}" + (f", group={self.group}" if self.group else "")
+        return (f"kind={self.kind}, lam={float(self.lam):g}" + (", scale_free" if self.scale_free else "")
+                + (f", group={self.group}" if self.group else ""))
 
 
 @dataclass(frozen=True)
@@ -208,7 +246,7 @@ class AlphaScale(nn.Module):
 
     @staticmethod
     def analytic(latent: Tensor) -> Tensor:
-        return latent.abs().flatten(1).mean(dim=1)
+        return latent.abs().flatten(1).mean(dim=1)  # unclamped: a zero channel scales by 0
 
     @torch.no_grad()
     def reset(self, latent: Tensor) -> None:
@@ -234,7 +272,8 @@ class BinarizeConfig:
         weights: binarize the layer's weights.
         quantizer: the function used for activations in training: "sign" (STE) or a smooth
             approximation ("tanh", "sigmoid", "softsign") for progressive binarization.
-        weight_quantizer: the same for weights ("sign" by default, as in the papers).
+        weight_quantizer: the same for weights ("sign" by default, as in the papers); a smooth one
+            approximates sign on the scale-free argument W / mean|W| per output channel (Quantizer).
         alpha: weight scale: "none", "analytic" (mean |W|) or "learned".
         lambda_init: the approximation's sharpness before any schedule sets it.
 

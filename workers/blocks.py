@@ -47,17 +47,26 @@ class GateConfig:
     Attributes:
         kind: "identity" (plain residual), "scalar" (one gate for all channels) or "channel" (one
             per channel, SG's best).
-        init: the gate's initial value.
-        trainable: learn the gate (False keeps it fixed at ``init``: SG's "fixed" variant).
+        init: the gate's initial value (every channel's, unless ``init_range`` is given).
+        init_range: ``[low, high]``: a channel-wise gate starts from values drawn uniformly from
+            this range per channel (from the run's seed), so that, fixed, it is a per-channel gate
+            and not the scalar one repeated.
+        trainable: learn the gate (False keeps it fixed at its initial values: SG's "fixed" rows).
     """
 
     kind: str = "identity"
     init: float = 1.0
+    init_range: tuple[float, float] | None = None
     trainable: bool = True
 
     def __post_init__(self) -> None:
-        GATES.get(self.kind, "kind")
+        spec = GATES.get(self.kind, "kind")
         require(self.init == self.init, "init", "must be a number")
+        if self.init_range is not None:
+            require(spec.per_channel, "init_range", f"draws one value per channel: it needs kind: channel, "
+                    f"not {self.kind!r}")
+            low, high = self.init_range
+            require(low < high, "init_range", f"must be [low, high] with low < high, got {list(self.init_range)}")
 
 
 class SoftGate(nn.Module):
@@ -71,7 +80,11 @@ class SoftGate(nn.Module):
             self.gate = None
             return
         size = channels if spec.per_channel else 1
-        value = torch.full((1, size, 1, 1), float(cfg.init))
+        if cfg.init_range is not None:
+            low, high = cfg.init_range
+            value = torch.empty((1, size, 1, 1)).uniform_(low, high)
+        else:
+            value = torch.full((1, size, 1, 1), float(cfg.init))
         if cfg.trainable:
             self.gate = nn.Parameter(value)
         else:

@@ -129,7 +129,8 @@ class _BinaryLayer(nn.Module):
                                 if binarize.activations else None)
         self.weight_source = DenseWeight(weight_shape)
         if binarize.weights:
-            self.weight_quantizer: Quantizer | None = Quantizer(binarize.weight_quantizer, binarize.lambda_init)
+            self.weight_quantizer: Quantizer | None = Quantizer(binarize.weight_quantizer, binarize.lambda_init,
+                                                                scale_free=True)
             self.alpha: AlphaScale | None = AlphaScale(binarize.alpha, out_features)
             self.alpha.reset(self.weight_source())
         else:

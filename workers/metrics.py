@@ -5,6 +5,13 @@ is correct when its distance to the ground truth is at most ``threshold`` x head
 size = 0.6 x the diagonal of the head box; unlabeled joints are excluded, occluded but labeled
 joints count. The summary groups joints as Head (head top), Shoulder, Elbow, Wrist, Hip, Knee,
 Ankle; Mean is over every joint except pelvis and thorax, weighted by each joint's labeled count.
+
+A group is the plain mean of its joints' PCKh, left and right weighted equally, as the toolkit's
+table (``genTablePCK``: ``(pck(rsho) + pck(lsho)) / 2``) and HRNet (``0.5 * (PCKh[lsho] + PCKh[rsho])``)
+compute it. A joint never labeled in the evaluated set has no PCKh (the toolkit's ``mean([])`` and
+HRNet's 0/0 are NaN), so a group with such a joint is undefined: NaN here, never reported, shown as
+"—" — not the labeled side alone, not a zero for the missing side. On MPII's validation set every
+joint is labeled; it happens on small subsets.
 """
 from __future__ import annotations
 
@@ -22,8 +29,8 @@ HEADLINE_METRICS = ("pckh", "pck", "top1")
 #: losses a tuning may minimize
 LOSSES = ("val_loss", "train_loss")
 #: per-epoch values a variant's curves show (besides per-group lambdas, ``lambda/<group>``)
-CURVES = ("train_loss", "val_loss", "pckh", "pck", "top1", "top5", "pckh_approx", "lambda", "lr", "flip_ratio",
-          "clip_fraction")
+CURVES = ("train_loss", "val_loss", "pckh", "pck", "top1", "top5", "pckh_approx", "pck_approx", "top1_approx",
+          "lambda", "lr", "flip_ratio", "clip_fraction", "soft_weights", "soft_activations", "smooth_gap")
 #: per-epoch values `bnnctl train` prints
 PRINTED = ("pckh", "pck", "top1", "top5", "train_loss", "val_loss", "lambda", "epoch_time")
 
@@ -31,7 +38,10 @@ PRINTED = ("pckh", "pck", "top1", "top5", "train_loss", "val_loss", "lambda", "e
 HEAD_SIZE_FACTOR = 0.6
 PCKH_THRESHOLD = 0.5
 PCKH_STRICT_THRESHOLD = 0.1
-#: MPII joint indices of the summary groups (see ``data.pose.MPII_JOINTS``).
+#: MPII's 16 joints, in the order of its annotations.
+MPII_JOINTS = ("r_ankle", "r_knee", "r_hip", "l_hip", "l_knee", "l_ankle", "pelvis", "thorax",
+               "upper_neck", "head_top", "r_wrist", "r_elbow", "r_shoulder", "l_shoulder", "l_elbow", "l_wrist")
+#: MPII joint indices of the summary groups (see ``MPII_JOINTS``).
 MPII_GROUPS = {
     "Head": (9,),
     "Shoulder": (12, 13),
@@ -82,14 +92,29 @@ def pckh(pred: np.ndarray, gt: np.ndarray, labeled: np.ndarray, head_boxes: np.n
         head_boxes: (N, 4) head boxes [x1, y1, x2, y2] in the same coordinates.
     """
     per_joint, hits, counts = _pck(pred, gt, labeled, head_sizes(head_boxes), threshold)
-    groups = {name: float(np.nanmean(per_joint[list(idx)])) if np.isfinite(per_joint[list(idx)]).any() else float("nan")
-              for name, idx in MPII_GROUPS.items()}
+    groups = joint_groups(per_joint)
     keep = np.ones(len(per_joint), dtype=bool)
     keep[list(MPII_MEAN_EXCLUDED)] = False
     # the count-weighted mean of per-joint PCKh is the pooled hit rate over the kept joints
     total = counts[keep].sum()
     groups["Mean"] = float(100.0 * hits[keep].sum() / total) if total else float("nan")
     return PCKResult(per_joint, counts, groups)
+
+
+def joint_groups(per_joint: np.ndarray) -> dict[str, float]:
+    """MPII's summary groups from the 16 per-joint PCKh values (NaN for a joint never labeled): the
+    mean of each group's joints, NaN when one of them is NaN (see the module docstring)."""
+    per_joint = np.asarray(per_joint, dtype=np.float64)
+    return {name: float(np.mean(per_joint[list(idx)])) for name, idx in MPII_GROUPS.items()}
+
+
+def named_joint_groups(per_joint: dict[str, float | None]) -> dict[str, float]:
+    """The groups of a stored per-joint table (joint name -> PCKh, None or NaN for never labeled);
+    empty when the table is not MPII's 16 joints."""
+    if set(per_joint) != set(MPII_JOINTS):
+        return {}
+    values = [per_joint[j] if per_joint[j] is not None else float("nan") for j in MPII_JOINTS]
+    return joint_groups(np.array(values, dtype=np.float64))
 
 
 def pck_lsp(pred: np.ndarray, gt: np.ndarray, labeled: np.ndarray, threshold: float = LSP_PCK_THRESHOLD) -> PCKResult:

@@ -11,9 +11,10 @@ the binary weights are kept (:func:`materialize`).
   core. The extra modes come from the indices in the module path: for the stacked hourglass
   ``stacks.S.hourglass.levels.D.P.B.convK`` gives modes (#HGs, depth, 3 pathways, #blocks) in front
   of (out, in, kh, kw), as in MT §4.2.3; modes of size 1 are dropped. When the members do not fill
-  a full grid of indices (ResNet-18's stages, where the first conv of a stage differs in shape),
-  they are stacked along a single mode instead (MT's 5th-order per-stage tensors). Layers whose
-  shape is unique fall back to layer-wise Tucker, as the paper does for "the remaining few layers".
+  a full grid of indices, they are stacked along a single mode instead. A model may declare its
+  groups itself (``holistic_group(name, layer)``): ResNet-18 gives MT's three 5th-order groups, one
+  per strided macro-module (see models/resnet.py), each stacked along one mode. Layers in no group
+  fall back to layer-wise Tucker, as the paper does for "the remaining few layers".
 
 Ranks: ``rank`` is a fraction of each mode's full rank (1.0 = full rank, the default), so at full
 rank the initial factors reconstruct the initial weights exactly (to float32 precision).
@@ -235,16 +236,23 @@ def _apply_holistic(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: 
     """One Tucker decomposition per group of identically shaped weights at corresponding places of
     the network (MT §4.2's holistic variant)."""
     buckets: dict[tuple, list[tuple[str, nn.Module, tuple]]] = {}
+    declared = getattr(model, "holistic_group", None)  # a model may name its groups (ResNet-18)
     for name, layer in layers:
         template, coords = _structure_key(name)
-        buckets.setdefault((template, layer.weight_shape), []).append((name, layer, coords))
+        if declared is not None:
+            group_name = declared(name, layer)
+            key: tuple = ("group", group_name) if group_name else ("layer", name)
+            coords = ()  # stacked along one mode, in module order
+        else:
+            key = (template, layer.weight_shape)
+        buckets.setdefault(key, []).append((name, layer, coords))
     groups = nn.ModuleDict()
     for members in buckets.values():
         if len(members) == 1:
             _, layer, _ = members[0]
             layer.set_weight_source(TuckerWeight(layer.latent_weight(), cfg.rank, cfg.n_iter))
             continue
-        grid = _grid([c for _, _, c in members])
+        grid = _grid([c for _, _, c in members]) if members[0][2] else None
         structure, indices = grid if grid else ((len(members),), [(i,) for i in range(len(members))])
         stacked = torch.stack([layer.latent_weight().detach() for _, layer, _ in members])
         tensor = torch.empty((*structure, *stacked.shape[1:]), dtype=stacked.dtype)

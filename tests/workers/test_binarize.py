@@ -124,3 +124,34 @@ def test_a_new_quantizer_is_one_registration(monkeypatch):
     x = torch.tensor([-1.0, -0.25, 0.1, 3.0])
     assert layer.input_quantizer(x).tolist() == [-1.0, -0.5, 0.20000000298023224, 1.0]
     assert layer.eval().exact_binary()  # evaluation is always the exact sign
+
+
+def test_the_weights_smooth_argument_is_scale_free():
+    """tanh(lambda * W / mean|W|) per output channel: weights 10x larger (or smaller) binarize the same
+    way at the same lambda (the features' unit scale, IT Fig. 5); sign is unchanged."""
+    layer = BinaryConv2d(8, 6, 3, binarize=BinarizeConfig(quantizer="tanh", weight_quantizer="tanh", alpha="none"))
+    q = layer.weight_quantizer
+    assert q.scale_free and not layer.input_quantizer.scale_free  # activations: BatchNorm gives them unit scale
+    q.lam.fill_(3.0)
+    w = layer.latent_weight().detach()
+    scale = w.abs().flatten(1).mean(1).view(-1, 1, 1, 1)
+    assert torch.allclose(q(w), torch.tanh(3.0 * w / scale))
+    assert torch.allclose(q(10 * w), q(w), atol=1e-6) and torch.allclose(q(0.01 * w), q(w), atol=1e-6)
+    x = torch.randn(2, 8, 7, 7)
+    out = layer(x)
+    with torch.no_grad():
+        layer.weight_source.weight.mul_(10)
+    assert torch.allclose(layer(x), out, atol=1e-5)  # the layer's forward is unchanged (alpha none)
+    q.eval()
+    assert torch.equal(q(w), hard_sign(w))
+    # a channel of zeros has no scale: its argument stays 0 (tanh 0), never NaN
+    z = torch.zeros(2, 3, 3, 3)
+    q.train()
+    assert torch.equal(q(z), torch.zeros_like(z))
+
+
+def test_a_quantizer_counts_what_its_approximation_leaves_far_from_sign():
+    q = Quantizer("tanh", lambda_init=2.0)
+    q.tally = [0, 0]
+    q(torch.tensor([-1.0, -0.4, 0.1, 0.6, 2.0]))  # |2x| < 1 for -0.4 and 0.1
+    assert q.tally == [2, 5]

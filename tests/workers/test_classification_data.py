@@ -52,3 +52,34 @@ def test_processes_writing_the_embedded_digits_at_once_all_succeed(tmp_path):
     assert outcomes == [str(root)] * 3, outcomes
     assert sum(1 for _ in root.rglob("*.png")) == 1797
     assert [p.name for p in tmp_path.iterdir()] == ["digits"]  # no temporary folder left behind
+
+
+def test_resize_then_random_crop_is_its_paper_pipeline():
+    """IT §5: "resizing the images to have 256px over the smallest dimension and then randomly
+    cropping them": every crop is a window of the resized image, at full resolution (no zoom)."""
+    from bnnctl.workers.data.classification import resize_random_crop
+
+    grid = np.arange(400 * 300, dtype=np.uint32).reshape(300, 400)  # a distinct value per pixel
+    img = Image.fromarray(np.stack([grid % 256, (grid // 256) % 256, grid // 65536], -1).astype(np.uint8))
+    resized = np.asarray(img.resize((341, 256), Image.Resampling.BILINEAR))  # shorter side 300 -> 256
+    seen = set()
+    for seed in range(20):
+        out = np.asarray(resize_random_crop(img, 224, np.random.default_rng(seed), 256))
+        assert out.shape == (224, 224, 3)
+        hits = [(x, y) for y in range(256 - 223) for x in range(341 - 223)
+                if (resized[y, x] == out[0, 0]).all() and (resized[y:y + 224, x:x + 224] == out).all()]
+        assert len(hits) == 1
+        seen.add(hits[0])
+    assert len(seen) > 10  # the window moves: a random crop, not the centre
+
+
+def test_resize_smaller_than_the_crop_is_refused():
+    from bnnctl.workers.config import from_dict
+    from bnnctl.workers.errors import ConfigError
+    from bnnctl.workers.train import TrainConfig
+
+    data = {"model": {"arch": "resnet18"}, "loss": "ce",
+            "data": {"dataset": "imagenet", "input_size": 224, "class_augment": {"crop": "resize_random", "resize": 200}}}
+    with pytest.raises(ConfigError) as err:
+        from_dict(TrainConfig, data, "")
+    assert err.value.path == "data.class_augment.resize" and "224 px crop" in err.value.message

@@ -39,9 +39,53 @@ def test_unlabeled_joints_are_ignored():
     labeled[0, 10] = 0
     res = pckh(pred, gt, labeled, np.repeat(BOX, 2, 0))
     assert res.per_joint[10] == 100.0 and res.counts[10] == 1
-    labeled[:, 15] = 0  # l_wrist never labeled: NaN for that joint, left out of Wrist and Mean
+    labeled[:, 15] = 0  # l_wrist never labeled: NaN for that joint, left out of the Mean ...
     res = pckh(pred, gt, labeled, np.repeat(BOX, 2, 0))
-    assert np.isnan(res.per_joint[15]) and res.groups["Wrist"] == 100.0 and res.groups["Mean"] == 100.0
+    assert np.isnan(res.per_joint[15]) and res.groups["Mean"] == 100.0
+    # ... and the Wrist group is undefined, as in the MPII toolkit: never the labeled side alone
+    assert np.isnan(res.groups["Wrist"]) and res.groups["Elbow"] == 100.0
+
+
+def _hrnet_groups(pred, gt, labeled, boxes, threshold=0.5):
+    """The groups as HRNet's MPII evaluation computes them (lib/dataset/mpii.py), written out
+    independently: per-joint hit rate over labeled instances, then 0.5 * (left + right)."""
+    size = 0.6 * np.linalg.norm(boxes[:, 2:] - boxes[:, :2], axis=1)
+    dist = np.linalg.norm(pred - gt, axis=2) / size[:, None]
+    hits = ((dist <= threshold) * labeled).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pck = 100.0 * hits / labeled.sum(axis=0)
+    return {"Head": pck[9], "Shoulder": 0.5 * (pck[13] + pck[12]), "Elbow": 0.5 * (pck[14] + pck[11]),
+            "Wrist": 0.5 * (pck[15] + pck[10]), "Hip": 0.5 * (pck[3] + pck[2]), "Knee": 0.5 * (pck[4] + pck[1]),
+            "Ankle": 0.5 * (pck[5] + pck[0])}
+
+
+def test_groups_are_the_standard_mpii_evaluations():
+    rng = np.random.default_rng(3)
+    gt = rng.uniform(20, 200, (40, 16, 2))
+    pred = gt + rng.normal(0, 6, gt.shape)
+    labeled = (rng.random((40, 16)) > 0.2).astype(float)
+    labeled[:, 15] = 0  # l_wrist never labeled
+    labeled[:, 0] = labeled[:, 5] = 0  # both ankles never labeled
+    boxes = np.repeat(BOX, 40, 0)
+    ours, theirs = pckh(pred, gt, labeled, boxes).groups, _hrnet_groups(pred, gt, labeled, boxes)
+    for name, value in theirs.items():
+        assert (np.isnan(ours[name]) and np.isnan(value)) or ours[name] == pytest.approx(value), name
+    assert np.isnan(ours["Wrist"]) and np.isnan(ours["Ankle"]) and np.isfinite(ours["Elbow"])
+
+
+def test_stored_per_joint_tables_give_the_same_groups():
+    from bnnctl.workers.metrics import MPII_JOINTS, named_joint_groups
+
+    gt = _gt(4)
+    pred = gt + np.random.default_rng(1).normal(0, 5, gt.shape)
+    labeled = np.ones((4, 16))
+    labeled[:, 10] = 0
+    res = pckh(pred, gt, labeled, np.repeat(BOX, 4, 0))
+    stored = {j: (None if np.isnan(v) else float(v)) for j, v in zip(MPII_JOINTS, res.per_joint)}
+    again = named_joint_groups(stored)
+    assert again.keys() == MPII_GROUPS.keys()
+    assert all((np.isnan(a) and np.isnan(res.groups[k])) or a == res.groups[k] for k, a in again.items())
+    assert named_joint_groups({"neck": 1.0}) == {}  # not MPII's joints (LSP): no groups
 
 
 def test_mean_excludes_pelvis_and_thorax_and_weights_by_labeled_count():

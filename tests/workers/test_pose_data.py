@@ -212,3 +212,20 @@ def test_lsp_reader_both_formats(tmp_path):
     savemat(tmp_path / "joints.mat", {"joints": np.zeros((5, 5, 5))})
     with pytest.raises(DataError, match="3 x 14 x N"):
         read_lsp(tmp_path)
+
+
+def test_lsp_in_mpii_layout_interpolates_pelvis_and_thorax():
+    from bnnctl.workers.data.pose import LSP_IN_MPII, MPII_JOINTS, LSP_JOINTS, PoseRecord, lsp_as_mpii
+
+    pts = np.arange(28, dtype=np.float64).reshape(14, 2)
+    vis = np.ones(14, dtype=np.float32)
+    vis[LSP_JOINTS.index("l_shoulder")] = 0
+    (m,) = lsp_as_mpii([PoseRecord("im0001.jpg", (5.0, 5.0), 1.0, pts, vis)])
+    assert m.joints.shape == (16, 2) and len(MPII_JOINTS) == 16
+    for i, name in enumerate(LSP_JOINTS):  # every LSP joint where MPII keeps it (neck = upper neck)
+        assert MPII_JOINTS[LSP_IN_MPII[i]] == ("upper_neck" if name == "neck" else name)
+        assert (m.joints[LSP_IN_MPII[i]] == pts[i]).all() and m.visible[LSP_IN_MPII[i]] == vis[i]
+    hips = (pts[LSP_JOINTS.index("r_hip")] + pts[LSP_JOINTS.index("l_hip")]) / 2
+    assert (m.joints[MPII_JOINTS.index("pelvis")] == hips).all() and m.visible[MPII_JOINTS.index("pelvis")] == 1
+    # the thorax interpolates the shoulders; one of them unlabeled leaves it unlabeled
+    assert m.visible[MPII_JOINTS.index("thorax")] == 0

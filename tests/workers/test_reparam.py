@@ -38,6 +38,22 @@ def test_holistic_tucker_groups_the_hourglass_by_stack_depth_and_pathway():
     assert all(g.order == 7 for g in main)
 
 
+def test_holistic_tucker_of_resnet18_is_mts_three_5th_order_groups():
+    """MT §4.2.3: "we create 3 groups of convolutional layers based on the macro-module structure
+    [...] Each of these groups is then parameterized with a single 5-th order tensor"."""
+    model = build_model(ModelConfig(arch="resnet18", width=8, num_outputs=10, input_size=32,
+                                    decomposition=DecompositionConfig("holistic_tucker", n_iter=1)))
+    groups = holistic_groups(model)
+    assert len(groups) == 3 and all(g.order == 5 for g in groups)
+    assert [(g.structure, g.weight_shape) for g in groups] == [((3,), (c, c, 3, 3)) for c in (16, 32, 64)]
+    assert [g.member_names for g in groups] == [[f"layers.{i}.0.conv2", f"layers.{i}.1.conv1", f"layers.{i}.1.conv2"]
+                                                for i in (1, 2, 3)]
+    # every other binary-path layer (the first macro-module, the strided convs) is layer-wise Tucker
+    rest = [(n, type(l.weight_source)) for n, l in binary_layers(model)
+            if l.reparametrizable and not isinstance(l.weight_source, HolisticSlice)]
+    assert {t for _, t in rest} == {TuckerWeight} and len(rest) == 4 + 3
+
+
 def test_holistic_tucker_shares_one_core():
     model = build_model(ModelConfig(decomposition=DecompositionConfig("holistic_tucker"), **HG))
     group = max(holistic_groups(model), key=lambda g: len(g.member_names))

@@ -82,15 +82,51 @@ def test_per_group_schedules_in_the_config_are_addressable_by_index_and_keep_old
     import hashlib
     import json
 
-    old = to_dict(base)
-    for later in ("lambda_groups", "schedule_offset", "schedule_epochs", "deterministic",  # fields added since
-                  "latency"):  # a run-only field, never part of an identity
-        del old[later]
+    def before_later_fields(cfg):
+        """The config as bnnctl 0.1 wrote it: without the fields added since (at their defaults)."""
+        old = to_dict(cfg)
+        for later in ("lambda_groups", "schedule_offset", "schedule_epochs", "deterministic",  # added since
+                      "recalibrate_bn", "recalibrate_batches",
+                      "latency"):  # a run-only field, never part of an identity
+            del old[later]
+        del old["model"]["gate"]["init_range"], old["data"]["pose_layout"]  # nested fields added since
+        del old["data"]["class_augment"]["crop"], old["data"]["class_augment"]["resize"]
+        return old
+
+    old = before_later_fields(base)
     payload = json.dumps({"config": old, "deps": []}, sort_keys=True)
     assert identity(base, ()) == hashlib.sha256(payload.encode()).hexdigest()[:20]
     assert identity(grouped, ()) != identity(base, ()) != identity(dataclasses.replace(base, seed=1), ())
     # a progressive schedule's identity says which meaning of the schedule trained it (lambda_end reached
     # at the last epoch since LAMBDA_RULE 2): old results are never reused under the new meaning
     progressive = with_overrides(base, {"lambda_schedule.kind": "linear", "lambda_schedule.lambda_end": 5.0})
-    body = {"config": {k: v for k, v in to_dict(progressive).items() if k in old}, "deps": [], "lambda_rule": 2}
+    body = {"config": before_later_fields(progressive), "deps": [], "lambda_rule": 2}
     assert identity(progressive, ()) == hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def test_results_of_a_changed_meaning_get_new_identities_and_no_other_does():
+    """Each fix of the trainer's meaning (issue: techniques as the papers define them) enters the
+    identity of exactly the variants whose results it changes."""
+    from bnnctl.orchestrator.plan import identity, meaning_rules
+    from bnnctl.workers.config import with_overrides
+    from bnnctl.workers.train import TrainConfig
+
+    base = from_dict(TrainConfig, {"loss": "bce", "epochs": 16, "optim": {"lr_steps": [12]}})
+    assert meaning_rules(base) == {}
+    tanh = {"model.binarize.quantizer": "tanh", "model.binarize.weight_quantizer": "tanh"}
+    progressive = with_overrides(base, tanh)  # scale-free weights, BatchNorm re-estimated
+    assert meaning_rules(progressive) == {"progressive_rule": 1}
+    stage1 = with_overrides(progressive, {"model.binarize.weights": False, "epochs": 8, "schedule_epochs": 16})
+    assert meaning_rules(stage1) == {"progressive_rule": 1}  # its activations are smooth
+    real_stage1 = with_overrides(stage1, {"model.binarize.activations": False})
+    assert meaning_rules(real_stage1) == {}  # nothing smooth, learning rate as before: the same result
+    stage2 = with_overrides(base, {"epochs": 8, "schedule_offset": 8, "schedule_epochs": 16})
+    assert meaning_rules(stage2) == {"lr_rule": 1}  # the drop at 12 now falls in its epoch 4
+    late = with_overrides(stage2, {"optim.lr_steps": [40]})
+    assert meaning_rules(late) == {}  # no drop inside it either way
+    resnet = from_dict(TrainConfig, {"loss": "ce", "model": {"arch": "resnet18", "decomposition": {"kind": "holistic_tucker"}},
+                                     "data": {"dataset": "imagenet"}})
+    assert meaning_rules(resnet) == {"holistic_rule": 1}
+    assert meaning_rules(with_overrides(base, {"distill.feature_weight": 1.0})) == {"feature_matching_rule": 1}
+    keys = {identity(c, ()) for c in (base, progressive, stage2, late)}
+    assert len(keys) == 4

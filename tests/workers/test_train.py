@@ -1,6 +1,7 @@
 """The variant trainer, end to end on tiny configurations of the embedded data sets."""
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -8,6 +9,7 @@ from bnnctl.workers.binarize import BinarizeConfig
 from bnnctl.workers.config import from_dict
 from bnnctl.workers.data.synthetic import SyntheticConfig
 from bnnctl.workers.errors import ConfigError, TrainingError
+from bnnctl.workers.layers import binary_layers
 from bnnctl.workers.models import ModelConfig
 from bnnctl.workers.schedules import LambdaSchedule
 from bnnctl.workers.train import DataConfig, DistillConfig, LocalReporter, OptimConfig, TrainConfig, run_variant
@@ -236,3 +238,138 @@ def test_measuring_the_latency_leaves_the_random_state_alone():
     before = torch.get_rng_state()
     measure(model, cfg, 32, repeats=1, rounds=1)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def _progressive(root, **kw):
+    model = ModelConfig(width=16, depth=2, binarize=BinarizeConfig(quantizer="tanh", weight_quantizer="tanh"))
+    return tiny(root, model=model, lambda_schedule=LambdaSchedule("exponential", 1.0, 20.0), **kw)
+
+
+def test_progressive_weights_end_binary_and_the_diagnostics_say_so(synth_root, tmp_path):
+    """At the end of the lambda schedule the trained network is the binary one: >= 99% of the binary
+    weights have |lambda W / mean|W|| >= 3 (|tanh| > 0.995); every epoch reports how far the smooth
+    network still is from sign (weights, activations) and the gap between its metric and sign's."""
+    from bnnctl.workers.diagnostics import soft_weight_fraction
+    from bnnctl.workers.train.checkpoint import model_from_checkpoint
+
+    rep = LocalReporter(tmp_path / "ck")
+    result = run_variant(_progressive(synth_root, epochs=8, batch_size=4), rep)
+    for _, m in rep.history:
+        assert {"soft_weights", "soft_activations", "smooth_gap", "pckh_approx"} <= set(m)
+        assert m["smooth_gap"] == pytest.approx(m["pckh_approx"] - m["pckh"])
+        assert 0 <= m["soft_weights"] <= 1 and 0 <= m["soft_activations"] <= 1
+    soft = [m["soft_weights"] for _, m in rep.history]
+    assert soft[0] > 0.3 and soft[-1] < 0.01  # lambda 1 -> 20 on the scale-free argument
+    model, _, _ = model_from_checkpoint(result.last_checkpoint)
+    assert float(model.stem[3].conv1.weight_quantizer.lam) == 20.0
+    assert soft_weight_fraction(model, bound=3.0) <= 0.01
+    # the same schedule on the raw latent weights (tanh(lambda W), |W| ~ 0.1) would leave most of them soft
+    raw = [layer.latent_weight().detach() for _, layer in binary_layers(model) if layer.binary_weights]
+    assert sum(int((20 * w).abs().lt(3).sum()) for w in raw) / sum(w.numel() for w in raw) > 0.5
+
+
+def test_batchnorm_statistics_are_those_of_the_sign_forward(synth_root):
+    """The re-estimated running statistics are the equal-weight average of the batch statistics of the
+    exact (sign) forward over the calibration batches."""
+    from bnnctl.workers.models import build_model
+    from bnnctl.workers.train.bnstats import batchnorms, recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(width=16, depth=2, binarize=BinarizeConfig(quantizer="tanh", weight_quantizer="tanh")))
+    model.train()
+    inputs = [torch.randn(4, 3, 32, 32) for _ in range(3)]
+    bn = model.stacks[0].hourglass.levels[1][2][0].conv2.bn  # deep in the network: after many sign layers
+    seen = []
+    hook = bn.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().mean(dim=(0, 2, 3))))
+    with torch.no_grad():  # reference: batch statistics everywhere, every quantizer exact
+        for m in model.modules():
+            if hasattr(m, "lam"):
+                m.eval()
+        for x in inputs:
+            model(x)
+    model.train()
+    smooth_seen = len(seen)
+    with torch.no_grad():
+        model(inputs[0])  # the smooth forward sees other statistics
+    smooth_mean = seen.pop()
+    assert recalibrate_batchnorm(model, inputs) == 3
+    hook.remove()
+    expected = torch.stack(seen[:smooth_seen]).mean(0)
+    assert torch.allclose(bn.running_mean, expected, atol=1e-5)
+    assert not torch.allclose(bn.running_mean, smooth_mean, atol=1e-2)
+    assert model.training and all(m.momentum == 0.1 for m in batchnorms(model))  # left as it was
+
+
+def test_the_evaluated_network_is_the_deployed_one(synth_root, tmp_path):
+    """After progressive training the checkpoint's network (BatchNorm statistics re-estimated with the
+    sign forward) is what the export deploys: identical outputs, and the metric the run reported."""
+    from bnnctl.workers.export import export_model, load_exported
+    from bnnctl.workers.train.checkpoint import model_from_checkpoint
+    from bnnctl.workers.train.tasks import make_task
+
+    cfg = _progressive(synth_root, epochs=3)
+    assert cfg.recalibrates and not dataclasses.replace(cfg, recalibrate_bn=False).recalibrates
+    result = run_variant(cfg, LocalReporter(tmp_path / "ck"))
+    trained, model_cfg, _ = model_from_checkpoint(result.last_checkpoint)
+    export_model(model_from_checkpoint(result.last_checkpoint)[0], model_cfg, tmp_path / "m.bnn")
+    task = make_task(cfg)
+    for backend in ("float", "auto"):
+        deployed = load_exported(tmp_path / "m.bnn", backend=backend)
+        images = torch.stack([task.val_set[i]["image"] for i in range(8)])
+        with torch.no_grad():
+            assert torch.equal(deployed(images)[-1], trained(images)[-1]), backend
+        from bnnctl.workers.train.loop import _loader
+
+        metrics = task.evaluate(deployed, _loader(task.val_set, cfg, False), torch.device("cpu"))
+        assert metrics["pckh"] == result.metrics["pckh"], backend
+    # without the re-estimation the statistics are the smooth forward's: another network
+    plain = run_variant(dataclasses.replace(cfg, recalibrate_bn=False), LocalReporter(tmp_path / "plain"))
+    a = load_checkpoint(result.last_checkpoint)["model"]
+    b = load_checkpoint(plain.last_checkpoint)["model"]
+    means = [k for k in a if k.endswith("running_mean")]
+    assert any(not torch.allclose(a[k], b[k]) for k in means)
+
+
+def test_a_two_stage_row_follows_the_single_stage_learning_rate(synth_root, tmp_path):
+    """IT §4.2's schedule over the whole budget: a 2 + 2 epoch reverse-order row drops the learning
+    rate at epoch 3 of its budget, in its stage 2, like the 4-epoch one-stage row (from the
+    per-epoch history the runs report)."""
+    optim = OptimConfig(lr=2e-3, lr_steps=(1, 3))
+    single_rep = LocalReporter(tmp_path / "single")
+    run_variant(tiny(synth_root, epochs=4, optim=optim), single_rep)
+    s1_rep, s2_rep = LocalReporter(tmp_path / "s1"), LocalReporter(tmp_path / "s2")
+    stage1 = run_variant(tiny(synth_root, epochs=2, schedule_epochs=4, optim=optim,
+                              model=ModelConfig(width=16, depth=2, binarize=BinarizeConfig(weights=False))), s1_rep)
+    run_variant(tiny(synth_root, epochs=2, schedule_offset=2, schedule_epochs=4, optim=optim,
+                     init_from=stage1.last_checkpoint), s2_rep)
+    single = [m["lr"] for _, m in single_rep.history]
+    assert single == pytest.approx([2e-3, 2e-4, 2e-4, 2e-5])
+    assert [m["lr"] for _, m in s1_rep.history + s2_rep.history] == single
+
+
+def test_lsp_in_mpii_layout_fine_tunes_an_mpii_network(synth_root, tmp_path):
+    """SG's LSP protocol: a network trained on MPII's 16 joints (here the synthetic set) is fine-tuned
+    on LSP read in MPII's layout, scored by PCK@0.2 on LSP's 14 joints."""
+    from PIL import Image
+    from scipy.io import savemat
+
+    root = tmp_path / "lsp"
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    n = 1006  # 1,000 train + 6 test
+    joints = np.concatenate([rng.uniform(8, 40, (2, 14, n)), np.zeros((1, 14, n))])
+    savemat(root / "joints.mat", {"joints": joints})
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(root / "images" / f"im{i + 1:04d}.jpg")
+    mpii = run_variant(tiny(synth_root, epochs=1), LocalReporter(tmp_path / "mpii"))
+    cfg = tiny(str(root), epochs=1, data=DataConfig(dataset="lsp", root=str(root), pose_layout="mpii16", input_size=32),
+               init_from=mpii.last_checkpoint, max_batches=2)
+    rep = LocalReporter(tmp_path / "lsp-ck")
+    result = run_variant(cfg, rep)
+    assert result.metric == "pck" and 0 <= result.metrics["pck"] <= 100
+    from bnnctl.workers.data.pose import LSP_JOINTS
+
+    assert list(result.per_joint) == list(LSP_JOINTS)  # scored on LSP's own 14
+    assert load_checkpoint(result.last_checkpoint)["model"]["stacks.0.head.weight"].shape[0] == 16
+    with pytest.raises(ConfigError, match="mpii16"):
+        DataConfig(dataset="mpii", pose_layout="mpii16")

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -37,13 +38,27 @@ IMAGENET_LAYOUT_HELP = (
 
 @dataclass(frozen=True)
 class ClassAugmentConfig:
-    """Training augmentation: random resized crop (area fraction in [min_area, 1]) and flip."""
+    """Training augmentation: a random crop and a horizontal flip.
 
+    Attributes:
+        crop: "random_resized": a random area fraction in [min_area, 1] and aspect ratio in [3/4, 4/3],
+            resized to the input size (Inception-style, torchvision's RandomResizedCrop);
+            "resize_random": the shorter side resized to ``resize`` px, then a random input-size
+            crop (IT §5: "resizing the images to have 256px over the smallest dimension and then
+            randomly cropping them"; MT §5.2 likewise).
+        min_area: the smallest area fraction of "random_resized".
+        resize: the shorter side of "resize_random", in pixels (at least the input size).
+        flip: mirror half of the images.
+    """
+
+    crop: Literal["random_resized", "resize_random"] = "random_resized"
     min_area: float = 0.08
+    resize: int = 256
     flip: bool = True
 
     def __post_init__(self) -> None:
         require(0.0 < self.min_area <= 1.0, "min_area", f"must be in (0, 1], got {self.min_area}")
+        require(1 <= self.resize <= 16384, "resize", f"must be in [1, 16384] pixels, got {self.resize}")
 
 
 def scan_image_folder(root: str | Path, split: str) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -81,6 +96,17 @@ def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator,
             y = int(rng.integers(0, h - ch + 1))
             return image.resize((size, size), Image.Resampling.BILINEAR, box=(x, y, x + cw, y + ch))
     return center_crop(image, size, 1.0)  # fallback: the whole image
+
+
+def resize_random_crop(image: Image.Image, size: int, rng: np.random.Generator, resize: int) -> Image.Image:
+    """The shorter side resized to ``resize`` px (aspect kept), then a random ``size`` x ``size`` crop."""
+    w, h = image.size
+    scale = max(resize, size) / min(w, h)
+    nw, nh = max(size, int(round(w * scale))), max(size, int(round(h * scale)))
+    image = image.resize((nw, nh), Image.Resampling.BILINEAR)
+    x = int(rng.integers(0, nw - size + 1))
+    y = int(rng.integers(0, nh - size + 1))
+    return image.crop((x, y, x + size, y + size))
 
 
 def center_crop(image: Image.Image, size: int, resize_ratio: float = EVAL_RESIZE_RATIO) -> Image.Image:
@@ -124,7 +150,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             image = center_crop(image, self.size)
         else:
             rng = np.random.default_rng([self.seed, self.epoch, index])
-            image = random_resized_crop(image, self.size, rng, self.augment.min_area)
+            if self.augment.crop == "resize_random":
+                image = resize_random_crop(image, self.size, rng, self.augment.resize)
+            else:
+                image = random_resized_crop(image, self.size, rng, self.augment.min_area)
             if self.augment.flip and rng.random() < 0.5:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return {"image": _normalize(image), "label": label, "index": index}

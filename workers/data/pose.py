@@ -25,15 +25,19 @@ from PIL import Image
 
 from ..config import require
 from ..errors import DataError
+from ..metrics import MPII_JOINTS  # noqa: F401  (the joints' names, defined once beside their groups)
 from .geometry import apply_affine, crop_matrix, flip_points, warp
 from .heatmaps import HeatmapCodec
 
-MPII_JOINTS = ("r_ankle", "r_knee", "r_hip", "l_hip", "l_knee", "l_ankle", "pelvis", "thorax",
-               "upper_neck", "head_top", "r_wrist", "r_elbow", "r_shoulder", "l_shoulder", "l_elbow", "l_wrist")
 MPII_FLIP_PAIRS = ((0, 5), (1, 4), (2, 3), (10, 15), (11, 14), (12, 13))
 LSP_JOINTS = ("r_ankle", "r_knee", "r_hip", "l_hip", "l_knee", "l_ankle", "r_wrist", "r_elbow",
               "r_shoulder", "l_shoulder", "l_elbow", "l_wrist", "neck", "head_top")
 LSP_FLIP_PAIRS = ((0, 5), (1, 4), (2, 3), (6, 11), (7, 10), (8, 9))
+#: Where each LSP joint sits among MPII's 16 (LSP's neck is MPII's upper neck).
+LSP_IN_MPII = (0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 8, 9)
+#: MPII's two joints that LSP lacks, each interpolated between two LSP joints (as indices in MPII's
+#: order): the pelvis between the hips, the thorax between the shoulders.
+MPII_FROM_LSP = {6: (2, 3), 7: (12, 13)}
 
 #: HRNet's MPII crop convention: the annotated centre sits on the torso, so the crop centre moves
 #: down by 15 px per scale unit and the box grows by 25%.
@@ -191,6 +195,24 @@ def read_mpii(root: str | Path, split: str) -> list[PoseRecord]:
     return records
 
 
+def lsp_as_mpii(records: list[PoseRecord]) -> list[PoseRecord]:
+    """LSP records in MPII's 16-joint layout, so that a network trained on MPII is fine-tuned on
+    LSP as it is (SG §III-C: "The two missing points from LSP were obtained by simply interpolating
+    between the annotated ones"): the pelvis is the midpoint of the hips, the thorax that of the
+    shoulders, labeled where both ends are."""
+    out = []
+    for r in records:
+        joints = np.zeros((len(MPII_JOINTS), 2))
+        visible = np.zeros(len(MPII_JOINTS), dtype=np.float32)
+        joints[list(LSP_IN_MPII)] = r.joints
+        visible[list(LSP_IN_MPII)] = r.visible
+        for j, (a, b) in MPII_FROM_LSP.items():
+            joints[j] = (joints[a] + joints[b]) / 2
+            visible[j] = min(visible[a], visible[b])
+        out.append(PoseRecord(r.image, r.center, r.scale, joints, visible, r.head_box))
+    return out
+
+
 def read_lsp(root: str | Path, split: str = "train") -> list[PoseRecord]:
     """Read LSP (``joints.mat`` 3 x 14 x 2000, third row = occluded flag; first 1,000 images train,
     last 1,000 test) or LSP-extended (14 x 3 x 10000, third column = visible; all train).
@@ -204,7 +226,9 @@ def read_lsp(root: str | Path, split: str = "train") -> list[PoseRecord]:
     path = root / "joints.mat"
     if not path.exists() or not (root / "images").is_dir():
         raise DataError(f"LSP dataset not found at {root}: expected {path} and {root / 'images'}/ "
-                        "(im0001.jpg ... as released by the Leeds Sports Pose dataset)")
+                        "(im0001.jpg ... as released by the Leeds Sports Pose dataset: unpack lsp_dataset.zip "
+                        "from its site there). bnnctl embeds no LSP set; `bnnctl data synth` writes a "
+                        "synthetic set in MPII's layout")
     try:
         joints = np.asarray(loadmat(str(path))["joints"], dtype=np.float64)
     except (OSError, KeyError, ValueError) as err:

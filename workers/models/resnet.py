@@ -21,7 +21,7 @@ class BinaryResNet(nn.Module):
         super().__init__()
         cfg = cfg.resolved()
         assert cfg.width is not None and cfg.num_outputs is not None and cfg.block is not None
-        w = cfg.width
+        w = self.width = cfg.width
         conv = cfg.conv_factory()
         project = conv if cfg.downsample_binary else conv.real()
         self.stem = nn.Sequential(
@@ -44,6 +44,25 @@ class BinaryResNet(nn.Module):
             nn.BatchNorm2d(cin), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
             nn.Linear(cin, cfg.num_outputs),
         )
+
+    def holistic_group(self, name: str, layer: nn.Module) -> str | None:
+        """The holistic Tucker group of a binary-path layer (None: decomposed layer-wise).
+
+        MT §4.2.3: "For ResNet-18 [...] we create 3 groups of convolutional layers based on the
+        macro-module structure characterizing the architecture. Each of these groups is then
+        parameterized with a single 5-th order tensor obtained by concatenating the weights of the
+        convolutional layers in this group." ResNet-18 has four macro-modules and the paper does not
+        say which three; we read them as the three that open with a strided convolution (MT §5.2:
+        "At the beginning of each macro-module the resolution is dropped using a convolutional layer
+        with a stride"), each group stacking its three identically shaped 3x3 convolutions into a
+        (3, C, C, 3, 3) tensor. The first macro-module's convolutions and the strided ones are
+        decomposed layer-wise, as MT does for "the remaining few layers" of the hourglass.
+        """
+        parts = name.split(".")
+        if parts[0] != "layers" or parts[1] == "0":
+            return None
+        c = self.width * 2 ** int(parts[1])
+        return f"layers.{parts[1]}" if tuple(layer.weight_shape) == (c, c, 3, 3) else None
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.stem(x)

@@ -4,12 +4,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ..config import require
 from ..data.classification import ClassAugmentConfig
 from ..data.pose import AugmentConfig
 from ..data.synthetic import SyntheticConfig
+from ..binarize import QUANTIZERS
 from ..models import ModelConfig
 from ..schedules import LambdaSchedule
 
@@ -33,6 +34,9 @@ class DataConfig:
         augment / class_augment: pose / classification training augmentation; ``None`` = none.
         flip_test: average predictions with the mirrored image's at evaluation; ``None`` = on for
             MPII and LSP, off for the synthetic set (see ``AugmentConfig.flip``).
+        pose_layout: "native" (the dataset's own joints) or "mpii16": LSP in MPII's 16-joint layout
+            (pelvis and thorax interpolated, see ``data.pose.lsp_as_mpii``), so that a network
+            pre-trained on MPII is fine-tuned on LSP without a new head (SG); PCK scores LSP's 14.
         train_limit, val_limit: use only the first N samples (quick runs).
         workers: DataLoader worker processes (0 = load in the training process).
     """
@@ -46,6 +50,7 @@ class DataConfig:
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
     class_augment: ClassAugmentConfig | None = field(default_factory=ClassAugmentConfig)
     flip_test: bool | None = None
+    pose_layout: Literal["native", "mpii16"] = "native"
     train_limit: int | None = None
     val_limit: int | None = None
     workers: int = 0
@@ -58,6 +63,12 @@ class DataConfig:
             v = getattr(self, name)
             require(v is None or v >= 1, name, f"must be a positive integer, got {v}")
         require(0 <= self.workers <= 256, "workers", f"must be in [0, 256], got {self.workers}")
+        require(self.pose_layout == "native" or self.dataset == "lsp", "pose_layout",
+                f"'mpii16' maps LSP's joints to MPII's; {self.dataset!r} has its own layout (use native)")
+        a = self.class_augment
+        require(a is None or a.crop != "resize_random" or a.resize >= self.input_size, "class_augment.resize",
+                f"resizes the shorter side to {a.resize if a else 0} px, smaller than the {self.input_size} px crop "
+                "(input_size)")
 
     @property
     def task(self) -> str:
@@ -124,7 +135,8 @@ class DistillConfig:
         teacher: checkpoint of the teacher (written by a previous run); ``None`` = no distillation.
         weight: pose: the loss is (1 - weight) BCE(ground truth) + weight BCE(teacher heatmaps);
             classification: (1 - weight) CE + weight T^2 KL. The paper's value was lost (0.5 assumed).
-        feature_weight: feature matching (attention maps of each stack's features), for binary teachers.
+        feature_weight: feature matching (attention maps of each stack's features, see
+            ``tasks.feature_matching``), for binary teachers (IT §3.6).
         temperature: classification softening temperature.
     """
 
@@ -164,9 +176,16 @@ class TrainConfig:
         threads: torch CPU threads (``None`` = the task's CPUs when run by the orchestrator).
         device: "auto" (CUDA when available), "cpu" or "cuda".
         schedule_offset, schedule_epochs: this run is epochs ``[offset, offset + epochs)`` of a
-            training budget of ``schedule_epochs`` (``None``: offset + epochs) over which the lambda
-            schedules run: stage 2 of a two-stage row continues stage 1's schedule, and the last
-            epoch of the budget runs at ``lambda_end``. The learning rate restarts in each stage.
+            training budget of ``schedule_epochs`` (``None``: offset + epochs) over which every
+            schedule runs: stage 2 of a two-stage row continues stage 1's lambda schedule (the last
+            epoch of the budget runs at ``lambda_end``) and its learning-rate schedule (``lr_steps``
+            count epochs of the budget), so a two-stage row follows the same learning-rate
+            trajectory as a one-stage row of the same budget.
+        recalibrate_bn: before each evaluation, re-estimate the BatchNorm running statistics with
+            the exact sign forward on training batches, so that the network evaluated (and saved,
+            and exported) is the binary one (see ``bnstats.py``). ``None``: on when the training
+            forward is smooth (progressive binarization), off otherwise.
+        recalibrate_batches: training batches the re-estimation averages over (at most one epoch's).
         deterministic: ask torch for deterministic algorithms (GPU training repeats exactly, where
             torch allows it; some operations are slower or refused).
         latency: after training, time the deployed model on the CPU (batch 1, one thread, float vs
@@ -191,6 +210,8 @@ class TrainConfig:
     schedule_offset: int = 0
     schedule_epochs: int | None = None
     deterministic: bool = False
+    recalibrate_bn: bool | None = None
+    recalibrate_batches: int = 100
     latency: bool = True
 
     def __post_init__(self) -> None:
@@ -203,6 +224,8 @@ class TrainConfig:
         require(self.schedule_epochs is None or self.schedule_offset + self.epochs <= self.schedule_epochs <= 2 * MAX_EPOCHS,
                 "schedule_epochs", f"must cover this run (>= schedule_offset + epochs = "
                 f"{self.schedule_offset + self.epochs}), got {self.schedule_epochs}")
+        require(1 <= self.recalibrate_batches <= 1_000_000, "recalibrate_batches",
+                f"must be in [1, 1000000], got {self.recalibrate_batches}")
         groups = [g.group for g in self.lambda_groups]
         require(all(groups), "lambda_groups", "every per-group schedule needs its `group` (e.g. stem, stacks.0)")
         require(len(set(groups)) == len(groups), "lambda_groups", f"a group is listed twice: {groups}")
@@ -216,16 +239,44 @@ class TrainConfig:
     def task(self) -> str:
         return self.data.task
 
+    @property
+    def smooth(self) -> bool:
+        """Whether the training forward uses a smooth approximation of sign anywhere (progressive
+        binarization of the binarized activations or weights)."""
+        b = self.model.binarize
+        return ((b.activations and not QUANTIZERS.get(b.quantizer).exact)
+                or (b.weights and not QUANTIZERS.get(b.weight_quantizer).exact))
 
-#: Fields added after bnnctl 0.1, left out of a config's comparable form while they hold their
-#: default, so that variant identities and checkpoints written before they existed stay valid.
-LATER_FIELDS = {"lambda_groups": [], "schedule_offset": 0, "schedule_epochs": None, "deterministic": False}
+    @property
+    def recalibrates(self) -> bool:
+        """Whether BatchNorm statistics are re-estimated with the exact forward before evaluation."""
+        return self.smooth if self.recalibrate_bn is None else self.recalibrate_bn
+
+
+#: Fields added after bnnctl 0.1 (dotted paths for fields of nested objects), left out of a config's
+#: comparable form while they hold their default, so that variant identities and checkpoints written
+#: before they existed stay valid.
+LATER_FIELDS = {"lambda_groups": [], "schedule_offset": 0, "schedule_epochs": None, "deterministic": False,
+                "recalibrate_bn": None, "recalibrate_batches": 100, "model.gate.init_range": None,
+                "data.class_augment.crop": "random_resized", "data.class_augment.resize": 256,
+                "data.pose_layout": "native"}
 #: Fields that change what a run measures besides training, never what it trains.
 RUN_ONLY_FIELDS = {"latency"}
+
+
+def _without_default(data: Any, path: list[str], default: Any) -> Any:
+    if not isinstance(data, dict) or path[0] not in data:
+        return data
+    head, rest = path[0], path[1:]
+    if not rest:
+        return {k: v for k, v in data.items() if k != head} if data[head] == default else data
+    return {**data, head: _without_default(data[head], rest, default)}
 
 
 def comparable(config_data: dict) -> dict:
     """The plain-data config without later-added fields at their defaults and without run-only
     fields (identity, resume checks)."""
-    return {k: v for k, v in config_data.items()
-            if k not in RUN_ONLY_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+    out = {k: v for k, v in config_data.items() if k not in RUN_ONLY_FIELDS}
+    for path, default in LATER_FIELDS.items():
+        out = _without_default(out, path.split("."), default)
+    return out

@@ -1,8 +1,9 @@
 """``run_variant(config, reporter) -> TrainResult``: train and evaluate one variant end to end.
 
 A readable, linear loop (after nanoGPT): build the task and the model, restore the last checkpoint
-if there is one, then per epoch: train, evaluate with the exact sign (and, during progressive
-binarization, with the approximation too), checkpoint, report. Everything random derives from the
+if there is one, then per epoch: train, evaluate with the exact sign (during progressive
+binarization with the approximation too, and with BatchNorm statistics re-estimated for the sign
+forward), checkpoint, report. Everything random derives from the
 seed, and every per-epoch quantity (learning rate, lambda, data order, augmentation) is a pure
 function of the epoch, so a run resumed from its last checkpoint ends exactly as an uninterrupted one.
 """
@@ -22,11 +23,12 @@ from torch import nn
 from ..accounting import account
 from ..binarize import Quantizer
 from ..config import to_dict
-from ..diagnostics import FlipTracker, clip_fractions
+from ..diagnostics import FlipTracker, clip_fractions, soft_activation_tally, soft_weight_fraction
 from ..errors import ConfigError, TrainingError
 from ..latency import measure as measure_latency
 from ..models import build_model
 from ..schedules import LambdaScheduler
+from .bnstats import recalibrate_batchnorm
 from .checkpoint import init_from_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import TrainConfig, comparable
 from .reporter import Reporter
@@ -261,8 +263,8 @@ class _Run:
         """One epoch of training (lr and lambda of this epoch); its losses and when it started."""
         config, model, offset = self.config, self.model, self.config.schedule_offset
         t0 = time.perf_counter()
-        for group in self.optimizer.param_groups:
-            group["lr"] = config.optim.lr_at(epoch)
+        for group in self.optimizer.param_groups:  # the budget's epoch: stage 2 continues stage 1's schedule
+            group["lr"] = config.optim.lr_at(offset + epoch)
         self.task.train_set.set_epoch(epoch)
         per_step = config.lambda_schedule.unit == "step"
         if not per_step:
@@ -301,26 +303,28 @@ class _Run:
         return self.task.loss(outputs, batch, teacher_out)
 
     def evaluate(self, epoch: int, losses: list[float], started: float) -> dict[str, float]:
-        """Validation metrics (and the smooth approximation's twin) plus the epoch's diagnostics;
-        returns what is reported (everything but the per-joint table)."""
+        """Validation metrics of the binary network (exact sign; BatchNorm statistics re-estimated
+        with it first when the training forward was smooth) and, during progressive binarization,
+        of the network as trained (the smooth approximation, with the statistics of its training)
+        with the gap between the two; plus the epoch's diagnostics. Returns what is reported
+        (everything but the per-joint table)."""
         model, task, config = self.model, self.task, self.config
         t1 = time.perf_counter()
+        smooth = self._smooth_metrics() if _approximating(model) else {}
+        if config.recalibrates:
+            recalibrate_batchnorm(model, self._calibration_inputs(epoch))
         model.eval()
         metrics = task.evaluate(model, self.val_loader, self.device)
-        approx = _approximating(model)
-        if approx:  # the same network with the smooth approximation instead of sign
-            for q in approx:
-                q.train()
-            metrics[f"{task.metric}_approx"] = task.evaluate(model, self.val_loader, self.device)[task.metric]
-            for q in approx:
-                q.eval()
+        if smooth:
+            smooth["smooth_gap"] = smooth[f"{task.metric}_approx"] - metrics[task.metric]
+            metrics.update(smooth)
         t2 = time.perf_counter()
         self.eval_s += t2 - t1
         ratios = self.flips.update()
         clips = clip_fractions(model)
         metrics.update({
             "train_loss": sum(losses) / max(len(losses), 1),
-            "lr": config.optim.lr_at(epoch),
+            "lr": config.optim.lr_at(config.schedule_offset + epoch),
             "lambda": self.lam.current,
             **{f"lambda/{g}": v for g, v in self.lam.per_group.items()},
             "flip_ratio": sum(ratios.values()) / len(ratios) if ratios else 0.0,
@@ -328,9 +332,43 @@ class _Run:
             "epoch_time": t2 - started,
         })
         self.metrics = metrics
-        reported = {k: float(v) for k, v in metrics.items() if k != "per_joint"}
+        # a value that could not be computed (NaN: e.g. a joint group never labeled) is not reported
+        reported = {k: float(v) for k, v in metrics.items() if k != "per_joint" and math.isfinite(v)}
         self.history.append((epoch + 1, reported))
         return reported
+
+    def _smooth_metrics(self) -> dict[str, float]:
+        """The network as it trains (every approximating quantizer smooth, BatchNorm with the running
+        statistics of that forward) on the validation set: its metric, the fraction of the
+        activations it sees with |lambda x| < 1, and the fraction of binary weights with
+        |lambda W / mean|W|| < 1 (see diagnostics.py)."""
+        model, task = self.model, self.task
+        approx = _approximating(model)
+        model.eval()
+        for q in approx:
+            q.train()
+        try:
+            with soft_activation_tally(model) as tally:
+                value = task.evaluate(model, self.val_loader, self.device)[task.metric]
+        finally:
+            for q in approx:
+                q.eval()
+        out = {f"{task.metric}_approx": value}
+        if tally[1]:
+            out["soft_activations"] = tally[0] / tally[1]
+        weights = soft_weight_fraction(model)
+        if weights is not None:
+            out["soft_weights"] = weights
+        return out
+
+    def _calibration_inputs(self, epoch: int):
+        """This epoch's first ``recalibrate_batches`` training inputs, in its training order
+        (drawn from the loader's own generator: the run's random state is left as it is)."""
+        loader = _loader(self.task.train_set, self.config, True, epoch)
+        for step, batch in enumerate(loader):
+            if step >= min(self.config.recalibrate_batches, self.steps_per_epoch):
+                break
+            yield batch["image"].to(self.device)
 
     def checkpoint(self, epoch: int) -> None:
         """``last.pt`` after every epoch, ``best.pt`` when the validation metric improved."""
@@ -371,7 +409,7 @@ class _Run:
             status=status,
             epochs_done=self.epochs_done,
             metric=self.task.metric,
-            metrics={k: float(v) for k, v in metrics.items() if k != "per_joint"},
+            metrics={k: float(v) for k, v in metrics.items() if k != "per_joint" and math.isfinite(v)},
             per_joint=dict(metrics.get("per_joint", {})),
             best_metric=float(self.best),
             best_epoch=self.best_epoch,

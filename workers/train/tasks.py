@@ -1,6 +1,8 @@
 """What differs between pose estimation and classification: datasets, loss and evaluation."""
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +14,8 @@ from torch import Tensor, nn
 from ..data.classification import ImageFolderDataset, write_digits_imagefolder
 from ..data.geometry import apply_affine, invert_affine
 from ..data.heatmaps import HeatmapCodec, flip_heatmaps
-from ..data.pose import (LSP_FLIP_PAIRS, LSP_JOINTS, MPII_FLIP_PAIRS, MPII_JOINTS, PoseDataset, read_lsp,
-                         read_mpii)
+from ..data.pose import (LSP_FLIP_PAIRS, LSP_IN_MPII, LSP_JOINTS, MPII_FLIP_PAIRS, MPII_JOINTS, PoseDataset,
+                         lsp_as_mpii, read_lsp, read_mpii)
 from ..data.synthetic import write_synthetic_mpii
 from ..metrics import PCKH_STRICT_THRESHOLD, pck_lsp, pckh, topk_accuracy
 from .config import TrainConfig
@@ -54,6 +56,13 @@ def _attention(f: Tensor) -> Tensor:
     return F.normalize(a, dim=1)
 
 
+def feature_matching(student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+    """Attention transfer (Zagoruyko & Komodakis): per stack, the squared distance between the
+    student's and the teacher's unit-norm attention maps, summed over positions (so in [0, 2] at any
+    resolution) and averaged over the batch; summed over stacks."""
+    return sum((_attention(s) - _attention(t)).pow(2).sum(dim=1).mean() for s, t in zip(student, teacher))
+
+
 class PoseTask:
     metric = "pckh"
 
@@ -61,9 +70,14 @@ class PoseTask:
         self.cfg = cfg
         root = prepare_root(cfg)
         d = cfg.data
+        #: where the scored joints sit among the network's outputs (LSP in MPII's layout: 14 of 16)
+        self.scored: tuple[int, ...] | None = None
         if d.dataset == "lsp":
             train, val = read_lsp(root, "train"), read_lsp(root, "test")
             self.joints, self.pairs, self.metric = LSP_JOINTS, LSP_FLIP_PAIRS, "pck"
+            if d.pose_layout == "mpii16":  # the network predicts MPII's joints; PCK scores LSP's
+                train, val = lsp_as_mpii(train), lsp_as_mpii(val)
+                self.pairs, self.scored = MPII_FLIP_PAIRS, LSP_IN_MPII
         else:
             train, val = read_mpii(root, "train"), read_mpii(root, "valid")
             self.joints, self.pairs = MPII_JOINTS, MPII_FLIP_PAIRS
@@ -71,7 +85,9 @@ class PoseTask:
         images = root / "images"
         self.train_set = PoseDataset(_limit(train, d.train_limit), images, self.codec, self.pairs, d.resolved_augment, cfg.seed)
         self.val_set = PoseDataset(_limit(val, d.val_limit), images, self.codec, self.pairs, None, cfg.seed)
-        self.num_outputs = len(self.joints)
+        #: the joint each network output predicts (``joints``: those scored and tabled)
+        self.output_joints = MPII_JOINTS if self.scored else self.joints
+        self.num_outputs = len(self.output_joints)
 
     # -- loss -------------------------------------------------------------------------------------
     def heatmaps(self, logits: Tensor) -> Tensor:
@@ -97,7 +113,7 @@ class PoseTask:
             if teacher is not None:
                 total = total + dw * self._one(out, teacher["soft"], torch.ones_like(weight))
         if teacher is not None and self.cfg.distill.feature_weight > 0:
-            fm = sum(F.mse_loss(_attention(s), _attention(t)) for s, t in zip(teacher["student_features"], teacher["features"]))
+            fm = feature_matching(teacher["student_features"], teacher["features"])
             total = total + self.cfg.distill.feature_weight * fm
         return total
 
@@ -129,6 +145,8 @@ class PoseTask:
         labeled = np.stack([r.visible for r in records])
         metrics: dict[str, Any] = {"val_loss": float(np.mean(losses))}
         if self.metric == "pck":
+            if self.scored:
+                pred, gt, labeled = pred[:, self.scored], gt[:, self.scored], labeled[:, self.scored]
             res = pck_lsp(pred, gt, labeled)
             metrics["pck"] = res.groups["Mean"]
         else:
@@ -137,9 +155,10 @@ class PoseTask:
             metrics["pckh"] = res.groups["Mean"]
             metrics["pckh@0.1"] = pckh(pred, gt, labeled, boxes, PCKH_STRICT_THRESHOLD).groups["Mean"]
             for name, value in res.groups.items():
-                if name != "Mean":
+                if name != "Mean" and math.isfinite(value):  # a group with a never-labeled joint: undefined
                     metrics[f"pckh_{name.lower()}"] = value
-        metrics["per_joint"] = {name: float(v) for name, v in zip(self.joints, res.per_joint)}
+        # None (JSON null) for a joint never labeled in the validation set: it has no PCKh
+        metrics["per_joint"] = {name: float(v) if math.isfinite(v) else None for name, v in zip(self.joints, res.per_joint)}
         return metrics
 
 
@@ -166,8 +185,9 @@ class PoseTask:
             draw = ImageDraw.Draw(tile)
             truth = apply_affine(self.val_set.records[item["index"]].joints, item["crop"].numpy())
             for j, (x, y) in enumerate(pred):
-                colour = (255, 80, 60) if self.joints[j].startswith("l_") else (
-                    (60, 140, 255) if self.joints[j].startswith("r_") else (255, 230, 0))
+                name = self.output_joints[j]
+                colour = (255, 80, 60) if name.startswith("l_") else (
+                    (60, 140, 255) if name.startswith("r_") else (255, 230, 0))
                 cx, cy = (x + 0.5) * scale - 0.5, (y + 0.5) * scale - 0.5
                 draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=colour)
                 if item["weight"][j] > 0:
