@@ -6,6 +6,7 @@ nothing here writes anything.
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 from datetime import datetime
 
@@ -13,7 +14,7 @@ from bnnctl.orchestrator.layouts import StudyLayout
 from bnnctl.orchestrator.formats import table_data
 from bnnctl.orchestrator.report import ALPHA, build_tables, reported, sources
 from bnnctl.orchestrator.tracking import flatten
-from bnnctl.workers.metrics import CURVES, HEADLINE_METRICS
+from bnnctl.workers.metrics import CURVES, HEADLINE_METRICS, MPII_GROUPS, named_joint_groups
 
 
 class NotFound(LookupError):
@@ -71,9 +72,10 @@ def study(store, name: str) -> dict:
         "curves": row_curves(store, layout, members, variants, metric),
         "progress": running(store, [v for v in variants.values() if v.status == "running"]),
         "name": s.name, "status": s.status, "spec_file": s.spec_file, "description": layout.description,
-        "metric": metric, "seeds": list(layout.seeds), "alpha": ALPHA,
+        "metric": metric, "seeds": list(layout.seeds), "alpha": ALPHA, "adaptive": layout.adaptive,
         "counts": _counts([v.status for v in variants.values()]), "updated": _iso(s.updated_at),
         "tables": [table_data(t, cells) for t in tables],
+        "seeds_over_time": [{"table": t.name, "traces": seeds_traces(t)} for t in tables if t.looks],
         "per_joint": per_joint(layout, members, variants),
         "prerequisites": [{"key": v.key, "label": v.label, "status": v.status} for v in prereqs],
     }
@@ -122,29 +124,48 @@ def curve_traces(lines: list[dict]) -> list[dict]:
     return traces
 
 
+def seeds_traces(table) -> list[dict]:
+    """Adaptive seeds: each row's seeds at every look of its table (one line per row, the baseline
+    dashed), the decision taken at that look in the hover text."""
+    traces = []
+    for name in table.looks[0].seeds:
+        xs = list(range(1, len(table.looks) + 1))
+        ys = [look.seeds.get(name) for look in table.looks]
+        texts = [("baseline" if name == table.baseline else
+                  (look.comparisons[name].decision if name in look.comparisons else "")) for look in table.looks]
+        traces.append({"x": xs, "y": ys, "text": texts, "name": name, "mode": "lines+markers",
+                       "hovertemplate": "look %{x}: %{y} seeds, %{text}<extra>" + name + "</extra>",
+                       "line": {"dash": "dash"} if name == table.baseline else {}})
+    return traces
+
+
 def joint_groups(layout: StudyLayout, members: list, variants: dict, metric: str) -> dict | None:
-    """Pose studies: the paper's per-joint table (Head, Shoulder, Elbow, Wrist, Hip, Knee, Ankle,
-    Mean) of every row, the mean over its finished seeds."""
-    if not (metric.startswith("pckh") or metric == "pck"):
+    """Pose studies on MPII's joints: the paper's per-joint table (Head, Shoulder, Elbow, Wrist, Hip,
+    Knee, Ankle, Mean) of every row, the mean over its finished seeds. The groups are derived from
+    each result's per-joint PCKh by the one rule of ``workers.metrics`` (a group with a joint never
+    labeled is undefined), so results of every version are shown alike."""
+    if not metric.startswith("pckh"):
         return None
-    groups = ("head", "shoulder", "elbow", "wrist", "hip", "knee", "ankle")
-    prefix = "pckh" if metric.startswith("pckh") else "pck"
+    columns = [*MPII_GROUPS, "Mean"]
     rows = []
     for ab in layout.ablations:
         for r in ab.rows:
             results = [variants[m.variant_key].result for m in members
                        if m.ablation == ab.name and m.row == r.name and m.variant_key in variants
                        and variants[m.variant_key].status == "completed" and variants[m.variant_key].result]
-            values = {}
-            for g in (*groups, None):
-                name = f"{prefix}_{g}" if g else prefix
-                found = [res["metrics"][name] for res in results if name in res.get("metrics", {})]
-                if found:
-                    values[g.capitalize() if g else "Mean"] = sum(found) / len(found)
+            found: dict[str, list[float]] = {}
+            for res in results:
+                groups = named_joint_groups(res.get("per_joint") or {})
+                mean = (res.get("metrics") or {}).get("pckh")
+                for name, value in (*groups.items(), ("Mean", mean)):
+                    if value is not None and math.isfinite(value):
+                        found.setdefault(name, []).append(value)
+            # a group shown only where every finished seed defines it
+            values = {name: sum(v) / len(v) for name, v in found.items() if len(v) == len(results)}
             rows.append({"ablation": ab.name, "row": r.name, "values": values})
     if not any(r["values"] for r in rows):
         return None
-    return {"columns": [g.capitalize() for g in groups] + ["Mean"], "rows": rows}
+    return {"columns": columns, "rows": rows}
 
 
 def running(store, variants: list) -> list[dict]:
@@ -199,8 +220,10 @@ def per_joint(layout: StudyLayout, members: list, variants: dict) -> dict | None
             for j in tables[0]:
                 if j not in joints:
                     joints.append(j)
+            # a joint never labeled in a seed's validation set (None) has no value for the row
             rows.append({"ablation": ab.name, "row": r.name,
-                         "by_joint": {j: sum(t[j] for t in tables) / len(tables) for j in tables[0]}})
+                         "by_joint": {j: sum(t[j] for t in tables) / len(tables) for j in tables[0]
+                                      if all(t.get(j) is not None for t in tables)}})
     if not joints:
         return None
     return {"joints": joints, "rows": rows}

@@ -39,30 +39,34 @@ def _listed_rows(p: "_Parser", body: dict, path: str, name: str, base_data: dict
     mode = "incremental" if cumulative_rows else "isolated"
     raw_rows = body.get("rows")
     if not isinstance(raw_rows, list) or not raw_rows:
-        raise p.fail(f"{path}.rows", "required: a list of rows ({name, set, reference})")
+        raise p.fail(f"{path}.rows", "required: a list of rows ({name, set, stages, teacher, init, reference})")
     rows: list[RowSpec] = []
     cumulative: tuple = ()
-    stages, teacher, split = "single", None, None
+    stages, teacher, init, split = "single", None, None, None
     for j, raw_row in enumerate(raw_rows):
         rpath = f"{path}.rows[{j}]"
-        rb = p.mapping(raw_row, rpath, {"name", "set", "stages", "teacher", "reference"})
+        rb = p.mapping(raw_row, rpath, {"name", "set", "stages", "teacher", "init", "reference"})
         rname = p.label(rb.get("name"), f"{rpath}.name", "row")
         own = p.overrides(rb.get("set"), f"{rpath}.set")
-        r_stages, r_teacher, ref = p.row_extras(rb, rpath, teachers)
+        r_stages, r_teacher = p.row_extras(rb, rpath, teachers)
+        ref, also = p.references(rb.get("reference"), f"{rpath}.reference")
         if cumulative_rows:
             cumulative = cumulative + own
             if r_stages is not None:
                 stages = r_stages
             teacher = r_teacher or teacher
+            init = rb.get("init") or init
             overrides, row_stages, row_teacher = cumulative, stages, teacher
         else:
             overrides, row_stages, row_teacher = own, r_stages or "single", r_teacher
+            init = rb.get("init")
+        row_init = p.row_init({"init": init}, rpath, row_stages)
         cfg = p.config(base_data, overrides, f"{rpath}.set")
         if r_stages is not None or not cumulative_rows:
             split = p.stage_epochs(rb, rpath, row_stages, cfg)
         elif row_stages != "single" and split is None and cfg.epochs < 2:
             raise p.fail(f"{rpath}", "a two-stage row needs at least 2 epochs")
-        rows.append(RowSpec(rname, name, mode, overrides, row_stages, row_teacher, ref, cfg, split))
+        rows.append(RowSpec(rname, name, mode, overrides, row_stages, row_teacher, ref, cfg, split, also, row_init))
     return rows
 
 
@@ -100,6 +104,6 @@ def _grid(p: "_Parser", body: dict, path: str, name: str, base_data: dict, teach
         for lvl, ov, where in combo:
             overrides += ov
             cfg = p.config(base_data, overrides, where)
-        ref = refs.get(row_name)
-        rows.append(RowSpec(row_name, name, "grid", overrides, "single", None, None if ref is None else float(ref), cfg))
+        ref, also = p.references(refs.get(row_name), f"{path}.references.{row_name}")
+        rows.append(RowSpec(row_name, name, "grid", overrides, "single", None, ref, cfg, also=also))
     return rows

@@ -67,11 +67,41 @@ def format_latency(ms: float | None, float_ms: float | None = None) -> str:
 HEADERS = ("row", "metric", "Δ", "paper", "epochs", "params", "BOPs", "deployed", "latency")
 
 
+def headers(t: Table) -> list[str]:
+    """A table's column headers: HEADERS with, for adaptive seeds, the decision after Δ, and each of
+    its other metrics (and the paper's value of it) after the paper column."""
+    decision = ["decision"] if t.adaptive else []
+    return [*HEADERS[:3], *decision, HEADERS[3], *(h for m in t.also for h in (m, f"{m} paper")), *HEADERS[4:]]
+
+
+def format_decision(row: TableRow) -> str:
+    """Adaptive seeds: "better, 6 seeds, p 0.003", "equivalent, 20 seeds, [-0.6, +0.4]", ...; the
+    baseline: "baseline"."""
+    if row.is_baseline:
+        return "baseline"
+    if row.decision is None:
+        return "—"
+    text = f"{row.decision}, {len(row.cell.values)} seeds"
+    if row.decision in ("better", "worse") and row.p_adjusted is not None:
+        return text + f", p {row.p_adjusted:.2g}"
+    lo, hi = row.interval or (None, None)
+    if lo is not None and hi is not None:
+        text += f", [{lo:+.1f}, {hi:+.1f}]"
+    return text
+
+
+def _reference(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
 def table_cells(t: Table) -> list[list[str]]:
+    """Each row's cells, in the order of :func:`headers`."""
     out = []
     for r in t.rows:
-        out.append([r.name, format_value(r.cell), format_delta(r),
-                    "—" if r.reference is None else f"{r.reference:.1f}", "—" if r.epochs is None else str(r.epochs),
+        also = [text for c, ref in r.also for text in (format_value(c), _reference(ref))]
+        decision = [format_decision(r)] if t.adaptive else []
+        out.append([r.name, format_value(r.cell), format_delta(r), *decision, _reference(r.reference), *also,
+                    "—" if r.epochs is None else str(r.epochs),
                     _millions(r.params), _giga(r.bops), _size(r.deployed_bytes),
                     format_latency(r.latency_ms, r.latency_float_ms)])
     return out
@@ -81,8 +111,8 @@ def to_markdown(tables: list[Table]) -> str:
     parts = []
     for t in tables:
         parts.append(f"### {t.name} ({t.mode}; {t.metric}, Δ vs {t.baseline})\n")
-        parts.append("| " + " | ".join(HEADERS) + " |")
-        parts.append("|" + "---|" * len(HEADERS))
+        parts.append("| " + " | ".join(headers(t)) + " |")
+        parts.append("|" + "---|" * len(headers(t)))
         for r, row in zip(t.rows, table_cells(t)):
             if r.best:
                 row[1] = f"**{row[1]}**"
@@ -97,13 +127,22 @@ def to_csv(tables: list[Table]) -> str:
 
     buf = io.StringIO()
     w = csv.writer(buf)
+    also = list(dict.fromkeys(m for t in tables for m in t.also))  # other metrics, a column group each
     w.writerow(["ablation", "mode", "row", "metric", "report", "mean", "std", "seeds_done", "seeds_expected",
                 "status", "delta", "test", "alpha", "p_value", "p_adjusted", "significant", "best", "paper",
                 "epochs", "params", "bops", "deployed_bytes", "environment", "latency_ms", "latency_float_ms",
-                "latency_machine"])
+                "latency_machine", "decision", "interval_low", "interval_high",
+                *(f"{m}_{part}" for m in also for part in ("mean", "std", "paper"))])
     for t in tables:
         for r in t.rows:
             c = r.cell
+            by_metric = dict(zip(t.also, r.also))
+            lo, hi = r.interval or (None, None)
+            extra = [r.decision or "", "" if lo is None else f"{lo:.4f}", "" if hi is None else f"{hi:.4f}"]
+            for m in also:
+                oc, ref = by_metric.get(m, (None, None))
+                extra += ["" if oc is None or oc.mean is None else f"{oc.mean:.4f}",
+                          "" if oc is None or oc.std is None else f"{oc.std:.4f}", "" if ref is None else ref]
             w.writerow([t.name, t.mode, r.name, t.metric, t.report, "" if c.mean is None else f"{c.mean:.4f}",
                         "" if c.std is None else f"{c.std:.4f}", len(c.values), c.expected, c.status,
                         "" if r.delta is None else f"{r.delta:.4f}",
@@ -115,7 +154,7 @@ def to_csv(tables: list[Table]) -> str:
                         r.params or "", r.bops or "", r.deployed_bytes or "", r.environment or "",
                         "" if r.latency_ms is None else r.latency_ms,
                         "" if r.latency_float_ms is None else r.latency_float_ms,
-                        " and ".join(t.latency_machines)])
+                        " and ".join(t.latency_machines), *extra])
     return buf.getvalue()
 
 
@@ -126,13 +165,17 @@ def _latex_escape(s: str) -> str:
     return s
 
 
+_LATEX_HEADERS = {"row": "Method", "Δ": r"$\Delta$", "decision": "Decision", "paper": "Paper", "epochs": "Epochs",
+                  "params": "Params", "deployed": "Size", "latency": "Latency"}
+
+
 def to_latex(tables: list[Table]) -> str:
     parts = []
     for t in tables:
-        parts += [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{lrrrrrrrr}", r"\toprule",
-                  " & ".join(["Method", _latex_escape(t.metric), r"$\Delta$", "Paper", "Epochs", "Params", "BOPs",
-                              "Size", "Latency"]) + r" \\",
-                  r"\midrule"]
+        names = [_LATEX_HEADERS.get(h, _latex_escape(h)) for h in headers(t)]
+        names[1] = _latex_escape(t.metric)
+        parts += [r"\begin{table}[t]", r"\centering", rf"\begin{{tabular}}{{l{'r' * (len(names) - 1)}}}", r"\toprule",
+                  " & ".join(names) + r" \\", r"\midrule"]
         for r, row in zip(t.rows, table_cells(t)):
             cells = [_latex_escape(c).replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("—", "--") for c in row]
             if r.best:
@@ -173,11 +216,17 @@ def table_data(t: Table, cells: dict | None = None) -> dict:
             "baseline": r.is_baseline, "best": r.best, "epochs": r.epochs, "p_adjusted": r.p_adjusted,
             "environment": r.environment, "latency_ms": r.latency_ms, "latency_float_ms": r.latency_float_ms,
             "latency": format_latency(r.latency_ms, r.latency_float_ms),
+            "also": [{"metric": m, "value": format_value(c), "mean": c.mean, "std": c.std, "reference": ref}
+                     for m, (c, ref) in zip(t.also, r.also)],
+            "decision": r.decision, "decision_text": format_decision(r), "interval": list(r.interval or ()) or None,
             "variants": sorted((cells or {}).get((t.name, r.name), []), key=lambda c: c["seed"]),
         })
     return {"name": t.name, "mode": t.mode, "metric": t.metric, "baseline": t.baseline, "rows": rows,
             "report": t.report, "alpha": t.alpha, "correction": t.correction, "rule": t.rule,
-            "environments": list(t.environments), "latency_machines": list(t.latency_machines)}
+            "environments": list(t.environments), "latency_machines": list(t.latency_machines), "also": list(t.also),
+            "adaptive": t.adaptive,
+            "looks": [{"seeds": look.seeds, "decisions": {n: c.decision for n, c in look.comparisons.items()}}
+                      for look in t.looks]}
 
 
 def to_html(tables: list[Table], title: str) -> str:

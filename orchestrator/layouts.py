@@ -26,7 +26,8 @@ def _build(cls: type[T], data: dict) -> T:
 @dataclass(frozen=True)
 class RowLayout:
     name: str
-    reference: float | None = None  # the paper's value
+    reference: float | None = None  # the paper's value of the table's metric
+    also: dict = field(default_factory=dict)  # the paper's values of other metrics (metric -> value)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class StudyLayout(Annotations):
     correction: str = "none"  # or "holm"
     ablations: tuple[AblationLayout, ...] = ()
     kind: str = "study"
+    #: adaptive seeds (``statistics.adaptive`` as plain data: alpha, power, min_seeds, max_seeds,
+    #: batch, margin); None: every row has every seed of ``seeds``
+    adaptive: dict | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> StudyLayout:

@@ -56,6 +56,12 @@ class TableRow:
     environment: str | None = None  # a short fingerprint of where its seeds trained
     latency_ms: float | None = None  # the deployed binary model's CPU latency (median over seeds)
     latency_float_ms: float | None = None  # the same network in float32, same machine
+    #: the table's other metrics (``Table.also``), in order: (measured cell, the paper's value)
+    also: tuple[tuple[Cell, float | None], ...] = ()
+    #: adaptive seeds: the comparison's decision (better, worse, equivalent, open, inconclusive) and
+    #: the anytime-valid confidence sequence for the mean difference (None: unbounded)
+    decision: str | None = None
+    interval: tuple[float | None, float | None] | None = None
 
     @property
     def significant(self) -> bool | None:
@@ -77,12 +83,22 @@ class Table:
     correction: str = "none"
     environments: tuple[str, ...] = ()  # the distinct environments its rows trained in
     latency_machines: tuple[str, ...] = ()  # where its latencies were measured
+    #: other metrics shown beside the table's (those the paper gives for some row, e.g. top-5)
+    also: tuple[str, ...] = ()
+    #: adaptive seeds: the settings (alpha, margin, ...) and every look's seeds and decisions
+    adaptive: dict | None = None
+    looks: tuple = ()
 
     @property
     def rule(self) -> str:
         """The table's reporting rule and test, in words (printed under every table)."""
         which = "at each run's last epoch" if self.report == "last" else "at each run's best epoch (validation)"
         test = f"paired t-test over shared seeds, α = {self.alpha:g}"
+        if self.adaptive:
+            a = self.adaptive
+            test = (f"adaptive seeds ({a['min_seeds']} to {a['max_seeds']} per row, {a['batch']} more after each "
+                    f"look while open): anytime-valid paired safe t-test, α = {a['alpha']:g}; equivalent: its "
+                    f"confidence sequence inside ±{a['margin']:g}")
         if self.correction == "holm":
             test += ", Holm-corrected over the table's rows"
         text = (f"{self.metric} {which}; mean ± std over seeds; Δ vs {self.baseline}: {test}; n=1: one seed, "
@@ -209,12 +225,20 @@ def build_tables(layout: StudyLayout | dict, members: list, variants: dict) -> l
     tables = []
     for ab in layout.ablations:
         cells, extra, budgets, envs, latencies, machines = {}, {}, {}, {}, {}, set()
+        also = tuple(dict.fromkeys(m for r in ab.rows for m in r.also))  # other metrics the paper gives
+        also_cells: dict[tuple[str, str], Cell] = {}
+        values: dict[str, dict[int, float | None]] = {}  # adaptive seeds: the stored values, failed as None
         for r in ab.rows:
             ms = sorted(by_row.get((ab.name, r.name), []), key=lambda m: m.seed)
             vs = [variants.get(m.variant_key) for m in ms]
             results = [v.result if v else None for v in vs]
             statuses = [v.status if v else "pending" for v in vs]
-            cells[r.name] = cell(results, statuses, metric, len(seeds), [m.seed for m in ms], report)
+            expected = len(ms) if layout.adaptive else len(seeds)  # adaptive: the seeds the row has now
+            cells[r.name] = cell(results, statuses, metric, expected, [m.seed for m in ms], report)
+            values[r.name] = {**{m.seed: None for m, st in zip(ms, statuses) if st == "failed"},
+                              **dict(cells[r.name].by_seed)}
+            for m in also:
+                also_cells[(r.name, m)] = cell(results, statuses, m, expected, [mm.seed for mm in ms], report)
             extra[r.name] = next((res["accounting"] for res in results if res), None)
             budgets[r.name] = next((b for m in ms if (b := budget(m.variant_key, variants)) is not None), None)
             found = sorted({e for res, st in zip(results, statuses) if st == "completed" and (e := environment(res))})
@@ -226,6 +250,10 @@ def build_tables(layout: StudyLayout | dict, members: list, variants: dict) -> l
         top = max(means) if means else None
         ps = [None if n == ab.baseline or base is None else paired_p_value(cells[n], base) for n in ab.row_names]
         adjusted = holm(ps) if layout.correction == "holm" else ps
+        looks, decided = _adaptive(layout, ab, values)
+        if decided:  # the anytime-valid test's p-values replace the fixed-n t-test's
+            ps = [decided[n].p_raw if n in decided else None for n in ab.row_names]
+            adjusted = [decided[n].p_value if n in decided else None for n in ab.row_names]
         rows = []
         for r, p, p_adj in zip(ab.rows, ps, adjusted):
             c = cells[r.name]
@@ -234,11 +262,31 @@ def build_tables(layout: StudyLayout | dict, members: list, variants: dict) -> l
             rows.append(TableRow(r.name, c, delta, r.reference, acc.get("params"), acc.get("bops"),
                                  acc.get("deployed_bytes"), r.name == ab.baseline, p,
                                  c.mean is not None and c.mean == top, budgets[r.name], p_adj, layout.alpha,
-                                 envs[r.name], *latencies[r.name]))
+                                 envs[r.name], *latencies[r.name],
+                                 tuple((also_cells[(r.name, m)], r.also.get(m)) for m in also),
+                                 decided[r.name].decision if r.name in decided else None,
+                                 (decided[r.name].low, decided[r.name].high) if r.name in decided else None))
         distinct = tuple(sorted({e for row in rows if row.environment for e in row.environment.split(" | ")}))
         tables.append(Table(ab.name, ab.mode, metric, ab.baseline, tuple(rows), report, layout.alpha,
-                            layout.correction, distinct, tuple(sorted(machines))))
+                            layout.correction, distinct, tuple(sorted(machines)), also, layout.adaptive, tuple(looks)))
     return tables
+
+
+def _adaptive(layout: StudyLayout, ab, values: dict[str, dict[int, float | None]]) -> tuple[list, dict]:
+    """Adaptive seeds: a table's looks and its last decisions, re-derived from the stored values
+    (the driver's own rule, :func:`.sequential.replay`); ([], {}) for fixed seeds."""
+    if not layout.adaptive:
+        return [], {}
+    import dataclasses
+
+    from .sequential import Adaptive, Comparison, replay
+
+    a = Adaptive(**{f.name: layout.adaptive[f.name] for f in dataclasses.fields(Adaptive) if f.name in layout.adaptive})
+    rp = replay(ab.row_names, ab.baseline, values, list(layout.seeds), a, a.alpha or layout.alpha, layout.correction)
+    if rp.looks:
+        return rp.looks, rp.looks[-1].comparisons
+    # before the first look is complete every comparison is open, untested
+    return [], {n: Comparison(n, 0, "open", None, None, None, None) for n in ab.row_names if n != ab.baseline}
 
 
 def study_tables(store, study) -> list[Table]:
@@ -248,10 +296,11 @@ def study_tables(store, study) -> list[Table]:
 
 
 def sources(v, variants: dict) -> list[tuple[str | None, str]]:
-    """(role, key) of each variant a stored variant depends on: "init" for the stage 1 it was
-    initialized from, "teacher" for the one it learned from, None for one not in ``variants``."""
+    """(role, key) of each variant a stored variant depends on: "init" for the stage 1 or the
+    pretrained run it was initialized from, "teacher" for the one it learned from, None for one not
+    in ``variants``."""
     out = []
     for key in v.deps or ():
         d = variants.get(key)
-        out.append((None if d is None else "init" if d.kind == "stage1" else "teacher", key))
+        out.append((None if d is None else "init" if d.kind in ("stage1", "pretrain") else "teacher", key))
     return out

@@ -31,6 +31,7 @@ from bnnctl.workers.errors import ConfigError
 from bnnctl.workers.train import TrainConfig
 
 from .errors import SpecError
+from .sequential import Adaptive, seed_sequence
 from .yamlio import read_yaml
 
 Mode = str  # a name in ablations.ABLATION_MODES: "incremental", "isolated" or "grid"
@@ -48,8 +49,9 @@ MAX_SEED = 2**32 - 1
 #: single: one run. reverse_order (IT §3.3): binary activations with real weights, then everything
 #: binary from there. standard: the real-valued network, then everything binary from there.
 STAGE_KINDS = ("single", "reverse_order", "standard")
-TOP_KEYS = {"name", "description", "task", "base", "seeds", "resources", "teachers", "ablations", "tracking", "execution",
-            "metric", "storage", "report", "statistics"}
+TOP_KEYS = {"name", "description", "task", "base", "seeds", "resources", "teachers", "pretrained", "ablations",
+            "tracking", "execution", "metric", "storage", "report", "statistics"}
+DEFAULT_METRIC = {"pose": "pckh", "classification": "top1"}
 #: which epoch a variant reports: its last, or its best on the reported metric (tables, tunings, exports)
 REPORT_RULES = ("last", "best")
 CORRECTIONS = ("none", "holm")
@@ -99,11 +101,15 @@ class RowSpec:
     overrides: tuple[tuple[str, Any], ...]  # cumulative for incremental rows
     stages: str = "single"
     teacher: str | None = None
-    reference: float | None = None
+    reference: float | None = None  # the paper's value of the table's metric
     config: TrainConfig = field(default_factory=TrainConfig)
     #: epochs of stage 1 and stage 2 of a two-stage row; None: the row's `epochs` split in half
     #: (stage 1 gets the smaller half), so that it trains as long as a one-stage row
     stage_epochs: tuple[int, int] | None = None
+    #: the paper's values of other metrics (e.g. top-5 beside a top-1 table): (metric, value) pairs
+    also: tuple[tuple[str, float], ...] = ()
+    #: a run under ``pretrained`` whose last checkpoint initializes this row (fine-tuning)
+    init: str | None = None
 
     def split(self) -> tuple[int, int]:
         """Stage 1's and stage 2's epochs of a two-stage row."""
@@ -133,10 +139,17 @@ class Ablation:
 class Statistics:
     """How a table tests each row against its ablation's baseline: a two-sided paired t-test over
     the seeds both finished, at ``alpha``; ``correction: holm`` adjusts the p-values of a table's
-    rows for their number (Holm-Bonferroni)."""
+    rows for their number (Holm-Bonferroni). ``adaptive``: seeds are added where a comparison is
+    still open, with anytime-valid tests (see :mod:`.sequential`)."""
 
     alpha: float = 0.05
     correction: str = "none"
+    adaptive: Adaptive | None = None
+
+    @property
+    def adaptive_alpha(self) -> float:
+        assert self.adaptive is not None
+        return self.adaptive.alpha if self.adaptive.alpha is not None else self.alpha
 
 
 @dataclass(frozen=True)
@@ -156,14 +169,33 @@ class StudySpec:
     storage: str | None = None  # run storage root (absolute path or URL); None: --storage / env / default
     report: str = "last"  # REPORT_RULES
     statistics: Statistics = field(default_factory=lambda: Statistics())
+    #: named runs that rows are fine-tuned from (``init: NAME``), trained once like teachers
+    pretrained: dict[str, TeacherSpec] = field(default_factory=dict)
 
     @property
     def rows(self) -> list[RowSpec]:
         return [r for a in self.ablations for r in a.rows]
 
     @property
+    def seed_order(self) -> list[int]:
+        """Every seed a row may get, in order: the spec's seeds, then (adaptive) the smallest unused
+        integers up to ``max_seeds``."""
+        a = self.statistics.adaptive
+        return seed_sequence(self.seeds, a.max_seeds) if a is not None else list(self.seeds)
+
+    @property
+    def table_metric(self) -> str:
+        """The metric of the study's tables: ``metric``, else the task's (PCK@0.2 on LSP)."""
+        return self.metric or table_metric(self.base)
+
+    @property
     def experiment(self) -> str:
         return self.tracking.experiment or self.name
+
+
+def table_metric(base: TrainConfig) -> str:
+    """The tables' metric of a study on ``base`` that does not name one."""
+    return "pck" if base.data.dataset == "lsp" else DEFAULT_METRIC[base.task]
 
 
 # --------------------------------------------------------------------------- parsing
@@ -278,7 +310,18 @@ class _Parser:
         if len(set(seeds)) != len(seeds):
             raise self.fail("seeds", "seeds must be distinct")
         resources, execution, tracking = self.run_sections(top, base)
+        metric = top.get("metric")
+        from bnnctl.workers.metrics import ALL_TABLE_METRICS, TABLE_METRICS
+
+        if metric is not None and metric not in ALL_TABLE_METRICS:
+            raise self.fail("metric", f"unknown metric {metric!r}; allowed: {', '.join(ALL_TABLE_METRICS)}")
+        self.metric, self.task_metrics = metric or table_metric(base), TABLE_METRICS[base.task]
         teachers = self.parse_teachers(top.get("teachers"), base_data)
+        self.pretrained = self.parse_teachers(top.get("pretrained"), base_data, "pretrained")
+        for name, run in self.pretrained.items():
+            if run.teacher is not None and run.teacher not in teachers:
+                raise self.fail(f"pretrained.{name}.teacher", f"unknown teacher {run.teacher!r}; defined under "
+                                f"teachers: {', '.join(sorted(teachers)) or 'none'}")
         ablations_raw = top.get("ablations")
         if not isinstance(ablations_raw, list) or not ablations_raw:
             raise self.fail("ablations", "required: a list of ablations (incremental, isolated or grid)")
@@ -294,11 +337,6 @@ class _Parser:
         names = [a.name for a in ablations]
         if len(set(names)) != len(names):
             raise self.fail("ablations", "duplicate ablation names")
-        metric = top.get("metric")
-        from bnnctl.workers.metrics import ALL_TABLE_METRICS
-
-        if metric is not None and metric not in ALL_TABLE_METRICS:
-            raise self.fail("metric", f"unknown metric {metric!r}; allowed: {', '.join(ALL_TABLE_METRICS)}")
         description = top.get("description", "")
         return StudySpec(
             name=name, description=str(description), file=self.file,
@@ -306,6 +344,7 @@ class _Parser:
             base=base, seeds=tuple(seeds), resources=resources, teachers=teachers, ablations=ablations,
             tracking=tracking, execution=execution, metric=metric, storage=self.storage(top),
             report=self.report(top.get("report")), statistics=self.statistics(top.get("statistics")),
+            pretrained=self.pretrained,
         )
 
     def report(self, value: Any) -> str:
@@ -323,6 +362,17 @@ class _Parser:
         if stats.correction not in CORRECTIONS:
             raise self.fail("statistics.correction", f"unknown correction {stats.correction!r}; allowed: "
                             f"{', '.join(CORRECTIONS)}")
+        a = stats.adaptive
+        if a is not None:
+            checks = (("alpha", a.alpha is None or 0 < a.alpha < 1, "in (0, 1)"),
+                      ("power", 0 < a.power < 1, "in (0, 1)"),
+                      ("min_seeds", 2 <= a.min_seeds <= MAX_SEEDS, f"in [2, {MAX_SEEDS}] (a paired test needs 2)"),
+                      ("max_seeds", a.min_seeds <= a.max_seeds <= MAX_SEEDS, f"in [min_seeds, {MAX_SEEDS}]"),
+                      ("batch", 1 <= a.batch <= MAX_SEEDS, f"in [1, {MAX_SEEDS}]"),
+                      ("margin", a.margin > 0, "a positive number (in the table metric's units)"))
+            for name, ok, rule in checks:
+                if not ok:
+                    raise self.fail(f"statistics.adaptive.{name}", f"must be {rule}, got {getattr(a, name)}")
         return stats
 
     def run_sections(self, top: dict, base: TrainConfig) -> tuple[Resources, Execution, Tracking]:
@@ -352,14 +402,19 @@ class _Parser:
 
         return normalize(value.strip())
 
-    def parse_teachers(self, raw: Any, base_data: dict) -> dict[str, TeacherSpec]:
+    def parse_teachers(self, raw: Any, base_data: dict, section: str = "teachers") -> dict[str, TeacherSpec]:
+        """Named runs trained once and shared: ``teachers`` (distilled from) or ``pretrained``
+        (fine-tuned from); each may itself learn from a teacher."""
         teachers = {}
-        for name, body in self.mapping(raw, "teachers").items():
-            path = f"teachers.{name}"
-            self.label(name, path, "teacher")
+        what = "teacher" if section == "teachers" else "pretrained run"
+        for name, body in self.mapping(raw, section).items():
+            path = f"{section}.{name}"
+            self.label(name, path, what)
             body = self.mapping(body, path, {"set", "teacher"})
             overrides = self.overrides(body.get("set"), f"{path}.set")
             teachers[name] = TeacherSpec(name, overrides, body.get("teacher"), self.config(base_data, overrides, f"{path}.set"))
+        if section != "teachers":  # their teachers are checked against the teachers section
+            return teachers
         # teachers of teachers must exist and must not form a cycle
         for name, t in teachers.items():
             chain, current = [name], t.teacher
@@ -372,7 +427,38 @@ class _Parser:
                 current = teachers[current].teacher
         return teachers
 
-    def row_extras(self, body: dict, path: str, teachers: dict) -> tuple[str | None, str | None, float | None]:
+    def references(self, value: Any, path: str) -> tuple[float | None, tuple[tuple[str, float], ...]]:
+        """A row's ``reference``: the paper's value of the table's metric (a number), or of several
+        metrics (``{top1: 53.7, top5: 76.8}``). Returns (the table metric's value, the others)."""
+        if value is None:
+            return None, ()
+        if not isinstance(value, dict):
+            value = {self.metric: value}
+        found = {}
+        for metric, number in value.items():
+            if metric not in self.task_metrics:
+                raise self.fail(f"{path}.{metric}", f"unknown metric {metric!r} for a reference; allowed: "
+                                f"{', '.join(self.task_metrics)}")
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                raise self.fail(f"{path}.{metric}" if len(value) > 1 or metric != self.metric else path,
+                                f"expected the paper's value (a number), got {number!r}")
+            found[metric] = float(number)
+        return found.pop(self.metric, None), tuple(found.items())
+
+    def row_init(self, body: dict, path: str, stages: str | None) -> str | None:
+        """A row's ``init``: the ``pretrained`` run it is fine-tuned from."""
+        init = body.get("init")
+        if init is None:
+            return None
+        if init not in self.pretrained:
+            raise self.fail(f"{path}.init", f"unknown pretrained run {init!r}; defined under pretrained: "
+                            f"{', '.join(sorted(self.pretrained)) or 'none'}")
+        if stages not in (None, "single"):
+            raise self.fail(f"{path}.init", f"a {stages} row initializes its stage 2 from its stage 1; "
+                            "fine-tuning from a pretrained run needs a single-stage row")
+        return init
+
+    def row_extras(self, body: dict, path: str, teachers: dict) -> tuple[str | None, str | None]:
         stages = body.get("stages")
         if isinstance(stages, dict):
             stages = stages.get("kind")
@@ -382,10 +468,7 @@ class _Parser:
         if teacher is not None and teacher not in teachers:
             raise self.fail(f"{path}.teacher", f"unknown teacher {teacher!r}; defined under teachers: "
                             f"{', '.join(sorted(teachers)) or 'none'}")
-        reference = body.get("reference")
-        if reference is not None and (isinstance(reference, bool) or not isinstance(reference, (int, float))):
-            raise self.fail(f"{path}.reference", f"expected the paper's value (a number), got {reference!r}")
-        return stages, teacher, None if reference is None else float(reference)
+        return stages, teacher
 
     def stage_epochs(self, body: dict, path: str, stages: str, cfg: TrainConfig) -> tuple[int, int] | None:
         """``stages: {kind: ..., stage1_epochs: N, stage2_epochs: M}`` (default: the row's epochs,

@@ -10,21 +10,23 @@ from bnnctl.workers.config import to_dict
 from .executor import Events
 from .layouts import AblationLayout, RowLayout, StudyLayout
 from .plan import Plan, Variant, build_plan
+from .report import reported
 from .runcore import DriverSession, LeaseKeeper, RunOptions
+from .sequential import Replay, replay
 from .spec import StudySpec, load_spec
 from .store import Member, Store
-
-DEFAULT_METRIC = {"pose": "pckh", "classification": "top1"}
 
 
 def table_layout(spec: StudySpec) -> dict:
     """What the tables need from the spec, stored with the study (the dashboard reads it): a
     :class:`~bnnctl.orchestrator.layouts.StudyLayout` as plain data."""
-    metric = spec.metric or ("pck" if spec.base.data.dataset == "lsp" else DEFAULT_METRIC[spec.base.task])
+    adaptive = spec.statistics.adaptive
     return StudyLayout(
-        name=spec.name, description=spec.description, seeds=tuple(spec.seeds), metric=metric, report=spec.report,
-        alpha=spec.statistics.alpha, correction=spec.statistics.correction,
-        ablations=tuple(AblationLayout(a.name, a.mode, a.baseline, tuple(RowLayout(r.name, r.reference) for r in a.rows))
+        name=spec.name, description=spec.description, seeds=tuple(spec.seed_order), metric=spec.table_metric,
+        report=spec.report, alpha=spec.statistics.alpha, correction=spec.statistics.correction,
+        adaptive=None if adaptive is None else {**dataclasses.asdict(adaptive), "alpha": spec.statistics.adaptive_alpha},
+        ablations=tuple(AblationLayout(a.name, a.mode, a.baseline,
+                                       tuple(RowLayout(r.name, r.reference, dict(r.also)) for r in a.rows))
                         for a in spec.ablations),
     ).to_dict()
 
@@ -170,9 +172,26 @@ def run_study(path: str | Path, db: str | None = None, tracking_uri: str | None 
         lease.release()
 
 
-def _run_study(spec: StudySpec, path, store: Store, opts: RunOptions, events, lease) -> Outcome:
-    plan = build_plan(spec)
-    study = store.upsert_study(spec.name, str(path), spec.spec_hash, table_layout(spec))
+@dataclass
+class _Round:
+    """One round of a study's run: its plan (the rows' seeds so far), what happens to each variant,
+    and the part that runs."""
+
+    plan: Plan
+    items: list[PlanItem]
+    sub: Plan
+    before: dict[str, str]
+
+    @property
+    def todo(self) -> list[str]:
+        return [k for k, s in self.before.items() if s != "completed"]
+
+
+def _round(spec: StudySpec, store: Store, study_id: int, opts: RunOptions) -> _Round:
+    """Plan the study as the stored results say (adaptive seeds: the seeds each row needs now),
+    record its variants and membership, and pick the variants this round runs or reuses."""
+    allotted = adaptive_allotment(spec, store)[0] if spec.statistics.adaptive is not None else None
+    plan = build_plan(spec, allotted)
     items = plan_items(plan, store, opts)
     for item in items:
         v = item.variant
@@ -180,16 +199,58 @@ def _run_study(spec: StudySpec, path, store: Store, opts: RunOptions, events, le
             store.ensure_variant(v.key, v.label, v.kind, to_dict(v.config), list(v.deps))
     members = [Member(key, ab, row, seed) for (ab, row, seed), key in plan.rows.items()]
     members += [Member(v.key, None, None, v.seed) for v in plan.order() if v.kind != "row"]
-    store.set_members(study.id, members)
+    store.set_members(study_id, members)
     running = {i.variant.key for i in items if i.runs or i.action == "reuse"}
     sub = Plan({k: v for k, v in plan.variants.items() if k in running},
                {r: k for r, k in plan.rows.items() if k in running})
-    before = {k: v.status for k, v in store.variants(list(sub.variants)).items()}
-    todo = [k for k, s in before.items() if s != "completed"]
+    return _Round(plan, items, sub, {k: v.status for k, v in store.variants(list(sub.variants)).items()})
+
+
+def adaptive_allotment(spec: StudySpec, store: Store | None) -> tuple[dict[tuple[str, str], int], dict[str, Replay]]:
+    """Adaptive seeds: the seeds each row needs now, and each table's looks, re-derived from the
+    stored results (never from a driver's memory: a killed driver's successor decides the same)."""
+    a = spec.statistics.adaptive
+    assert a is not None
+    full = build_plan(spec, {(r.ablation, r.name): a.max_seeds for r in spec.rows})
+    stored = store.variants(list(full.variants)) if store is not None else {}
+    allotted: dict[tuple[str, str], int] = {}
+    replays: dict[str, Replay] = {}
+    for ab in spec.ablations:
+        values: dict[str, dict[int, float | None]] = {}
+        for r in ab.rows:
+            values[r.name] = {}
+            for seed in spec.seed_order:
+                v = stored.get(full.rows[(ab.name, r.name, seed)])
+                if v is not None and v.status == "completed":
+                    values[r.name][seed] = reported(v.result or {}, spec.table_metric, spec.report)
+                elif v is not None and v.status == "failed":
+                    values[r.name][seed] = None  # ended without a value
+        rp = replay([r.name for r in ab.rows], ab.baseline, values, spec.seed_order, a,
+                    spec.statistics.adaptive_alpha, spec.statistics.correction)
+        replays[ab.name] = rp
+        allotted.update({(ab.name, name): n for name, n in rp.needed.items()})
+    return allotted, replays
+
+
+def _run_study(spec: StudySpec, path, store: Store, opts: RunOptions, events, lease) -> Outcome:
+    study = store.upsert_study(spec.name, str(path), spec.spec_hash, table_layout(spec))
+    rnd = _round(spec, store, study.id, opts)
+    trained = len(rnd.todo)
     with DriverSession(store, study.id, spec.name, study.mlflow_run_id, str(path), spec.experiment, opts,
                        spec.execution, spec.resources, events, lease=lease) as session:
-        session.begin(work=bool(todo))
-        status = session.execute(sub) if todo else dict(before)
+        session.begin(work=bool(rnd.todo))
+        status = session.execute(rnd.sub) if rnd.todo else dict(rnd.before)
+        # adaptive seeds: after each round, the stored results decide which rows get more seeds
+        while (spec.statistics.adaptive is not None and rnd.todo and not session.halted
+               and all(s == "completed" for s in status.values())):
+            rnd = _round(spec, store, study.id, opts)
+            if not rnd.todo:
+                break
+            trained += len(rnd.todo)
+            status.update(session.execute(rnd.sub))
+        status = {k: status.get(k, s) for k, s in rnd.before.items()}
+        items = rnd.items
+        running = set(rnd.sub.variants)
         left_out = [i for i in items if i.variant.key not in running]
         ok = all(s == "completed" for s in status.values())
         if ok and left_out and all(i.action == "not-selected" for i in left_out) and not session.halted:
@@ -203,7 +264,7 @@ def _run_study(spec: StudySpec, path, store: Store, opts: RunOptions, events, le
     for s in status.values():
         counts[s] = counts.get(s, 0) + 1
     skipped = sum(1 for i in items if i.action in ("skip-failed", "blocked"))
-    return Outcome(spec.name, final, counts, len(todo), skipped, sum(1 for i in items if i.action == "not-selected"))
+    return Outcome(spec.name, final, counts, trained, skipped, sum(1 for i in items if i.action == "not-selected"))
 
 
 def log_tables(tracker, run_id: str, store: Store, study_id: int, spec_file: str) -> None:

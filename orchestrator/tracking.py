@@ -219,7 +219,8 @@ class Tracker:
                 self.client.log_artifact(run_id, str(summary))
                 if result.get("per_joint"):
                     table = Path(tmp) / "per_joint.csv"
-                    table.write_text("joint,value\n" + "".join(f"{k},{v:.3f}\n" for k, v in result["per_joint"].items()))
+                    table.write_text("joint,value\n" + "".join(f"{k},{'' if v is None else f'{v:.3f}'}\n"
+                                                                  for k, v in result["per_joint"].items()))
                     self.client.log_artifact(run_id, str(table))
             from .runstorage import resolve
 

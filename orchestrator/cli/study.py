@@ -57,11 +57,11 @@ def _tables(store, study):
 def print_tables(tables, out) -> None:
     from rich.table import Table as RichTable
 
-    from bnnctl.orchestrator.formats import HEADERS, table_cells
+    from bnnctl.orchestrator.formats import headers, table_cells
 
     for t in tables:
         rt = RichTable(title=f"{t.name} — {t.mode}, {t.metric} (Δ vs {t.baseline})")
-        for h in HEADERS:
+        for h in headers(t):
             rt.add_column(h, justify="left" if h == "row" else "right")
         for row in table_cells(t):
             rt.add_row(*row)
@@ -201,9 +201,11 @@ def plan_cmd(
 
     overrides = tuple(parse_assignments(set_, "--set").items())
     spec = load_spec(file, dict(overrides))
-    plan = build_plan(spec)
-    items = plan_items(plan, _existing_store(db), RunOptions(db, overrides=overrides, only=tuple(only),
-                                                             variant_keys=tuple(variant), rerun_failed=rerun_failed))
+    store = _existing_store(db)
+    adaptive = adaptive_budget(spec, store) if spec.statistics.adaptive is not None else None
+    plan = build_plan(spec, adaptive["allotted"] if adaptive else None)
+    items = plan_items(plan, store, RunOptions(db, overrides=overrides, only=tuple(only),
+                                               variant_keys=tuple(variant), rerun_failed=rerun_failed))
     where = {k: (ab, row) for (ab, row, _), k in plan.rows.items()}
     rows = []
     for i in items:
@@ -218,6 +220,8 @@ def plan_cmd(
                "reused": sum(1 for r in rows if r["action"] == "reuse"),
                "skipped": sum(1 for r in rows if r["action"] in ("skip-failed", "blocked", "not-selected")),
                "epochs_to_run": sum(r["epochs"] for r in to_train), "epochs_total": sum(r["epochs"] for r in rows)}
+    if adaptive:
+        summary["adaptive"] = {k: v for k, v in adaptive.items() if k != "allotted"}
     if as_json:
         typer.echo(json.dumps({"summary": summary, "variants": rows}, indent=2))
         return
@@ -231,6 +235,49 @@ def plan_cmd(
     out.print(t)
     out.print(f"{summary['variants']} variants: {summary['to_run']} to run ({summary['epochs_to_run']} epochs), "
               f"{summary['reused']} reused, {summary['skipped']} skipped")
+    if adaptive:
+        print_adaptive(out, adaptive)
+
+
+def print_adaptive(out, a: dict) -> None:
+    """`study plan`'s lines on adaptive seeds: the budget's bounds and each comparison so far."""
+    out.print(f"adaptive seeds: the study trains {a['min_variants']} to {a['max_variants']} variants "
+              f"({a['min_epochs']} to {a['max_epochs']} epochs), {a['min_seeds']} to {a['max_seeds']} seeds a row")
+    for r in a["rows"]:
+        more = (f"; about {r['forecast']} seeds for power {a['power']:g} at its observed difference"
+                if r["forecast"] else "")
+        out.print(f"  {r['ablation']} / {r['row']}: {r['decision']} with {r['seeds']} seeds{more}")
+
+
+def adaptive_budget(spec, store) -> dict:
+    """Adaptive seeds, for `study plan`: the seeds each row needs now, the study's smallest and
+    largest budget, and each row's decision so far (with a forecast of the seeds an open one needs)."""
+    from bnnctl.orchestrator.plan import build_plan
+    from bnnctl.orchestrator.sequential import forecast
+    from bnnctl.orchestrator.study import adaptive_allotment
+
+    a = spec.statistics.adaptive
+    allotted, replays = adaptive_allotment(spec, store)
+    out = {"allotted": allotted, "min_seeds": a.min_seeds, "max_seeds": a.max_seeds, "power": a.power, "rows": []}
+    for bound, n in (("min", a.min_seeds), ("max", a.max_seeds)):
+        p = build_plan(spec, {(r.ablation, r.name): n for r in spec.rows})
+        out[f"{bound}_variants"] = len(p.variants)
+        out[f"{bound}_epochs"] = sum(v.config.epochs for v in p.variants.values())
+    alpha, rows = spec.statistics.adaptive_alpha, {ab.name: len(ab.rows) - 1 for ab in spec.ablations}
+    for ab in spec.ablations:
+        look = replays[ab.name].looks[-1] if replays[ab.name].looks else None
+        for r in ab.rows:
+            if r.name == ab.baseline:
+                continue
+            c = look.comparisons.get(r.name) if look else None
+            decision = c.decision if c else "open"
+            estimate = None
+            if c is not None and decision == "open":
+                level = alpha / max(rows[ab.name], 1) if spec.statistics.correction == "holm" else alpha
+                estimate = forecast(look.diffs.get(r.name, []), a, level)
+            out["rows"].append({"ablation": ab.name, "row": r.name, "decision": decision,
+                                "seeds": allotted.get((ab.name, r.name), a.min_seeds), "forecast": estimate})
+    return out
 
 
 @app.command("submit")

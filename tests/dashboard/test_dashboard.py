@@ -5,9 +5,7 @@ Ray cluster starts (the study and tuning tests run the same drivers on Ray)."""
 import hashlib
 import os
 import shutil
-import socket
 import sqlite3
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +16,7 @@ import pytest
 from bnnctl.orchestrator.formats import format_latency, format_value
 from bnnctl.orchestrator.report import build_tables
 from bnnctl.orchestrator.store import Store
+from dashserver import Server, free_port
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 if not (CHROMIUM and DRIVER):
@@ -66,39 +65,6 @@ sampler: {{name: random, seed: 0}}
 pruner: {{name: none}}
 execution: {{max_parallel: 2}}
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """The dashboard app on uvicorn in a thread, on a free loopback port."""
-
-    def __init__(self, db: str, runs_dir: Path, mlflow_url: str | None = None, **security) -> None:
-        import uvicorn
-
-        from bnnctl.dashboard.app import create_app
-
-        self.port = _free_port()
-        app = create_app(db, runs_dir, mlflow_url, refresh_s=1.0, **security)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.05)
-        assert self.server.started
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -557,7 +523,7 @@ def test_binding_beyond_loopback_needs_the_flag_then_prints_a_token_and_requires
 
     refused = CliRunner().invoke(app, ["dashboard", "--host", "0.0.0.0", "--db", empty_db])
     assert refused.exit_code == 1 and "--allow-remote" in refused.output and "Traceback" not in refused.output
-    port = _free_port()
+    port = free_port()
     cli = [sys.executable, "-c", "from bnnctl.orchestrator.cli import main; main()", "dashboard", "--host",
            "0.0.0.0", "--port", str(port), "--allow-remote", "--db", empty_db, "--allowed-host", "dash.lab"]
     proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -15,6 +15,9 @@ PAPERS = {
         ("HB baseline", 76.6), ("HB with ReLU", 76.3), ("+ LeakyReLU", 78.1), ("+ PReLU (instead)", 79.1),
         ("+ reverse-order init", 79.9), ("+ progressive binarization", 80.3), ("+ distillation (real teacher)", 80.9)],
     ("mpii.yaml", "reference"): [("HB real-valued", 85.6)],
+    ("mpii.yaml", "IT §3.6 teachers"): [  # IT §3.6 reports no value for these
+        ("no distillation", None), ("real teacher", None), ("binary teacher", None),
+        ("binary teacher, feature matching", None)],
     ("mpii.yaml", "IT Table 3"): [
         ("HB baseline", 76.6), ("reverse-order init alone", 78.5), ("progressive binarization alone", 78.0),
         ("distillation alone", 77.6)],
@@ -40,7 +43,16 @@ PAPERS = {
         ("scalar gate (learned)", 87.6), ("learned channel-wise gate", 88.0)],
     ("mpii_soft_gates.yaml", "SG connection type"): [
         ("sum (HG baseline)", 87.5), ("concatenate", 88.0), ("concatenate grouped", 87.8)],
+    ("lsp.yaml", "SG on LSP"): [("from scratch", None), ("fine-tuned from MPII", 94.8)],
 }
+# the papers' top-5 values, beside the top-1 of the same tables (IT Table 4, MT Table 2)
+TOP5 = {
+    ("imagenet.yaml", "IT Table 4 ResNet-18"): [69.2, 73.2, 76.8, 89.2],
+    ("imagenet.yaml", "IT Table 4 AlexNet"): [67.1, 69.2, 72.8, 80.2],
+    ("imagenet_mt.yaml", "MT Table 2"): [74.1, 74.7, 74.2, None, 76.9, 77.4, 78.2, 78.5],
+}
+STUDY_FILES = ("mpii.yaml", "imagenet.yaml", "imagenet_mt.yaml", "mpii_decomposition.yaml", "mpii_soft_gates.yaml",
+               "lsp.yaml", "quickstart.yaml", "replication.yaml", "digits_quickstart.yaml")
 
 _specs: dict = {}
 
@@ -75,6 +87,13 @@ def test_every_row_of_the_papers_tables_is_there_with_its_value(key):
     assert got == PAPERS[key]
 
 
+@pytest.mark.parametrize("key", list(TOP5), ids=[f"{f}:{a}" for f, a in TOP5])
+def test_top5_references_stand_beside_the_top1(key):
+    name, ablation = key
+    assert spec(name).table_metric == "top1"
+    assert [dict(r.also).get("top5") for r in rows(name, ablation).values()] == TOP5[key]
+
+
 def test_every_table_of_the_papers_is_shipped():
     tables = {(f, a.name) for f in {f for f, _ in PAPERS} for a in spec(f).ablations}
     assert tables == set(PAPERS)
@@ -100,8 +119,10 @@ def test_it_rows_stand_on_the_bases_the_paper_uses():
             assert ours.config.model.join_binary is True and ours.config.model.stacks == n
             assert ours.stages == "reverse_order" and ours.config.model.binarize.weight_quantizer == "tanh"
             assert (ours.teacher is not None) == (kind == "w/")
-    # the teachers are real-valued networks of the student's size
+    # the teachers are real-valued networks of the student's size (and IT §3.6's binary one)
     for name, t in spec("mpii.yaml").teachers.items():
+        if name == "binary":
+            continue
         m = t.config.model
         assert not m.binarize.activations and not m.binarize.weights and m.activation.kind == "relu"
     assert spec("mpii.yaml").teachers["real 3 stacks"].config.model.stacks == 3
@@ -113,12 +134,118 @@ def test_every_row_of_a_study_trains_the_same_budget():
     from bnnctl.orchestrator.report import budget
     from bnnctl.workers.config import to_dict
 
-    for name in ("mpii.yaml", "imagenet.yaml", "imagenet_mt.yaml", "mpii_decomposition.yaml",
-                 "mpii_soft_gates.yaml", "quickstart.yaml", "replication.yaml"):
+    for name in STUDY_FILES:
         plan = build_plan(spec(name))
         stored = {k: NS(config=to_dict(v.config), deps=list(v.deps), kind=v.kind) for k, v in plan.variants.items()}
         budgets = {budget(key, stored) for key in plan.rows.values()}
         assert len(budgets) == 1, (name, budgets)
+
+
+def _stage_chain(plan, key):
+    """A row's variants from its first stage to its last (a stage 2 after its stage 1)."""
+    v = plan.variants[key]
+    first = plan.variants.get(v.init_dep) if v.init_dep else None
+    return ([first] if first is not None and first.kind == "stage1" else []) + [v]
+
+
+def test_every_row_follows_the_same_learning_rate_and_lambda_over_its_budget():
+    """IT §4.2: "trained for 120 epochs, using a learning rate [...] dropped every 40 epochs": a
+    two-stage row (60 + 60) gets the drop at 40 and 80 like a one-stage row, not once per stage."""
+    for name in STUDY_FILES:
+        s = spec(name)
+        plan = build_plan(s)
+        for key in set(plan.rows.values()):
+            chain = _stage_chain(plan, key)
+            lrs = [c.config.optim.lr_at(c.config.schedule_offset + e) for c in chain for e in range(c.config.epochs)]
+            single = chain[-1].config.optim
+            assert lrs == [single.lr_at(e) for e in range(len(lrs))], (name, plan.variants[key].label)
+            offsets = [c.config.schedule_offset for c in chain]
+            assert offsets == [sum(c.config.epochs for c in chain[:i]) for i in range(len(chain))]
+    # e.g. IT Table 1's reverse-order row on MPII: 60 + 60 epochs, drops at 40 and 80 of the budget
+    plan = build_plan(spec("mpii.yaml"))
+    s1, s2 = _stage_chain(plan, plan.rows[("IT Table 1", "+ reverse-order init", 0)])
+    assert (s1.config.epochs, s2.config.schedule_offset, s2.config.optim.lr_steps) == (60, 60, (40, 80))
+    assert [s2.config.optim.lr_at(s2.config.schedule_offset + e) for e in (0, 19, 20)] == pytest.approx([2.5e-5, 2.5e-5, 2.5e-6])
+
+
+def test_mt_table_1_is_on_mts_six_million_parameter_network():
+    """MT Table 3: "Ours 6.0M 82.5%" is the network of MT Table 1 (its last row's value)."""
+    for row in rows("mpii_decomposition.yaml", "MT Table 1").values():
+        m = row.config.model
+        assert (m.block, m.width, m.depth, m.stacks) == ("basic", 148, 4, 1)
+    base = spec("mpii_decomposition.yaml").base
+    assert abs(params(base.model) - 6.0e6) / 6.0e6 < 0.02
+    assert base.data.augment.scale == 0.3  # MT: "scale jittering (between 0.7 and 1.3)"
+
+
+def test_the_two_fixed_gate_rows_of_sg_are_different_functions():
+    """SG Table II's fixed scalar and fixed channel-wise gates: a channel gate filled with one
+    constant would be the scalar gate again (identical outputs)."""
+    import dataclasses
+
+    import torch
+
+    from bnnctl.workers.models import build_model
+
+    sg = rows("mpii_soft_gates.yaml", "SG skip connections")
+    outs, gates = [], []
+    for name in ("scalar gate (fixed)", "channel-wise gate (fixed)"):
+        cfg = dataclasses.replace(sg[name].config.model, width=32, depth=2)  # the same function, smaller
+        torch.manual_seed(0)
+        model = build_model(cfg).eval()
+        assert not any("gate" in n for n, _ in model.named_parameters())  # fixed: not trained
+        gates.append(model.stem[3].gate.gate.flatten())
+        with torch.no_grad():
+            outs.append(model(torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)))[-1])
+    assert gates[0].numel() == 1 and float(gates[0]) == 0.5
+    assert gates[1].numel() == 16 and gates[1].unique().numel() == 16 and 0 <= gates[1].min() < gates[1].max() <= 1
+    assert (outs[0] - outs[1]).abs().max() > 1e-3
+
+
+def test_imagenet_specs_resize_then_crop_as_the_papers_do():
+    for name in ("imagenet.yaml", "imagenet_mt.yaml"):
+        a = spec(name).base.data.class_augment
+        assert (a.crop, a.resize, spec(name).base.data.input_size) == ("resize_random", 256, 224)
+
+
+def test_it_studies_use_bce_and_progressive_rows_binarize_weights_too():
+    """IT §4.2: "Instead of using the MSE loss, we [...] used the BCE loss"."""
+    for name in ("quickstart.yaml", "replication.yaml", "mpii.yaml", "mpii_decomposition.yaml"):
+        assert spec(name).base.loss == "bce", name
+    from bnnctl.orchestrator.tunespec import load_tune_spec as load_tuning
+
+    for name in ("tune_lambda.yaml", "tune_distill.yaml"):
+        t = load_tuning(STUDIES / name)
+        assert t.base.loss == "bce", name
+    b = load_tuning(STUDIES / "tune_lambda.yaml").base.model.binarize
+    assert (b.quantizer, b.weight_quantizer) == ("tanh", "tanh")
+    for name in STUDY_FILES:  # every progressive row binarizes both, but those that say otherwise
+        for r in spec(name).rows:
+            b = r.config.model.binarize
+            if b.activations and b.quantizer != "sign" and not r.name.endswith("activations only"):
+                assert b.weight_quantizer == b.quantizer, (name, r.name)
+    halves = rows("replication.yaml", "techniques alone")
+    w, a = (halves[f"progressive binarization, {k} only"].config.model.binarize for k in ("weights", "activations"))
+    assert (w.quantizer, w.weight_quantizer, a.quantizer, a.weight_quantizer) == ("sign", "tanh", "tanh", "sign")
+
+
+def test_binary_teacher_with_feature_matching_and_lsp_fine_tuning():
+    t = rows("mpii.yaml", "IT §3.6 teachers")
+    teacher = spec("mpii.yaml").teachers["binary"].config.model
+    assert teacher.binarize.activations and teacher.binarize.weights and teacher.activation.kind == "prelu"
+    fm = t["binary teacher, feature matching"]
+    assert fm.teacher == "binary" and fm.config.distill.feature_weight > 0
+    assert t["binary teacher"].config.distill.feature_weight == 0 and t["real teacher"].teacher == "real"
+    lsp = spec("lsp.yaml")
+    tuned = rows("lsp.yaml", "SG on LSP")["fine-tuned from MPII"]
+    assert tuned.init == "mpii" and tuned.config.data.pose_layout == "mpii16" and tuned.config.optim.lr_steps == (25, 50, 75)
+    pre = lsp.pretrained["mpii"].config
+    assert (pre.data.dataset, pre.epochs, pre.optim.lr_steps) == ("mpii", 200, (75, 100, 150))
+    assert pre.model == tuned.config.model  # the same network: fine-tuned as it is
+    plan = build_plan(lsp)
+    v = plan.variants[plan.rows[("SG on LSP", "fine-tuned from MPII", 0)]]
+    assert plan.variants[v.init_dep].kind == "pretrain"
+    assert abs(params(tuned.config.model) - 26e6) / 26e6 < 0.02  # SG's wide model: 26M
 
 
 def test_imagenet_rows_and_mt_recipe():

@@ -111,6 +111,26 @@ BAD = {
     "missing name": ("ablations: [{name: a, rows: [{name: r}]}]\n", "name", None),
     "task mismatch declared": ("name: x\ntask: classification\nablations: [{name: a, rows: [{name: r}]}]\n",
                                "is a pose dataset", 2),
+    "reference of an unknown metric": ("name: x\nablations:\n  - name: a\n    rows:\n      - {name: r, reference: "
+                                       "{pckh: 1, top5: 2}}\n", "unknown metric 'top5' for a reference; allowed: pckh", 5),
+    "reference not a number": ("name: x\nablations:\n  - name: a\n    rows:\n      - {name: r, reference: high}\n",
+                               "expected the paper's value (a number), got 'high'", 5),
+    "unknown pretrained run": ("name: x\nablations:\n  - name: a\n    rows:\n      - {name: r, init: mpii}\n",
+                               "unknown pretrained run 'mpii'", 5),
+    "pretrained two-stage row": ("name: x\npretrained: {p: {set: {epochs: 2}}}\nablations:\n  - name: a\n    rows:\n"
+                                 "      - {name: r, init: p, stages: reverse_order}\n", "needs a single-stage row", 6),
+    "mpii16 layout on mpii": ("name: x\nbase: {data: {pose_layout: mpii16}}\nablations: [{name: a, rows: [{name: r}]}]\n",
+                              "'mpii16' maps LSP's joints", 2),
+    "adaptive max below min": ("name: x\nstatistics:\n  adaptive: {min_seeds: 5, max_seeds: 3}\n"
+                               "ablations: [{name: a, rows: [{name: r}]}]\n", "max_seeds: must be in [min_seeds, 100]", 3),
+    "adaptive one seed": ("name: x\nstatistics:\n  adaptive: {min_seeds: 1}\nablations: [{name: a, rows: [{name: r}]}]\n",
+                          "a paired test needs 2", 3),
+    "adaptive unknown key": ("name: x\nstatistics:\n  adaptive: {seeds: 4}\nablations: [{name: a, rows: [{name: r}]}]\n",
+                             "adaptive.seeds", 3),
+    "adaptive margin": ("name: x\nstatistics:\n  adaptive: {margin: 0}\nablations: [{name: a, rows: [{name: r}]}]\n",
+                        "margin: must be a positive number", 3),
+    "gate range on a scalar gate": ("name: x\nablations:\n  - name: a\n    rows:\n      - {name: r, set: {model.gate: "
+                                    "{kind: scalar, init_range: [0, 1]}}}\n", "needs kind: channel", 5),
 }
 
 
@@ -136,7 +156,8 @@ def test_missing_file(tmp_path, monkeypatch):
     assert result.exit_code == 1 and "file not found" in result.output and not (tmp_path / ".bnnctl").exists()
 
 
-@pytest.mark.parametrize("name", ["mpii.yaml", "imagenet.yaml", "imagenet_mt.yaml", "mpii_decomposition.yaml", "mpii_soft_gates.yaml"])
+@pytest.mark.parametrize("name", ["mpii.yaml", "imagenet.yaml", "imagenet_mt.yaml", "mpii_decomposition.yaml",
+                                  "mpii_soft_gates.yaml", "lsp.yaml"])
 def test_real_data_studies_stop_before_training_without_data(tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["study", "run", str(STUDIES[0].parent / name), "--no-track"])

@@ -237,3 +237,39 @@ def test_rows_from_different_environments_are_flagged():
     same, _, _ = _one_table({"base": [(0, 70.0)], "x": [(0, 60.0)]},
                             env={"torch": "2.13.0", "device": "cpu", "threads": 1})
     assert len(same.environments) == 1 and "WARNING" not in same.rule
+
+
+def test_other_metrics_the_paper_gives_stand_beside_the_tables_metric():
+    """IT Table 4 / MT Table 2 give top-1 and top-5: the table (and each export) shows both, each with
+    the paper's value beside the measured mean ± std."""
+    import json
+
+    from bnnctl.orchestrator.formats import export, headers, table_cells
+
+    layout = {"metric": "top1", "seeds": [0, 1], "ablations": [
+        {"name": "IT Table 4", "mode": "isolated", "baseline": "XNOR-Net",
+         "rows": [{"name": "XNOR-Net", "reference": 51.2, "also": {"top5": 73.2}},
+                  {"name": "IT", "reference": 53.7, "also": {"top5": 76.8}}, {"name": "extra", "reference": None}]}]}
+    members, variants = [], {}
+    for row, values in (("XNOR-Net", [(50.0, 72.0), (52.0, 74.0)]), ("IT", [(54.0, 77.0), (55.0, 78.0)]),
+                        ("extra", [(40.0, 60.0), (41.0, 61.0)])):
+        for seed, (top1, top5) in enumerate(values):
+            key = f"{row}-{seed}"
+            members.append(NS(variant_key=key, ablation="IT Table 4", row=row, seed=seed))
+            variants[key] = NS(key=key, status="completed", config={"epochs": 80}, deps=[], kind="row",
+                               result={"metrics": {"top1": top1, "top5": top5}, "accounting": {}})
+    (t,) = build_tables(layout, members, variants)
+    assert t.also == ("top5",)
+    assert headers(t)[:6] == ["row", "metric", "Δ", "paper", "top5", "top5 paper"]
+    cells = table_cells(t)
+    assert cells[0][4:6] == ["73.0 ± 1.4", "73.2"] and cells[1][4:6] == ["77.5 ± 0.7", "76.8"]
+    assert cells[2][4:6] == ["60.5 ± 0.7", "—"]
+    rows = list(csv.DictReader(io.StringIO(to_csv([t]))))
+    assert [(r["top5_mean"], r["top5_paper"]) for r in rows] == [("73.0000", "73.2"), ("77.5000", "76.8"), ("60.5000", "")]
+    assert "| top5 | top5 paper |" in to_markdown([t]) and r"\begin{tabular}{lrrrrrrrrrr}" in to_latex([t])
+    data = json.loads(export([t], "json", "s"))["tables"][0]
+    assert data["also"] == ["top5"] and data["rows"][1]["also"][0] == {"metric": "top5", "value": "77.5 ± 0.7",
+                                                                       "mean": 77.5, "std": pytest.approx(0.7071, abs=1e-4),
+                                                                       "reference": 76.8}
+    html = export([t], "html", "s")
+    assert html.count('class="paper also"') == 3 and "<th>top5 paper</th>" in html
