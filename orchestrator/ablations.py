@@ -60,7 +60,7 @@ def _listed_rows(p: "_Parser", body: dict, path: str, name: str, base_data: dict
         else:
             overrides, row_stages, row_teacher = own, r_stages or "single", r_teacher
             init = rb.get("init")
-        row_init = p.row_init({"init": init}, rpath, row_stages)
+        row_init = p.row_init(init, rpath, row_stages)
         cfg = p.config(base_data, overrides, f"{rpath}.set")
         if r_stages is not None or not cumulative_rows:
             split = p.stage_epochs(rb, rpath, row_stages, cfg)

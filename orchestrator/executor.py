@@ -41,6 +41,8 @@ class Events:
     running: Callable[[Variant, str], None] = lambda v, node: None
     #: a resumed run said which epochs its checkpoint holds (the last one)
     resumed: Callable[[Variant, int], None] = lambda v, epoch: None
+    #: adaptive seeds: a look left comparisons open, and this many more variants will run for them
+    planned: Callable[[int], None] = lambda count: None
 
 
 class Hooks:

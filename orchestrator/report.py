@@ -255,9 +255,12 @@ def build_tables(layout: StudyLayout | dict, members: list, variants: dict) -> l
             ps = [decided[n].p_raw if n in decided else None for n in ab.row_names]
             adjusted = [decided[n].p_value if n in decided else None for n in ab.row_names]
         rows = []
+        paired = looks[-1].diffs if looks else {}  # adaptive: Δ is the mean of the pairs the decision used
         for r, p, p_adj in zip(ab.rows, ps, adjusted):
             c = cells[r.name]
             delta = (c.mean - base.mean) if (c.mean is not None and base is not None and base.mean is not None) else None
+            if paired.get(r.name):
+                delta = statistics.fmean(paired[r.name])
             acc = extra[r.name] or {}
             rows.append(TableRow(r.name, c, delta, r.reference, acc.get("params"), acc.get("bops"),
                                  acc.get("deployed_bytes"), r.name == ab.baseline, p,

@@ -445,9 +445,8 @@ class _Parser:
             found[metric] = float(number)
         return found.pop(self.metric, None), tuple(found.items())
 
-    def row_init(self, body: dict, path: str, stages: str | None) -> str | None:
+    def row_init(self, init: Any, path: str, stages: str | None) -> str | None:
         """A row's ``init``: the ``pretrained`` run it is fine-tuned from."""
-        init = body.get("init")
         if init is None:
             return None
         if init not in self.pretrained:

@@ -247,6 +247,7 @@ def _run_study(spec: StudySpec, path, store: Store, opts: RunOptions, events, le
             if not rnd.todo:
                 break
             trained += len(rnd.todo)
+            session.events.planned(len(rnd.todo))
             status.update(session.execute(rnd.sub))
         status = {k: status.get(k, s) for k, s in rnd.before.items()}
         items = rnd.items

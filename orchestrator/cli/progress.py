@@ -58,7 +58,14 @@ class StudyProgress:
         from bnnctl.orchestrator.executor import Events
 
         return Events(started=self.started, epoch=self.epoch, finished=self.finished, waiting=self.waiting,
-                      resumed=self.resumed)
+                      resumed=self.resumed, planned=self.planned)
+
+    def planned(self, count: int) -> None:
+        """Adaptive seeds: the last look left comparisons open; ``count`` more variants run for them."""
+        self.total += count
+        if self.progress is not None:
+            self.progress.update(self.overall, total=self.total)
+        self.line(f"look     comparisons still open: {count} more variants (seeds) to train, {self.total} in all")
 
     def started(self, v) -> None:
         self.started_at[v.key] = time.monotonic()

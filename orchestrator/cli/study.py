@@ -126,7 +126,7 @@ def _run(file, db, tracking_uri, address, cpus, max_parallel, no_track, storage,
     from bnnctl.orchestrator.plan import build_plan
     from bnnctl.orchestrator.runcore import RunOptions
     from bnnctl.orchestrator.spec import load_spec
-    from bnnctl.orchestrator.study import plan_items, run_study, select
+    from bnnctl.orchestrator.study import adaptive_allotment, plan_items, run_study, select
     from bnnctl.orchestrator.tracking import ui_hint
 
     from ._common import parse_assignments
@@ -137,9 +137,11 @@ def _run(file, db, tracking_uri, address, cpus, max_parallel, no_track, storage,
                          takeover=takeover, overrides=overrides, only=tuple(only), variant_keys=tuple(variant),
                          rerun_failed=rerun_failed)
     spec = load_spec(file, dict(overrides))  # a bad spec is refused before anything is shown or started
-    plan = build_plan(spec)
+    store = _existing_store(db)
+    # adaptive seeds: the first round is what the stored results say; later looks add to the total
+    plan = build_plan(spec, adaptive_allotment(spec, store)[0] if spec.statistics.adaptive is not None else None)
     select(plan, options.only, options.variant_keys)
-    total = sum(1 for i in plan_items(plan, _existing_store(db), options) if i.runs)
+    total = sum(1 for i in plan_items(plan, store, options) if i.runs)
     out = console()
     if verbose:
         import os

@@ -153,16 +153,20 @@ ablations:
 
 DRIVER = """
 import sys
+from rich.console import Console
 from bnnctl.orchestrator.backends.inprocess import InProcessBackend
+from bnnctl.orchestrator.cli.progress import StudyProgress
 from bnnctl.orchestrator.runcore import RunOptions
 from bnnctl.orchestrator.study import run_study
-out = run_study(sys.argv[1], options=RunOptions(backend_instance=InProcessBackend(capacity=1), track=False))
+with StudyProgress(Console(file=sys.stdout), int(sys.argv[2]), tty=False) as progress:
+    out = run_study(sys.argv[1], events=progress.events(),
+                    options=RunOptions(backend_instance=InProcessBackend(capacity=1), track=False))
 print(out.status, out.trained)
 """
 
 
-def _driver(folder, spec):
-    return subprocess.Popen([sys.executable, "-c", DRIVER, str(spec)], cwd=folder, stdout=subprocess.PIPE,
+def _driver(folder, spec, total=0):
+    return subprocess.Popen([sys.executable, "-c", DRIVER, str(spec), str(total)], cwd=folder, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -189,8 +193,10 @@ def test_an_adaptive_study_spends_seeds_on_the_open_row_and_a_kill_changes_no_de
     for folder in (ref, killed):
         folder.mkdir()
         (folder / "spec.yaml").write_text(STUDY.format(root=tmp_path / "digits"))
-    out, _ = _driver(ref, ref / "spec.yaml").communicate(timeout=600)
+    out, _ = _driver(ref, ref / "spec.yaml", 15).communicate(timeout=600)
     assert out.strip().splitlines()[-1] == "completed 19", out
+    # the progress counts the variants each look adds: 15 for the first, 4 more after it
+    assert "comparisons still open: 4 more variants (seeds) to train, 19 in all" in out and "[19/19]" in out
     values, decisions, table = _outcome(ref)
     assert decisions["real-valued"][:2] == ("better", 5)
     assert decisions["prelu slope 0.26"][:2] == ("inconclusive", 7)

@@ -273,3 +273,35 @@ def test_other_metrics_the_paper_gives_stand_beside_the_tables_metric():
                                                                        "reference": 76.8}
     html = export([t], "html", "s")
     assert html.count('class="paper also"') == 3 and "<th>top5 paper</th>" in html
+
+
+def test_an_adaptive_table_shows_each_rows_decision_seeds_and_paired_difference():
+    """Adaptive seeds: the rows have different numbers of seeds; Δ is the mean of the pairs the
+    decision used (the baseline's extra seeds do not enter a row's Δ), and every export says the
+    decision."""
+    from bnnctl.orchestrator.formats import export, headers, table_cells
+
+    layout = {"metric": "pckh", "seeds": list(range(7)), "correction": "holm",
+              "adaptive": {"alpha": 0.05, "power": 0.8, "min_seeds": 5, "max_seeds": 7, "batch": 2, "margin": 0.5},
+              "ablations": [{"name": "A", "mode": "isolated", "baseline": "base",
+                             "rows": [{"name": "base"}, {"name": "big"}, {"name": "null"}]}]}
+    base = [20.0, 22.0, 21.0, 23.0, 19.0, 30.0, 28.0]  # its last two seeds are high
+    values = {"base": base, "big": [b + 30 + 0.1 * i for i, b in enumerate(base[:5])],
+              "null": [b + (-1) ** i for i, b in enumerate(base)]}
+    members, variants = [], {}
+    for row, vals in values.items():
+        for seed, v in enumerate(vals):
+            key = f"{row}-{seed}"
+            members.append(NS(variant_key=key, ablation="A", row=row, seed=seed))
+            variants[key] = NS(key=key, status="completed", result={"metrics": {"pckh": v}, "accounting": {}},
+                               config={"epochs": 4}, deps=[], kind="row")
+    (t,) = build_tables(layout, members, variants)
+    base_row, big, null = t.rows
+    assert [len(r.cell.values) for r in t.rows] == [7, 5, 7] and big.cell.status == "done"
+    assert big.decision == "better" and big.delta == pytest.approx(30.2)  # not 32.2 - 23.3: the pairs
+    assert null.decision == "inconclusive" and null.delta == pytest.approx(1 / 7)
+    assert [look.seeds for look in t.looks] == [{"big": 5, "null": 5, "base": 5}, {"big": 5, "null": 7, "base": 7}]
+    assert headers(t)[3] == "decision" and table_cells(t)[1][3].startswith("better, 5 seeds, p ")
+    rows = list(csv.DictReader(io.StringIO(to_csv([t]))))
+    assert [r["decision"] for r in rows] == ["", "better", "inconclusive"] and rows[2]["interval_low"] != ""
+    assert "adaptive seeds (5 to 7 per row" in to_markdown([t]) and "inconclusive, 7 seeds, [" in export([t], "html", "s")
