@@ -258,11 +258,8 @@ def build_tables(layout: StudyLayout | dict, members: list, variants: dict) -> l
         paired = looks[-1].diffs if looks else {}  # adaptive: Δ is the mean of the pairs the decision used
         for r, p, p_adj in zip(ab.rows, ps, adjusted):
             c = cells[r.name]
-            delta = (c.mean - base.mean) if (c.mean is not None and base is not None and base.mean is not None) else None
-            if paired.get(r.name):
-                delta = statistics.fmean(paired[r.name])
             acc = extra[r.name] or {}
-            rows.append(TableRow(r.name, c, delta, r.reference, acc.get("params"), acc.get("bops"),
+            rows.append(TableRow(r.name, c, _delta(c, base, paired.get(r.name)), r.reference, acc.get("params"), acc.get("bops"),
                                  acc.get("deployed_bytes"), r.name == ab.baseline, p,
                                  c.mean is not None and c.mean == top, budgets[r.name], p_adj, layout.alpha,
                                  envs[r.name], *latencies[r.name],
@@ -273,6 +270,15 @@ def build_tables(layout: StudyLayout | dict, members: list, variants: dict) -> l
         tables.append(Table(ab.name, ab.mode, metric, ab.baseline, tuple(rows), report, layout.alpha,
                             layout.correction, distinct, tuple(sorted(machines)), also, layout.adaptive, tuple(looks)))
     return tables
+
+
+def _delta(c: Cell, base: Cell | None, pairs: list[float] | None) -> float | None:
+    """Δ to the baseline: the mean of the pairs an adaptive decision used, else the means' difference."""
+    if pairs:
+        return statistics.fmean(pairs)
+    if c.mean is None or base is None or base.mean is None:
+        return None
+    return c.mean - base.mean
 
 
 def _adaptive(layout: StudyLayout, ab, values: dict[str, dict[int, float | None]]) -> tuple[list, dict]:
