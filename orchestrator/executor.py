@@ -88,7 +88,8 @@ class Executor:
             fetch.append(("init_from", f"{v.init_dep}/{LAST}"))
         if v.teacher_dep:
             fetch.append(("distill.teacher", f"{v.teacher_dep}/{BEST}"))
-        return Task(v.key, to_dict(v.config), self.storage.root, v.resources.cpus, v.resources.gpus, tuple(fetch))
+        return Task(v.key, to_dict(v.config), self.storage.root, v.resources.cpus, v.resources.gpus, tuple(fetch),
+                    v.resources.workers)
 
     def run(self, plan: Plan, study_name: str, parent_run: str | None,
             cancelled: Callable[[], bool] = lambda: False, hooks: Hooks | None = None) -> dict[str, str]:

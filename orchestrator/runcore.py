@@ -215,7 +215,7 @@ class DriverSession:
         self.backend = self.options.backend_instance or make_backend(
             self.options.backend, **({"address": self.options.address, "cpus": self.options.cpus}
                                      if self.options.backend == "ray" else {}))
-        self.backend.start(self.parallel, self.resources.cpus, self.resources.gpus)
+        self.backend.start(self.parallel, self.resources.cpus, self.resources.gpus, self.resources.workers)
         if self.backend.node_count > 1 and self.options.storage is None and not os.environ.get("BNNCTL_STORAGE"):
             raise StorageNotShared(
                 f"{self.backend.describe()} has {self.backend.node_count} nodes, but the run storage is the "

@@ -46,6 +46,7 @@ LABEL_RULE = (f"1 to {LABEL_MAX} printable characters, no tabs, newlines or othe
               "no leading or trailing spaces")
 MAX_SEEDS = 100
 MAX_SEED = 2**32 - 1
+MAX_WORKERS = 256  # data-parallel workers per variant
 #: single: one run. reverse_order (IT §3.3): binary activations with real weights, then everything
 #: binary from there. standard: the real-valued network, then everything binary from there.
 STAGE_KINDS = ("single", "reverse_order", "standard")
@@ -71,10 +72,12 @@ def load_yaml(path: Path, what: str = "study spec") -> tuple[Any, dict[str, int]
 
 @dataclass(frozen=True)
 class Resources:
-    """Ray resources of one variant (fractional GPUs allowed)."""
+    """Ray resources of one variant: ``workers`` data-parallel workers (Ray Train), each holding
+    ``cpus`` CPUs and ``gpus`` GPUs (fractional GPUs allowed: several small variants share one)."""
 
     cpus: float = 1.0
     gpus: float = 0.0
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -264,8 +267,15 @@ class _Parser:
                 raise self.fail(path, f"override keys are dotted config paths such as model.activation.kind, got {key!r}")
         return tuple(sets.items())
 
+    def workers(self) -> int:
+        """The spec's ``resources.workers`` (checked in full by :meth:`run_sections`)."""
+        raw = self.data.get("resources") if isinstance(self.data, dict) else None
+        value = raw.get("workers", 1) if isinstance(raw, dict) else 1
+        return value if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WORKERS else 1
+
     def config(self, base_data: dict, overrides: tuple[tuple[str, Any], ...], path: str) -> TrainConfig:
-        """The TrainConfig of base + overrides; errors point at the override that caused them."""
+        """The TrainConfig of base + overrides; errors point at the override that caused them. Its
+        ``ranks`` are the spec's ``resources.workers`` (never written in a config)."""
         try:
             cfg = from_dict(TrainConfig, base_data, "")
         except ConfigError as err:
@@ -282,6 +292,10 @@ class _Parser:
                 cfg = with_overrides(cfg, {key: value})
             except ConfigError as err:
                 raise ConfigError(f"--set {key}", err.message if err.path == key else f"{err.path}: {err.message}") from None
+        if cfg.ranks != 1:
+            raise self.fail(f"{path}.ranks", "is set from resources.workers (data-parallel workers per variant); "
+                            "write `resources: {workers: N}` instead")
+        cfg = dataclasses.replace(cfg, ranks=self.workers())
         if cfg.lambda_groups:  # checked against the model's layer groups now, not when the variant trains
             try:
                 check_lambda_groups(cfg)
@@ -381,6 +395,9 @@ class _Parser:
         if not (0 < resources.cpus <= 1024 and 0 <= resources.gpus <= 64):
             raise self.fail("resources", "cpus must be in (0, 1024] and gpus in [0, 64] per variant (fractions "
                             f"allowed, e.g. gpus: 0.5); got cpus {resources.cpus:g}, gpus {resources.gpus:g}")
+        if not 1 <= resources.workers <= MAX_WORKERS:
+            raise self.fail("resources.workers", f"must be in [1, {MAX_WORKERS}] (data-parallel workers per variant), "
+                            f"got {resources.workers}")
         if resources.gpus > 0 and base.device == "cpu":
             raise self.fail("resources.gpus", f"{resources.gpus:g} GPUs requested but base.device is cpu; "
                             "set device: cuda (or auto), or gpus: 0")

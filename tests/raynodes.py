@@ -80,11 +80,12 @@ class RayNodes:
         self.procs.append(proc)
         return proc
 
-    def head(self, cpus: int = 1, dashboard_port: int | None = None) -> tuple[subprocess.Popen, str]:
+    def head(self, cpus: int = 1, dashboard_port: int | None = None, gpus: int = 0) -> tuple[subprocess.Popen, str]:
         """Start a head node; returns (process, its GCS address). With ``dashboard_port``, its
-        dashboard (and job server) listens there."""
+        dashboard (and job server) listens there; ``gpus``: GPUs it declares (Ray then hands them to
+        tasks through ``CUDA_VISIBLE_DEVICES``, GPU or not)."""
         port = free_port()
-        args = ["--head", f"--port={port}", f"--num-cpus={cpus}", "--node-ip-address=127.0.0.1",
+        args = ["--head", f"--port={port}", f"--num-cpus={cpus}", f"--num-gpus={gpus}", "--node-ip-address=127.0.0.1",
                 "--object-store-memory=100000000", *self._ports()]
         if dashboard_port:
             args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]

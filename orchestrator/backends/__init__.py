@@ -65,6 +65,8 @@ class Task:
         fetch: config fields to fill with a dependency's file before training, as
             ``{"init_from": "<stage-1 key>/last.pt", "distill.teacher": "<teacher key>/best.pt"}``
             (locations relative to the storage root).
+        cpus, gpus: what each worker holds; workers: data-parallel workers training the variant
+            together (see ``bnnctl.workers.train.parallel``).
     """
 
     key: str
@@ -73,6 +75,7 @@ class Task:
     cpus: float = 1.0
     gpus: float = 0.0
     fetch: tuple[tuple[str, str], ...] = ()
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -118,9 +121,10 @@ class Backend(ABC):
     node_count: int = 1
 
     @abstractmethod
-    def start(self, workers: int, cpus: float, gpus: float) -> None:
-        """Connect; refuse (ResourceError) a request of ``cpus``/``gpus`` per task that no node can
-        hold. Nothing runs on the workers yet: the driver may still refuse the run (see ``warm``)."""
+    def start(self, workers: int, cpus: float, gpus: float, ranks: int = 1) -> None:
+        """Connect; refuse (ResourceError) a request of ``ranks`` workers of ``cpus``/``gpus`` per
+        task that the cluster cannot hold. Nothing runs on the workers yet: the driver may still
+        refuse the run (see ``warm``)."""
 
     def warm(self, workers: int, cpus: float, gpus: float) -> None:
         """Optionally start ``workers`` worker processes of ``cpus``/``gpus`` now (imports and all),
@@ -271,24 +275,55 @@ def _set(config: dict, dotted: str, value: str) -> dict:
     return {**config, head: _set(config[head], rest, value) if rest else value}
 
 
-def execute(task: Task, channel: Channel, node: str) -> Finished:
-    """The task body every backend runs on its worker: fetch what the variant depends on from run
-    storage, train it (resuming from storage), upload its files. Application errors (bad config,
-    missing data, NaN loss, storage failures such as a full disk) come back as a failed outcome,
-    never as a retry."""
+def _worker_folder(storage, task: Task, rank: int) -> Path:
+    """Where a rank keeps the variant's files: the storage folder itself when it is this machine's
+    (only rank 0 writes there; the others read ``last.pt`` on resume), else a scratch folder."""
+    local = storage.local_dir(task.key)
+    if local is not None:
+        return local
+    return scratch_dir(task.key) / f"rank-{rank}" if rank else scratch_dir(task.key)
+
+
+def _place(config: dict, task: Task) -> dict:
+    """A task that holds no GPU sees none (Ray 2.60 leaves ``CUDA_VISIBLE_DEVICES`` alone for
+    ``num_gpus=0``): with ``device: auto`` it trains on the CPU, inside the scheduler's accounting."""
+    if task.gpus > 0:
+        return config
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    return {**config, "device": "cpu"} if config.get("device", "auto") == "auto" else config
+
+
+def execute(task: Task, channel: Channel, node: str, rank: int = 0) -> Finished:
+    """The task body every backend runs on its worker (on every rank of a data-parallel group):
+    fetch what the variant depends on from run storage, train it (resuming from storage), upload
+    its files (rank 0). Application errors (bad config, missing data, NaN loss, storage failures
+    such as a full disk) come back as a failed outcome, never as a retry. A remote storage's scratch
+    folder is deleted whatever the end (the storage holds the checkpoints)."""
+    from ..runstorage import RunStorage
+
+    storage = RunStorage(task.storage)
+    folder = _worker_folder(storage, task, rank)
+    try:
+        return _execute(task, channel, node, rank, storage, folder)
+    finally:
+        if storage.remote:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _execute(task: Task, channel: Channel, node: str, rank: int, storage, folder: Path) -> Finished:
     from bnnctl.workers.config import from_dict
     from bnnctl.workers.errors import DataError
     from bnnctl.workers.train import TrainConfig, run_variant
 
-    from ..runstorage import RunStorage, StorageError, relative
+    from ..runstorage import StorageError, relative
 
-    storage = RunStorage(task.storage)
-    folder = storage.local_dir(task.key) or scratch_dir(task.key)
+    lead = rank == 0
+    started = time.time()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         # the worker's pid beside the checkpoints: operators (and the fault-injection tests) can find it
-        (folder / "worker.pid").write_text(str(os.getpid()))
-        config = task.config
+        (folder / ("worker.pid" if lead else f"worker-rank{rank}.pid")).write_text(str(os.getpid()))
+        config = _place(task.config, task)
         for field, rel in task.fetch:  # a stage-1 or teacher checkpoint
             path = folder / "deps" / rel.replace("/", "-") if storage.remote else Path(storage.location(rel))
             if storage.remote and not storage.download(rel, path):
@@ -302,8 +337,9 @@ def execute(task: Task, channel: Channel, node: str) -> Finished:
             import torch
 
             torch.set_num_threads(max(1, int(task.cpus)))
-        result = run_variant(train_config, ChannelReporter(task.key, folder, channel, sync or (lambda: None)))
-        if sync is not None:
+        upload = sync if (sync is not None and lead) else (lambda: None)
+        result = run_variant(train_config, ChannelReporter(task.key, folder, channel, upload))
+        if sync is not None and lead:
             sync()
     except DataError as err:
         return Finished(task.key, "failed", error=f"{err} (on node {node})", node=node)
@@ -317,9 +353,10 @@ def execute(task: Task, channel: Channel, node: str) -> Finished:
             return Finished(task.key, "failed", error=f"{NO_SPACE} at {where} (node {node})", node=node)
         raise
     out = asdict(result)
+    # when the worker held the variant's resources (wall clock of its node): no two variants of
+    # one CPU ever overlap on a one-CPU node
+    out["timings"].update(started_at=started, ended_at=time.time())
     for name in ("last_checkpoint", "best_checkpoint", "predictions_image"):
         if out.get(name):  # locations relative to the storage root, never a path of this node
             out[name] = f"{task.key}/{Path(out[name]).name}" if storage.remote else relative(storage, out[name])
-    if storage.remote and result.status == "completed":
-        shutil.rmtree(folder, ignore_errors=True)
     return Finished(task.key, "stopped" if result.status == "stopped" else "completed", out, node=node)

@@ -50,7 +50,11 @@ class InProcessBackend(Backend):
         self._used = 0.0
         self.submitted: list[Task] = []
 
-    def start(self, workers: int, cpus: float, gpus: float) -> None:
+    def start(self, workers: int, cpus: float, gpus: float, ranks: int = 1) -> None:
+        if ranks > 1:
+            raise ResourceError(f"resources.workers: {ranks} data-parallel workers per variant need the Ray backend "
+                                "(a process group of several processes); the in-process backend runs one thread "
+                                "per variant")
         if cpus > self.capacity or gpus > self.gpu_capacity:
             raise ResourceError(f"no node can run a variant that needs {cpus:g} CPUs and {gpus:g} GPUs; "
                                 f"this process has {self.capacity:g} CPUs and {self.gpu_capacity:g} GPUs")

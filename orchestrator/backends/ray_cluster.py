@@ -18,11 +18,14 @@ traceback.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from . import (
@@ -172,12 +175,22 @@ def describe_nodes(nodes: list[dict]) -> str:
                      for n in nodes)
 
 
-def check_resources(cpus: float, gpus: float, nodes: list[dict], where: str) -> None:
-    """Refuse a per-task request that no node has (Ray would keep such a task pending forever)."""
-    if any(n["cpus"] >= cpus and n["gpus"] >= gpus for n in nodes):
+def _fits(n: dict, cpus: float, gpus: float) -> int:
+    """How many workers of ``cpus``/``gpus`` node ``n`` holds at once."""
+    by_cpu = int(n["cpus"] // cpus + 1e-9) if cpus > 0 else 10**6
+    by_gpu = int(n["gpus"] // gpus + 1e-9) if gpus > 0 else 10**6
+    return min(by_cpu, by_gpu)
+
+
+def check_resources(cpus: float, gpus: float, nodes: list[dict], where: str, ranks: int = 1) -> None:
+    """Refuse a request the cluster can never hold (Ray would keep it pending forever): a worker of
+    ``cpus``/``gpus`` that no node has, or ``ranks`` such workers at once (a data-parallel group is
+    placed as a whole)."""
+    if sum(_fits(n, cpus, gpus) for n in nodes) >= ranks and any(_fits(n, cpus, gpus) for n in nodes):
         return
-    raise ResourceError(f"no node of {where} can run a variant that needs {cpus:g} CPUs and {gpus:g} GPUs "
-                        f"(resources: cpus/gpus in the spec); the cluster's nodes: {describe_nodes(nodes)}")
+    group = f"{ranks} data-parallel workers of " if ranks > 1 else ""
+    raise ResourceError(f"no node of {where} can run a variant that needs {group}{cpus:g} CPUs and {gpus:g} GPUs "
+                        f"(resources: workers/cpus/gpus in the spec); the cluster's nodes: {describe_nodes(nodes)}")
 
 
 class Decisions:
@@ -193,14 +206,133 @@ class Decisions:
         return self._verdicts.get((key, epoch))
 
 
+def _sender(queue: Any):
+    """Send a message to the driver without waiting for it: a task blocked in ``ray.get`` lends its
+    CPUs out (Ray starts another task on them), so a variant would not hold what it asked for.
+    Calls from one worker to one actor run in the order they were made."""
+    actor = queue.actor
+    return lambda message: actor.put_nowait.remote(message)
+
+
+def _asker(decisions: Any):
+    """The driver's verdict on (key, epoch), or None while it has none, read without ``ray.get``
+    (a future resolved by Ray's callback; the task never counts as blocked)."""
+
+    def verdict(key: str, epoch: int) -> bool | None:
+        future = decisions.get.remote(key, epoch).future()
+        while not future.done():
+            time.sleep(0.01)
+        return future.result()
+
+    return verdict
+
+
 def ray_task(task: Task, queue: Any, decisions: Any = None) -> Finished:
     """Body of the Ray task: announce the node, then train (see backends.execute)."""
     import ray
 
     node, node_id = socket.gethostname(), ray.get_runtime_context().get_node_id()
-    verdict = (lambda k, e: ray.get(decisions.get.remote(k, e))) if decisions is not None else None
-    queue.put(Started(task.key, node, node_id))
-    return execute(task, Channel(queue.put, verdict), node)
+    send = _sender(queue)
+    send(Started(task.key, node, node_id))
+    return execute(task, Channel(send, _asker(decisions) if decisions is not None else None), node)
+
+
+@dataclass(frozen=True)
+class GroupOutcome:
+    """Rank 0's outcome of a data-parallel variant, sent through the message queue (Ray Train's
+    ``fit`` returns no value of the training function)."""
+
+    key: str
+    finished: Finished
+
+
+class GroupFailure(Exception):
+    """Raised by a rank whose variant failed (bad config, storage...), so Ray Train stops the whole
+    group at once instead of leaving the other ranks waiting in a collective."""
+
+    def __init__(self, finished: Finished) -> None:
+        super().__init__(finished.error or finished.status)
+        self.finished = finished
+
+    def __reduce__(self):
+        return (GroupFailure, (self.finished,))
+
+
+def _rank_loop(config: dict) -> None:
+    """One rank of a data-parallel variant, inside Ray Train's worker (process group set up)."""
+    import ray
+    import torch.distributed as dist
+
+    task, queue, decisions = config["task"], config["queue"], config["decisions"]
+    rank = dist.get_rank()
+    node, node_id = socket.gethostname(), ray.get_runtime_context().get_node_id()
+    placed: list = [None] * dist.get_world_size()
+    dist.all_gather_object(placed, (node, node_id))
+    send = _sender(queue) if rank == 0 else (lambda message: None)
+    send(Started(task.key, group_nodes([p[0] for p in placed]), ",".join(p[1] for p in placed)))
+    out = execute(task, Channel(send, _asker(decisions) if decisions is not None and rank == 0 else None), node, rank)
+    if out.status not in ("completed", "stopped"):
+        raise GroupFailure(out)
+    if rank == 0:
+        send(GroupOutcome(task.key, dataclasses.replace(out, node=group_nodes([p[0] for p in placed]))))
+
+
+def group_nodes(hosts: list[str]) -> str:
+    """Where a group's ranks run, in rank order: "a, a, b" -> "a (ranks 0-1), b (rank 2)"."""
+    if len(hosts) == 1:
+        return hosts[0]
+    spans: list[list] = []
+    for rank, host in enumerate(hosts):
+        if spans and spans[-1][0] == host:
+            spans[-1][2] = rank
+        else:
+            spans.append([host, rank, rank])
+    return ", ".join(f"{h} (rank {a})" if a == b else f"{h} (ranks {a}-{b})" for h, a, b in spans)
+
+
+def group_task(task: Task, queue: Any, decisions: Any = None) -> Finished:
+    """A data-parallel variant: Ray Train's ``TorchTrainer`` runs ``task.workers`` ranks (gloo on
+    CPUs, NCCL on GPUs), each holding the variant's CPUs/GPUs; this launcher holds none. No Ray
+    Train retries: a lost rank fails the group, and the executor runs it again from the last
+    checkpoint (all ranks restart)."""
+    import shutil as _shutil
+    import uuid
+
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    per_worker = {"CPU": task.cpus, **({"GPU": task.gpus} if task.gpus else {})}
+    folder = tempfile.mkdtemp(prefix=f"bnnctl-train-{task.key}-")  # Ray Train's own bookkeeping, not ours
+    trainer = TorchTrainer(
+        _rank_loop, train_loop_config={"task": task, "queue": queue, "decisions": decisions},
+        torch_config=TorchConfig(backend="nccl" if task.gpus else "gloo"),
+        scaling_config=ScalingConfig(num_workers=task.workers, use_gpu=task.gpus > 0, resources_per_worker=per_worker),
+        run_config=RunConfig(name=f"bnnctl-{task.key}-{uuid.uuid4().hex[:8]}", storage_path=folder,
+                             failure_config=FailureConfig(max_failures=0)))
+    try:
+        trainer.fit()
+    except Exception as err:  # noqa: BLE001 - Ray Train's errors become the executor's outcomes
+        return _group_error(task.key, err)
+    finally:
+        _shutil.rmtree(folder, ignore_errors=True)
+    return Finished(task.key, "completed", None)  # rank 0's outcome is in the queue (see RayBackend)
+
+
+def _group_error(key: str, err: Exception) -> Finished:
+    failures = getattr(err, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        cause = failures[rank]
+        while cause is not None and not isinstance(cause, GroupFailure):
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        if isinstance(cause, GroupFailure):
+            return cause.finished
+    names = " ".join(type(e).__name__ for e in failures.values()) + type(err).__name__
+    text = str(err).strip()
+    if any(word in names + text for word in ("ActorDied", "HealthCheck", "NodeDied", "Preemption", "OutOfMemory",
+                                              "WorkerCrashed", "ActorUnavailable", "ControllerError")):
+        first = next((ln for ln in text.splitlines() if ln.strip() and "Training failed" not in ln), text)
+        return Finished(key, "lost", error=f"a rank of the data-parallel group was lost: {first.strip()[:300]}")
+    return Finished(key, "failed", error=f"crashed: {text}")
 
 
 def _warm_task() -> int:
@@ -220,9 +352,12 @@ class RayBackend(Backend):
         self._queue = self._decisions = self._remote = None
         self._here = None
         self._running: dict[Any, str] = {}  # ObjectRef -> key
+        self._outcomes: dict[str, Finished] = {}  # data-parallel variants: rank 0's outcome
+        self._groups: set[str] = set()
+        self._pending: list[Message] = []  # read while looking for a group's outcome
         self._warm: list = []
 
-    def start(self, workers: int, cpus: float, gpus: float) -> None:
+    def start(self, workers: int, cpus: float, gpus: float, ranks: int = 1) -> None:
         import ray
         from ray.util.queue import Queue
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -230,11 +365,12 @@ class RayBackend(Backend):
         self.where = connect(self.address, self.cpus)
         nodes = cluster_nodes()
         self.node_count = len({n["node_id"] for n in nodes})
-        check_resources(cpus, gpus, nodes, self.where)
+        check_resources(cpus, gpus, nodes, self.where, ranks)
         # the driver's actors live on the driver's node: a lost worker node never takes them along
         self._here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self._queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": self._here})
         self._remote = ray.remote(ray_task)
+        self._group = ray.remote(group_task)
 
     def warm(self, workers: int, cpus: float, gpus: float) -> None:
         import ray
@@ -251,8 +387,13 @@ class RayBackend(Backend):
         return self._decisions
 
     def submit(self, task: Task, verdicts: bool = False) -> None:
-        opts = {"num_cpus": task.cpus, "num_gpus": task.gpus, "max_retries": 0}
-        ref = self._remote.options(**opts).remote(task, self._queue, self._decision_actor() if verdicts else None)
+        decisions = self._decision_actor() if verdicts else None
+        if task.workers > 1:  # the launcher holds nothing; Ray Train's ranks hold the resources
+            ref = self._group.options(num_cpus=0, max_retries=0).remote(task, self._queue, decisions)
+            self._groups.add(task.key)
+        else:
+            opts = {"num_cpus": task.cpus, "num_gpus": task.gpus, "max_retries": 0}
+            ref = self._remote.options(**opts).remote(task, self._queue, decisions)
         self._running[ref] = task.key
 
     def wait(self, timeout: float) -> list[Finished]:
@@ -265,7 +406,20 @@ class RayBackend(Backend):
             more, _ = ray.wait([r for r in self._running if r not in done], num_returns=len(self._running) - len(done),
                                timeout=0)
             done += more
-        return [self._outcome(ref, self._running.pop(ref)) for ref in done]
+        return [self._group_outcome(self._outcome(ref, self._running.pop(ref))) for ref in done]
+
+    def _group_outcome(self, out: Finished) -> Finished:
+        """A data-parallel variant's outcome: rank 0's (sent through the queue before its launcher
+        returned), or the launcher's when the group failed."""
+        if out.key not in self._groups:
+            return out
+        self._pending.extend(self._read_queue())
+        self._groups.discard(out.key)
+        if out.status == "completed" and out.result is None:
+            return self._outcomes.pop(out.key, None) or Finished(out.key, "lost", error="the data-parallel group "
+                                                                 "ended without rank 0's outcome")
+        self._outcomes.pop(out.key, None)
+        return out
 
     @staticmethod
     def _outcome(ref, key: str) -> Finished:
@@ -281,16 +435,24 @@ class RayBackend(Backend):
         except rx.RayTaskError as err:  # a bug, not a user error: keep the traceback
             return Finished(key, "failed", error=f"crashed: {err}")
 
-    def messages(self) -> list[Message]:
+    def _read_queue(self) -> list[Message]:
         from ray import exceptions as rx
 
         out: list[Message] = []
         try:
             while not self._queue.empty():
-                out.append(self._queue.get_nowait())
+                msg = self._queue.get_nowait()
+                if isinstance(msg, GroupOutcome):
+                    self._outcomes[msg.key] = msg.finished
+                else:
+                    out.append(msg)
         except (rx.RayActorError, rx.ActorUnavailableError) as err:
             raise BackendError(f"the driver's message queue on {self.where} was lost ({type(err).__name__}); "
                                "the study stops, run it again to continue") from None
+        return out
+
+    def messages(self) -> list[Message]:
+        out, self._pending = self._pending + self._read_queue(), []
         return out
 
     def decide(self, key: str, epoch: int, stop: bool) -> None:

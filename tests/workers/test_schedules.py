@@ -86,7 +86,7 @@ def test_per_group_schedules_in_the_config_are_addressable_by_index_and_keep_old
         """The config as bnnctl 0.1 wrote it: without the fields added since (at their defaults)."""
         old = to_dict(cfg)
         for later in ("lambda_groups", "schedule_offset", "schedule_epochs", "deterministic",  # added since
-                      "recalibrate_bn", "recalibrate_batches",
+                      "recalibrate_bn", "recalibrate_batches", "ranks", "sync_batchnorm",
                       "latency"):  # a run-only field, never part of an identity
             del old[later]
         del old["model"]["gate"]["init_range"], old["data"]["pose_layout"]  # nested fields added since

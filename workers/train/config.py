@@ -191,6 +191,11 @@ class TrainConfig:
         latency: after training, time the deployed model on the CPU (batch 1, one thread, float vs
             binary; seconds per variant) for the tables' latency column. Not part of the variant's
             identity: switching it off does not retrain anything.
+        ranks: data-parallel workers training this run together (set by the orchestrator from the
+            spec's ``resources.workers``; see ``parallel.py``). ``batch_size`` stays the global batch.
+        sync_batchnorm: with several ranks, BatchNorm normalises over the global batch (the math of
+            one worker); off, over each rank's share. Part of the identity only when it changes the
+            math: ``ranks > 1`` with ``sync_batchnorm: false`` (see :func:`comparable`).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -213,6 +218,8 @@ class TrainConfig:
     recalibrate_bn: bool | None = None
     recalibrate_batches: int = 100
     latency: bool = True
+    ranks: int = 1
+    sync_batchnorm: bool = True
 
     def __post_init__(self) -> None:
         require(1 <= self.epochs <= MAX_EPOCHS, "epochs", f"must be in [1, {MAX_EPOCHS}], got {self.epochs}")
@@ -224,6 +231,7 @@ class TrainConfig:
         require(self.schedule_epochs is None or self.schedule_offset + self.epochs <= self.schedule_epochs <= 2 * MAX_EPOCHS,
                 "schedule_epochs", f"must cover this run (>= schedule_offset + epochs = "
                 f"{self.schedule_offset + self.epochs}), got {self.schedule_epochs}")
+        require(1 <= self.ranks <= 1024, "ranks", f"must be in [1, 1024], got {self.ranks}")
         require(1 <= self.recalibrate_batches <= 1_000_000, "recalibrate_batches",
                 f"must be in [1, 1000000], got {self.recalibrate_batches}")
         groups = [g.group for g in self.lambda_groups]
@@ -277,6 +285,11 @@ def comparable(config_data: dict) -> dict:
     """The plain-data config without later-added fields at their defaults and without run-only
     fields (identity, resume checks)."""
     out = {k: v for k, v in config_data.items() if k not in RUN_ONLY_FIELDS}
+    if out.get("ranks", 1) == 1 or out.get("sync_batchnorm", True):
+        # one worker, or several with BatchNorm over the global batch: the math of one worker (the
+        # gradients are the global batch's either way), so the same identity and the same checkpoint
+        out.pop("ranks", None)
+        out.pop("sync_batchnorm", None)
     for path, default in LATER_FIELDS.items():
         out = _without_default(out, path.split("."), default)
     return out

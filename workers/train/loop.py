@@ -31,6 +31,7 @@ from ..schedules import LambdaScheduler
 from .bnstats import recalibrate_batchnorm
 from .checkpoint import init_from_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import TrainConfig, comparable
+from .parallel import ShardedBatches, all_reduce_gradients, broadcast_flag, sync_batchnorm, world
 from .reporter import Reporter
 from .tasks import make_task
 
@@ -86,7 +87,9 @@ def environment(device: torch.device, deterministic: bool) -> dict[str, Any]:
         bnnctl = "unknown"
     env: dict[str, Any] = {"bnnctl": bnnctl, "torch": torch.__version__.split("+")[0], "python": platform.python_version(),
                            "device": device.type, "threads": torch.get_num_threads(),
-                           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "deterministic": deterministic}
+                           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "deterministic": deterministic,
+                           # the GPUs this process may see ("": none, as a task that holds no GPU)
+                           "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     if device.type == "cuda":
         env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                    cudnn=torch.backends.cudnn.version())
@@ -134,10 +137,19 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
 
 
-def _loader(dataset, cfg: TrainConfig, shuffle: bool, epoch: int = 0):
+def _loader(dataset, cfg: TrainConfig, shuffle: bool, epoch: int = 0, shard: tuple[int, int] = (0, 1)):
+    """The epoch's batches (seeded order); with ``shard = (rank, ranks)``, this rank's share of each
+    global batch (see parallel.py)."""
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch) if shuffle else None
-    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle, generator=generator,
-                                       num_workers=cfg.data.workers, drop_last=False)
+    if shard[1] == 1:
+        return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle, generator=generator,
+                                           num_workers=cfg.data.workers, drop_last=False)
+    order = (torch.utils.data.RandomSampler(dataset, generator=generator) if shuffle
+             else torch.utils.data.SequentialSampler(dataset))
+    batches = torch.utils.data.BatchSampler(order, cfg.batch_size, drop_last=False)
+    # the loader draws its workers' base seed from the same generator first, as the one-worker loader does
+    return torch.utils.data.DataLoader(dataset, batch_sampler=ShardedBatches(batches, *shard),
+                                       num_workers=cfg.data.workers, generator=generator)
 
 
 def _move(batch: dict, device: torch.device) -> dict:
@@ -163,9 +175,12 @@ def run_variant(config: TrainConfig, reporter: Reporter) -> TrainResult:
     for epoch in range(run.start_epoch, config.epochs):
         losses, started = run.train_epoch(epoch)
         reported = run.evaluate(epoch, losses, started)
-        run.checkpoint(epoch)
-        reporter.report(epoch + 1, reported)
-        if epoch + 1 < config.epochs and reporter.should_stop():
+        if run.lead:  # data parallel: rank 0 keeps the files and speaks for the group
+            run.checkpoint(epoch)
+            reporter.report(epoch + 1, reported)
+        else:
+            run.epochs_done = epoch + 1
+        if epoch + 1 < config.epochs and run.agree(run.lead and reporter.should_stop()):
             status = "stopped"
             break
     return run.result(status)
@@ -187,12 +202,19 @@ class _Run:
         torch.use_deterministic_algorithms(config.deterministic)
         torch.backends.cudnn.benchmark = False
         self.device = _device(config)
+        self.rank, self.ranks = world()
+        if self.ranks != config.ranks:
+            raise ConfigError("ranks", f"the variant is planned for {config.ranks} data-parallel worker(s) but runs "
+                              f"in a group of {self.ranks}")
+        self.lead = self.rank == 0
         self.task = make_task(config)
         self.model_cfg = self._model_config()
         torch.manual_seed(config.seed)
         self.model = build_model(self.model_cfg)
         if config.init_from:
             init_from_checkpoint(self.model, config.init_from)
+        if self.ranks > 1 and config.sync_batchnorm:
+            sync_batchnorm(self.model)
         self.model.to(self.device)
         self.teacher, self.teacher_loss = self._teacher()
         self.optimizer = _optimizer(self.model, config)
@@ -216,6 +238,14 @@ class _Run:
         if model_cfg.input_size != self.config.data.input_size:
             model_cfg = dataclasses.replace(model_cfg, input_size=self.config.data.input_size)
         return model_cfg
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        return self.rank, self.ranks
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank (the whole group stops together)."""
+        return broadcast_flag(flag) if self.ranks > 1 else flag
 
     def _teacher(self):
         if not self.config.distill.teacher:
@@ -242,7 +272,8 @@ class _Run:
             self.history = [(int(e), dict(m)) for e, m in state.get("history") or
                             [(state["epoch"], {k: v for k, v in state["metrics"].items() if k != "per_joint"})]]
             # the driver may have died before it recorded what this run had reported: say it again
-            self.reporter.restored(self.history)
+            if self.lead:
+                self.reporter.restored(self.history)
             self.state = state
         self.epochs_done = self.start_epoch
         config = self.config
@@ -271,22 +302,49 @@ class _Run:
             self.lam.step(offset + epoch)
         model.train()
         losses = []
-        for step, batch in enumerate(_loader(self.task.train_set, config, True, epoch)):
+        size = len(self.task.train_set)
+        for step, batch in enumerate(_loader(self.task.train_set, config, True, epoch, self.shard)):
             if step >= self.steps_per_epoch:
                 break
             if per_step:
                 self.lam.step((offset + epoch) * self.steps_per_epoch + step)
-            loss = self._loss(_move(batch, self.device))
-            if not torch.isfinite(loss):
-                raise TrainingError("nan_loss", f"the training loss became {float(loss.detach())} at epoch {epoch + 1}, "
-                                    f"batch {step + 1}; lower optim.lr or check the data")
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if self.ranks == 1:
+                loss = self._loss(_move(batch, self.device))
+                self._finite(float(loss.detach()), epoch, step)
+                loss.backward()
+                value = float(loss.detach())
+            else:  # this rank's share, weighted so that the summed gradients are the global batch's
+                value = self._shared_step(batch, min(config.batch_size, size - step * config.batch_size), epoch, step)
             self.optimizer.step()
-            losses.append(float(loss.detach()))
-            self.reporter.progress(step + 1, self.steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}")
+            losses.append(value)
+            if self.lead:
+                self.reporter.progress(step + 1, self.steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}")
         self.train_s += time.perf_counter() - t0
         return losses, t0
+
+    @staticmethod
+    def _finite(value: float, epoch: int, step: int) -> None:
+        if not math.isfinite(value):
+            raise TrainingError("nan_loss", f"the training loss became {value} at epoch {epoch + 1}, "
+                                f"batch {step + 1}; lower optim.lr or check the data")
+
+    def _shared_step(self, batch: dict, global_items: int, epoch: int, step: int) -> float:
+        """Forward and backward of this rank's share of a global batch of ``global_items``; the
+        gradients (and the loss) summed over the ranks. Returns the global batch's loss. A rank
+        whose share is empty (a last batch smaller than the group) still takes part in the
+        collectives of BatchNorm and of the gradients, with zeros."""
+        n = len(next(v for v in batch.values() if torch.is_tensor(v)))
+        batch = _move(batch, self.device)
+        if n:
+            loss = self._loss(batch) * (n / global_items)
+        else:
+            outputs = self.model(batch["image"])
+            loss = sum(t.sum() for t in (outputs if isinstance(outputs, (list, tuple)) else [outputs])) * 0.0
+        loss.backward()
+        value = all_reduce_gradients(self.model, float(loss.detach()))
+        self._finite(value, epoch, step)  # every rank sees the same sum: the group stops together
+        return value
 
     def _loss(self, batch: dict) -> torch.Tensor:
         """The batch's loss, against the ground truth and, with distillation, the teacher's outputs."""
@@ -310,6 +368,11 @@ class _Run:
         (everything but the per-joint table)."""
         model, task, config = self.model, self.task, self.config
         t1 = time.perf_counter()
+        if not self.lead:  # the group re-estimates BatchNorm together; rank 0 evaluates
+            if config.recalibrates:
+                recalibrate_batchnorm(model, self._calibration_inputs(epoch))
+            self.eval_s += time.perf_counter() - t1
+            return {}
         smooth = self._smooth_metrics() if _approximating(model) else {}
         if config.recalibrates:
             recalibrate_batchnorm(model, self._calibration_inputs(epoch))
@@ -364,7 +427,7 @@ class _Run:
     def _calibration_inputs(self, epoch: int):
         """This epoch's first ``recalibrate_batches`` training inputs, in its training order
         (drawn from the loader's own generator: the run's random state is left as it is)."""
-        loader = _loader(self.task.train_set, self.config, True, epoch)
+        loader = _loader(self.task.train_set, self.config, True, epoch, self.shard)
         for step, batch in enumerate(loader):
             if step >= min(self.config.recalibrate_batches, self.steps_per_epoch):
                 break
@@ -388,18 +451,22 @@ class _Run:
 
     # -- the result -------------------------------------------------------------------------------
     def result(self, status: str) -> TrainResult:
+        if not self.lead:  # rank 0's result is the variant's; the others only say how far they got
+            return TrainResult(status, self.epochs_done, self.task.metric, {}, {}, float(self.best), self.best_epoch,
+                               {}, str(self.last_path), str(self.best_path),
+                               {"train_s": self.train_s, "eval_s": self.eval_s})
         metrics = self.metrics
         if not metrics:  # resumed a run that had already finished: its last metrics are in the checkpoint
             assert self.state is not None
             metrics = dict(self.state["metrics"])
         predictions = None
-        if status == "completed" and hasattr(self.task, "render_predictions"):
+        if status == "completed" and self.lead and hasattr(self.task, "render_predictions"):
             self.model.eval()
             predictions = self.task.render_predictions(self.model, self.ckpt_dir / "predictions.png", self.device)
         acc = account(self.model, self.config.data.input_size, self.model_cfg.in_channels)
         best_metrics, best_epochs = best_over_epochs(self.history)
         latency: dict[str, Any] = {}
-        if status == "completed" and self.config.latency:
+        if status == "completed" and self.config.latency and self.lead:  # measured once, by rank 0
             self.model.eval()
             try:
                 latency = measure_latency(self.model, self.model_cfg, self.config.data.input_size)

@@ -1,0 +1,125 @@
+"""Data-parallel variants (Ray Train) and resources held for real, on real local Ray clusters."""
+import dataclasses
+import json
+
+from bnnctl.orchestrator.plan import build_plan
+from bnnctl.orchestrator.spec import load_spec
+from bnnctl.orchestrator.store import Store
+from bnnctl.orchestrator.study import run_study
+from bnnctl.workers.train import LocalReporter, run_variant
+
+SPEC = """
+name: dp
+base:
+  model: {{width: 8, depth: 2, binarize: {{activations: false, weights: false}}}}
+  data: {{root: {root}, synthetic: {{train: 45, valid: 16}}, input_size: 32}}
+  optim: {{name: sgd, lr: 0.05, momentum: 0.9}}
+  epochs: 2
+  batch_size: 7
+  loss: mse
+  threads: 1
+  latency: false
+seeds: [0]
+resources: {{workers: {workers}, cpus: 1}}
+ablations:
+  - name: ab
+    mode: isolated
+    rows:
+      - {{name: relu, set: {{model.activation.kind: relu}}}}
+execution: {{max_parallel: 2, retries: 0}}
+"""
+
+
+def _spec(folder, workers):
+    f = folder / f"dp{workers}.yaml"
+    f.write_text(SPEC.format(root=folder / "syn", workers=workers))
+    return f
+
+
+def test_a_two_worker_variant_trains_on_two_ranks_what_one_worker_trains(workdir, tmp_path):
+    spec2 = _spec(workdir, 2)
+    plan2, plan1 = build_plan(load_spec(spec2)), build_plan(load_spec(_spec(workdir, 1)))
+    (v2,), (v1,) = plan2.order(), plan1.order()
+    assert v2.key == v1.key  # synchronised BatchNorm: the math of one worker, the same identity
+    assert v2.config.ranks == 2 and v2.resources.workers == 2
+    out = run_study(spec2, cpus=4)
+    assert out.status == "completed" and out.trained == 1
+    store = Store(f"sqlite:///{workdir / '.bnnctl' / 'state.db'}")
+    (attempt,) = store.attempts(v2.key)
+    assert attempt.status == "completed" and "(ranks 0-1)" in attempt.node  # both ranks ran, on this node
+    stored = store.metrics(v2.key)
+    # one worker, the same global batch (7 items: ranks of 4 and 3; the last batch of 3: 2 and 1)
+    one = LocalReporter(tmp_path / "one")
+    run_variant(dataclasses.replace(v1.config, threads=1), one)
+    diffs = {name: max(abs(stored[name][e - 1][1] - m[name]) for e, m in one.history)
+             for name in ("train_loss", "val_loss", "pckh")}
+    print("2 workers vs 1 worker, largest per-epoch difference:", json.dumps(diffs))
+    assert diffs["train_loss"] < 1e-5 and diffs["val_loss"] < 1e-5 and diffs["pckh"] <= 1.0
+    result = store.variant(v2.key).result
+    assert result["epochs_done"] == 2 and result["environment"]["cuda_visible_devices"] == ""
+
+
+HELD = """
+name: held
+base:
+  model: {{width: 8, depth: 2}}
+  data: {{root: syn, synthetic: {{train: 48, valid: 16}}, input_size: 32}}
+  epochs: 4
+  batch_size: 16
+  loss: mse
+  threads: 1
+  latency: false
+seeds: [0]
+resources: {resources}
+ablations:
+  - name: ab
+    mode: isolated
+    rows:
+      - {{name: relu, set: {{model.activation.kind: relu}}}}
+      - {{name: prelu, set: {{model.activation.kind: prelu}}}}
+      - {{name: leaky, set: {{model.activation.kind: leaky_relu}}}}
+execution: {{max_parallel: 4, retries: 0}}
+"""
+
+
+def _windows(folder, name):
+    store = Store(f"sqlite:///{folder / '.bnnctl' / 'state.db'}")
+    study = store.study(name)
+    variants = store.variants([m.variant_key for m in store.members(study.id)])
+    return [(v.result["timings"]["started_at"], v.result["timings"]["ended_at"],
+             v.result["environment"]["cuda_visible_devices"]) for v in variants.values()]
+
+
+def test_variants_hold_their_cpus_and_gpus_on_a_node_that_declares_gpus(tmp_path):
+    """A node of 1 CPU and 2 GPUs whose processes see both GPUs (CUDA_VISIBLE_DEVICES=0,1, as on a
+    GPU machine). ``cpus: 1`` variants, max_parallel above what the node holds: one at a time, never
+    overlapping (they send metrics every epoch and wait for nothing), each seeing no GPU. Then
+    ``gpus: 0.5`` variants: three at once on the two GPUs, two of them sharing one (Ray's fractional
+    GPUs; torch sees no CUDA on this machine, so they train on its CPU)."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
+    from raynodes import RayNodes, run_cli
+
+    nodes = RayNodes(tmp_path / "ray", extra_env={"CUDA_VISIBLE_DEVICES": "0,1"})
+    try:
+        _, address = nodes.head(cpus=1, gpus=2)
+        project = tmp_path / "project"
+        project.mkdir()
+        (project / "held.yaml").write_text(HELD.format(resources="{cpus: 1, gpus: 0}"))
+        done = run_cli(["study", "run", "held.yaml", "--address", address], nodes.env, project, timeout=400)
+        assert done.returncode == 0, done.stdout + done.stderr
+        windows = sorted(_windows(project, "held"))
+        assert len(windows) == 3 and all(env == "" for _, _, env in windows)  # no GPU for a task that holds none
+        for (_, end, _), (start, _, _) in zip(windows, windows[1:]):
+            assert start >= end, windows  # one CPU: one variant at a time
+        (project / "half.yaml").write_text(HELD.format(resources="{cpus: 0.3, gpus: 0.5}")
+                                         .replace("held", "half").replace("seeds: [0]", "seeds: [1]"))  # not reused
+        done = run_cli(["study", "run", "half.yaml", "--address", address], nodes.env, project, timeout=400)
+        assert done.returncode == 0, done.stdout + done.stderr
+        half = sorted(_windows(project, "half"))
+        # three variants of half a GPU at once on the node's two GPUs: two of them share one
+        assert sorted(env for _, _, env in half) in (["0", "0", "1"], ["0", "1", "1"]), half
+        assert max(start for start, _, _ in half) < min(end for _, end, _ in half), half  # all at the same time
+    finally:
+        nodes.close()
