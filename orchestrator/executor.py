@@ -38,6 +38,8 @@ class Events:
     progress: Callable[[Variant, int, int], None] = lambda v, d, t: None
     finished: Callable[[Variant, str, str | None], None] = lambda v, status, error: None
     waiting: Callable[[Variant, float], None] = lambda v, seconds: None
+    #: like ``waiting``, for a variant that waits for the autoscaler to add a node (with what it can add)
+    scaling: Callable[[Variant, float, str], None] = lambda v, seconds, why: None
     running: Callable[[Variant, str], None] = lambda v, node: None
     #: a resumed run said which epochs its checkpoint holds (the last one)
     resumed: Callable[[Variant, int], None] = lambda v, epoch: None
@@ -293,7 +295,11 @@ class _Loop:
         for key, since in self.running.items():
             if key not in self.started and key not in self.warned and now - since >= self.ex.wait_warning_s:
                 self.warned.add(key)
-                self.events.waiting(self.plan.variants[key], now - since)
+                why = self.backend.waiting_for(key)
+                if why:
+                    self.events.scaling(self.plan.variants[key], now - since, why)
+                else:
+                    self.events.waiting(self.plan.variants[key], now - since)
 
     def track(self) -> None:
         while self.to_track:

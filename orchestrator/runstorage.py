@@ -22,7 +22,10 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+import time
 from pathlib import Path
+
+from .urls import mask_text as mask
 
 DEFAULT_ROOT = Path(".bnnctl") / "runs"
 #: files a variant writes that are kept in storage (checkpoints first: a resume needs them)
@@ -30,7 +33,14 @@ SYNCED = ("best.pt", "last.pt", "predictions.png")
 
 
 class StorageError(Exception):
-    """Storage failed; the message names the URL (raised on workers, reported as the variant's error)."""
+    """Storage failed; the message names the URL, credentials masked (raised on workers, reported as
+    the variant's error). ``machine``: the failure is the node's (no credentials, no network, no
+    storage package, a refused request), not the config's: the variant is retried, elsewhere when
+    the backend can; False for a full disk and for a dependency that is not in storage."""
+
+    def __init__(self, message: str, machine: bool = True) -> None:
+        super().__init__(message)
+        self.machine = machine
 
 
 def is_url(location: str) -> bool:
@@ -70,8 +80,8 @@ class RunStorage:
             try:
                 self._fs = fsspec.filesystem(protocol)
             except (ImportError, ValueError) as err:
-                raise StorageError(f"cannot open the run storage {self.root}: {err} (install the package for "
-                                   f"{protocol}://, e.g. s3fs or gcsfs)") from None
+                raise StorageError(f"cannot open the run storage {mask(self.root)}: {err} (install the package "
+                                   f"for {protocol}://, e.g. s3fs or gcsfs)") from None
         return self._fs
 
     def location(self, rel: str) -> str:
@@ -113,7 +123,9 @@ class RunStorage:
             self.fs.get_file(src, str(part))
             os.replace(part, dest)
             return True
-        except OSError as err:
+        except StorageError:
+            raise
+        except Exception as err:  # noqa: BLE001 - fsspec, s3fs, botocore...: each becomes one message
             raise self._error(err, rel) from None
 
     def upload(self, src: Path, rel: str) -> None:
@@ -127,23 +139,97 @@ class RunStorage:
                 part = dest + ".part"
                 self.fs.put_file(str(src), part)
                 os.replace(part, dest)
-        except OSError as err:
+        except StorageError:
+            raise
+        except Exception as err:  # noqa: BLE001 - fsspec, s3fs, botocore...: each becomes one message
             raise self._error(err, rel) from None
 
     def local_copy(self, rel: str, cache: Path | None = None) -> Path | None:
         """A local path holding ``rel`` (for the driver and the dashboard): the file itself for a
-        folder, a downloaded copy for a URL; None when it is not there."""
+        folder, a copy in the storage cache for a URL (see :class:`StorageCache`); None when it is
+        not there."""
         if not self.remote:
             p = Path(self.location(rel))
             return p if p.exists() else None
-        cache = cache or Path(tempfile.gettempdir()) / "bnnctl-storage-cache"
-        dest = cache / rel
-        return dest if dest.exists() or self.download(rel, dest) else None
+        return StorageCache(cache).copy(self, rel)
 
-    def _error(self, err: OSError, rel: str) -> StorageError:
-        if err.errno == errno.ENOSPC:
-            return StorageError(f"no space left on device at {self.location(rel)}")
-        return StorageError(f"run storage {self.location(rel)}: {type(err).__name__}: {err}")
+    def _error(self, err: Exception, rel: str) -> StorageError:
+        where = mask(self.location(rel))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return StorageError(f"no space left on device at {where}", machine=False)
+        cause = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+        return StorageError(f"run storage {where}: {type(err).__name__}: {mask(cause)[:300]}")
+
+
+class StorageCache:
+    """This machine's copies of files of URL storages, for the driver and the dashboard.
+
+    A file ``KEY/NAME`` of storage ROOT lives at ``CACHE/<hash of ROOT>/KEY/NAME`` (KEY: the
+    variant's identity), so two storages never share a copy; each root's folder names its (masked)
+    URL in ``ROOT``. Bounded: after each download, files unused for ``max_age_s`` go, then the least
+    recently used ones until the cache holds at most ``max_bytes`` (the file just fetched stays).
+    ``CACHE`` is ``$BNNCTL_CACHE`` or ``<tmp>/bnnctl-storage-cache``; the bounds
+    ``$BNNCTL_CACHE_MAX_MB`` (default 2048) and ``$BNNCTL_CACHE_MAX_DAYS`` (default 7).
+    ``bnnctl cache clean`` empties it."""
+
+    def __init__(self, folder: Path | None = None, max_bytes: int | None = None, max_age_s: float | None = None):
+        env = os.environ
+        self.folder = Path(folder or env.get("BNNCTL_CACHE") or Path(tempfile.gettempdir()) / "bnnctl-storage-cache")
+        self.max_bytes = max_bytes if max_bytes is not None else int(float(env.get("BNNCTL_CACHE_MAX_MB", 2048)) * 2**20)
+        self.max_age_s = max_age_s if max_age_s is not None else float(env.get("BNNCTL_CACHE_MAX_DAYS", 7)) * 86400
+
+    def root_folder(self, root: str) -> Path:
+        import hashlib
+
+        return self.folder / hashlib.sha256(root.encode()).hexdigest()[:16]
+
+    def copy(self, storage: RunStorage, rel: str) -> Path | None:
+        folder = self.root_folder(storage.root)
+        dest = folder / rel
+        if dest.exists():
+            os.utime(dest)  # recently used
+            return dest
+        if not storage.download(rel, dest):
+            return None
+        if not (folder / "ROOT").exists():
+            (folder / "ROOT").write_text(mask(storage.root) + "\n")
+        self.prune(keep=dest)
+        return dest
+
+    def files(self) -> list[tuple[Path, os.stat_result]]:
+        if not self.folder.is_dir():
+            return []
+        return [(f, f.stat()) for f in self.folder.rglob("*") if f.is_file() and f.name != "ROOT"
+                and not f.name.endswith(".part")]
+
+    def prune(self, keep: Path | None = None) -> tuple[int, int]:
+        """Apply the bounds; returns (files, bytes) removed."""
+        now, removed, freed = time.time(), 0, 0
+        files = sorted(self.files(), key=lambda fs: fs[1].st_mtime)
+        total = sum(st.st_size for _, st in files)
+        for f, st in files:
+            if f == keep or (now - st.st_mtime <= self.max_age_s and total <= self.max_bytes):
+                continue
+            f.unlink(missing_ok=True)
+            removed, freed, total = removed + 1, freed + st.st_size, total - st.st_size
+        return removed, freed
+
+    def clean(self) -> tuple[int, int]:
+        """Remove every copy; returns (files, bytes) removed."""
+        import shutil
+
+        files = self.files()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return len(files), sum(st.st_size for _, st in files)
+
+    def roots(self) -> list[tuple[str, int, int]]:
+        """(masked storage URL, files, bytes) of each storage with copies here."""
+        out = []
+        for folder in sorted(p for p in self.folder.glob("*") if p.is_dir()) if self.folder.is_dir() else []:
+            files = [f for f in folder.rglob("*") if f.is_file() and f.name != "ROOT"]
+            name = (folder / "ROOT").read_text().strip() if (folder / "ROOT").exists() else folder.name
+            out.append((name, len(files), sum(f.stat().st_size for f in files)))
+        return out
 
 
 def relative(storage: RunStorage, path: str | None) -> str | None:

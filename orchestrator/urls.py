@@ -7,6 +7,9 @@ import re
 #: ``scheme://user:password@host`` -> the password part (any scheme: postgresql+psycopg, http, s3, ...)
 _CREDENTIALS = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@'\"]*:)(?P<secret>[^\s@'\"]+)(?P<at>@)")
 MASK = "***"
+#: a query parameter that carries a credential (signed URLs: ``X-Amz-Signature=``, ``sig=``, ``token=``)
+_SECRET_QUERY = re.compile(r"(?P<head>[?&][^=&#\s]*(?:token|secret|signature|sig|password|credential)[^=&#\s]*=)"
+                           r"(?P<secret>[^&#\s'\"]+)", re.IGNORECASE)
 
 
 def mask_url(url: str | None) -> str | None:
@@ -15,5 +18,7 @@ def mask_url(url: str | None) -> str | None:
 
 
 def mask_text(text: str) -> str:
-    """Every ``scheme://user:password@`` in ``text`` with the password masked."""
-    return _CREDENTIALS.sub(lambda m: f"{m['head']}{MASK}{m['at']}", text)
+    """Every ``scheme://user:password@`` in ``text`` with the password masked, and every query
+    value that carries a credential (``?X-Amz-Signature=...``, ``&token=...``)."""
+    text = _CREDENTIALS.sub(lambda m: f"{m['head']}{MASK}{m['at']}", text)
+    return _SECRET_QUERY.sub(lambda m: f"{m['head']}{MASK}", text)

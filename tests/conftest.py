@@ -61,3 +61,42 @@ def db_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'state.db'}"
     return request.getfixturevalue("pg_server").database()
+
+
+BUCKET = "bnnctl-test"
+
+
+@pytest.fixture()
+def s3(tmp_path):
+    """moto's S3 server on a free loopback port; yields the environment a client or node needs."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from raynodes import free_port, wait_for
+
+    port = free_port()
+    server = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+    proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=open(tmp_path / "moto.log", "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    try:
+        import s3fs
+
+        def up():
+            try:
+                fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"])
+                fs.mkdir(BUCKET)
+                return fs
+            except Exception:  # noqa: BLE001 - not listening yet
+                return None
+
+        fs = wait_for(up, 60, "moto's S3 server", every=0.5)
+        yield env, fs
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -104,10 +104,10 @@ class RayNodes:
         return [f"--{n}={free_port()}" for n in names]
 
     def worker(self, address: str, cpus: int = 1, hide: list[Path] | None = None, resources: str | None = None,
-               name: str = "worker") -> subprocess.Popen:
+               name: str = "worker", env: dict[str, str] | None = None) -> subprocess.Popen:
         """Start a node that joins ``address``. ``hide``: folders this node must not see; it runs in its
         own mount namespace with an empty tmpfs over each (as another machine would), starting in the
-        first."""
+        first. ``env``: this node's environment instead of ``self.env`` (e.g. without credentials)."""
         prefix = None
         if hide:
             mounts = " && ".join(f"mkdir -p {h} && mount -t tmpfs tmpfs {h}" for h in hide)
@@ -117,7 +117,7 @@ class RayNodes:
                 "--object-store-memory=100000000", *self._ports()]
         if resources:
             args.append(f"--resources={resources}")
-        return self._start(args, f"{name}.log", prefix)
+        return self._start(args, f"{name}.log", prefix, env)
 
     def _up(self, proc: subprocess.Popen, address: str) -> bool:
         if proc.poll() is not None:

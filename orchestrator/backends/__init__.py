@@ -150,6 +150,11 @@ class Backend(ABC):
     def cancel(self, key: str) -> None:
         """Stop a running task; it will not be reported by ``wait``."""
 
+    def waiting_for(self, key: str) -> str:
+        """Why a submitted task has not started, when the backend knows more than "busy" (e.g. the
+        cluster's autoscaler must add a node for it); "" otherwise."""
+        return ""
+
     def describe(self) -> str:
         """Where tasks run, for messages (e.g. the cluster's address)."""
         return self.name
@@ -242,9 +247,46 @@ class ChannelReporter:
             self.channel.send(Progress(self.key, done, total, message))
 
 
+def scratch_root() -> Path:
+    """This machine's folder of workers' scratch folders (one per variant training here)."""
+    return Path(tempfile.gettempdir()) / "bnnctl-scratch"
+
+
 def scratch_dir(key: str) -> Path:
     """The worker-local folder where a variant trains when its storage is a URL."""
-    return Path(tempfile.gettempdir()) / "bnnctl-scratch" / key
+    return scratch_root() / key
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_scratch(grace_s: float = 60.0) -> tuple[int, int]:
+    """Remove the scratch folders on this machine that no live worker uses: those of tasks killed
+    before they could clean up (a cancelled, pruned or lost variant; the storage has its
+    checkpoints). A folder is in use while a process named by one of its ``*.pid`` files lives, and
+    for ``grace_s`` after its last change (a task writes its pid first thing). Returns (folders,
+    bytes) removed. Run by every task as it starts, and by ``bnnctl cache clean``."""
+    root, removed, freed = scratch_root(), 0, 0
+    if not root.is_dir():
+        return 0, 0
+    for folder in root.iterdir():
+        try:
+            pids = [int(p.read_text() or 0) for p in folder.rglob("*.pid")]
+            if any(pid > 0 and _alive(pid) for pid in pids) or time.time() - folder.stat().st_mtime < grace_s:
+                continue
+            size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        except (OSError, ValueError):
+            continue  # another worker is removing it, or a pid file being written
+        shutil.rmtree(folder, ignore_errors=True)
+        removed, freed = removed + 1, freed + size
+    return removed, freed
 
 
 class _Sync:
@@ -293,18 +335,29 @@ def _place(config: dict, task: Task) -> dict:
     return {**config, "device": "cpu"} if config.get("device", "auto") == "auto" else config
 
 
-def execute(task: Task, channel: Channel, node: str, rank: int = 0) -> Finished:
+def execute(task: Task, channel: Channel, node: str, rank: int = 0, node_id: str = "") -> Finished:
     """The task body every backend runs on its worker (on every rank of a data-parallel group):
     fetch what the variant depends on from run storage, train it (resuming from storage), upload
-    its files (rank 0). Application errors (bad config, missing data, NaN loss, storage failures
-    such as a full disk) come back as a failed outcome, never as a retry. A remote storage's scratch
-    folder is deleted whatever the end (the storage holds the checkpoints)."""
-    from ..runstorage import RunStorage
+    its files (rank 0). Application errors (bad config, missing data, NaN loss, a full disk, a
+    dependency missing from storage) come back as a failed outcome, never as a retry. A failure of
+    the storage layer on this node (no credentials, no network, a refused request: any fsspec,
+    s3fs or botocore error) comes back as ``lost``, one message naming the node (``node_id``: the
+    backend's id for it) and the masked URL: the executor retries the variant, elsewhere when the
+    backend can. A remote storage's scratch folder is deleted whatever the end (the storage holds
+    the checkpoints)."""
+    from ..runstorage import RunStorage, StorageError
 
     storage = RunStorage(task.storage)
     folder = _worker_folder(storage, task, rank)
+    if storage.remote:
+        sweep_scratch()  # what killed tasks left on this machine
     try:
         return _execute(task, channel, node, rank, storage, folder)
+    except StorageError as err:
+        where = f"{node} ({node_id[:8]})" if node_id else node
+        if err.machine:
+            return Finished(task.key, "lost", error=f"storage failure on node {where}: {err}", node=node)
+        return Finished(task.key, "failed", error=f"{err} (node {node})", node=node)
     finally:
         if storage.remote:
             shutil.rmtree(folder, ignore_errors=True)
@@ -316,6 +369,7 @@ def _execute(task: Task, channel: Channel, node: str, rank: int, storage, folder
     from bnnctl.workers.train import TrainConfig, run_variant
 
     from ..runstorage import StorageError, relative
+    from ..urls import mask_text as mask
 
     lead = rank == 0
     started = time.time()
@@ -327,7 +381,7 @@ def _execute(task: Task, channel: Channel, node: str, rank: int, storage, folder
         for field, rel in task.fetch:  # a stage-1 or teacher checkpoint
             path = folder / "deps" / rel.replace("/", "-") if storage.remote else Path(storage.location(rel))
             if storage.remote and not storage.download(rel, path):
-                raise StorageError(f"{storage.location(rel)} is missing (needed for {field})")
+                raise StorageError(f"{mask(storage.location(rel))} is missing (needed for {field})", machine=False)
             config = _set(config, field, str(path))
         sync = _Sync(storage, task.key, folder) if storage.remote else None
         if sync is not None:
@@ -345,8 +399,6 @@ def _execute(task: Task, channel: Channel, node: str, rank: int, storage, folder
         return Finished(task.key, "failed", error=f"{err} (on node {node})", node=node)
     except BnnctlError as err:
         return Finished(task.key, "failed", error=str(err), node=node)
-    except StorageError as err:
-        return Finished(task.key, "failed", error=f"{err} (node {node})", node=node)
     except OSError as err:
         if err.errno == errno.ENOSPC:
             where = err.filename or folder

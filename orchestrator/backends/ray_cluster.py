@@ -168,6 +168,27 @@ def cluster_nodes() -> list[dict]:
     return out
 
 
+def scalable_node_types() -> list[dict]:
+    """The node types the cluster's autoscaler may start, from the cluster config it reports to
+    Ray's GCS (Ray's autoscaler v2, KubeRay): [{"name", "cpus", "gpus", "count"}] with ``count``
+    its most nodes of that type; [] on a cluster without an autoscaler."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - an older cluster or no GCS record: no autoscaler known
+        return []
+    if config is None:
+        return []
+    out = []
+    for group in config.node_group_configs:
+        if group.max_count == 0:
+            continue
+        out.append({"name": group.name, "cpus": float(group.resources.get("CPU", 0)),
+                    "gpus": float(group.resources.get("GPU", 0)), "count": 10**6 if group.max_count < 0 else group.max_count})
+    return out
+
+
 def describe_nodes(nodes: list[dict]) -> str:
     if not nodes:
         return "no alive node"
@@ -182,15 +203,25 @@ def _fits(n: dict, cpus: float, gpus: float) -> int:
     return min(by_cpu, by_gpu)
 
 
-def check_resources(cpus: float, gpus: float, nodes: list[dict], where: str, ranks: int = 1) -> None:
+def check_resources(cpus: float, gpus: float, nodes: list[dict], where: str, ranks: int = 1,
+                    scalable: list[dict] = ()) -> bool:
     """Refuse a request the cluster can never hold (Ray would keep it pending forever): a worker of
     ``cpus``/``gpus`` that no node has, or ``ranks`` such workers at once (a data-parallel group is
-    placed as a whole)."""
-    if sum(_fits(n, cpus, gpus) for n in nodes) >= ranks and any(_fits(n, cpus, gpus) for n in nodes):
-        return
+    placed as a whole). ``scalable``: node types an autoscaler may add (see
+    :func:`scalable_node_types`), counted at their most nodes. Returns True when the request fits
+    only once the autoscaler has added nodes."""
+    now = sum(_fits(n, cpus, gpus) for n in nodes)
+    later = sum(_fits(t, cpus, gpus) * t["count"] for t in scalable)
+    if now >= ranks:
+        return False
+    if now + later >= ranks:
+        return True
     group = f"{ranks} data-parallel workers of " if ranks > 1 else ""
+    scaling = ("; node types its autoscaler may add: " + ", ".join(
+        f"{t['name']} ({t['cpus']:g} CPUs, {t['gpus']:g} GPUs, up to {t['count']})" for t in scalable)) if scalable else ""
     raise ResourceError(f"no node of {where} can run a variant that needs {group}{cpus:g} CPUs and {gpus:g} GPUs "
-                        f"(resources: workers/cpus/gpus in the spec); the cluster's nodes: {describe_nodes(nodes)}")
+                        f"(resources: workers/cpus/gpus in the spec); the cluster's nodes: {describe_nodes(nodes)}"
+                        f"{scaling}")
 
 
 class Decisions:
@@ -234,7 +265,7 @@ def ray_task(task: Task, queue: Any, decisions: Any = None) -> Finished:
     node, node_id = socket.gethostname(), ray.get_runtime_context().get_node_id()
     send = _sender(queue)
     send(Started(task.key, node, node_id))
-    return execute(task, Channel(send, _asker(decisions) if decisions is not None else None), node)
+    return execute(task, Channel(send, _asker(decisions) if decisions is not None else None), node, node_id=node_id)
 
 
 @dataclass(frozen=True)
@@ -269,25 +300,33 @@ def _rank_loop(config: dict) -> None:
     placed: list = [None] * dist.get_world_size()
     dist.all_gather_object(placed, (node, node_id))
     send = _sender(queue) if rank == 0 else (lambda message: None)
-    send(Started(task.key, group_nodes([p[0] for p in placed]), ",".join(p[1] for p in placed)))
-    out = execute(task, Channel(send, _asker(decisions) if decisions is not None and rank == 0 else None), node, rank)
+    where, ids = group_nodes(placed), GROUP + ",".join(dict.fromkeys(p[1][:8] for p in placed))
+    send(Started(task.key, where, ids[:100]))
+    asker = _asker(decisions) if decisions is not None and rank == 0 else None
+    out = execute(task, Channel(send, asker), node, rank, node_id=node_id)
     if out.status not in ("completed", "stopped"):
         raise GroupFailure(out)
     if rank == 0:
-        send(GroupOutcome(task.key, dataclasses.replace(out, node=group_nodes([p[0] for p in placed]))))
+        send(GroupOutcome(task.key, dataclasses.replace(out, node=where)))
 
 
-def group_nodes(hosts: list[str]) -> str:
-    """Where a group's ranks run, in rank order: "a, a, b" -> "a (ranks 0-1), b (rank 2)"."""
-    if len(hosts) == 1:
-        return hosts[0]
+#: how a data-parallel group's ``node_id`` starts (then its nodes' short ids); its ``node`` names them
+GROUP = "group:"
+
+
+def group_nodes(placed: list[tuple[str, str]]) -> str:
+    """Where a group's ranks run, from each rank's (host, node id), in rank order:
+    "a (node 1a2b3c4d, ranks 0-1), a (node 5e6f7a8b, rank 2)" (several nodes of one host are told
+    apart by their ids), cut to the store's 200 characters."""
     spans: list[list] = []
-    for rank, host in enumerate(hosts):
-        if spans and spans[-1][0] == host:
+    for rank, (host, node_id) in enumerate(placed):
+        if spans and spans[-1][0] == (host, node_id):
             spans[-1][2] = rank
         else:
-            spans.append([host, rank, rank])
-    return ", ".join(f"{h} (rank {a})" if a == b else f"{h} (ranks {a}-{b})" for h, a, b in spans)
+            spans.append([(host, node_id), rank, rank])
+    text = ", ".join(f"{h} (node {i[:8]}, rank {a})" if a == b else f"{h} (node {i[:8]}, ranks {a}-{b})"
+                     for (h, i), a, b in spans)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def group_task(task: Task, queue: Any, decisions: Any = None) -> Finished:
@@ -318,7 +357,24 @@ def group_task(task: Task, queue: Any, decisions: Any = None) -> Finished:
     return Finished(task.key, "completed", None)  # rank 0's outcome is in the queue (see RayBackend)
 
 
+#: what Ray and Ray Train say when a rank's process or node went away (a machine's failure)
+DEATH = ("ActorDied", "HealthCheck", "NodeDied", "Preemption", "OutOfMemory", "WorkerCrashed", "ActorUnavailable",
+         "ControllerError", "died")
+
+
+def _line(text: str) -> str:
+    """The line of an error text that says what happened: one that names a death, else the first
+    that is not a header, a traceback frame or a marker."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    plain = [ln for ln in lines if not ln.startswith(("Training failed", "[Rank", "Traceback", "File ", "^", "~"))]
+    deaths = [ln for ln in plain if any(word in ln for word in DEATH)]
+    return (deaths or plain or [text.strip()])[0][:300]
+
+
 def _group_error(key: str, err: Exception) -> Finished:
+    """A failed ``fit``: a rank's own failure (GroupFailure: its variant failed, or its storage was
+    lost) as that rank said it; a rank or node that died as ``lost`` (the group restarts from the
+    checkpoint), naming the rank; anything else as a crash with Ray's text."""
     failures = getattr(err, "worker_failures", None) or {}
     for rank in sorted(failures):
         cause = failures[rank]
@@ -326,13 +382,27 @@ def _group_error(key: str, err: Exception) -> Finished:
             cause = getattr(cause, "cause", None) or cause.__cause__
         if isinstance(cause, GroupFailure):
             return cause.finished
-    names = " ".join(type(e).__name__ for e in failures.values()) + type(err).__name__
-    text = str(err).strip()
-    if any(word in names + text for word in ("ActorDied", "HealthCheck", "NodeDied", "Preemption", "OutOfMemory",
-                                              "WorkerCrashed", "ActorUnavailable", "ControllerError")):
-        first = next((ln for ln in text.splitlines() if ln.strip() and "Training failed" not in ln), text)
-        return Finished(key, "lost", error=f"a rank of the data-parallel group was lost: {first.strip()[:300]}")
+    for rank in sorted(failures):
+        said = f"{type(failures[rank]).__name__}: {failures[rank]}"
+        if any(word in said for word in DEATH):
+            return Finished(key, "lost", error=f"rank {rank} of the data-parallel group was lost: {_line(said)}")
+    text = f"{type(err).__name__}: {err}".strip()
+    if any(word in text for word in DEATH):
+        return Finished(key, "lost", error=f"a rank of the data-parallel group was lost: {_line(text)}")
     return Finished(key, "failed", error=f"crashed: {text}")
+
+
+def _pending_nodes() -> str:
+    """", 2 nodes pending" as Ray's autoscaler reports them ("" when it reports none)."""
+    try:
+        import ray
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=5)
+        pending = len(status.pending_launches) + len(status.pending_nodes)
+    except Exception:  # noqa: BLE001 - no autoscaler state: nothing to add
+        return ""
+    return f", {pending} node{'s' if pending != 1 else ''} pending" if pending else ""
 
 
 def _warm_task() -> int:
@@ -356,6 +426,10 @@ class RayBackend(Backend):
         self._groups: set[str] = set()
         self._pending: list[Message] = []  # read while looking for a group's outcome
         self._warm: list = []
+        self._node_of: dict[str, str] = {}  # key -> the node id(s) its latest attempt started on
+        self._avoid: dict[str, set[str]] = {}  # key -> nodes it was lost on (its retry goes elsewhere)
+        self._tasks: dict[str, Task] = {}
+        self._types: list[dict] = []  # node types the cluster's autoscaler may add
 
     def start(self, workers: int, cpus: float, gpus: float, ranks: int = 1) -> None:
         import ray
@@ -365,7 +439,8 @@ class RayBackend(Backend):
         self.where = connect(self.address, self.cpus)
         nodes = cluster_nodes()
         self.node_count = len({n["node_id"] for n in nodes})
-        check_resources(cpus, gpus, nodes, self.where, ranks)
+        self._types = scalable_node_types()
+        check_resources(cpus, gpus, nodes, self.where, ranks, self._types)
         # the driver's actors live on the driver's node: a lost worker node never takes them along
         self._here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self._queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": self._here})
@@ -388,13 +463,42 @@ class RayBackend(Backend):
 
     def submit(self, task: Task, verdicts: bool = False) -> None:
         decisions = self._decision_actor() if verdicts else None
+        self._tasks[task.key] = task
         if task.workers > 1:  # the launcher holds nothing; Ray Train's ranks hold the resources
             ref = self._group.options(num_cpus=0, max_retries=0).remote(task, self._queue, decisions)
             self._groups.add(task.key)
         else:
-            opts = {"num_cpus": task.cpus, "num_gpus": task.gpus, "max_retries": 0}
+            opts = {"num_cpus": task.cpus, "num_gpus": task.gpus, "max_retries": 0, **self._elsewhere(task)}
             ref = self._remote.options(**opts).remote(task, self._queue, decisions)
         self._running[ref] = task.key
+
+    def waiting_for(self, key: str) -> str:
+        """Why ``key`` waits when no alive node can hold it but the autoscaler can add one."""
+        task = self._tasks.get(key)
+        if task is None or not self._types:
+            return ""
+        try:
+            if not check_resources(task.cpus, task.gpus, cluster_nodes(), self.where, task.workers, self._types):
+                return ""  # it fits the nodes alive: they are busy
+        except ResourceError:
+            return ""
+        fitting = ", ".join(f"{t['name']} ({t['cpus']:g} CPUs, {t['gpus']:g} GPUs)" for t in self._types
+                            if _fits(t, task.cpus, task.gpus))
+        return f"no alive node can hold it; the cluster's autoscaler can add {fitting}{_pending_nodes()}"
+
+    def _elsewhere(self, task: Task) -> dict:
+        """A retry of a variant lost on some nodes (dead, or their storage failed) prefers an alive
+        node it was not lost on that can hold it (Ray's soft node affinity: when that node cannot,
+        the variant runs wherever Ray places it). A data-parallel group is placed by Ray Train."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        avoid = self._avoid.get(task.key)
+        if not avoid:
+            return {}
+        others = [n for n in cluster_nodes() if n["node_id"] not in avoid and _fits(n, task.cpus, task.gpus)]
+        if not others:
+            return {}
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(others[0]["node_id"], soft=True)}
 
     def wait(self, timeout: float) -> list[Finished]:
         import ray
@@ -406,7 +510,13 @@ class RayBackend(Backend):
             more, _ = ray.wait([r for r in self._running if r not in done], num_returns=len(self._running) - len(done),
                                timeout=0)
             done += more
-        return [self._group_outcome(self._outcome(ref, self._running.pop(ref))) for ref in done]
+        out = [self._group_outcome(self._outcome(ref, self._running.pop(ref))) for ref in done]
+        if any(f.status == "lost" for f in out):
+            self._pending.extend(self._read_queue())  # its Started message says where it was lost
+            for f in out:
+                if f.status == "lost" and self._node_of.get(f.key):
+                    self._avoid.setdefault(f.key, set()).add(self._node_of[f.key])
+        return out
 
     def _group_outcome(self, out: Finished) -> Finished:
         """A data-parallel variant's outcome: rank 0's (sent through the queue before its launcher
@@ -445,6 +555,8 @@ class RayBackend(Backend):
                 if isinstance(msg, GroupOutcome):
                     self._outcomes[msg.key] = msg.finished
                 else:
+                    if isinstance(msg, Started) and not msg.node_id.startswith(GROUP):
+                        self._node_of[msg.key] = msg.node_id
                     out.append(msg)
         except (rx.RayActorError, rx.ActorUnavailableError) as err:
             raise BackendError(f"the driver's message queue on {self.where} was lost ({type(err).__name__}); "

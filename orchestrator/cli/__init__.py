@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from . import dashboard, data, export, models, study, train, tune
+from . import cache, dashboard, data, export, models, study, train, tune
 
 app = typer.Typer(
     name="bnnctl",
@@ -20,6 +20,7 @@ app.add_typer(tune.app, name="tune")
 app.add_typer(models.app, name="models")
 app.add_typer(data.app, name="data")
 app.add_typer(train.app, name="train")
+app.add_typer(cache.app, name="cache")
 app.command("export")(export.export)
 app.command("dashboard")(dashboard.dashboard)
 

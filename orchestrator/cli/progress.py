@@ -58,7 +58,7 @@ class StudyProgress:
         from bnnctl.orchestrator.executor import Events
 
         return Events(started=self.started, epoch=self.epoch, finished=self.finished, waiting=self.waiting,
-                      resumed=self.resumed, planned=self.planned)
+                      scaling=self.scaling, resumed=self.resumed, planned=self.planned)
 
     def planned(self, count: int) -> None:
         """Adaptive seeds: the last look left comparisons open; ``count`` more variants run for them."""
@@ -107,6 +107,9 @@ class StudyProgress:
             self.line(f"stopped  {v.label} (study cancelled; it resumes on the next run)")
         else:
             self.line(f"{status:8s} {v.label}  {_duration(took)}  {counter}")
+
+    def scaling(self, v, seconds: float, why: str) -> None:
+        self.line(f"waiting for nodes: {v.label} ({seconds:.0f} s so far): {why}")
 
     def waiting(self, v, seconds: float) -> None:
         self.line(f"waiting  {v.label}: no worker with {v.resources.cpus:g} CPUs / {v.resources.gpus:g} GPUs free for "

@@ -411,7 +411,8 @@ def node_label(attempt) -> str:
     """'host (node 1a2b3c4d)' of an attempt, '' when its worker never announced itself."""
     if not attempt.node:
         return ""
-    return attempt.node + (f" (node {attempt.node_id[:8]})" if attempt.node_id and attempt.node_id != "in-process" else "")
+    plain = attempt.node_id and attempt.node_id != "in-process" and not attempt.node_id.startswith("group:")
+    return attempt.node + (f" (node {attempt.node_id[:8]})" if plain else "")  # a group's node names its nodes
 
 
 @app.command("list")

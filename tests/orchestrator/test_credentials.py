@@ -46,6 +46,10 @@ def test_masking_rules():
     assert mask_url("postgresql://u@db/x") == "postgresql://u@db/x"  # no password: unchanged
     assert mask_text("cannot open 'postgresql://u:pw@h/x' (and s3://k:sec@b)") == \
         "cannot open 'postgresql://u:***@h/x' (and s3://k:***@b)"
+    # signed URLs (a storage error may print one): the credential's query values
+    assert mask_text("GET https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=ab12&part=2 failed") == \
+        "GET https://b.s3.amazonaws.com/k?X-Amz-Credential=***&X-Amz-Signature=***&part=2 failed"
+    assert mask_text("gs://b/x?token=zz&sig=yy") == "gs://b/x?token=***&sig=***"
 
 
 def test_no_output_shows_the_database_password(workdir, pg_server):

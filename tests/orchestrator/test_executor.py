@@ -206,6 +206,13 @@ def test_an_impossible_resource_request_is_refused_at_start_with_the_cluster_res
     msg = str(err.value)
     assert "needs 2 CPUs and 2 GPUs" in msg and "head (10.0.0.1, node aaaaaaaa): 2 CPUs, 0 GPUs" in msg \
         and "gpu1 (10.0.0.2, node bbbbbbbb): 8 CPUs, 1 GPUs" in msg
+    # an autoscaler that may add up to 2 nodes of 8 GPUs: allowed, flagged as waiting for nodes
+    types = [{"name": "gpu8", "cpus": 32.0, "gpus": 8.0, "count": 2}]
+    assert check_resources(2, 2, nodes, "c", 1, types) is True
+    assert check_resources(4, 8, nodes, "c", 2, types) is True  # 2 workers of 8 GPUs: both nodes
+    assert check_resources(8, 0.5, nodes, "c", 1, types) is False  # fits a node alive now
+    with pytest.raises(ResourceError, match=r"autoscaler may add: gpu8 \(32 CPUs, 8 GPUs, up to 2\)"):
+        check_resources(4, 8, nodes, "c", 3, types)  # 3 such workers: more than it can ever add
 
 
 class _Pruner(Hooks):
@@ -374,3 +381,59 @@ def test_a_task_without_threads_uses_its_cpus_not_the_previous_tasks_count(workd
     env = out.result["environment"]
     assert env["threads"] == 1 and env["device"] == "cpu" and env["torch"] == torch.__version__.split("+")[0]
     assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["deterministic"] is False
+
+
+def test_a_storage_failure_is_the_nodes_retried_and_a_plain_run_finishes_it_later(workdir, s3, monkeypatch):
+    """Run storage on an S3 server this process has no credentials for (botocore's
+    NoCredentialsError, not an OSError): each attempt ends as lost with one line naming the node and
+    the storage URL, the variant is retried, then failed as a machine failure; the next plain run,
+    with credentials, retries and finishes it."""
+    import s3fs
+
+    from conftest import BUCKET
+
+    from bnnctl.orchestrator.runcore import RunOptions
+    from bnnctl.orchestrator.study import run_study, transient
+
+    env, _ = s3
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata probing either
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(workdir / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(workdir / "none"))
+    import fsspec.config  # read $FSSPEC_S3_ENDPOINT_URL at import: this process set it later
+
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": env["FSSPEC_S3_ENDPOINT_URL"]})
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    spec = _tiny_study(workdir, "s3", workdir / "syn")
+    opts = RunOptions(track=False, storage=f"s3://{BUCKET}/runs", backend_instance=InProcessBackend())
+    out = run_study(spec, options=opts)
+    assert out.counts == {"failed": 1}
+    store = Store()
+    (v,) = store.variants([m.variant_key for m in store.members(store.study("s3").id)]).values()
+    attempts = store.attempts(v.key)
+    assert [a.status for a in attempts] == ["lost", "lost", "failed"]  # retries: 2, then it fails
+    first = attempts[0].error
+    assert first.startswith(f"worker lost: storage failure on node {socket.gethostname()}: run storage "
+                            f"s3://{BUCKET}/runs/{v.key}/"), first
+    assert first.endswith("NoCredentialsError: Unable to locate credentials") and "\n" not in first, first
+    assert v.error.startswith("worker lost 3 times: storage failure on node") and transient(v.error)
+    # the machine gets its credentials: the same command trains the variant (not skipped as the config's failure)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    s3fs.S3FileSystem.clear_instance_cache()
+    again = run_study(spec, options=dataclasses.replace(opts, backend_instance=InProcessBackend()))
+    assert again.status == "completed" and again.trained == 1, [a.error for a in store.attempts(v.key)]
+    assert store.attempts(v.key)[-1].status == "completed"
+
+
+def test_a_dependency_missing_from_storage_stays_the_configs_failure(tmp_path):
+    """Not the machine's: a stage-1 checkpoint that is not in storage fails the variant (no retry)."""
+    from bnnctl.orchestrator.backends import Channel, execute
+
+    task = Task("k1", to_dict(TrainConfig(epochs=1)), "memory://bnnctl-test/runs",  # fsspec's in-memory store
+                fetch=(("init_from", "k0/last.pt"),))
+    out = execute(task, Channel(lambda m: None), "n1", node_id="f" * 56)
+    assert (out.status, out.error) == ("failed", "memory://bnnctl-test/runs/k0/last.pt is missing (needed for "
+                                                 "init_from) (node n1)")

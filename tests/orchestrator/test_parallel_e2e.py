@@ -46,7 +46,9 @@ def test_a_two_worker_variant_trains_on_two_ranks_what_one_worker_trains(workdir
     assert out.status == "completed" and out.trained == 1
     store = Store(f"sqlite:///{workdir / '.bnnctl' / 'state.db'}")
     (attempt,) = store.attempts(v2.key)
-    assert attempt.status == "completed" and "(ranks 0-1)" in attempt.node  # both ranks ran, on this node
+    # both ranks ran, on this node: "host (node 1a2b3c4d, ranks 0-1)"
+    assert attempt.status == "completed" and attempt.node.endswith("ranks 0-1)"), attempt.node
+    assert attempt.node_id.startswith("group:") and "," not in attempt.node_id
     stored = store.metrics(v2.key)
     # one worker, the same global batch (7 items: ranks of 4 and 3; the last batch of 3: 2 and 1)
     one = LocalReporter(tmp_path / "one")
@@ -123,3 +125,35 @@ def test_variants_hold_their_cpus_and_gpus_on_a_node_that_declares_gpus(tmp_path
         assert max(start for start, _, _ in half) < min(end for _, end, _ in half), half  # all at the same time
     finally:
         nodes.close()
+
+
+def test_a_groups_node_names_each_node_and_its_ranks():
+    from bnnctl.orchestrator.backends.ray_cluster import group_nodes
+
+    a, b = "a" * 56, "b" * 56
+    assert group_nodes([("h", a)]) == "h (node aaaaaaaa, rank 0)"
+    # two nodes of one host (as in the tests) are told apart by their ids
+    assert group_nodes([("h", a), ("h", a), ("h", b)]) == "h (node aaaaaaaa, ranks 0-1), h (node bbbbbbbb, rank 2)"
+    many = group_nodes([(f"host-{i:03d}", f"{i:056x}") for i in range(16)])
+    assert len(many) == 200 and many.endswith("...")  # the store's column
+
+
+def test_a_dead_rank_is_a_lost_group_in_one_line_naming_the_rank_and_a_bug_is_a_crash():
+    from ray.exceptions import ActorDiedError
+
+    from bnnctl.orchestrator.backends.ray_cluster import _group_error
+
+    class TrainingFailed(Exception):  # the shape of Ray Train's error: the text, and each rank's failure
+        def __init__(self, text, failures):
+            super().__init__(text)
+            self.worker_failures = failures
+
+    err = TrainingFailed("Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most recent call "
+                         "last):\n  File \"loop.py\", line 1\nRuntimeError: Connection closed by peer",
+                         {0: RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:4242"), 1: ActorDiedError()})
+    out = _group_error("k", err)
+    assert (out.status, out.error) == ("lost", "rank 1 of the data-parallel group was lost: ActorDiedError: The actor "
+                                               "died unexpectedly before finishing this task.")
+    bug = _group_error("k", TrainingFailed("Training failed:\n[Rank 0 Error Snippet]:\nZeroDivisionError: x",
+                                           {0: ZeroDivisionError("x")}))
+    assert bug.status == "failed" and bug.error.startswith("crashed: TrainingFailed: Training failed")
