@@ -237,12 +237,31 @@ class Decisions:
         return self._verdicts.get((key, epoch))
 
 
-def _sender(queue: Any):
-    """Send a message to the driver without waiting for it: a task blocked in ``ray.get`` lends its
-    CPUs out (Ray starts another task on them), so a variant would not hold what it asked for.
-    Calls from one worker to one actor run in the order they were made."""
-    actor = queue.actor
-    return lambda message: actor.put_nowait.remote(message)
+class _Sender:
+    """Sends messages to the driver without waiting for them: a task blocked in ``ray.get`` lends
+    its CPUs out (Ray starts another task on them), so a variant would not hold what it asked for.
+    ``flush`` waits (polling futures, never blocked in Ray) until every message sent has reached the
+    driver's queue: a task flushes before it returns, or the driver could see it finished before
+    its last words arrived (the epochs a resumed run says again, a group's outcome) and drop them."""
+
+    FLUSH_TIMEOUT = 60.0
+
+    def __init__(self, queue: Any) -> None:
+        self.actor, self._sent = queue.actor, []
+
+    def __call__(self, message: Message) -> None:
+        self._sent = [f for f in self._sent if not f.done()]
+        self._sent.append(self.actor.put_nowait.remote(message).future())
+
+    def flush(self) -> None:
+        deadline = time.monotonic() + self.FLUSH_TIMEOUT
+        while any(not f.done() for f in self._sent) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._sent = []
+
+
+def _sender(queue: Any) -> _Sender:
+    return _Sender(queue)
 
 
 def _asker(decisions: Any):
@@ -265,7 +284,10 @@ def ray_task(task: Task, queue: Any, decisions: Any = None) -> Finished:
     node, node_id = socket.gethostname(), ray.get_runtime_context().get_node_id()
     send = _sender(queue)
     send(Started(task.key, node, node_id))
-    return execute(task, Channel(send, _asker(decisions) if decisions is not None else None), node, node_id=node_id)
+    try:
+        return execute(task, Channel(send, _asker(decisions) if decisions is not None else None), node, node_id=node_id)
+    finally:
+        send.flush()
 
 
 @dataclass(frozen=True)
@@ -299,15 +321,27 @@ def _rank_loop(config: dict) -> None:
     node, node_id = socket.gethostname(), ray.get_runtime_context().get_node_id()
     placed: list = [None] * dist.get_world_size()
     dist.all_gather_object(placed, (node, node_id))
-    send = _sender(queue) if rank == 0 else (lambda message: None)
+    send = _sender(queue) if rank == 0 else _Silent()
     where, ids = group_nodes(placed), GROUP + ",".join(dict.fromkeys(p[1][:8] for p in placed))
     send(Started(task.key, where, ids[:100]))
     asker = _asker(decisions) if decisions is not None and rank == 0 else None
-    out = execute(task, Channel(send, asker), node, rank, node_id=node_id)
-    if out.status not in ("completed", "stopped"):
-        raise GroupFailure(out)
-    if rank == 0:
+    try:
+        out = execute(task, Channel(send, asker), node, rank, node_id=node_id)
+        if out.status not in ("completed", "stopped"):
+            raise GroupFailure(out)
         send(GroupOutcome(task.key, dataclasses.replace(out, node=where)))
+    finally:
+        send.flush()  # the launcher returns after every rank: rank 0's outcome is in the queue by then
+
+
+class _Silent:
+    """The sender of ranks other than 0: rank 0 speaks for the group."""
+
+    def __call__(self, message: Message) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
 
 
 #: how a data-parallel group's ``node_id`` starts (then its nodes' short ids); its ``node`` names them
