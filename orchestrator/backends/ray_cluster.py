@@ -260,10 +260,6 @@ class _Sender:
         self._sent = []
 
 
-def _sender(queue: Any) -> _Sender:
-    return _Sender(queue)
-
-
 def _asker(decisions: Any):
     """The driver's verdict on (key, epoch), or None while it has none, read without ``ray.get``
     (a future resolved by Ray's callback; the task never counts as blocked)."""
@@ -282,7 +278,7 @@ def ray_task(task: Task, queue: Any, decisions: Any = None) -> Finished:
     import ray
 
     node, node_id = socket.gethostname(), ray.get_runtime_context().get_node_id()
-    send = _sender(queue)
+    send = _Sender(queue)
     send(Started(task.key, node, node_id))
     try:
         return execute(task, Channel(send, _asker(decisions) if decisions is not None else None), node, node_id=node_id)
@@ -321,7 +317,7 @@ def _rank_loop(config: dict) -> None:
     node, node_id = socket.gethostname(), ray.get_runtime_context().get_node_id()
     placed: list = [None] * dist.get_world_size()
     dist.all_gather_object(placed, (node, node_id))
-    send = _sender(queue) if rank == 0 else _Silent()
+    send = _Sender(queue) if rank == 0 else _Silent()
     where, ids = group_nodes(placed), GROUP + ",".join(dict.fromkeys(p[1][:8] for p in placed))
     send(Started(task.key, where, ids[:100]))
     asker = _asker(decisions) if decisions is not None and rank == 0 else None
