@@ -292,7 +292,13 @@ class _Loop:
 
     def warn_waiting(self) -> None:
         now = time.monotonic()
-        for key, since in self.running.items():
+        for key, since in list(self.running.items()):
+            refused = "" if key in self.started else self.backend.refused(key)
+            if refused:  # it would wait for ever
+                self.backend.cancel(key)
+                del self.running[key]
+                self.settle(key, "failed", refused)
+                continue
             if key not in self.started and key not in self.warned and now - since >= self.ex.wait_warning_s:
                 self.warned.add(key)
                 why = self.backend.waiting_for(key)

@@ -216,9 +216,12 @@ class DriverSession:
             self.options.backend, **({"address": self.options.address, "cpus": self.options.cpus}
                                      if self.options.backend == "ray" else {}))
         self.backend.start(self.parallel, self.resources.cpus, self.resources.gpus, self.resources.workers)
-        if self.backend.node_count > 1 and self.options.storage is None and not os.environ.get("BNNCTL_STORAGE"):
+        grows = getattr(self.backend, "may_grow", False)
+        if (self.backend.node_count > 1 or grows) and self.options.storage is None and not os.environ.get("BNNCTL_STORAGE"):
+            nodes = ("has an autoscaler (the nodes it adds are other machines)" if grows and self.backend.node_count == 1
+                     else f"has {self.backend.node_count} nodes")
             raise StorageNotShared(
-                f"{self.backend.describe()} has {self.backend.node_count} nodes, but the run storage is the "
+                f"{self.backend.describe()} {nodes}, but the run storage is the "
                 f"default folder {self.storage.root} of this machine, which the other nodes cannot see "
                 "(their checkpoints would stay on them). Give a run storage every node reaches: --storage "
                 "s3://bucket/prefix (or gs://...), or a folder every node mounts at the same path (--storage "

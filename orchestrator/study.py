@@ -117,7 +117,7 @@ def select(plan: Plan, only: tuple[str, ...], keys: tuple[str, ...]) -> set[str]
 
 
 #: failures of the machine, not of the config: retried by every run (a NaN loss or a bug is not)
-TRANSIENT = ("no space left on device", "worker lost", "run storage", "dependency ")
+TRANSIENT = ("no space left on device", "worker lost", "run storage", "dependency ", "the autoscaler of ")
 
 
 def transient(error: str | None) -> bool:

@@ -80,18 +80,20 @@ class RayNodes:
         self.procs.append(proc)
         return proc
 
-    def head(self, cpus: int = 1, dashboard_port: int | None = None, gpus: int = 0) -> tuple[subprocess.Popen, str]:
+    def head(self, cpus: int = 1, dashboard_port: int | None = None, gpus: int = 0, port: int | None = None,
+             extra: list[str] | None = None, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
         """Start a head node; returns (process, its GCS address). With ``dashboard_port``, its
         dashboard (and job server) listens there; ``gpus``: GPUs it declares (Ray then hands them to
-        tasks through ``CUDA_VISIBLE_DEVICES``, GPU or not)."""
-        port = free_port()
+        tasks through ``CUDA_VISIBLE_DEVICES``, GPU or not); ``extra``: more ``ray start`` options,
+        ``env``: more environment (e.g. an autoscaler's config)."""
+        port = port or free_port()
         args = ["--head", f"--port={port}", f"--num-cpus={cpus}", f"--num-gpus={gpus}", "--node-ip-address=127.0.0.1",
-                "--object-store-memory=100000000", *self._ports()]
+                "--object-store-memory=100000000", *self._ports(), *(extra or [])]
         if dashboard_port:
             args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
         else:
             args += ["--include-dashboard=false"]
-        proc = self._start(args, f"head-{port}.log")
+        proc = self._start(args, f"head-{port}.log", env={**self.env, **(env or {})})
         address = f"127.0.0.1:{port}"
         wait_for(lambda: self._up(proc, address), 90, f"the Ray head at {address}")
         return proc, address

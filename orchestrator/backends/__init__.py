@@ -155,6 +155,11 @@ class Backend(ABC):
         cluster's autoscaler must add a node for it); "" otherwise."""
         return ""
 
+    def refused(self, key: str) -> str:
+        """Why a submitted task that has not started never will (e.g. the cluster's autoscaler
+        reports no node type can hold it): the executor fails it with this; "" otherwise."""
+        return ""
+
     def describe(self) -> str:
         """Where tasks run, for messages (e.g. the cluster's address)."""
         return self.name

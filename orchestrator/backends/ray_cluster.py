@@ -168,25 +168,83 @@ def cluster_nodes() -> list[dict]:
     return out
 
 
+#: a node type the autoscaler may add whose resources the driver cannot read (Ray's own autoscaler,
+#: v1 or v2, keeps its node types in the head's cluster YAML; only KubeRay-style setups publish them)
+UNKNOWN_TYPE = {"name": "nodes of the types in its cluster config", "cpus": 1e6, "gpus": 1e6, "count": 10**6,
+                "known": False}
+
+
 def scalable_node_types() -> list[dict]:
-    """The node types the cluster's autoscaler may start, from the cluster config it reports to
-    Ray's GCS (Ray's autoscaler v2, KubeRay): [{"name", "cpus", "gpus", "count"}] with ``count``
-    its most nodes of that type; [] on a cluster without an autoscaler."""
+    """The node types the cluster's autoscaler may start: [{"name", "cpus", "gpus", "count"}] with
+    ``count`` its most nodes of that type. Read from the cluster config published to Ray's GCS
+    (KubeRay, Ray Data's view of the cluster); when none is published but an autoscaler reports to
+    the GCS (Ray's autoscaler v2 or v1, e.g. ``ray up``), its node types are unknown here: one
+    :data:`UNKNOWN_TYPE` (the autoscaler decides; see :func:`autoscaler_verdict`). [] on a cluster
+    without an autoscaler."""
     try:
         from ray._private.state import state
 
         config = state.get_cluster_config()
-    except Exception:  # noqa: BLE001 - an older cluster or no GCS record: no autoscaler known
-        return []
-    if config is None:
-        return []
+    except Exception:  # noqa: BLE001 - an older cluster or no GCS record: no published config
+        config = None
     out = []
-    for group in config.node_group_configs:
+    for group in config.node_group_configs if config is not None else []:
         if group.max_count == 0:
             continue
         out.append({"name": group.name, "cpus": float(group.resources.get("CPU", 0)),
                     "gpus": float(group.resources.get("GPU", 0)), "count": 10**6 if group.max_count < 0 else group.max_count})
+    if not out and autoscaler_verdict() is not None:
+        out.append(dict(UNKNOWN_TYPE))
     return out
+
+
+def _status_reply():
+    """The GCS's autoscaling state (Ray's autoscaler v2 reports there), or None."""
+    import ray
+    from ray._raylet import GcsClient
+    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
+
+    reply = GetClusterStatusReply()
+    reply.ParseFromString(GcsClient(address=ray.get_runtime_context().gcs_address).get_cluster_status(timeout_s=5))
+    return reply
+
+
+def autoscaler_verdict() -> dict | None:
+    """What the cluster's autoscaler last said, or None when the cluster has none that can add
+    nodes: {"pending": nodes being added, "infeasible": [{"CPU": 1, "GPU": 1}, ...] requests it says
+    no node type of its config can hold (or none more of: a type at its most nodes)}.
+
+    Every Ray cluster runs an autoscaler process; without a cluster config it is a read-only one
+    that names each node "node_<id>" (v1) or leaves node types unnamed (v2), and adds nothing. One
+    started with a config (``ray up``, KubeRay, ``ray start --autoscaling-config``) names the types
+    of its nodes, the head's included. Autoscaler v2 reports through the GCS's autoscaling state;
+    v1 writes its status to the GCS's key-value store (pending nodes only)."""
+    try:
+        reply = _status_reply()
+        state = reply.autoscaling_state
+        if state.autoscaler_state_version > 0:
+            if not any(n.ray_node_type_name for n in reply.cluster_resource_state.node_states):
+                return None  # read-only: a cluster without an autoscaling config
+            infeasible = [dict(r.resources_bundle) for r in state.infeasible_resource_requests]
+            infeasible += [dict(r.resources_bundle) for g in state.infeasible_gang_resource_requests for r in g.requests]
+            pending = sum(r.count for r in state.pending_instance_requests) + len(state.pending_instances)
+            return {"pending": pending, "infeasible": infeasible}
+    except Exception:  # noqa: BLE001 - no autoscaling state (an older GCS): try v1's record
+        pass
+    try:
+        import json
+
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        raw = _internal_kv_get("__autoscaling_status")
+        report = (json.loads(raw).get("autoscaler_report") or {}) if raw else {}
+        types = report.get("node_type_mapping") or {}
+        if all(name == f"node_{node}" for node, name in types.items()):
+            return None  # read-only (or no record)
+        pending = len(report.get("pending_nodes") or []) + sum((report.get("pending_launches") or {}).values())
+        return {"pending": pending, "infeasible": []}
+    except Exception:  # noqa: BLE001 - no readable record: no autoscaler
+        return None
 
 
 def describe_nodes(nodes: list[dict]) -> str:
@@ -422,19 +480,6 @@ def _group_error(key: str, err: Exception) -> Finished:
     return Finished(key, "failed", error=f"crashed: {text}")
 
 
-def _pending_nodes() -> str:
-    """", 2 nodes pending" as Ray's autoscaler reports them ("" when it reports none)."""
-    try:
-        import ray
-        from ray.autoscaler.v2.sdk import get_cluster_status
-
-        status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=5)
-        pending = len(status.pending_launches) + len(status.pending_nodes)
-    except Exception:  # noqa: BLE001 - no autoscaler state: nothing to add
-        return ""
-    return f", {pending} node{'s' if pending != 1 else ''} pending" if pending else ""
-
-
 def _warm_task() -> int:
     import bnnctl.workers.train  # noqa: F401  (torch and the trainer, imported once per worker process)
 
@@ -460,6 +505,8 @@ class RayBackend(Backend):
         self._avoid: dict[str, set[str]] = {}  # key -> nodes it was lost on (its retry goes elsewhere)
         self._tasks: dict[str, Task] = {}
         self._types: list[dict] = []  # node types the cluster's autoscaler may add
+        self._verdict_at: tuple[float, dict] = (float("-inf"), {})
+        self._infeasible: dict[str, float] = {}  # key -> since when the autoscaler calls it infeasible
 
     def start(self, workers: int, cpus: float, gpus: float, ranks: int = 1) -> None:
         import ray
@@ -502,19 +549,65 @@ class RayBackend(Backend):
             ref = self._remote.options(**opts).remote(task, self._queue, decisions)
         self._running[ref] = task.key
 
-    def waiting_for(self, key: str) -> str:
-        """Why ``key`` waits when no alive node can hold it but the autoscaler can add one."""
+    @property
+    def may_grow(self) -> bool:
+        """Whether the cluster has an autoscaler that may add nodes."""
+        return bool(self._types)
+
+    def _beyond_alive(self, key: str) -> Task | None:
+        """The task of ``key`` when no alive node could ever hold it but the autoscaler may add one."""
         task = self._tasks.get(key)
         if task is None or not self._types:
-            return ""
+            return None
         try:
-            if not check_resources(task.cpus, task.gpus, cluster_nodes(), self.where, task.workers, self._types):
-                return ""  # it fits the nodes alive: they are busy
+            if not check_resources(task.cpus, task.gpus, self._verdict()["nodes"], self.where, task.workers, self._types):
+                return None  # it fits the nodes alive: they are busy
         except ResourceError:
+            return None
+        return task
+
+    def _verdict(self) -> dict:
+        """The autoscaler's last word and the nodes alive, asked of the GCS at most every 2 s."""
+        if time.monotonic() - self._verdict_at[0] >= 2.0:
+            said = autoscaler_verdict() or {"pending": 0, "infeasible": []}
+            self._verdict_at = (time.monotonic(), {**said, "nodes": cluster_nodes()})
+        return self._verdict_at[1]
+
+    def waiting_for(self, key: str) -> str:
+        """Why ``key`` waits when no alive node can hold it but the autoscaler can add one."""
+        task = self._beyond_alive(key)
+        if task is None:
             return ""
+        pending = self._verdict()["pending"]
+        more = f", {pending} node{'s' if pending != 1 else ''} pending" if pending else ""
+        if any(t.get("known", True) is False for t in self._types):
+            return f"no alive node can hold it; the cluster's autoscaler may add one{more}"
         fitting = ", ".join(f"{t['name']} ({t['cpus']:g} CPUs, {t['gpus']:g} GPUs)" for t in self._types
                             if _fits(t, task.cpus, task.gpus))
-        return f"no alive node can hold it; the cluster's autoscaler can add {fitting}{_pending_nodes()}"
+        return f"no alive node can hold it; the cluster's autoscaler can add {fitting}{more}"
+
+    #: how long the autoscaler must call a request infeasible, with no node pending, before the
+    #: variant fails: it also calls a request infeasible while its node types are at their most
+    #: nodes (a second request of a type limited to one node), which a launch or a finished
+    #: variant resolves
+    INFEASIBLE_GRACE_S = 10.0
+
+    def refused(self, key: str) -> str:
+        """A variant the cluster's autoscaler reports it cannot place (no node type of its config
+        holds the request, none being added) fails with that, instead of waiting for ever."""
+        task = self._beyond_alive(key)
+        verdict = self._verdict() if task is not None else {}
+        asked = {"CPU": float(task.cpus), "GPU": float(task.gpus)} if task is not None else {}
+        if not task or verdict["pending"] or not any(
+                {"CPU": float(b.get("CPU", 0)), "GPU": float(b.get("GPU", 0))} == asked for b in verdict["infeasible"]):
+            self._infeasible.pop(key, None)
+            return ""
+        if time.monotonic() - self._infeasible.setdefault(key, time.monotonic()) < self.INFEASIBLE_GRACE_S:
+            return ""
+        group = f"{task.workers} data-parallel workers of " if task.workers > 1 else ""
+        return (f"the autoscaler of {self.where} reports that none of its node types can hold "
+                f"{group}{task.cpus:g} CPUs and {task.gpus:g} GPUs (resources: workers/cpus/gpus in the spec; "
+                f"the node types are in the cluster's config); nodes alive: {describe_nodes(verdict['nodes'])}")
 
     def _elsewhere(self, task: Task) -> dict:
         """A retry of a variant lost on some nodes (dead, or their storage failed) prefers an alive
