@@ -68,8 +68,9 @@ class RayNodes:
 
     @property
     def env(self) -> dict[str, str]:
-        """The environment of a driver or node of these clusters."""
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+        """The environment of a driver or node of these clusters (the GPUs a node has are what its
+        ``--num-gpus`` says, never a ``CUDA_VISIBLE_DEVICES`` the test process happens to carry)."""
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "CUDA_VISIBLE_DEVICES")}
         return {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token), "PYTHONUNBUFFERED": "1",
                 **self.extra_env}
 

@@ -331,12 +331,19 @@ def _worker_folder(storage, task: Task, rank: int) -> Path:
     return scratch_dir(task.key) / f"rank-{rank}" if rank else scratch_dir(task.key)
 
 
+def hide_gpus(task: Task) -> None:
+    """In a worker process of its own (a Ray task or rank), a task that holds no GPU sees none: Ray
+    2.60 leaves ``CUDA_VISIBLE_DEVICES`` alone for ``num_gpus=0``. Never called by the in-process
+    backend, whose tasks are threads of the driver: one thread's change would reach every other."""
+    if task.gpus <= 0:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def _place(config: dict, task: Task) -> dict:
-    """A task that holds no GPU sees none (Ray 2.60 leaves ``CUDA_VISIBLE_DEVICES`` alone for
-    ``num_gpus=0``): with ``device: auto`` it trains on the CPU, inside the scheduler's accounting."""
+    """A task that holds no GPU trains on the CPU with ``device: auto``, inside the scheduler's
+    accounting (see :func:`hide_gpus` for what its process sees)."""
     if task.gpus > 0:
         return config
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
     return {**config, "device": "cpu"} if config.get("device", "auto") == "auto" else config
 
 

@@ -38,6 +38,7 @@ from . import (
     Started,
     Task,
     execute,
+    hide_gpus,
     register,
 )
 
@@ -338,6 +339,7 @@ def ray_task(task: Task, queue: Any, decisions: Any = None) -> Finished:
     node, node_id = socket.gethostname(), ray.get_runtime_context().get_node_id()
     send = _Sender(queue)
     send(Started(task.key, node, node_id))
+    hide_gpus(task)
     try:
         return execute(task, Channel(send, _asker(decisions) if decisions is not None else None), node, node_id=node_id)
     finally:
@@ -379,6 +381,7 @@ def _rank_loop(config: dict) -> None:
     where, ids = group_nodes(placed), GROUP + ",".join(dict.fromkeys(p[1][:8] for p in placed))
     send(Started(task.key, where, ids[:100]))
     asker = _asker(decisions) if decisions is not None and rank == 0 else None
+    hide_gpus(task)
     try:
         out = execute(task, Channel(send, asker), node, rank, node_id=node_id)
         if out.status not in ("completed", "stopped"):

@@ -275,8 +275,13 @@ def test_a_broken_backend_leaves_the_study_stopped_with_the_reason(workdir):
     assert study.spec["stopped_reason"] == "BackendError: the driver's message queue was lost (test)"
 
 
-def test_real_training_on_the_in_process_backend_matches_the_trainer(workdir):
-    """The task body (fetch, train, record) as every backend runs it, without a cluster."""
+def test_real_training_on_the_in_process_backend_matches_the_trainer(workdir, monkeypatch):
+    """The task body (fetch, train, record) as every backend runs it, without a cluster. Its tasks
+    are threads of the driver: a variant without GPUs trains on the CPU and leaves the driver's
+    environment as it was (hiding the GPUs is for a worker process of its own)."""
+    import os
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     from bnnctl.orchestrator.runcore import RunOptions
     from bnnctl.orchestrator.study import run_study
     from bnnctl.workers.config import from_dict
@@ -286,9 +291,11 @@ def test_real_training_on_the_in_process_backend_matches_the_trainer(workdir):
                        row="{name: rev, set: {model.activation.kind: prelu}, stages: reverse_order}")
     out = run_study(spec, options=RunOptions(track=False, backend_instance=InProcessBackend(capacity=1)))
     assert out.status == "completed" and out.trained == 2
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
     store = Store()
     (member,) = [m for m in store.members(store.study("local").id) if m.ablation]
     v = store.variant(member.variant_key)
+    assert v.result["environment"]["cuda_visible_devices"] == "0" and v.result["environment"]["device"] == "cpu"
     assert v.config["data"]["root"] == str(workdir / "syn")  # resolved at load, against the working folder
     assert v.result["best_checkpoint"] == f"{v.key}/best.pt"  # relative to the storage root
     assert (workdir / ".bnnctl" / "runs" / v.key / "best.pt").exists()
