@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bnnctl.workers.errors import BnnctlError
+
 MAX_PARAM_LENGTH = 500  # MLflow accepts longer values, but the UI's table does not
 
 
@@ -82,12 +84,102 @@ def _creation_lock(uri: str):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+class TrackingError(BnnctlError):
+    """The tracking store cannot be used as it is (one message: what it holds and what to do)."""
+
+
+def _run_count(path: Path) -> int | None:
+    """How many runs a sqlite MLflow store holds (0: no runs table yet; None: not a database)."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        return con.execute("SELECT count(*) FROM runs").fetchone()[0]
+    except sqlite3.OperationalError as err:
+        return 0 if "no such table" in str(err) else None
+    except sqlite3.DatabaseError:
+        return None
+    finally:
+        con.close()
+
+
+def _forget_engine(uri: str) -> None:
+    """Close MLflow's cached engine of ``uri`` (its pooled connections keep the file they opened)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    engine = SqlAlchemyStore._engine_map.pop(uri, None)
+    if engine is not None:
+        engine.dispose()
+
+
+def _create_store(path: Path) -> None:
+    """A new sqlite MLflow store, created and migrated under a temporary name, then published under
+    ``path`` at once (a hard link: never over a store another process published meanwhile). A
+    kill at any moment leaves either no store or a complete one, never a half-migrated file."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    for stale in path.parent.glob(path.name + ".creating-*"):  # a killed creator's (we hold the lock)
+        stale.unlink(missing_ok=True)
+    temp = path.with_name(f"{path.name}.creating-{os.getpid()}")
+    uri = f"sqlite:///{temp}"
+    try:
+        SqlAlchemyStore(uri, artifact_location(f"sqlite:///{path}"))
+        _forget_engine(uri)
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            pass
+    finally:
+        _forget_engine(uri)
+        for leftover in (temp, Path(f"{temp}-journal"), Path(f"{temp}-wal"), Path(f"{temp}-shm")):
+            leftover.unlink(missing_ok=True)
+
+
+def _open_client(uri: str):
+    """MLflow's client of ``uri``. A new sqlite store is created atomically (see
+    :func:`_create_store`); one that a killed first run left half-created (it cannot be opened and
+    holds no runs: an older bnnctl migrated it in place) is created again, with a one-line notice; one
+    that holds runs is never touched: its error becomes one message saying what to do."""
+    from mlflow.tracking import MlflowClient
+
+    if not uri.startswith("sqlite:///") or ":memory:" in uri:
+        return MlflowClient(tracking_uri=uri)
+    path = Path(uri.removeprefix("sqlite:///"))
+    if path.exists() and path.stat().st_size == 0:  # an empty file (touched, or opened by sqlite): no store yet
+        path.unlink()
+    if not path.exists():
+        _create_store(path)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # opens (and verifies) the store
+        return client
+    except Exception as err:  # noqa: BLE001 - MLflow raises many kinds for a store it cannot use
+        runs = _run_count(path)
+        if runs != 0:
+            held = "is not an SQLite database" if runs is None else f"holds {runs} runs"
+            cause = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            raise TrackingError(
+                f"the MLflow store {path} cannot be opened ({cause[:300]}); it {held}, so bnnctl leaves it as it "
+                f"is. If an older MLflow wrote it, upgrade it: mlflow db upgrade sqlite:///{path}; otherwise move "
+                f"it aside (mv {path} {path}.bak) and run again to start a new one, or run with --no-track"
+            ) from None
+    import sys
+
+    print(f"bnnctl: the MLflow store {path} was left half-created by an interrupted first run and held no runs; "
+          "created it again", file=sys.stderr)
+    _forget_engine(uri)
+    path.unlink()
+    _create_store(path)
+    return MlflowClient(tracking_uri=uri)
+
+
 class Tracker:
     def __init__(self, uri: str | None, experiment: str, storage=None) -> None:
         """``storage``: the RunStorage that results' file locations are relative to (artifacts are
         read from it, downloaded first when it is a URL)."""
-        from mlflow.tracking import MlflowClient
-
         from .runstorage import RunStorage
 
         self.storage = storage or RunStorage()
@@ -95,9 +187,11 @@ class Tracker:
         if not os.environ.get("BNNCTL_VERBOSE"):  # MLflow's INFO lines about its own tables: --verbose shows them
             import logging
 
+            import mlflow  # noqa: F401 - its import sets its loggers' levels: set ours after it
+
             logging.getLogger("mlflow").setLevel(logging.WARNING)
         with _creation_lock(self.uri):  # two drivers creating one sqlite store would corrupt it
-            self.client = MlflowClient(tracking_uri=self.uri)
+            self.client = _open_client(self.uri)
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 try:

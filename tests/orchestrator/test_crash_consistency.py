@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from bnnctl.orchestrator.backends.inprocess import InProcessBackend
 from bnnctl.orchestrator.runcore import RunOptions
 from bnnctl.orchestrator.store import Store
@@ -277,3 +279,202 @@ def test_processes_creating_the_mlflow_store_at_once_all_succeed(tmp_path):
         outcomes = racers.race(racers.open_tracker, (uri,), 4)
         assert len(set(outcomes)) == 1 and not outcomes[0].startswith("error"), outcomes
         assert len(MlflowClient(uri).search_experiments(filter_string="name = 'race'")) == 1
+
+
+# --------------------------------------------------------------------------- the first run's MLflow store
+
+FIRST_RUN = """
+import sys
+from bnnctl.orchestrator.backends.inprocess import InProcessBackend
+from bnnctl.orchestrator.runcore import RunOptions
+opts = RunOptions(backend_instance=InProcessBackend(capacity=1))
+if sys.argv[1] == "study":
+    from bnnctl.orchestrator.study import run_study
+    print(run_study(sys.argv[2], options=opts).status)
+else:
+    from bnnctl.orchestrator.tuning import run_tuning
+    print(run_tuning(sys.argv[2], options=opts).status)
+"""
+
+
+def _first_run(folder: Path, kind: str, spec: Path, kill_after: float | None) -> tuple[float | None, float | None]:
+    """Run a driver (in-process backend, MLflow tracking) in ``folder``; with ``kill_after``, SIGKILL it
+    that many seconds after MLflow's store creation began there (its lock file appeared). Returns when
+    the creation began and when the store was published, relative to the driver's start."""
+    bnnctl = folder / ".bnnctl"
+    proc = subprocess.Popen([sys.executable, "-c", FIRST_RUN, kind, str(spec)], cwd=folder, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    t0, began, published = time.monotonic(), None, None
+    try:
+        while proc.poll() is None and time.monotonic() - t0 < 300:
+            now = time.monotonic() - t0
+            if began is None and (bnnctl / "mlflow.db.lock").exists():
+                began = now
+            if published is None and (bnnctl / "mlflow.db").exists():
+                published = now
+            if kill_after is not None and began is not None and now - began >= kill_after:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.002)
+    finally:
+        if proc.poll() is None and kill_after is None:
+            proc.wait(timeout=300)
+        elif proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        out = proc.communicate()[0].decode()
+    if kill_after is None:
+        assert proc.returncode == 0 and out.strip().splitlines()[-1] == "completed", out
+    return began, published
+
+
+FIRST_STUDY = """
+name: first
+base:
+  model: {width: 8, depth: 2}
+  data: {root: syn, synthetic: {train: 16, valid: 8}, input_size: 32}
+  epochs: 1
+  batch_size: 8
+  loss: mse
+  threads: 1
+  latency: false
+seeds: [0]
+ablations:
+  - {name: acts, mode: isolated, rows: [{name: relu, set: {model.activation.kind: relu}}]}
+tracking: {experiment: first}
+"""
+
+FIRST_TUNING = """
+kind: tuning
+name: tfirst
+base:
+  model: {width: 8, depth: 2, binarize: {quantizer: tanh}}
+  data: {root: syn, synthetic: {train: 16, valid: 8}, input_size: 32}
+  epochs: 1
+  batch_size: 8
+  loss: mse
+  threads: 1
+  latency: false
+search:
+  lambda_schedule.lambda_end: {type: float, low: 10, high: 200, log: true}
+trials: 2
+sampler: {name: random, seed: 7}
+pruner: {name: none}
+tracking: {experiment: tfirst}
+"""
+
+
+def _first_run_outcome(folder: Path, kind: str) -> tuple:
+    """What the run left: each variant's final metrics but its timings (a study), each trial's state
+    (a tuning); MLflow's runs: none RUNNING, one per variant, none twice."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    state = f"sqlite:///{folder / '.bnnctl' / 'state.db'}"
+    store = Store(state)
+    if kind == "study":
+        keys = [m.variant_key for m in store.members(store.study("first").id)]
+        values = {k: {m: v for m, v in store.variant(k).result["metrics"].items() if m != "epoch_time"} for k in keys}
+    else:
+        trials = optuna.load_study(study_name="tfirst/base", storage=optuna.storages.RDBStorage(state)).trials
+        keys = [t.user_attrs["bnnctl.variant"] for t in trials]
+        values = [t.state.name for t in trials]
+    client = MlflowClient(f"sqlite:///{folder / '.bnnctl' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("first" if kind == "study" else "tfirst")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    assert [r for r in runs if r.info.status == "RUNNING"] == []
+    variants = [r.data.tags["bnnctl.variant"] for r in runs if "bnnctl.variant" in r.data.tags]
+    assert sorted(variants) == sorted(keys), (variants, keys)
+    return values, len(runs)
+
+
+@pytest.mark.parametrize("kind,kills", [("study", 10), ("tuning", 4)])
+def test_the_first_run_killed_while_mlflow_creates_its_store_then_run_again_ends_as_if_never_killed(tmp_path, kind, kills):
+    """MLflow creates and migrates a new sqlite store in 1-4 s (dozens of migrations): a first run
+    killed then used to leave a half-migrated `mlflow.db` that no later run could open. Killed at
+    moments spread over the creation (from its start to the store's publication; 10 for a study, 4
+    for a tuning, whose first run opens MLflow the same way), the folder never holds a half-created
+    store, and the next run ends with the uninterrupted run's numbers (a tuning: its trials) and
+    MLflow runs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow.tracking import MlflowClient
+
+    spec_text = FIRST_STUDY if kind == "study" else FIRST_TUNING
+    folders = [tmp_path / "ref", *(tmp_path / f"k{i}" for i in range(kills))]
+    for folder in folders:
+        folder.mkdir()
+        (folder / "spec.yaml").write_text(spec_text)
+    began, published = _first_run(folders[0], kind, folders[0] / "spec.yaml", None)
+    assert began is not None and published is not None and published > began
+    window = published - began
+    reference = _first_run_outcome(folders[0], kind)
+    for i, folder in enumerate(folders[1:]):
+        _first_run(folder, kind, folder / "spec.yaml", window * i / (kills - 1))
+        store = folder / ".bnnctl" / "mlflow.db"
+        if store.exists():  # published, so complete
+            assert MlflowClient(f"sqlite:///{store}").search_experiments(max_results=1)
+    with ThreadPoolExecutor(2) as pool:  # each folder run again to its end, two at a time
+        list(pool.map(lambda f: _first_run(f, kind, f / "spec.yaml", None), folders[1:]))
+    for i, folder in enumerate(folders[1:]):
+        assert _first_run_outcome(folder, kind) == reference, i
+        assert not list((folder / ".bnnctl").glob("mlflow.db.creating-*"))
+    print(f"MLflow store creation window ({kind}): {window:.2f} s; {kills} kills over it")
+
+
+def _behind(path: Path) -> None:
+    """Make the MLflow store at ``path`` look half-migrated: its recorded schema revision is an early one
+    while its tables are the newest (what a first run killed during the migrations left; 451aebb31d03 is
+    MLflow's first revision)."""
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    con.execute("UPDATE alembic_version SET version_num = '451aebb31d03'")
+    con.commit()
+    con.close()
+
+
+OPEN = """
+import sys
+from bnnctl.orchestrator.tracking import Tracker, TrackingError
+try:
+    t = Tracker(sys.argv[1], sys.argv[2])
+    print("run", t.client.create_run(t.experiment_id).info.status)
+except TrackingError as err:
+    print("refused", err)
+"""
+
+
+def _open(path: Path, experiment: str) -> tuple[str, str]:
+    """A new driver process opening the store (MLflow caches a store it verified, per process)."""
+    out = subprocess.run([sys.executable, "-c", OPEN, f"sqlite:///{path}", experiment], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    return out.stdout.strip(), out.stderr
+
+
+def test_a_half_created_store_without_runs_is_created_again_and_one_with_runs_is_left_alone(tmp_path):
+    """A store an older bnnctl left half-migrated holds nothing: it is created again, with a one-line
+    notice. A store that holds runs is never touched, whatever its state: one message says what to do."""
+    import sqlite3
+
+    from bnnctl.orchestrator.tracking import Tracker
+
+    empty = tmp_path / "empty" / "mlflow.db"
+    Tracker(f"sqlite:///{empty}", "first")
+    _behind(empty)
+    out, err = _open(empty, "again")
+    assert out == "run RUNNING"
+    assert err.strip() == f"bnnctl: the MLflow store {empty} was left half-created by an interrupted first run and " \
+        "held no runs; created it again"
+    assert sqlite3.connect(empty).execute("SELECT version_num FROM alembic_version").fetchone()[0] != "451aebb31d03"
+
+    held = tmp_path / "held" / "mlflow.db"
+    tracker = Tracker(f"sqlite:///{held}", "first")
+    tracker.client.create_run(tracker.experiment_id)
+    _behind(held)
+    before = held.read_bytes()
+    text = " ".join(_open(held, "first")[0].split())
+    assert text.startswith(f"refused the MLflow store {held} cannot be opened") and \
+        "it holds 1 runs, so bnnctl leaves it as it is" in text, text
+    assert f"mlflow db upgrade sqlite:///{held}" in text and f"mv {held} {held}.bak" in text and "--no-track" in text
+    assert held.read_bytes() == before
