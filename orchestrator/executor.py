@@ -45,6 +45,8 @@ class Events:
     resumed: Callable[[Variant, int], None] = lambda v, epoch: None
     #: adaptive seeds: a look left comparisons open, and this many more variants will run for them
     planned: Callable[[int], None] = lambda count: None
+    #: the run passed its checks and started (the driver holds the study; nothing was refused)
+    begun: Callable[[], None] = lambda: None
 
 
 class Hooks:
@@ -105,6 +107,15 @@ class Executor:
         return _Loop(self, plan, study_name, parent_run, hooks or Hooks()).run(cancelled)
 
 
+class Interrupted(KeyboardInterrupt):
+    """The driver was interrupted (Ctrl-C, or SIGTERM) while ``running`` variants ran: they were
+    stopped and marked interrupted; the same command resumes them."""
+
+    def __init__(self, reason: str, running: int) -> None:
+        super().__init__(reason)
+        self.reason, self.running = reason, running
+
+
 class _Loop:
     """One run of the executor: the state of every variant and the steps of the loop."""
 
@@ -120,9 +131,33 @@ class _Loop:
         self.disk_full: str | None = None  # a variant's "no space left" error: nothing new starts
         # MLflow work for finished variants waits until the freed worker has new work (overlap)
         self.to_track: list[tuple[str, dict | None, str | None, bool]] = []
+        self.restored: dict[str, int] = {}  # key -> the last epoch its resumed run restored, not said yet
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, cancelled: Callable[[], bool]) -> dict[str, str]:
+        try:
+            return self._run(cancelled)
+        except KeyboardInterrupt as err:  # Ctrl-C (or SIGTERM): stop what runs, say so in the store
+            reason = str(err) or "interrupted (Ctrl-C)"
+            running = self.interrupt_all(reason)
+            raise Interrupted(reason, running) from None
+
+    def interrupt_all(self, reason: str) -> int:
+        """Stop every running variant and mark it interrupted (best effort: the store may be what
+        failed); returns how many there were."""
+        running = list(self.running)
+        for key in running:
+            try:
+                self.backend.cancel(key)
+                self.store.interrupt(key, reason)
+                if self.runs.get(key):
+                    self.ex.tracker.interrupted(self.runs[key])
+            except Exception:  # noqa: BLE001 - the next run reconciles what this one could not write
+                pass
+        self.running.clear()
+        return len(running)
+
+    def _run(self, cancelled: Callable[[], bool]) -> dict[str, str]:
         poll = 0.2 if self.hooks.prunes else 0.5
         while True:
             if cancelled():
@@ -219,6 +254,11 @@ class _Loop:
                     tags[f"bnnctl.{name}_run"] = stored.mlflow_run_id
         return {k: val for k, val in tags.items() if val}
 
+    def say_resumed(self, key: str) -> None:
+        """The ``resumed`` event of a variant whose restored epochs have all arrived (once)."""
+        if key in self.restored:
+            self.events.resumed(self.plan.variants[key], self.restored.pop(key))
+
     def drain(self) -> None:
         for msg in self.backend.messages():
             v = self.plan.variants.get(msg.key)
@@ -228,14 +268,17 @@ class _Loop:
                 self.started.add(msg.key)
                 self.store.set_attempt_node(msg.key, msg.node, msg.node_id)
                 self.events.running(v, msg.node)
-            elif isinstance(msg, EpochMetrics) and msg.restored:
-                self.events.resumed(v, msg.epoch)
+                continue
+            if isinstance(msg, EpochMetrics) and msg.restored:
+                self.restored[msg.key] = msg.epoch  # said once, with the last one, when training goes on
                 # a resumed run's earlier epochs: record those a crashed driver never got
                 if msg.epoch in self.store.metric_epochs(msg.key):
                     continue
                 self.record(msg)
                 self.hooks.judge(v, msg.epoch, msg.metrics)  # the trial's history; no verdict is awaited
-            elif isinstance(msg, EpochMetrics):
+                continue
+            self.say_resumed(msg.key)
+            if isinstance(msg, EpochMetrics):
                 self.record(msg)
                 stop = bool(self.hooks.judge(v, msg.epoch, msg.metrics))  # tunings record every epoch
                 if self.hooks.prunes:
@@ -254,6 +297,7 @@ class _Loop:
         key = out.key
         if key not in self.running:
             return
+        self.say_resumed(key)  # a run that had finished before it was resumed
         del self.running[key]
         if out.status == "lost":
             if self.attempts[key] <= self.ex.retries:

@@ -79,6 +79,20 @@ class StorageNotShared(BnnctlError):
     """A multi-node cluster with the default, machine-local run storage."""
 
 
+def shared_storage_problem(backend: Backend, options: RunOptions) -> str:
+    """Why the run storage does not fit the backend's cluster (several nodes, or an autoscaler that
+    adds machines, with the default folder of this machine); "" when it does (or is not known yet)."""
+    grows = getattr(backend, "may_grow", False)
+    if not (backend.node_count > 1 or grows) or options.storage is not None or os.environ.get("BNNCTL_STORAGE"):
+        return ""
+    nodes = ("has an autoscaler (the nodes it adds are other machines)" if grows and backend.node_count == 1
+             else f"has {backend.node_count} nodes")
+    return (f"{backend.describe()} {nodes}, but the run storage is the default folder {RunStorage(None).root} of "
+            "this machine, which the other nodes cannot see (their checkpoints would stay on them). Give a run "
+            "storage every node reaches: --storage s3://bucket/prefix (or gs://...), or a folder every node mounts "
+            "at the same path (--storage /shared/runs), or set `storage:` in the spec")
+
+
 class LeaseLost(StoreError):
     """Another driver took this driver's study over."""
 
@@ -210,22 +224,16 @@ class DriverSession:
         self.store.annotate_study(self.study_id, storage=mask_url(self.storage.root))
         self.store.set_study_status(self.study_id, "running", self.parent)
         self._running = True
+        self.events.begun()
 
     def _start_backend(self) -> None:
         self.backend = self.options.backend_instance or make_backend(
             self.options.backend, **({"address": self.options.address, "cpus": self.options.cpus}
                                      if self.options.backend == "ray" else {}))
         self.backend.start(self.parallel, self.resources.cpus, self.resources.gpus, self.resources.workers)
-        grows = getattr(self.backend, "may_grow", False)
-        if (self.backend.node_count > 1 or grows) and self.options.storage is None and not os.environ.get("BNNCTL_STORAGE"):
-            nodes = ("has an autoscaler (the nodes it adds are other machines)" if grows and self.backend.node_count == 1
-                     else f"has {self.backend.node_count} nodes")
-            raise StorageNotShared(
-                f"{self.backend.describe()} {nodes}, but the run storage is the "
-                f"default folder {self.storage.root} of this machine, which the other nodes cannot see "
-                "(their checkpoints would stay on them). Give a run storage every node reaches: --storage "
-                "s3://bucket/prefix (or gs://...), or a folder every node mounts at the same path (--storage "
-                "/shared/runs), or set `storage:` in the spec")
+        problem = shared_storage_problem(self.backend, self.options)
+        if problem:
+            raise StorageNotShared(problem)
         self.backend.warm(self.parallel, self.resources.cpus, self.resources.gpus)
 
     def _open_tracking(self) -> None:

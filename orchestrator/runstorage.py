@@ -112,6 +112,36 @@ class RunStorage:
         finally:
             probe.unlink(missing_ok=True)
 
+    def probe(self) -> None:
+        """Write a small file under the root and delete it again, as this machine's credentials allow
+        (a driver's pre-flight check; folders it had to make are removed again: no trace); raises
+        StorageError naming the masked URL and the cause."""
+        import shutil
+        import uuid
+
+        rel = f".bnnctl-probe-{uuid.uuid4().hex[:12]}"
+        made = None if self.remote else _first_missing(Path(self.root))
+        try:
+            if self.remote:
+                self.fs.pipe_file(self.location(rel), b"bnnctl")
+                self.fs.rm_file(self.location(rel))
+            else:
+                Path(self.root).mkdir(parents=True, exist_ok=True)
+                Path(self.location(rel)).write_bytes(b"bnnctl")
+                Path(self.location(rel)).unlink()
+        except StorageError:
+            raise
+        except Exception as err:  # noqa: BLE001 - OSError, fsspec, s3fs, botocore...: one message
+            cause = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+            if isinstance(err, OSError) and err.strerror:
+                cause = f"{err.strerror} ({err.filename})" if err.filename else err.strerror
+            else:
+                cause = f"{cause} ({type(err).__name__})"
+            raise StorageError(f"{mask(self.root)}: {mask(cause)[:300]}") from None
+        finally:
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)
+
     def download(self, rel: str, dest: Path) -> bool:
         """Copy ``rel`` to ``dest`` (atomically); False when it is not in storage."""
         src = self.location(rel)
@@ -230,6 +260,14 @@ class StorageCache:
             name = (folder / "ROOT").read_text().strip() if (folder / "ROOT").exists() else folder.name
             out.append((name, len(files), sum(f.stat().st_size for f in files)))
         return out
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what a ``mkdir -p`` would create)."""
+    missing = None
+    while not path.exists() and path != path.parent:
+        missing, path = path, path.parent
+    return missing
 
 
 def relative(storage: RunStorage, path: str | None) -> str | None:

@@ -123,6 +123,17 @@ class RowSpec:
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """A path a config reads (a checkpoint it starts from: ``init_from``, ``distill.teacher``; a data
+    root), as the spec gives it: ``field`` (its YAML path, or ``--set FIELD``) and ``line`` name where."""
+
+    file: str
+    field: str
+    path: str  # absolute, or a URL
+    line: int | None = None
+
+
+@dataclass(frozen=True)
 class TeacherSpec:
     name: str
     overrides: tuple[tuple[str, Any], ...]
@@ -174,6 +185,8 @@ class StudySpec:
     statistics: Statistics = field(default_factory=lambda: Statistics())
     #: named runs that rows are fine-tuned from (``init: NAME``), trained once like teachers
     pretrained: dict[str, TeacherSpec] = field(default_factory=dict)
+    checkpoints: tuple[Checkpoint, ...] = ()
+    data_roots: tuple[Checkpoint, ...] = ()  # each data root and where the spec sets it
 
     @property
     def rows(self) -> list[RowSpec]:
@@ -203,11 +216,41 @@ def table_metric(base: TrainConfig) -> str:
 
 # --------------------------------------------------------------------------- parsing
 
+def _script(c: str) -> str:
+    """The script of a letter, from its Unicode name (LATIN, CYRILLIC, GREEK, CJK...)."""
+    return unicodedata.name(c, "UNKNOWN").split(" ")[0]
+
+
+def lookalike(name: str) -> str:
+    """'' unless a word of ``name`` mixes scripts (Unicode TR 39's mixed-script confusables, per
+    word: "λ schedule" is fine, "RеLU" with a Cyrillic е is not); then which letters, as code points."""
+    import re
+
+    for word in re.findall(r"[^\W\d_]+", name):
+        scripts = [_script(c) for c in word]
+        if len(set(scripts)) > 1:
+            main = max(set(scripts), key=scripts.count)
+            odd = ", ".join(f"U+{ord(c):04X} {unicodedata.name(c, '?')}" for c, sc in zip(word, scripts) if sc != main)
+            return (f"the word {word!r} mixes scripts ({odd} among {main.title()} letters), so it looks like "
+                    "another name; write it in one script")
+    return ""
+
+
+def same_names(names: list[str]) -> list[str]:
+    """Names that are one name once case-folded ("ReLU" and "relu"): a table could not tell them apart."""
+    folded = [unicodedata.normalize("NFKC", n).casefold() for n in names]
+    return sorted({n for n, f in zip(names, folded) if folded.count(f) > 1})
+
+
 class _Parser:
     def __init__(self, file: Path, data: Any, lines: dict[str, int],
                  cli_overrides: tuple[tuple[str, Any], ...] = ()) -> None:
         self.file, self.data, self.lines = str(file), data, lines
         self.cli_overrides = cli_overrides  # `--set PATH=VALUE`: applied last, to every config
+        #: the checkpoints configs start from (init_from, distill.teacher), where the spec sets them:
+        #: checked before a run starts anything (see preflight.py)
+        self.checkpoints: dict[tuple[str, str], Checkpoint] = {}
+        self.data_roots: dict[str, Checkpoint] = {}  # data root -> where the spec sets it
 
     def fail(self, path: str, message: str) -> SpecError:
         line = self.lines.get(path)
@@ -227,9 +270,15 @@ class _Parser:
         return value
 
     def label(self, value: Any, path: str, what: str, extra: str = "") -> str:
-        """An ablation, row, teacher or arm name (see LABEL_RULE); ``extra``: characters also refused."""
+        """An ablation, row, teacher or arm name (see LABEL_RULE), NFKC-normalised (a composed and a
+        decomposed "Café" are one name); ``extra``: characters also refused. A word mixing scripts
+        (a Cyrillic "е" in "ReLU") is refused with its code points: it would look like another row."""
         if not isinstance(value, str) or not value:
             raise self.fail(path, f"required: the {what}'s name ({LABEL_RULE})")
+        value = unicodedata.normalize("NFKC", value)
+        mixed = lookalike(value)
+        if mixed:
+            raise self.fail(path, f"{value!r} is not allowed as a {what} name: {mixed}")
         bad = (len(value) > LABEL_MAX or value != value.strip()
                or any(unicodedata.category(c).startswith("C") for c in value) or any(c in extra for c in value))
         if bad:
@@ -296,12 +345,35 @@ class _Parser:
             raise self.fail(f"{path}.ranks", "is set from resources.workers (data-parallel workers per variant); "
                             "write `resources: {workers: N}` instead")
         cfg = dataclasses.replace(cfg, ranks=self.workers())
-        if cfg.lambda_groups:  # checked against the model's layer groups now, not when the variant trains
-            try:
-                check_lambda_groups(cfg)
-            except ConfigError as err:
-                raise self.fail(f"{path}.{err.path}", err.message) from None
-        return resolve_paths(cfg)
+        try:  # the model is built now (once per distinct model), not first by a worker
+            check_model(cfg)
+        except ConfigError as err:  # a model no override of this row changes is the base's
+            own = path == "base" or err.path != "model" or any(k.startswith("model.") for k, _ in overrides)
+            raise self.fail(f"{path if own else 'base'}.{err.path}", err.message) from None
+        cfg = resolve_paths(cfg)
+        if cfg.data.root is not None:  # where each data root is set, for the driver's check of it
+            where = self.set_where("data", overrides, path)
+            self.data_roots.setdefault(cfg.data.root, Checkpoint(self.file, where, cfg.data.root, self.lines.get(where)))
+        for field_ in ("init_from", "distill.teacher"):
+            value = cfg.init_from if field_ == "init_from" else cfg.distill.teacher
+            if value is not None:
+                where = self.set_where(field_, overrides, path)
+                self.checkpoints.setdefault((where, value), Checkpoint(self.file, where, value, self.lines.get(where)))
+        return cfg
+
+    def set_where(self, field_: str, overrides: tuple[tuple[str, Any], ...], path: str) -> str:
+        """Where the value of ``field_`` (or a setting under it) comes from: the last ``--set``,
+        override or base that sets it."""
+        def sets(key: str) -> bool:
+            return key == field_ or key.startswith(field_ + ".")
+
+        hit = [k for k, _ in self.cli_overrides if sets(k)]
+        if hit:
+            return f"--set {hit[-1]}"
+        hit = [k for k, _ in overrides if sets(k)]
+        if hit:
+            return f"{path}.{hit[-1]}"
+        return f"base.{field_}"
 
     def parse(self) -> StudySpec:
         if isinstance(self.data, dict) and self.data.get("kind") == "tuning":
@@ -341,16 +413,18 @@ class _Parser:
             raise self.fail("ablations", "required: a list of ablations (incremental, isolated or grid)")
         ablations = tuple(self.parse_ablation(a, f"ablations[{i}]", base_data, teachers)
                           for i, a in enumerate(ablations_raw))
-        seen: dict[str, str] = {}
-        for i, ab in enumerate(ablations):
-            for j, row in enumerate(ab.rows):
-                key = f"{ab.name}/{row.name}"
-                if key in seen:
-                    raise self.fail(f"ablations[{i}]", f"duplicate row name {row.name!r} in ablation {ab.name!r}")
-                seen[key] = row.name
-        names = [a.name for a in ablations]
-        if len(set(names)) != len(names):
-            raise self.fail("ablations", "duplicate ablation names")
+        for i, ab in enumerate(ablations):  # names compared case-folded: "ReLU" and "relu" are one row
+            twice = same_names([row.name for row in ab.rows])
+            if twice:
+                raise self.fail(f"ablations[{i}]", f"duplicate row name {twice[0]!r} in ablation {ab.name!r} (names "
+                                f"are compared ignoring case: {', '.join(repr(n) for n in twice)})")
+        twice = same_names([a.name for a in ablations])
+        if twice:
+            raise self.fail("ablations", f"duplicate ablation names (compared ignoring case): {', '.join(map(repr, twice))}")
+        for section, named in (("teachers", teachers), ("pretrained", self.pretrained)):
+            twice = same_names(list(named))
+            if twice:
+                raise self.fail(section, f"duplicate names (compared ignoring case): {', '.join(map(repr, twice))}")
         description = top.get("description", "")
         return StudySpec(
             name=name, description=str(description), file=self.file,
@@ -358,7 +432,8 @@ class _Parser:
             base=base, seeds=tuple(seeds), resources=resources, teachers=teachers, ablations=ablations,
             tracking=tracking, execution=execution, metric=metric, storage=self.storage(top),
             report=self.report(top.get("report")), statistics=self.statistics(top.get("statistics")),
-            pretrained=self.pretrained,
+            pretrained=self.pretrained, checkpoints=tuple(self.checkpoints.values()),
+            data_roots=tuple(self.data_roots.values()),
         )
 
     def report(self, value: Any) -> str:
@@ -406,7 +481,10 @@ class _Parser:
                 and 0 < execution.wait_warning_s <= 86400):
             raise self.fail("execution", "max_parallel (variants at once) must be in [1, 1024], retries in [0, 100] "
                             "and wait_warning_s in (0, 86400]")
-        return resources, execution, self.typed(Tracking, top.get("tracking"), "tracking")
+        tracking = self.typed(Tracking, top.get("tracking"), "tracking")
+        if tracking.experiment is not None:  # an MLflow experiment's name: the same rule as a study's
+            self.name(tracking.experiment, "tracking.experiment", "MLflow experiment")
+        return resources, execution, tracking
 
     def storage(self, top: dict) -> str | None:
         """The spec's ``storage:`` (a folder, relative to the working directory, or an fsspec URL)."""
@@ -529,18 +607,48 @@ class _Parser:
         return Ablation(name, mode, baseline, tuple(rows))
 
 
-_MODELS: dict = {}  # model config -> a built model, for the layer-group check (built once per process)
+_MODELS: dict = {}  # model config -> a built model (or why it cannot be built), once per process
 
 
-def check_lambda_groups(cfg: TrainConfig) -> None:
-    """Raise ConfigError (path ``lambda_groups[i].group``) for a group the model does not have."""
+def check_model(cfg: TrainConfig) -> None:
+    """Build the config's network (cached by its model config): a shape no block accepts (e.g. too
+    few channels for a block) is the spec's error, named now, not a worker's traceback later. Its
+    ``lambda_groups`` must name groups the model has (path ``lambda_groups[i].group``)."""
     from bnnctl.workers.models import build_model
     from bnnctl.workers.schedules import check_groups
 
     key = repr(cfg.model)
     if key not in _MODELS:
-        _MODELS[key] = build_model(cfg.model)
-    check_groups(_MODELS[key], cfg.lambda_groups)
+        _MODELS[key] = _built(cfg.model, meta=True)
+    if isinstance(_MODELS[key], ConfigError):
+        raise _MODELS[key]
+    if cfg.lambda_groups:
+        if _MODELS[key] is None:
+            _MODELS[key] = build_model(cfg.model)
+        check_groups(_MODELS[key], cfg.lambda_groups)
+
+
+def _built(model_config, meta: bool):
+    """The model, built on torch's meta device (shapes only: milliseconds even for a ResNet-18 with
+    decomposed layers); a ConfigError when it cannot be built (a real build confirms it); None when
+    it computes on its weights while built (a decomposition): the check is then left to training."""
+    import torch
+
+    from bnnctl.workers.models import build_model
+
+    try:
+        if not meta:
+            return build_model(model_config)
+        with torch.device("meta"):
+            return build_model(model_config)
+    except (ValueError, ConfigError) as err:
+        if meta:
+            return _built(model_config, meta=False)
+        return ConfigError("model", f"this network cannot be built: {getattr(err, 'message', err)}")
+    except Exception:  # noqa: BLE001 - an operation meta tensors do not support (e.g. .item())
+        if meta:
+            return None
+        raise
 
 
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:

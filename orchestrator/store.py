@@ -58,9 +58,10 @@ KEPT_ANNOTATIONS = ("mlflow_experiment_id", "job")
 #: allowed state changes of a variant (see the module docstring); anything else raises StoreError
 TRANSITIONS = {
     "pending": {"running"},
-    "running": {"completed", "failed", "stopped", "pending"},
+    "running": {"completed", "failed", "stopped", "pending", "interrupted"},
     "failed": {"pending"},
     "stopped": {"pending"},
+    "interrupted": {"pending"},  # its driver was interrupted (Ctrl-C): the next run resumes it
     "completed": set(),
 }
 STUDY_STATES = ("pending", "running", "completed", "failed", "cancelled", "stopped")
@@ -238,7 +239,7 @@ class Store:
             if row is None:
                 row = VariantRow(key=key, label=label, kind=kind, config=config, deps=deps, status="pending")
                 s.add(row)
-            elif row.status in ("failed", "stopped"):  # asked for again: retried / resumed
+            elif row.status in ("failed", "stopped", "interrupted"):  # asked for again: retried / resumed
                 self._move(row, "pending")
                 row.error = None
             elif row.status == "running":  # the previous driver died: the run resumes from its checkpoint
@@ -320,6 +321,15 @@ class Store:
             row = self._get(s, key)
             self._move(row, "pending")
             self._end_attempt(s, key, "lost", error)
+
+    def interrupt(self, key: str, reason: str) -> None:
+        """running -> interrupted: its driver was interrupted (Ctrl-C, SIGTERM) and stopped it; the
+        attempt ends 'interrupted' and the next run resumes the variant from its checkpoint."""
+        with self.session() as s:
+            row = self._get(s, key)
+            if row.status == "running":
+                self._move(row, "interrupted")
+                self._end_attempt(s, key, "interrupted", reason)
 
     def set_attempt_node(self, key: str, node: str, node_id: str | None = None) -> None:
         """Record where the variant's running attempt runs (its worker announced itself)."""

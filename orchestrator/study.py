@@ -10,6 +10,7 @@ from bnnctl.workers.config import to_dict
 from .executor import Events
 from .layouts import AblationLayout, RowLayout, StudyLayout
 from .plan import Plan, Variant, build_plan
+from .preflight import preflight, storage_source
 from .report import reported
 from .runcore import DriverSession, LeaseKeeper, RunOptions
 from .sequential import Replay, replay
@@ -31,36 +32,62 @@ def table_layout(spec: StudySpec) -> dict:
     ).to_dict()
 
 
-def check_data(plan: Plan) -> None:
-    """Fail before anything is started when a real dataset is missing (message: where and how to get it)."""
-    check_configs([v.config for v in plan.order()])
+def check_data(plan: Plan, spec=None) -> None:
+    """Fail before anything is started when a real dataset is missing (message: the spec field that
+    names it, where it was looked for and how to get it)."""
+    check_configs([v.config for v in plan.order()], spec)
 
 
-def check_configs(configs) -> None:
-    """Check that the dataset of every config is present. The embedded sets (synthetic, digits) are
-    written here, once, by the driver, before any task starts (tasks on other nodes write their own
-    copy; writing is atomic, so concurrent writers are safe)."""
-    from bnnctl.workers.data.classification import scan_image_folder
-    from bnnctl.workers.data.pose import check_mpii_layout, read_lsp
+def prepare_data(configs) -> None:
+    """Write the embedded sets (synthetic, digits) of these configs, once, by the driver, before any
+    task starts (tasks on other nodes write their own copy; writing is atomic, so concurrent writers
+    are safe). After the pre-flight checks: a refused run writes nothing."""
     from bnnctl.workers.train.tasks import dataset_root, prepare_root
 
     seen = set()
     for cfg in configs:
-        d = cfg.data
-        root = dataset_root(cfg)
-        if root in seen:
-            continue
-        seen.add(root)
-        if d.dataset in ("synthetic", "digits"):
+        if cfg.data.dataset in ("synthetic", "digits") and dataset_root(cfg) not in seen:
+            seen.add(dataset_root(cfg))
             prepare_root(cfg)
+
+
+def check_configs(configs, spec=None) -> None:
+    """Check that the dataset of every config is present (the embedded sets: see :func:`prepare_data`);
+    with the ``spec``, a missing one is the spec's error, naming the field that sets its root."""
+    from bnnctl.workers.errors import DataError
+
+    fields = {c.path: c for c in spec.data_roots} if spec is not None else {}
+    seen: set = set()
+    for cfg in configs:
+        if cfg.data.dataset in ("synthetic", "digits") or (cfg.data.dataset, cfg.data.root) in seen:
             continue
-        if d.dataset == "mpii":
-            check_mpii_layout(root)
-        elif d.dataset == "lsp":
-            read_lsp(root)
-        else:
-            scan_image_folder(root, "train")
-            scan_image_folder(root, "val")
+        seen.add((cfg.data.dataset, cfg.data.root))
+        try:
+            _check_dataset(cfg)
+        except DataError as err:
+            if spec is None:
+                raise
+            from .errors import SpecError
+
+            c = fields.get(cfg.data.root or "")
+            field, line = (c.field, c.line) if c is not None else ("base.data", None)
+            raise SpecError(spec.file, field, f"{err} (a relative data root is relative to the folder the command "
+                            "runs in, the project folder)", line) from None
+
+
+def _check_dataset(cfg) -> None:
+    from bnnctl.workers.data.classification import scan_image_folder
+    from bnnctl.workers.data.pose import check_mpii_layout, read_lsp
+    from bnnctl.workers.train.tasks import dataset_root
+
+    root = dataset_root(cfg)
+    if cfg.data.dataset == "mpii":
+        check_mpii_layout(root)
+    elif cfg.data.dataset == "lsp":
+        read_lsp(root)
+    else:
+        scan_image_folder(root, "train")
+        scan_image_folder(root, "val")
 
 
 @dataclass(frozen=True)
@@ -159,11 +186,14 @@ def run_study(path: str | Path, db: str | None = None, tracking_uri: str | None 
     ``options`` (when given) replaces the separate ``db`` ... ``track`` arguments."""
     opts = options or RunOptions(db, tracking_uri, address, cpus, max_parallel, track)
     spec = load_spec(path, dict(opts.overrides))
+    source = storage_source(spec.file, opts.storage, spec.storage)
     if opts.storage is None and spec.storage is not None:  # --storage, then the spec's, then $BNNCTL_STORAGE
         opts = dataclasses.replace(opts, storage=spec.storage)
     plan = build_plan(spec)
     select(plan, opts.only, opts.variant_keys)  # unknown rows or keys: refused before anything is written
-    check_data(plan)
+    check_data(plan, spec)
+    opts = preflight(spec, opts, source)  # storage, checkpoints, resources: before anything is written
+    prepare_data([v.config for v in plan.order()])
     store = Store(opts.db)
     lease = LeaseKeeper(store, spec.name, opts)  # before anything is written: one driver per study
     try:

@@ -31,11 +31,13 @@ from bnnctl.workers.errors import ConfigError
 from bnnctl.workers.train import TrainConfig
 
 from .spec import (
+    Checkpoint,
     Execution,
     Resources,
     TeacherSpec,
     Tracking,
     _Parser,
+    same_names,
     load_yaml,
     spec_hash,
 )
@@ -151,6 +153,8 @@ class TuneSpec:
     pruner: Component
     default_trial: bool
     storage: str | None = None  # run storage root (absolute path or URL); None: --storage / env / default
+    checkpoints: tuple[Checkpoint, ...] = ()  # see spec.Checkpoint
+    data_roots: tuple[Checkpoint, ...] = ()
 
     @property
     def experiment(self) -> str:
@@ -206,6 +210,7 @@ class _TuneParser(_Parser):
             data=self.data, base=base, seed=seed, resources=resources, execution=execution, tracking=tracking,
             teachers=teachers, arms=arms, params=params, objective=objective, trials=trials, sampler=sampler,
             pruner=pruner, default_trial=default_trial, storage=self.storage(top),
+            checkpoints=tuple(self.checkpoints.values()), data_roots=tuple(self.data_roots.values()),
         )
 
     def teacher_ref(self, value: Any, path: str, teachers: dict) -> str | None:
@@ -227,9 +232,9 @@ class _TuneParser(_Parser):
             overrides = self.overrides(body.get("set"), f"{path}.set")
             arm_teacher = self.teacher_ref(body.get("teacher"), f"{path}.teacher", teachers) or teacher
             arms.append(Arm(name, overrides, arm_teacher, self.config(base_data, overrides, f"{path}.set")))
-        names = [a.name for a in arms]
-        if len(set(names)) != len(names):
-            raise self.fail("arms", f"duplicate arm names: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
+        twice = same_names([a.name for a in arms])
+        if twice:
+            raise self.fail("arms", f"duplicate arm names (compared ignoring case): {', '.join(twice)}")
         return tuple(arms)
 
     def parse_search(self, raw: Any, arms: tuple[Arm, ...]) -> tuple[Param, ...]:

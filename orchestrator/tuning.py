@@ -32,10 +32,11 @@ from .errors import SpecError, StoreError
 from .executor import Events, Hooks
 from .layouts import ArmLayout, ParamLayout, TuningLayout
 from .plan import Plan, Variant, add_teacher, identity
+from .preflight import preflight, storage_source
 from .runcore import DriverSession, LeaseKeeper, RunOptions
 from .store import Member, Store
 from .urls import mask_text
-from .study import check_configs
+from .study import check_configs, prepare_data
 from .optunastudies import check_compatible, open_studies
 from .tunespec import Arm, TuneSpec, load_tune_spec, trial_config
 from .tuneresults import (  # noqa: F401 - the reading side, also importable from here
@@ -280,9 +281,13 @@ def run_tuning(path: str | Path, db: str | None = None, tracking_uri: str | None
     spec = load_tune_spec(path)
     if opts.trials is not None:
         spec = with_trials(spec, opts.trials)
+    source = storage_source(spec.file, opts.storage, spec.storage)
     if opts.storage is None and spec.storage is not None:  # --storage, then the spec's, then $BNNCTL_STORAGE
         opts = dataclasses.replace(opts, storage=spec.storage)
-    check_configs([a.config for a in spec.arms] + [t.config for t in spec.teachers.values()])
+    configs = [a.config for a in spec.arms] + [t.config for t in spec.teachers.values()]
+    check_configs(configs, spec)
+    opts = preflight(spec, opts, source)  # storage, checkpoints, resources: before anything is written
+    prepare_data(configs)
     store = Store(opts.db)
     lease = LeaseKeeper(store, spec.name, opts)  # before anything is written: one driver per tuning
     try:

@@ -33,6 +33,7 @@ from .errors import SpecError
 MAX_BYTES = 1 << 20  # 1 MiB: the largest shipped spec is ~3 KB
 MAX_DEPTH = 64  # levels of nesting
 MAX_NODES = 100_000  # values after alias expansion
+MAX_INT_DIGITS = 100  # an integer longer than this is refused by the reader (Python refuses > 4300)
 
 _BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
 _INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
@@ -146,6 +147,9 @@ class _Builder:
             return self.mapping(node, path, depth)
         if isinstance(node, yaml.SequenceNode):
             return [self.build(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node.value)]
+        if node.tag.endswith(":int") and len(node.value.lstrip("+-")) > MAX_INT_DIGITS:
+            raise self.fail(path, f"an integer of {len(node.value.lstrip('+-'))} digits is far beyond any setting's "
+                            "range (every integer setting is below 2^63, 19 digits)", node)
         value = _scalar(node)
         if isinstance(value, float) and not math.isfinite(value):
             raise self.fail(path, f"{node.value!r} is not a finite number; no setting takes infinity or NaN", node)

@@ -126,6 +126,11 @@ class Backend(ABC):
         task that the cluster cannot hold. Nothing runs on the workers yet: the driver may still
         refuse the run (see ``warm``)."""
 
+    def preflight(self, workers: int, cpus: float, gpus: float, ranks: int = 1) -> None:
+        """Refuse (ResourceError) what ``start`` would refuse, as far as it can be told before the
+        driver writes anything, without starting a cluster (a backend that starts one checks the
+        machine's resources instead). Default: nothing to check before ``start``."""
+
     def warm(self, workers: int, cpus: float, gpus: float) -> None:
         """Optionally start ``workers`` worker processes of ``cpus``/``gpus`` now (imports and all),
         once the driver has accepted the run, while it opens the rest."""

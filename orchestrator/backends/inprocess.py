@@ -50,6 +50,9 @@ class InProcessBackend(Backend):
         self._used = 0.0
         self.submitted: list[Task] = []
 
+    def preflight(self, workers: int, cpus: float, gpus: float, ranks: int = 1) -> None:
+        self.start(workers, cpus, gpus, ranks)  # nothing to start: the same checks
+
     def start(self, workers: int, cpus: float, gpus: float, ranks: int = 1) -> None:
         if ranks > 1:
             raise ResourceError(f"resources.workers: {ranks} data-parallel workers per variant need the Ray backend "

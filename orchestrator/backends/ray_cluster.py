@@ -332,9 +332,24 @@ def _asker(decisions: Any):
     return verdict
 
 
+def _deaf_to_ctrl_c() -> None:
+    """A worker ignores SIGINT: a Ctrl-C in the driver's terminal reaches every process of its group,
+    the private cluster's workers included; the driver stops them itself (one line, resumable), a
+    worker killed by the signal would only add Ray's 'worker died' errors. (Ray's own processes
+    block it the same way; a task body runs on its worker's main thread; a Ray Train rank does not,
+    and its actor process is not in the terminal's group.)"""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def ray_task(task: Task, queue: Any, decisions: Any = None) -> Finished:
     """Body of the Ray task: announce the node, then train (see backends.execute)."""
     import ray
+
+    _deaf_to_ctrl_c()
 
     node, node_id = socket.gethostname(), ray.get_runtime_context().get_node_id()
     send = _Sender(queue)
@@ -484,6 +499,7 @@ def _group_error(key: str, err: Exception) -> Finished:
 
 
 def _warm_task() -> int:
+    _deaf_to_ctrl_c()
     import bnnctl.workers.train  # noqa: F401  (torch and the trainer, imported once per worker process)
 
     return os.getpid()
@@ -510,17 +526,44 @@ class RayBackend(Backend):
         self._types: list[dict] = []  # node types the cluster's autoscaler may add
         self._verdict_at: tuple[float, dict] = (float("-inf"), {})
         self._infeasible: dict[str, float] = {}  # key -> since when the autoscaler calls it infeasible
+        self._joined = False  # connected, and the request checked against the nodes
+
+    def preflight(self, workers: int, cpus: float, gpus: float, ranks: int = 1) -> None:
+        """A cluster to join (``--address``, ``$RAY_ADDRESS``, or Ray already running in this
+        process): joined now and its nodes read (no worker starts). The private local cluster is not
+        started: its one node is this machine, with the CPUs it would get and the GPUs Ray finds."""
+        import ray
+
+        if ray.is_initialized() or self.address or os.environ.get("RAY_ADDRESS"):
+            self._join(cpus, gpus, ranks)
+            return
+        from ray._private.accelerators import get_accelerator_manager_for_resource
+
+        manager = get_accelerator_manager_for_resource("GPU")
+        found, visible = manager.get_current_node_num_accelerators(), manager.get_current_process_visible_accelerator_ids()
+        machine = {"host": socket.gethostname(), "address": "this machine", "node_id": "local",
+                   "cpus": float(int(self.cpus) if self.cpus else (os.cpu_count() or 1)),
+                   "gpus": float(min(found, len(visible)) if visible is not None else found)}
+        check_resources(cpus, gpus, [machine], "a private local Ray cluster (--cpus, or every CPU of this "
+                        "machine)", ranks)
+
+    def _join(self, cpus: float, gpus: float, ranks: int) -> None:
+        """Connect (once) and refuse a request no node (or node type the autoscaler may add) holds."""
+        if self._joined:
+            return
+        self.where = connect(self.address, self.cpus)
+        nodes = cluster_nodes()
+        self.node_count = len({n["node_id"] for n in nodes})
+        self._types = scalable_node_types()
+        check_resources(cpus, gpus, nodes, self.where, ranks, self._types)
+        self._joined = True
 
     def start(self, workers: int, cpus: float, gpus: float, ranks: int = 1) -> None:
         import ray
         from ray.util.queue import Queue
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.where = connect(self.address, self.cpus)
-        nodes = cluster_nodes()
-        self.node_count = len({n["node_id"] for n in nodes})
-        self._types = scalable_node_types()
-        check_resources(cpus, gpus, nodes, self.where, ranks, self._types)
+        self._join(cpus, gpus, ranks)
         # the driver's actors live on the driver's node: a lost worker node never takes them along
         self._here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self._queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": self._here})

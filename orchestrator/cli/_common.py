@@ -43,6 +43,16 @@ def user_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except BnnctlError as err:
             raise fail(str(err)) from None
+        except KeyboardInterrupt as err:  # Ctrl-C: one line, exit 130 (the shell's code for SIGINT)
+            import signal
+
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the clean-up at exit
+            running = getattr(err, "running", None)
+            what = "interrupted" if not str(err) or "SIGTERM" not in str(err) else "terminated (SIGTERM)"
+            ran = (f"{running} variant(s) were running (each resumes from its last checkpoint); " if running
+                   else "no variant was running; ")
+            typer.secho(f"{what}: {ran}run the same command again to resume", fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(code=130) from None
 
     return wrapper  # type: ignore[return-value]
 

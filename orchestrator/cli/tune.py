@@ -67,11 +67,12 @@ def run(
     if trials is not None:
         spec = with_trials(spec, trials)
     out = console()
-    out.print(f"tuning {spec.name}: {spec.trials * len(spec.arms)} trials requested ({len(spec.arms)} arm(s) x "
-              f"{spec.trials}); finished trials of an earlier run count", highlight=False)
+    header = (f"tuning {spec.name}: {spec.trials * len(spec.arms)} trials requested ({len(spec.arms)} arm(s) x "
+              f"{spec.trials}); finished trials of an earlier run count")
     printer = _TrialPrinter(out)
     stop_on_sigterm()
-    outcome = run_tuning(file, events=Events(finished=printer.finished), on_trial=printer.trial,
+    events = Events(finished=printer.finished, begun=lambda: out.print(header, highlight=False))  # once it passed its checks
+    outcome = run_tuning(file, events=events, on_trial=printer.trial,
                          options=RunOptions(db, tracking_uri, address, cpus, max_parallel, not no_track, storage=storage,
                                             takeover=takeover, trials=trials))
     _closing(outcome, db, out, not no_track, tracking_uri)

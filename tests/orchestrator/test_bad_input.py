@@ -163,6 +163,59 @@ CASES = {
     "zero trials": (tuning("trials: 2", "trials: 0"), "tune", "an integer in [1, 100000]", 9),
     "a million trials": (tuning("trials: 2", "trials: 1000000"), "tune", "an integer in [1, 100000]", 9),
     "tuning seed too big": (tuning("trials: 2", "trials: 2\nseed: 99999999999"), "tune", "integer in [0, 4294967295]", 10),
+    "5000-digit integer": (study("  epochs: 1", "  epochs: " + "9" * 5000), "study",
+                           "an integer of 5000 digits is far beyond any setting's range", 5),
+    "negative 100000-digit seed": (study("ablations:", "seeds: [-" + "1" * 100_000 + "]\nablations:"), "study",
+                                   "an integer of 100000 digits", 8),
+    "huge integer in a tuning": (tuning("trials: 2", "trials: " + "7" * 4301), "tune", "an integer of 4301 digits", 9),
+    # --- names that look like others, or hide bytes
+    "lookalike row name": (study("{name: relu,", "{name: R\u0435LU,"), "study",
+                           "the word 'R\u0435LU' mixes scripts (U+0435 CYRILLIC SMALL LETTER IE among Latin letters)", 12),
+    "lookalike ablation name": (study("  - name: acts", "  - name: \u0430cts"), "study", "mixes scripts", 9),
+    "lookalike teacher": (study("ablations:", "teachers:\n  r\u0435al: {set: {epochs: 1}}\nablations:"), "study",
+                          "U+0435 CYRILLIC SMALL LETTER IE", 9),
+    "lookalike arm": (tuning("{name: base}", "{name: b\u0430se}"), "tune", "U+0430 CYRILLIC SMALL LETTER A", 11),
+    "rows differing in case": (study("      - {name: relu, set: {model.activation.kind: relu}}",
+                                     "      - {name: relu, set: {model.activation.kind: relu}}\n"
+                                     "      - {name: ReLU, set: {model.activation.kind: prelu}}"), "study",
+                               "duplicate row name 'ReLU' in ablation 'acts' (names are compared ignoring case", 9),
+    "composed and decomposed": (study("      - {name: relu, set: {model.activation.kind: relu}}",
+                                      "      - {name: caf\u00e9, set: {model.activation.kind: relu}}\n"
+                                      "      - {name: cafe\u0301, set: {model.activation.kind: prelu}}"), "study",
+                                "duplicate row name 'caf\u00e9'", 9),
+    "nul in the study name": (study("name: ok", 'name: "o\\0k"'), "study", "not allowed as a study name", 1),
+    "nul in a row name": (study("{name: relu,", '{name: "re\\0lu",'), "study", "not allowed as a row name", 12),
+    "nul in an ablation name": (study("  - name: acts", '  - name: "a\\0cts"'), "study", "not allowed as a ablation", 9),
+    "nul in a teacher name": (study("ablations:", 'teachers:\n  "t\\0": {set: {epochs: 1}}\nablations:'), "study",
+                              "not allowed as a teacher name", 9),
+    "nul in an arm name": (tuning("{name: base}", '{name: "b\\0"}'), "tune", "not allowed as a arm name", 11),
+    "nul in an experiment name": (study("ablations:", 'tracking: {experiment: "e\\0x"}\nablations:'), "study",
+                                  "not allowed as a MLflow experiment name", 8),
+    "experiment name climbing up": (study("ablations:", "tracking: {experiment: ../../x}\nablations:"), "study",
+                                    "'../../x' is not allowed as a MLflow experiment name", 8),
+    "tuning experiment with nul": (tuning("trials: 2", 'trials: 2\ntracking: {experiment: "t\\0"}'), "tune",
+                                   "not allowed as a MLflow experiment name", 10),
+    # --- pre-flight: what the driver can check before anything starts
+    "missing init_from checkpoint": (study("  loss: mse", "  loss: mse\n  init_from: nowhere.pt"), "study",
+                                     "base.init_from: the checkpoint", 8),
+    "missing teacher checkpoint": (study("  loss: mse", "  loss: mse\n  distill: {teacher: /nonexistent/t.pt}"),
+                                   "study", "base.distill.teacher: the checkpoint /nonexistent/t.pt does not exist", 8),
+    "a row's missing checkpoint": (study("{model.activation.kind: relu}", "{model.activation.kind: relu, init_from: x.pt}"),
+                                   "study", "ablations[0].rows[0].set.init_from: the checkpoint", 12),
+    "a folder as checkpoint": (study("  loss: mse", "  loss: mse\n  init_from: /tmp"), "study",
+                               "the checkpoint /tmp is not a file", 8),
+    "tuning's missing checkpoint": (tuning("  epochs: 1", "  epochs: 1\n  init_from: gone.pt"), "tune",
+                                    "base.init_from: the checkpoint", 7),
+    "storage not writable": (study("ablations:", "storage: /proc/self/runs\nablations:"), "study",
+                             "storage: the run storage cannot be written from this machine", 8),
+    "storage under a file": (study("ablations:", "storage: /etc/hostname/runs\nablations:"), "study",
+                             "the run storage cannot be written", 8),
+    "tuning storage not writable": (tuning("trials: 2", "trials: 2\nstorage: /proc/self/x"), "tune",
+                                    "the run storage cannot be written", 10),
+    "missing data root": (study("  data: {synthetic: {train: 16, valid: 8}, input_size: 32}",
+                                "  data: {dataset: mpii, root: nowhere, input_size: 32}"), "study", "nowhere", None),
+    "a network no block accepts": (study("{width: 8,", "{width: 4,"), "study",
+                                   "base.model: this network cannot be built: hpm block needs at least 4 output", 3),
 }
 
 
@@ -287,3 +340,67 @@ def test_anchors_and_merge_keys_work_and_written_keys_win(tmp_path):
     assert [(r.name, r.config.model.activation.kind, r.config.optim.lr, r.config.optim.momentum) for r in rows] == [
         ("prelu", "prelu", 0.001, 0.0), ("leaky", "leaky_relu", 2.5e-4, 0.5), ("prelu fast", "prelu", 0.002, 0.0),
         ("both", "leaky_relu", 0.001, 0.5)]  # the first mapping of a merged list wins
+
+
+# --------------------------------------------------------------------------- pre-flight: resources, paths
+
+def _cli(args: list[str], cwd: Path, env: dict | None = None):
+    import subprocess
+    import sys
+
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", "from bnnctl.orchestrator.cli import main; main()", *args], cwd=cwd,
+                         env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=120)
+    return out, time.monotonic() - t0
+
+
+def test_resources_beyond_this_machine_are_refused_before_the_private_cluster_starts(tmp_path):
+    """The private local cluster would get this machine's CPUs (or --cpus) and the GPUs Ray finds: a
+    request beyond them is refused from those figures, without starting Ray, writing nothing."""
+    env = {"RAY_TMPDIR": str(tmp_path / "raytmp")}  # where a Ray start would make its session folder
+    for cpus, args in ((3, ["--cpus", "2"]), (os.cpu_count() + 1, [])):
+        (tmp_path / "spec.yaml").write_text(study("ablations:", f"resources: {{cpus: {cpus}}}\nablations:"))
+        out, elapsed = _cli(["study", "run", "spec.yaml", "--no-track", *args], tmp_path, env)
+        text = " ".join(out.stderr.split())
+        assert out.returncode == 1 and text.startswith(f"error: spec.yaml, line 8, resources: no node of a private local "
+                                                       "Ray cluster"), out.stderr
+        assert "CPUs and 0 GPUs" in text and "(this machine, node local): " in text and "Traceback" not in text
+        assert not (tmp_path / "raytmp").exists() and not (tmp_path / ".bnnctl").exists()  # Ray never started
+        assert elapsed < 5, f"took {elapsed:.1f} s"
+
+
+def test_resources_beyond_a_joined_cluster_are_refused_before_anything_is_written(workdir):
+    """A cluster to join (here: the one this process runs, 4 CPUs) is read without starting a worker."""
+    (workdir / "spec.yaml").write_text(study("ablations:", "resources: {cpus: 5}\nablations:"))
+    result = runner.invoke(app, ["study", "run", "spec.yaml", "--no-track"])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 1 and "resources: no node of the running Ray session can run a variant that needs 5 " \
+        "CPUs and 0 GPUs" in out, out
+    assert not (workdir / ".bnnctl").exists()
+
+
+def test_relative_paths_are_relative_to_the_folder_the_command_runs_in(tmp_path):
+    """One rule for every path in a spec (data roots, checkpoints, storage): relative to the folder the
+    command runs in, the project folder that holds .bnnctl/ (as `studies/x.yaml` with `data/...`).
+    Run from another folder, a relative checkpoint beside the spec is not found, and the message says
+    why and where it is."""
+    project = tmp_path / "project"
+    (project / "studies").mkdir(parents=True)
+    (project / "studies" / "init.pt").write_bytes(b"not really a checkpoint")
+    spec = project / "studies" / "spec.yaml"
+    spec.write_text(study("  loss: mse", "  loss: mse\n  init_from: init.pt"))
+    out, _ = _cli(["study", "run", str(spec), "--no-track", "--address", "127.0.0.1:9"], project)
+    text = " ".join(out.stderr.split())
+    assert out.returncode == 1 and f"base.init_from: the checkpoint {project / 'init.pt'} does not exist" in text, text
+    assert f"relative to the folder the command runs in, the project folder, not the spec's folder: " \
+        f"{project / 'studies' / 'init.pt'} is there" in text, text
+    # the storage and data roots follow the same rule
+    os.chdir(project)
+    try:
+        spec.write_text(study("  data: {synthetic: {train: 16, valid: 8}, input_size: 32}",
+                              "  data: {root: data/syn, synthetic: {train: 16, valid: 8}, input_size: 32}")
+                        + "storage: runs\n")
+        loaded = load_spec(spec)
+        assert loaded.base.data.root == str(project / "data" / "syn") and loaded.storage == str(project / "runs")
+    finally:
+        os.chdir(tmp_path)

@@ -415,6 +415,19 @@ def test_a_storage_failure_is_the_nodes_retried_and_a_plain_run_finishes_it_late
     s3fs.S3FileSystem.clear_instance_cache()
     spec = _tiny_study(workdir, "s3", workdir / "syn")
     opts = RunOptions(track=False, storage=f"s3://{BUCKET}/runs", backend_instance=InProcessBackend())
+    # the driver itself has no credentials: refused before anything is written (one message)
+    from bnnctl.orchestrator import preflight
+    from bnnctl.orchestrator.errors import SpecError
+
+    with pytest.raises(SpecError) as refused:
+        run_study(spec, options=opts)
+    assert str(refused.value) == (f"{spec}, --storage: the run storage cannot be written from this machine: "
+                                  f"s3://{BUCKET}/runs: Unable to locate credentials (NoCredentialsError). Give a folder "
+                                  "or URL this machine (and every node) can write, with its credentials")
+    assert not (workdir / ".bnnctl" / "state.db").exists()
+    # a node without credentials while the driver has them: here one process is both, so the
+    # driver's probe is skipped to reach the worker's side
+    monkeypatch.setattr(preflight, "check_storage", lambda *a: None)
     out = run_study(spec, options=opts)
     assert out.counts == {"failed": 1}
     store = Store()

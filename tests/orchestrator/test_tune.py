@@ -131,7 +131,7 @@ def test_bad_search_spaces_fail_clearly_and_write_nothing(tmp_path, monkeypatch,
     ("trials: 0", ("trials", "an integer in [1, 100000]")),
     ("kind: study", ("kind", "kind: tuning")),
     ("sampler: grid", ("search.optim.lr", "grid sampler needs categorical choices or a `step`")),
-    ("arms: [{name: a}, {name: a}]", ("arms", "duplicate arm names: a")),
+    ("arms: [{name: a}, {name: a}]", ("arms", "duplicate arm names (compared ignoring case): a")),
     ("teacher: ghost", ("teacher", "unknown teacher 'ghost'")),
 ])
 def test_bad_tuning_options_fail_clearly_and_write_nothing(tmp_path, monkeypatch, extra, words):
