@@ -362,7 +362,7 @@ def test_resources_beyond_this_machine_are_refused_before_the_private_cluster_st
         (tmp_path / "spec.yaml").write_text(study("ablations:", f"resources: {{cpus: {cpus}}}\nablations:"))
         out, elapsed = _cli(["study", "run", "spec.yaml", "--no-track", *args], tmp_path, env)
         text = " ".join(out.stderr.split())
-        assert out.returncode == 1 and text.startswith(f"error: spec.yaml, line 8, resources: no node of a private local "
+        assert out.returncode == 1 and text.startswith("error: spec.yaml, line 8, resources: no node of a private local "
                                                        "Ray cluster"), out.stderr
         assert "CPUs and 0 GPUs" in text and "(this machine, node local): " in text and "Traceback" not in text
         assert not (tmp_path / "raytmp").exists() and not (tmp_path / ".bnnctl").exists()  # Ray never started
