@@ -265,7 +265,7 @@ def adaptive_allotment(spec: StudySpec, store: Store | None) -> tuple[dict[tuple
 def _run_study(spec: StudySpec, path, store: Store, opts: RunOptions, events, lease) -> Outcome:
     study = store.upsert_study(spec.name, str(path), spec.spec_hash, table_layout(spec))
     rnd = _round(spec, store, study.id, opts)
-    trained = len(rnd.todo)
+    ran = set(rnd.todo)
     with DriverSession(store, study.id, spec.name, study.mlflow_run_id, str(path), spec.experiment, opts,
                        spec.execution, spec.resources, events, lease=lease) as session:
         session.begin(work=bool(rnd.todo))
@@ -276,7 +276,7 @@ def _run_study(spec: StudySpec, path, store: Store, opts: RunOptions, events, le
             rnd = _round(spec, store, study.id, opts)
             if not rnd.todo:
                 break
-            trained += len(rnd.todo)
+            ran |= set(rnd.todo)
             session.events.planned(len(rnd.todo))
             status.update(session.execute(rnd.sub))
         status = {k: status.get(k, s) for k, s in rnd.before.items()}
@@ -295,6 +295,8 @@ def _run_study(spec: StudySpec, path, store: Store, opts: RunOptions, events, le
     for s in status.values():
         counts[s] = counts.get(s, 0) + 1
     skipped = sum(1 for i in items if i.action in ("skip-failed", "blocked"))
+    # what this run trained to an end (a cancelled or interrupted run: not the ones it put back)
+    trained = sum(1 for k in ran if status.get(k) in ("completed", "failed", "stopped"))
     return Outcome(spec.name, final, counts, trained, skipped, sum(1 for i in items if i.action == "not-selected"))
 
 

@@ -117,7 +117,8 @@ def submit(spec_path: Path, kind: str, address: str, db: str | None, storage: st
         (Path(ship) / spec_path.name).write_bytes(spec_path.read_bytes())
         try:
             c.submit_job(entrypoint=entrypoint, submission_id=job_id, metadata={"bnnctl_study": spec.name},
-                         runtime_env={"working_dir": ship, "env_vars": {"BNNCTL_DB": db, "PYTHONUNBUFFERED": "1"}})
+                         runtime_env={"working_dir": ship, "env_vars": {"BNNCTL_DB": db, "PYTHONUNBUFFERED": "1",
+                                                                          "BNNCTL_JOB": job_id}})
         except Exception as err:  # noqa: BLE001 - the job server's refusal, as one message
             raise SubmitError(f"the job server at {mask_url(address)} refused the job: "
                               f"{str(err).strip().splitlines()[0][:500]}") from None
@@ -152,9 +153,11 @@ def follow_logs(study, address: str | None, out, poll: float = 1.0, follow: bool
         time.sleep(poll)
 
 
-def stop_job(study, address: str | None, grace: float = 30.0) -> str | None:
-    """Stop the study's job: the driver has ``grace`` seconds to stop by itself (after the study was
-    marked cancelled), then the job server stops it. Returns the job's final status (None: no job)."""
+def stop_job(study, address: str | None, grace: float = 30.0, released=lambda: False) -> str | None:
+    """Stop the study's job: the driver has ``grace`` seconds to stop its variants by itself (after
+    the study was marked cancelled); once it has (``released()``: it let the study go) or the grace is
+    over, the job server stops the job, which ends STOPPED (a cancelled driver waits for that, see
+    ``cli.study``). Returns the job's final status (None: no job)."""
     found = job_of(study, address)
     if found is None:
         return None
@@ -164,6 +167,8 @@ def stop_job(study, address: str | None, grace: float = 30.0) -> str | None:
         status = c.get_job_status(job_id).value
         if status in TERMINAL:
             return status
+        if released():
+            break
         time.sleep(0.5)
     c.stop_job(job_id)
     while (status := c.get_job_status(job_id).value) not in TERMINAL:

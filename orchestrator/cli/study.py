@@ -161,8 +161,25 @@ def _run(file, db, tracking_uri, address, cpus, max_parallel, no_track, storage,
         out.print(f"[yellow]stopped[/]: {study.layout.stopped_reason}")
     if not no_track:
         out.print(f"compare the runs in MLflow: {ui_hint(tracking_uri)}")
+    if outcome.status == "cancelled":
+        await_job_stop()
     if outcome.status != "completed":
         raise typer.Exit(code=1)
+
+
+def await_job_stop(wait_s: float = 60.0) -> None:
+    """A submitted driver whose study was cancelled (`bnnctl study cancel`) has stopped its variants;
+    it waits for the job server's stop, which `study cancel` sends once the driver let the study go,
+    so that the Ray job ends STOPPED, not FAILED. Without a stop in ``wait_s``, it ends as it is."""
+    import os
+    import time
+
+    if not os.environ.get("BNNCTL_JOB"):
+        return
+    try:
+        time.sleep(wait_s)
+    except KeyboardInterrupt:  # the job server's SIGTERM (see stop_on_sigterm)
+        raise typer.Exit(code=0) from None
 
 
 def _existing_store(db: str | None):
@@ -510,8 +527,8 @@ def cancel(study: Annotated[str, typer.Argument(help="Study name or spec file.")
     name = _study_name(study)
     marked = cancel_study(name, db)
     store, s = _load(name, db)
-    if s.layout.job:  # a submitted study: its driver stops by itself, or the job server stops it
-        status = stop_job(s, None, grace=30.0 if marked else 0.0)
+    if s.layout.job:  # a submitted study: its driver stops its variants, then the job server stops the job
+        status = stop_job(s, None, grace=30.0 if marked else 0.0, released=lambda: store.lease(name) is None)
         typer.echo(f"study {name}: job {s.layout.job['id']} {status}. Submit it again to continue.")
     elif marked:
         typer.echo(f"study {name}: cancelled; its driver stops within seconds. Run it again to continue.")

@@ -126,6 +126,10 @@ def _closing(outcome, db: str | None, out, track: bool, tracking_uri: str | None
               f"{_storage_url(db)}")
     if track:
         out.print(f"compare the trials in MLflow: {ui_hint(tracking_uri)}")
+    if outcome.status == "cancelled":
+        from .study import await_job_stop
+
+        await_job_stop()  # a submitted tuning's job then ends STOPPED
     if outcome.status != "completed":
         raise typer.Exit(code=1)
 
