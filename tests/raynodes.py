@@ -21,9 +21,22 @@ CLI = [sys.executable, "-c", "from bnnctl.orchestrator.cli import main; main()"]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: each socket stays bound until all are chosen (one at a time, the
+    kernel may hand the same port out twice, and Ray refuses a node whose components share one)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def descendants(pid: int) -> list[int]:
@@ -87,9 +100,10 @@ class RayNodes:
         dashboard (and job server) listens there; ``gpus``: GPUs it declares (Ray then hands them to
         tasks through ``CUDA_VISIBLE_DEVICES``, GPU or not); ``extra``: more ``ray start`` options,
         ``env``: more environment (e.g. an autoscaler's config)."""
-        port = port or free_port()
+        ports = [p for p in free_ports(8) if p != port]
+        port = port or ports.pop()
         args = ["--head", f"--port={port}", f"--num-cpus={cpus}", f"--num-gpus={gpus}", "--node-ip-address=127.0.0.1",
-                "--object-store-memory=100000000", *self._ports(), *(extra or [])]
+                "--object-store-memory=100000000", *self._ports(ports), *(extra or [])]
         if dashboard_port:
             args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
         else:
@@ -100,11 +114,12 @@ class RayNodes:
         return proc, address
 
     @staticmethod
-    def _ports() -> list[str]:
+    def _ports(ports: list[int] | None = None) -> list[str]:
         """Free ports for a node's own servers: two nodes on one machine must not share them."""
         names = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
                  "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")
-        return [f"--{n}={free_port()}" for n in names]
+        ports = list(ports or free_ports(len(names)))
+        return [f"--{n}={ports.pop()}" for n in names]
 
     def worker(self, address: str, cpus: int = 1, hide: list[Path] | None = None, resources: str | None = None,
                name: str = "worker", env: dict[str, str] | None = None) -> subprocess.Popen:
