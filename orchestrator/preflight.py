@@ -18,27 +18,27 @@ from .runcore import RunOptions, StorageNotShared, shared_storage_problem
 from .spec import Checkpoint, Resources
 
 
-def storage_source(spec_file: str, cli_storage: str | None, spec_storage: str | None) -> tuple[str, int | None]:
+def storage_source(cli_storage: str | None, spec_storage: str | None) -> str:
     """Where the run storage comes from, for messages: an option, the spec's field, the environment
     or the default."""
     if cli_storage is not None:
-        return "--storage", None
+        return "--storage"
     if spec_storage is not None:
-        return "storage", _line(spec_file, "storage")
+        return "storage"
     if os.environ.get("BNNCTL_STORAGE"):
-        return "$BNNCTL_STORAGE", None
-    return "the default run storage (.bnnctl/runs; --storage or `storage:` in the spec to choose)", None
+        return "$BNNCTL_STORAGE"
+    return "the default run storage (.bnnctl/runs; --storage or `storage:` in the spec to choose)"
 
 
-def check_storage(opts: RunOptions, spec_file: str, source: tuple[str, int | None]) -> None:
+def check_storage(opts: RunOptions, spec_file: str, source: str) -> None:
     from .runstorage import RunStorage, StorageError
 
     storage = RunStorage(opts.storage)
     try:
         storage.probe()
-    except StorageError as err:
-        field, line = source
-        raise SpecError(spec_file, field, f"the run storage cannot be written from this machine: {err}. Give a "
+    except StorageError as err:  # the spec is read again for the field's line only when it failed
+        line = _line(spec_file, source) if source == "storage" else None
+        raise SpecError(spec_file, source, f"the run storage cannot be written from this machine: {err}. Give a "
                         "folder or URL this machine (and every node) can write, with its credentials", line) from None
 
 
@@ -103,7 +103,7 @@ def check_resources(opts: RunOptions, resources: Resources, parallel: int) -> Ru
     return dataclasses.replace(opts, backend_instance=backend)
 
 
-def preflight(spec, opts: RunOptions, source: tuple[str, int | None]) -> RunOptions:
+def preflight(spec, opts: RunOptions, source: str) -> RunOptions:
     """Every check above, in order of cost; returns the options the run goes on with."""
     from .backends import ResourceError
 

@@ -186,7 +186,7 @@ def run_study(path: str | Path, db: str | None = None, tracking_uri: str | None 
     ``options`` (when given) replaces the separate ``db`` ... ``track`` arguments."""
     opts = options or RunOptions(db, tracking_uri, address, cpus, max_parallel, track)
     spec = load_spec(path, dict(opts.overrides))
-    source = storage_source(spec.file, opts.storage, spec.storage)
+    source = storage_source(opts.storage, spec.storage)
     if opts.storage is None and spec.storage is not None:  # --storage, then the spec's, then $BNNCTL_STORAGE
         opts = dataclasses.replace(opts, storage=spec.storage)
     plan = build_plan(spec)

@@ -281,7 +281,7 @@ def run_tuning(path: str | Path, db: str | None = None, tracking_uri: str | None
     spec = load_tune_spec(path)
     if opts.trials is not None:
         spec = with_trials(spec, opts.trials)
-    source = storage_source(spec.file, opts.storage, spec.storage)
+    source = storage_source(opts.storage, spec.storage)
     if opts.storage is None and spec.storage is not None:  # --storage, then the spec's, then $BNNCTL_STORAGE
         opts = dataclasses.replace(opts, storage=spec.storage)
     configs = [a.config for a in spec.arms] + [t.config for t in spec.teachers.values()]
