@@ -13,6 +13,7 @@ then a cookie; or ``Authorization: Bearer``). Every response carries a Content-S
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from . import views
@@ -23,6 +24,8 @@ HERE = Path(__file__).resolve().parent
 SERVED = ("predictions.png",)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 TOKEN_COOKIE = "bnnctl_dashboard_token"
+#: study pages kept computed (each until its study changes)
+VIEW_CACHE = 32
 SECURITY_HEADERS = {
     # Plotly draws with inline style attributes and one <style> element: styles may be inline, scripts never
     "Content-Security-Policy": ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
@@ -129,15 +132,53 @@ class _Site:
         self.env = templates()
         self.mlflow_url, self.refresh_s = mlflow_url, refresh_s
         self._optuna: list = []  # one read-only Optuna storage (engine) for the app's lifetime, made on first use
+        #: study name -> (its change stamp, its page's data, the page rendered or None)
+        self._views: dict[str, tuple] = {}
+        self._lock = threading.Lock()
+
+    def study(self, name: str) -> dict:
+        """A study page's data, computed again only when the study changed (its stamp, one
+        aggregated query, is read first: a change during the computation shows at the next request)."""
+        return self._study(name)[1]
+
+    def study_page(self, name: str):
+        """The study page, rendered again only when the study changed."""
+        from fastapi.responses import HTMLResponse
+
+        stamp, view, html = self._study(name)
+        if html is None:
+            html = self.render("study.html", s=view)
+            with self._lock:
+                if self._views.get(name, (None,))[0] == stamp:
+                    self._views[name] = (stamp, view, html)
+        return HTMLResponse(html)
+
+    def _study(self, name: str) -> tuple:
+        s = self.store.study(name)
+        if s is None or s.kind != "study":
+            raise NotFound(f"no study named {name!r}")
+        stamp = self.store.stamp(s.id)
+        with self._lock:
+            hit = self._views.get(name)
+        if hit is not None and hit[0] == stamp:
+            return hit
+        entry = (stamp, views.study(self.store, name), None)
+        with self._lock:
+            self._views[name] = entry
+            while len(self._views) > VIEW_CACHE:
+                self._views.pop(next(iter(self._views)))
+        return entry
+
+    def render(self, name: str, **ctx) -> str:
+        from bnnctl.orchestrator.urls import mask_url
+
+        return self.env.get_template(name).render(refresh_s=self.refresh_s, mlflow_url=mask_url(self.mlflow_url),
+                                                  db=self.store.display_url, **ctx)
 
     def page(self, name: str, status: int = 200, **ctx):
         from fastapi.responses import HTMLResponse
 
-        from bnnctl.orchestrator.urls import mask_url
-
-        html = self.env.get_template(name).render(refresh_s=self.refresh_s, mlflow_url=mask_url(self.mlflow_url),
-                                                  db=self.store.display_url, **ctx)
-        return HTMLResponse(html, status_code=status)
+        return HTMLResponse(self.render(name, **ctx), status_code=status)
 
     def tuning_studies(self, name: str) -> dict:
         from bnnctl.orchestrator.store import readonly_url
@@ -194,11 +235,11 @@ def _pages(app, site: _Site) -> None:
 
     @app.get("/study/{name}", response_class=HTMLResponse)
     def study(name: str):
-        return page("study.html", s=views.study(store, name))
+        return site.study_page(name)
 
     @app.get("/api/study/{name}")
     def api_study(name: str):
-        return views.study(store, name)
+        return site.study(name)
 
     @app.get("/compare", response_class=HTMLResponse)
     def compare(study: list[str] = Query(default=[]), row: list[str] = Query(default=[])):

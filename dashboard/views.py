@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 from datetime import datetime
 
 from bnnctl.orchestrator.layouts import StudyLayout
 from bnnctl.orchestrator.formats import table_data
 from bnnctl.orchestrator.report import ALPHA, build_tables, reported, sources
-from bnnctl.orchestrator.tracking import flatten
+from bnnctl.orchestrator.tracking import CREATING, flatten
 from bnnctl.workers.metrics import CURVES, HEADLINE_METRICS, MPII_GROUPS, named_joint_groups
+
+
+#: the config values a study page reads (a row's budget, where a stage 2 starts): only these are
+#: read from the store (see ``Store.study_variants``)
+PAGE_CONFIG = ("epochs", "schedule_offset")
 
 
 class NotFound(LookupError):
@@ -29,16 +33,25 @@ def _counts(statuses: list[str]) -> dict[str, int]:
 
 
 def studies(store) -> list[dict]:
-    """The studies page: name, kind, spec file, status, variants by state, last activity."""
+    """The studies page: name, kind, spec file, status, variants by state, last activity (two
+    queries: the studies, and their variants counted by state in SQL)."""
     out = []
+    counted = store.study_counts()
     for s in store.studies():
-        members = store.members(s.id)
-        variants = store.variants(sorted({m.variant_key for m in members}))
-        last = max([s.updated_at] + [v.updated_at for v in variants.values()])
+        counts, last = counted.get(s.id, ({}, None))
         out.append({"name": s.name, "kind": s.kind, "spec_file": s.spec_file, "status": s.status,
-                    "counts": _counts([v.status for v in variants.values()]), "total": len(variants),
-                    "last_activity": _iso(last)})
+                    "counts": counts, "total": sum(counts.values()),
+                    "last_activity": _iso(s.updated_at if last is None else max(_aware(last), _aware(s.updated_at)))})
     return out
+
+
+def _aware(t: datetime | str) -> datetime:
+    """A time as the store wrote it (UTC), whether read back with its zone or without (sqlite), as
+    a datetime or as text (an aggregate over sqlite)."""
+    from datetime import UTC
+
+    t = datetime.fromisoformat(t) if isinstance(t, str) else t
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -56,7 +69,7 @@ def study(store, name: str) -> dict:
     """A study page: its tables, per-joint table, chart data and the variants behind every cell."""
     s = _study(store, name, "study")
     members = store.members(s.id)
-    variants = store.variants(sorted({m.variant_key for m in members}))
+    variants = store.study_variants(s.id, config=PAGE_CONFIG)
     layout = s.layout
     tables = build_tables(layout, members, variants)
     cells: dict[tuple[str, str], list[dict]] = {}
@@ -69,8 +82,9 @@ def study(store, name: str) -> dict:
     metric = layout.metric
     return {
         "groups": joint_groups(layout, members, variants, metric),
-        "curves": row_curves(store, layout, members, variants, metric),
-        "progress": running(store, [v for v in variants.values() if v.status == "running"]),
+        "curves": row_curves(store.metrics_of([], [metric], study_id=s.id), layout, members, variants, metric),
+        "progress": running(store.metrics_of([], study_id=s.id, state="running"),
+                            [v for v in variants.values() if v.status == "running"]),
         "name": s.name, "status": s.status, "spec_file": s.spec_file, "description": layout.description,
         "metric": metric, "seeds": list(layout.seeds), "alpha": ALPHA, "adaptive": layout.adaptive,
         "counts": _counts([v.status for v in variants.values()]), "updated": _iso(s.updated_at),
@@ -81,30 +95,42 @@ def study(store, name: str) -> dict:
     }
 
 
-def row_curves(store, layout: StudyLayout, members: list, variants: dict, metric: str) -> list[dict]:
+def row_curves(histories: dict, layout: StudyLayout, members: list, variants: dict, metric: str) -> list[dict]:
     """Per table, each row's validation curve over epochs: the mean over its finished seeds and a
-    ± std band; a two-stage row's stage 2 is drawn after its stage 1's epochs (its budget)."""
+    ± std band; a two-stage row's stage 2 is drawn after its stage 1's epochs (its budget).
+    ``histories``: the variants' metrics as ``Store.metrics_of`` reads them."""
+    by_row: dict[tuple, list] = {}
+    for m in members:
+        if m.ablation is not None and m.variant_key in variants:
+            by_row.setdefault((m.ablation, m.row), []).append(variants[m.variant_key])
     out = []
     for ab in layout.ablations:
         lines = []
         for r in ab.rows:
             per_epoch: dict[int, list[float]] = {}
-            for m in members:
-                v = variants.get(m.variant_key)
-                if m.ablation != ab.name or m.row != r.name or v is None:
-                    continue
+            for v in by_row.get((ab.name, r.name), ()):
                 offset = int(v.config.get("schedule_offset") or 0)
-                for epoch, value in store.metrics(v.key).get(metric, []):
+                for epoch, value in histories.get(v.key, {}).get(metric, []):
                     per_epoch.setdefault(epoch + offset, []).append(value)
             if not per_epoch:
                 continue
             xs = sorted(per_epoch)
             means = [sum(per_epoch[x]) / len(per_epoch[x]) for x in xs]
-            stds = [statistics.stdev(per_epoch[x]) if len(per_epoch[x]) > 1 else 0.0 for x in xs]
+            stds = [_std(per_epoch[x]) for x in xs]
             lines.append({"row": r.name, "epochs": xs, "mean": means, "low": [m - d for m, d in zip(means, stds)],
                           "high": [m + d for m, d in zip(means, stds)], "seeds": max(len(v) for v in per_epoch.values())})
         out.append({"ablation": ab.name, "metric": metric, "lines": lines, "traces": curve_traces(lines)})
     return out
+
+
+def _std(values: list[float]) -> float:
+    """The sample standard deviation in floats (a band to draw: statistics.stdev's exact rational
+    arithmetic cost most of a large study's page); 0 for one value."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = math.fsum(values) / n
+    return math.sqrt(math.fsum((x - mean) ** 2 for x in values) / (n - 1))
 
 
 def curve_traces(lines: list[dict]) -> list[dict]:
@@ -148,11 +174,14 @@ def joint_groups(layout: StudyLayout, members: list, variants: dict, metric: str
         return None
     columns = [*MPII_GROUPS, "Mean"]
     rows = []
+    by_row: dict[tuple, list] = {}
+    for m in members:
+        v = variants.get(m.variant_key)
+        if m.ablation is not None and v is not None and v.status == "completed" and v.result:
+            by_row.setdefault((m.ablation, m.row), []).append(v.result)
     for ab in layout.ablations:
         for r in ab.rows:
-            results = [variants[m.variant_key].result for m in members
-                       if m.ablation == ab.name and m.row == r.name and m.variant_key in variants
-                       and variants[m.variant_key].status == "completed" and variants[m.variant_key].result]
+            results = by_row.get((ab.name, r.name), [])
             found: dict[str, list[float]] = {}
             for res in results:
                 groups = named_joint_groups(res.get("per_joint") or {})
@@ -168,11 +197,12 @@ def joint_groups(layout: StudyLayout, members: list, variants: dict, metric: str
     return {"columns": columns, "rows": rows}
 
 
-def running(store, variants: list) -> list[dict]:
-    """The running variants' progress: epochs recorded of their budget, the last metric."""
+def running(histories: dict, variants: list) -> list[dict]:
+    """The running variants' progress: epochs recorded of their budget, the last metric
+    (``histories``: their metrics as ``Store.metrics_of`` reads them)."""
     out = []
     for v in sorted(variants, key=lambda v: v.label):
-        history = store.metrics(v.key)
+        history = histories.get(v.key, {})
         done = max((e for pts in history.values() for e, _ in pts), default=0)
         metric = next((m for m in HEADLINE_METRICS if m in history), None)
         last = history[metric][-1][1] if metric else None
@@ -189,13 +219,14 @@ def compare(store, names: list[str], selected: list[str]) -> dict:
     for name in names:
         st = _study(store, name, "study")
         members = store.members(st.id)
-        variants = store.variants(sorted({m.variant_key for m in members}))
+        variants = store.study_variants(st.id)
         layout = st.layout
         tables = build_tables(layout, members, variants)
         rows = [f"{name}/{t.name}/{r.name}" for t in tables for r in t.rows]
         chosen.append({"name": name, "tables": [table_data(t) for t in tables], "rows": rows,
                        "metric": layout.metric})
-        for c in row_curves(store, layout, members, variants, layout.metric):
+        histories = store.metrics_of([], [layout.metric], study_id=st.id)
+        for c in row_curves(histories, layout, members, variants, layout.metric):
             for line in c["lines"]:
                 ref = f"{name}/{c['ablation']}/{line['row']}"
                 if ref in selected:
@@ -287,7 +318,7 @@ def variant(store, key: str, study_name: str | None = None, mlflow_url: str | No
     if s is not None and s.kind == "study" and result:  # the study's reporting rule
         report = s.layout.report
         reported_value = reported(result, s.layout.metric or result.get("metric"), report)
-    run = v.mlflow_run_id
+    run = None if v.mlflow_run_id == CREATING else v.mlflow_run_id  # CREATING: a creation a killed driver began
     return {
         "key": v.key, "label": v.label, "kind": v.kind, "status": v.status, "error": v.error,
         "status_shown": "pruned" if v.kind == "trial" and v.status == "stopped" else v.status,

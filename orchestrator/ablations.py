@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING, Callable
 
-from .spec import RowSpec
+from .spec import RowSpec, SpecError
 
 if TYPE_CHECKING:
     from .spec import _Parser
@@ -96,14 +96,19 @@ def _grid(p: "_Parser", body: dict, path: str, name: str, base_data: dict, teach
             raise p.fail(f"{path}.axes.{axis}", "an axis needs at least one level")
         levels.append([(lvl, p.overrides(v, f"{path}.axes.{axis}.{lvl}"), f"{path}.axes.{axis}.{lvl}")
                        for lvl, v in values.items()])
+    for axis_levels in levels:  # each level on its own: a wrong level is named once, as itself
+        for _, ov, where in axis_levels:
+            p.config(base_data, ov, where)
     rows = []
     for combo in itertools.product(*levels):
         row_name = "/".join(str(lvl) for lvl, _, _ in combo)
-        overrides: tuple = ()
-        cfg = None
-        for lvl, ov, where in combo:
-            overrides += ov
-            cfg = p.config(base_data, overrides, where)
+        overrides: tuple = sum((ov for _, ov, _ in combo), ())
+        try:  # each combination validated once (linear in the grid's size)
+            cfg = p.config(base_data, overrides, combo[-1][2])
+        except SpecError:  # levels wrong only together: name the first level whose addition fails
+            for i in range(1, len(combo)):
+                p.config(base_data, sum((ov for _, ov, _ in combo[:i]), ()), combo[i - 1][2])
+            raise
         ref, also = p.references(refs.get(row_name), f"{path}.references.{row_name}")
         rows.append(RowSpec(row_name, name, "grid", overrides, "single", None, ref, cfg, also=also))
     return rows

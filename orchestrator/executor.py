@@ -127,10 +127,8 @@ class _Loop:
         self.running: dict[str, float] = {}  # key -> submitted at (monotonic)
         self.started: set[str] = set()  # running keys whose worker announced itself
         self.warned: set[str] = set()
-        self.runs: dict[str, str | None] = {}
+        self.runs: dict[str, bool] = {}  # keys whose MLflow run this loop asked for (the writer knows its id)
         self.disk_full: str | None = None  # a variant's "no space left" error: nothing new starts
-        # MLflow work for finished variants waits until the freed worker has new work (overlap)
-        self.to_track: list[tuple[str, dict | None, str | None, bool]] = []
         self.restored: dict[str, int] = {}  # key -> the last epoch its resumed run restored, not said yet
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -151,7 +149,7 @@ class _Loop:
                 self.backend.cancel(key)
                 self.store.interrupt(key, reason)
                 if self.runs.get(key):
-                    self.ex.tracker.interrupted(self.runs[key])
+                    self.ex.tracker.interrupted(key)
             except Exception:  # noqa: BLE001 - the next run reconciles what this one could not write
                 pass
         self.running.clear()
@@ -171,7 +169,6 @@ class _Loop:
                     break
                 if self.ready(v):
                     self.submit(v)
-            self.track()
             if not self.running:
                 if fed:
                     continue  # fed variants that were already complete: ask for more
@@ -185,7 +182,6 @@ class _Loop:
                 self.collect(out)
             self.warn_waiting()
         self.drain()
-        self.track()
         return self.status
 
     def room(self) -> bool:
@@ -228,31 +224,31 @@ class _Loop:
     def submit(self, v: Variant) -> None:
         self.attempts[v.key] += 1
         self.store.start_attempt(v.key, None, self.ex.storage.location(v.key))
-        tracker = self.ex.tracker
-        if tracker is not None and self.parent_run is not None and v.key not in self.runs:
+        writer = self.ex.tracker  # an mlwriter.Writer: MLflow's work is queued, done beside this loop
+        if writer is not None and self.parent_run is not None and v.key not in self.runs:
             stored = self.store.variant(v.key)
-            run_id = tracker.variant_run(self.parent_run, stored.mlflow_run_id if stored else None, v.key,
-                                         v.label, v.kind, v.seed, to_dict(v.config), self.study, self.provenance(v))
-            self.store.set_mlflow_run(v.key, run_id)
-            self.runs[v.key] = run_id
+            writer.variant_run(v.key, self.parent_run, stored.mlflow_run_id if stored else None, v.label, v.kind,
+                               v.seed, to_dict(v.config), self.study, *self.provenance(v))
+            self.runs[v.key] = True
         self.backend.submit(self.ex.task(v), verdicts=self.hooks.prunes)
         self.running[v.key] = time.monotonic()
         self.started.discard(v.key)
         self.status[v.key] = "running"
         self.events.started(v)
 
-    def provenance(self, v: Variant) -> dict[str, str]:
-        """MLflow tags that place a variant's run (ablation, row, stage) and link it to the runs it
-        was initialized from and learned from."""
+    @staticmethod
+    def provenance(v: Variant) -> tuple[dict[str, str], dict[str, str]]:
+        """MLflow tags that place a variant's run (ablation, row, stage) and name the variants it was
+        initialized from and learned from; and the tags that link to those variants' runs (tag ->
+        variant key: the writer knows their run ids)."""
         tags = {"bnnctl.ablation": v.ablation or "", "bnnctl.row": v.row or "",
                 "bnnctl.stage": "1" if v.kind == "stage1" else ("2" if v.init_dep else "single")}
+        links = {}
         for dep, name in ((v.init_dep, "init_from"), (v.teacher_dep, "teacher")):
             if dep:
                 tags[f"bnnctl.{name}"] = dep
-                stored = self.store.variant(dep)
-                if stored is not None and stored.mlflow_run_id:
-                    tags[f"bnnctl.{name}_run"] = stored.mlflow_run_id
-        return {k: val for k, val in tags.items() if val}
+                links[f"bnnctl.{name}_run"] = dep
+        return {k: val for k, val in tags.items() if val}, links
 
     def say_resumed(self, key: str) -> None:
         """The ``resumed`` event of a variant whose restored epochs have all arrived (once)."""
@@ -291,7 +287,7 @@ class _Loop:
         """An epoch's metrics into the store, then into the variant's MLflow run."""
         self.store.log_metrics(msg.key, msg.epoch, msg.metrics)
         if self.runs.get(msg.key):
-            self.ex.tracker.log_metrics(self.runs[msg.key], msg.epoch, msg.metrics)
+            self.ex.tracker.log_metrics(msg.key, msg.epoch, msg.metrics)
 
     def collect(self, out: Finished) -> None:
         key = out.key
@@ -320,7 +316,7 @@ class _Loop:
             if (error or "").startswith(NO_SPACE):
                 self.disk_full = error.split(" (node ")[0]
         if self.runs.get(key):
-            self.to_track.append((self.runs[key], result, error, new == "stopped"))
+            self.ex.tracker.finish(key, result, error, new == "stopped")
         self.hooks.settled(self.plan.variants[key], new, result, error)
         self.events.finished(self.plan.variants[key], new, error)
 
@@ -329,7 +325,7 @@ class _Loop:
             self.backend.cancel(key)
             self.store.requeue(key, "study cancelled")
             if self.runs.get(key):
-                self.ex.tracker.interrupted(self.runs[key])
+                self.ex.tracker.interrupted(key)
             self.status[key] = "pending"
             self.events.finished(self.plan.variants[key], "cancelled", None)
         self.running.clear()
@@ -350,7 +346,3 @@ class _Loop:
                     self.events.scaling(self.plan.variants[key], now - since, why)
                 else:
                     self.events.waiting(self.plan.variants[key], now - since)
-
-    def track(self) -> None:
-        while self.to_track:
-            self.ex.tracker.finish(*self.to_track.pop(0))

@@ -16,6 +16,7 @@ are the same training run, within a study and across studies.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -105,11 +106,19 @@ def portable(config_data: dict, project: Path | None = None) -> dict:
     root = (config_data.get("data") or {}).get("root")
     if not root or "://" in root or not os.path.isabs(root):
         return config_data
-    try:
-        rel = Path(root).relative_to((project or Path.cwd()).resolve())
-    except ValueError:  # outside the project: an absolute location of this machine
+    rel = _inside(root, str(project) if project is not None else os.getcwd())
+    if rel is None:  # outside the project: an absolute location of this machine
         return config_data
-    return {**config_data, "data": {**config_data["data"], "root": f"./{rel.as_posix()}"}}
+    return {**config_data, "data": {**config_data["data"], "root": rel}}
+
+
+@functools.lru_cache(maxsize=256)  # one answer per (root, folder): a plan asks it for every variant
+def _inside(root: str, project: str) -> str | None:
+    """``root`` as ``./relative`` path inside the folder ``project``, None when it is outside."""
+    try:
+        return f"./{Path(root).relative_to(Path(project).resolve()).as_posix()}"
+    except ValueError:
+        return None
 
 
 def identity(config: TrainConfig, deps: tuple[str, ...]) -> str:

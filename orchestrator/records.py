@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import (JSON, DateTime, Engine, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
+from sqlalchemy import (JSON, DateTime, Engine, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint,
                         create_engine, event, inspect)
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -18,11 +18,13 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from .errors import StoreError
 from .urls import mask_text
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Every table is prefixed, so that Optuna's tables (``studies``, ``trials``...) can live in the same
 #: database. Schema 1 had unprefixed names; opening such a database renames its tables in place.
 #: Schema 3 added ``bnnctl_attempts.node_id`` (the backend's node id beside the host name) and the
-#: ``bnnctl_leases`` table (one driver per study).
+#: ``bnnctl_leases`` table (one driver per study). Schema 4 added the indexes of every read path
+#: (:data:`INDEXES`): attempts by variant, memberships by variant, a covering index of the variants'
+#: states and change times (status counts, last activity, a study's change stamp).
 PREFIX = "bnnctl_"
 V1_TABLES = ("schema_info", "studies", "variants", "study_variants", "attempts", "metrics")
 def _now() -> datetime:
@@ -31,6 +33,20 @@ def _now() -> datetime:
 
 class Base(DeclarativeBase):
     pass
+
+
+#: the indexes of schema 4, by table (the unique constraints index members by study, and metrics by
+#: variant and epoch, since schema 1); created by :func:`migrate` on an existing database too
+INDEXES = {
+    "bnnctl_attempts": [("ix_bnnctl_attempts_variant", ("variant_key", "number"))],
+    "bnnctl_study_variants": [("ix_bnnctl_study_variants_variant", ("variant_key",))],
+    "bnnctl_variants": [("ix_bnnctl_variants_state", ("key", "status", "updated_at"))],
+    "bnnctl_metrics": [("ix_bnnctl_metrics_name", ("variant_key", "name", "epoch"))],
+}
+
+
+def _indexes(table: str) -> tuple:
+    return tuple(Index(name, *columns) for name, columns in INDEXES.get(table, ()))
 
 
 class SchemaInfo(Base):
@@ -54,6 +70,7 @@ class StudyRow(Base):
 
 class VariantRow(Base):
     __tablename__ = "bnnctl_variants"
+    __table_args__ = _indexes("bnnctl_variants")
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     label: Mapped[str] = mapped_column(Text)
     kind: Mapped[str] = mapped_column(String(20))
@@ -70,7 +87,7 @@ class VariantRow(Base):
 
 class StudyVariantRow(Base):
     __tablename__ = "bnnctl_study_variants"
-    __table_args__ = (UniqueConstraint("study_id", "ablation", "row", "seed"),)
+    __table_args__ = (UniqueConstraint("study_id", "ablation", "row", "seed"), *_indexes("bnnctl_study_variants"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("bnnctl_studies.id", ondelete="CASCADE"))
     variant_key: Mapped[str] = mapped_column(ForeignKey("bnnctl_variants.key"))
@@ -81,6 +98,7 @@ class StudyVariantRow(Base):
 
 class AttemptRow(Base):
     __tablename__ = "bnnctl_attempts"
+    __table_args__ = _indexes("bnnctl_attempts")
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     variant_key: Mapped[str] = mapped_column(ForeignKey("bnnctl_variants.key"))
     number: Mapped[int] = mapped_column(Integer)
@@ -105,7 +123,7 @@ class LeaseRow(Base):
 
 class MetricRow(Base):
     __tablename__ = "bnnctl_metrics"
-    __table_args__ = (UniqueConstraint("variant_key", "epoch", "name"),)
+    __table_args__ = (UniqueConstraint("variant_key", "epoch", "name"), *_indexes("bnnctl_metrics"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     variant_key: Mapped[str] = mapped_column(ForeignKey("bnnctl_variants.key"))
     epoch: Mapped[int] = mapped_column(Integer)
@@ -189,6 +207,10 @@ def _study(r: StudyRow) -> Study:
     return Study(r.id, r.name, r.spec_file, r.spec_hash, dict(r.spec), r.status, r.mlflow_run_id, r.created_at, r.updated_at)
 
 
+def _attempt(a: AttemptRow) -> Attempt:
+    return Attempt(a.variant_key, a.number, a.status, a.node, a.error, a.started_at, a.ended_at, a.node_id)
+
+
 def _variant(r: VariantRow) -> Variant:
     return Variant(r.key, r.label, r.kind, dict(r.config), list(r.deps), r.status, r.result, r.error,
                    r.checkpoint_dir, r.mlflow_run_id, r.updated_at)
@@ -243,6 +265,19 @@ def _add_v3_columns(engine: Engine) -> None:
             conn.exec_driver_sql(f"ALTER TABLE {PREFIX}attempts ADD COLUMN node_id VARCHAR(100)")
 
 
+def _add_v4_indexes(engine: Engine) -> None:
+    """Schema 3 -> 4: the read paths' indexes on existing tables (create_all creates indexes only
+    with their tables); ``IF NOT EXISTS`` on sqlite and PostgreSQL, so two openers may both run it."""
+    from sqlalchemy.schema import CreateIndex
+
+    tables = set(inspect(engine).get_table_names())
+    with engine.begin() as conn:
+        for table in Base.metadata.sorted_tables:
+            if table.name in tables:
+                for index in table.indexes:
+                    conn.execute(CreateIndex(index, if_not_exists=True))
+
+
 def check_version(session: Callable[[], AbstractContextManager[Session]], display_url: str) -> None:
     """Refuse (StoreError) a database of another schema version; for readers, which never migrate."""
     try:
@@ -266,6 +301,7 @@ def migrate(engine: Engine, session: Callable[[], AbstractContextManager[Session
             _rename_v1_tables(engine)
             _add_v3_columns(engine)
             Base.metadata.create_all(engine)
+            _add_v4_indexes(engine)
             break
         except SQLAlchemyError as err:
             if attempt == 2:

@@ -9,6 +9,7 @@ If anything escapes (the cluster went away, Ctrl-C, a database error), the study
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -195,7 +196,8 @@ class DriverSession:
         self.lease = lease
         self.events = events or Events()
         self.parallel = options.max_parallel or execution.max_parallel
-        self.tracker: Any = None
+        self.tracker: Any = None  # the Tracker (MLflow): the study's own run, reconciling
+        self.writer: Any = None  # an mlwriter.Writer: the variants' MLflow work, in a process beside this one
         self.parent: str | None = None
         self.backend: Backend | None = None
         self._opened: dict = {}
@@ -210,6 +212,10 @@ class DriverSession:
         if self.options.track:
             self._thread = threading.Thread(target=self._open_tracking, daemon=True)
             self._thread.start()
+            if work:  # the variants' MLflow writer: a process, started while the backend starts
+                from .mlwriter import Writer
+
+                self.writer = Writer()
         try:
             if work:
                 self._start_backend()
@@ -220,6 +226,9 @@ class DriverSession:
             if "error" in self._opened:
                 raise self._opened["error"]
             self.tracker, self.parent = self._opened["tracker"], self._opened["run"]
+            if self.writer is not None:
+                self.writer.open(self.tracker.uri, self._args[2], self.storage.root, self.store.url,
+                                 recovered_parent=self.parent if self.tracker.recovered else None)
             self.store.annotate_study(self.study_id, mlflow_experiment_id=self.tracker.experiment_id)
         self.store.annotate_study(self.study_id, storage=mask_url(self.storage.root))
         self.store.set_study_status(self.study_id, "running", self.parent)
@@ -255,7 +264,7 @@ class DriverSession:
     # -- run --------------------------------------------------------------------------------------
     def execute(self, plan: Plan, hooks: Hooks | None = None, events: Events | None = None) -> dict[str, str]:
         assert self.backend is not None, "begin(work=True) starts the backend"
-        executor = Executor(self.store, self.tracker, self.backend, self.storage, max_parallel=self.parallel,
+        executor = Executor(self.store, self.writer, self.backend, self.storage, max_parallel=self.parallel,
                             retries=self.execution.retries, events=events or self.events,
                             wait_warning_s=self.execution.wait_warning_s)
         try:
@@ -265,6 +274,9 @@ class DriverSession:
             if self.lease is not None and not self.lease.verify():
                 self._raise_gone()
             raise
+        finally:  # MLflow's queued work done (its error raised only when nothing else is)
+            if self.writer is not None:
+                self.writer.flush(raise_errors=sys.exc_info()[0] is None)
         self.halted = executor.halted
         if self.lease is not None and self.lease.gone:
             self._raise_gone()
@@ -290,6 +302,8 @@ class DriverSession:
 
     def finish(self, status: str) -> None:
         self.store.set_study_status(self.study_id, status)
+        if self.writer is not None:
+            self.writer.flush()
         if self.tracker is not None and self.parent is not None:
             self.tracker.end_study(self.parent, status)
         self.close()
@@ -303,6 +317,8 @@ class DriverSession:
         try:
             self.store.annotate_study(self.study_id, stopped_reason=reason[:2000])
             self.store.set_study_status(self.study_id, "stopped")
+            if self.writer is not None:
+                self.writer.flush(raise_errors=False)
             if self.tracker is not None and self.parent is not None:
                 self.tracker.end_study(self.parent, "stopped")
         except Exception:  # noqa: BLE001 - the store itself may be what failed; the error is re-raised
@@ -310,6 +326,9 @@ class DriverSession:
         self.close()
 
     def close(self) -> None:
+        if self.writer is not None:  # what was queued is written (a driver interrupted: its runs marked)
+            self.writer.close()
+            self.writer = None
         if self.backend is not None:
             self.backend.close()
             self.backend = None

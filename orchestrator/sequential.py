@@ -80,19 +80,37 @@ def e_value(t: float, n: int) -> float:
     return math.exp(top) * sum(math.exp(v - top) for v in logs) / len(logs)
 
 
+def _flat(mean: float, sd: float) -> bool:
+    return sd <= 1e-12 * max(1.0, abs(mean))
+
+
 def _prefixes(diffs: list[float]) -> Iterable[tuple[int, float, float]]:
-    """(n, mean, sample sd) of every prefix of two or more differences (running sums)."""
+    """(n, mean, sample sd) of every prefix of two or more differences (running sums), but a prefix
+    whose differences are all equal only when every difference is.
+
+    The test takes the differences as "independent draws of N(mu, sigma^2)" (above), under which
+    two equal differences have probability zero and a t-statistic without spread is infinite
+    evidence. A measured metric is discrete (a top-1 of 100 images moves in steps of 1 %), so two
+    seeds can tie by chance: a tied prefix followed by differences that spread is resolution, not
+    certainty, and is left out (it would reject mu = 0 at p = 0, and pin the confidence sequence to
+    one point). Differences that are all equal at the look (rows that compute the same function,
+    or a shift by exactly the same amount at every seed) are taken as they are."""
+    n_all = len(diffs)
+    mean_all = sum(diffs) / n_all if n_all else 0.0
+    spread = n_all >= 2 and not _flat(mean_all, math.sqrt(sum((v - mean_all) ** 2 for v in diffs) / (n_all - 1)))
     total = square = 0.0
     for i, v in enumerate(diffs, start=1):
         total += v
         square += v * v
         if i >= 2:
             mean = total / i
-            yield i, mean, math.sqrt(max(square - i * mean * mean, 0.0) / (i - 1))
+            sd = math.sqrt(max(square - i * mean * mean, 0.0) / (i - 1))
+            if not (spread and _flat(mean, sd)):
+                yield i, mean, sd
 
 
 def _t(n: int, mean: float, sd: float, mu0: float = 0.0) -> float:
-    if sd <= 1e-12 * max(1.0, abs(mean)):  # identical differences: no spread to scale by
+    if _flat(mean, sd):  # identical differences: no spread to scale by
         return 0.0 if abs(mean - mu0) <= 1e-12 else math.copysign(math.inf, mean - mu0)
     return (mean - mu0) / (sd / math.sqrt(n))
 
@@ -102,7 +120,7 @@ def p_value(diffs: list[float]) -> float | None:
     1 / BF over every prefix of two or more (None with fewer than 2)."""
     if len(diffs) < 2:
         return None
-    return min(1.0, min(1.0 / e_value(_t(n, mean, sd), n) for n, mean, sd in _prefixes(diffs)))
+    return min(1.0, min((1.0 / e_value(_t(n, mean, sd), n) for n, mean, sd in _prefixes(diffs)), default=1.0))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -238,8 +238,11 @@ def lookalike(name: str) -> str:
 
 def same_names(names: list[str]) -> list[str]:
     """Names that are one name once case-folded ("ReLU" and "relu"): a table could not tell them apart."""
+    from collections import Counter
+
     folded = [unicodedata.normalize("NFKC", n).casefold() for n in names]
-    return sorted({n for n, f in zip(names, folded) if folded.count(f) > 1})
+    counts = Counter(folded)
+    return sorted({n for n, f in zip(names, folded) if counts[f] > 1})
 
 
 class _Parser:
@@ -251,6 +254,7 @@ class _Parser:
         #: checked before a run starts anything (see preflight.py)
         self.checkpoints: dict[tuple[str, str], Checkpoint] = {}
         self.data_roots: dict[str, Checkpoint] = {}  # data root -> where the spec sets it
+        self._bases: dict[int, tuple[dict, TrainConfig]] = {}  # id(base data) -> (it, its parsed config)
 
     def fail(self, path: str, message: str) -> SpecError:
         line = self.lines.get(path)
@@ -325,22 +329,22 @@ class _Parser:
     def config(self, base_data: dict, overrides: tuple[tuple[str, Any], ...], path: str) -> TrainConfig:
         """The TrainConfig of base + overrides; errors point at the override that caused them. Its
         ``ranks`` are the spec's ``resources.workers`` (never written in a config)."""
-        try:
-            cfg = from_dict(TrainConfig, base_data, "")
-        except ConfigError as err:
-            raise self.fail(f"base.{err.path}" if err.path else "base", err.message) from None
-        for key, value in overrides:
+        base = self._bases.get(id(base_data))
+        if base is None or base[0] is not base_data:  # the same base is parsed once (a grid's rows share it)
             try:
-                cfg = with_overrides(cfg, {key: value})
+                base = (base_data, from_dict(TrainConfig, base_data, ""))
             except ConfigError as err:
-                if err.path == key or err.path.startswith(key + "."):  # the override itself is wrong
-                    raise self.fail(f"{path}.{err.path}", err.message) from None
-                raise self.fail(f"{path}.{key}", f"{err.path}: {err.message}") from None
-        for key, value in self.cli_overrides:
-            try:
-                cfg = with_overrides(cfg, {key: value})
-            except ConfigError as err:
-                raise ConfigError(f"--set {key}", err.message if err.path == key else f"{err.path}: {err.message}") from None
+                raise self.fail(f"base.{err.path}" if err.path else "base", err.message) from None
+            self._bases[id(base_data)] = base
+        cfg = self._overridden(base[1], overrides, path)
+        try:  # every --set at once; when that fails, one by one to name the wrong one
+            cfg = with_overrides(cfg, dict(self.cli_overrides)) if self.cli_overrides else cfg
+        except ConfigError:
+            for key, value in self.cli_overrides:
+                try:
+                    cfg = with_overrides(cfg, {key: value})
+                except ConfigError as err:
+                    raise ConfigError(f"--set {key}", err.message if err.path == key else f"{err.path}: {err.message}") from None
         if cfg.ranks != 1:
             raise self.fail(f"{path}.ranks", "is set from resources.workers (data-parallel workers per variant); "
                             "write `resources: {workers: N}` instead")
@@ -360,6 +364,28 @@ class _Parser:
                 where = self.set_where(field_, overrides, path)
                 self.checkpoints.setdefault((where, value), Checkpoint(self.file, where, value, self.lines.get(where)))
         return cfg
+
+    def _overridden(self, cfg: TrainConfig, overrides: tuple[tuple[str, Any], ...], path: str) -> TrainConfig:
+        """``cfg`` with the overrides applied, validated once as a whole (a grid plans in linear
+        time); when that fails, applied one by one, and the first that fails is named."""
+        if not overrides:
+            return cfg
+        last: dict[str, Any] = {}
+        for key, value in overrides:  # a key set again is applied where it was last set (as in order)
+            last.pop(key, None)
+            last[key] = value
+        try:
+            return with_overrides(cfg, last)
+        except ConfigError:
+            pass
+        for key, value in overrides:
+            try:
+                cfg = with_overrides(cfg, {key: value})
+            except ConfigError as err:
+                if err.path == key or err.path.startswith(key + "."):  # the override itself is wrong
+                    raise self.fail(f"{path}.{err.path}", err.message) from None
+                raise self.fail(f"{path}.{key}", f"{err.path}: {err.message}") from None
+        return cfg  # valid in order only (a setting under a section that an earlier override wrote whole)
 
     def set_where(self, field_: str, overrides: tuple[tuple[str, Any], ...], path: str) -> str:
         """Where the value of ``field_`` (or a setting under it) comes from: the last ``--set``,

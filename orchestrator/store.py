@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -43,6 +43,7 @@ from .records import (  # noqa: F401 - the snapshots are the store's vocabulary:
     StudyVariantRow,
     Variant,
     VariantRow,
+    _attempt,
     _now,
     _study,
     _variant,
@@ -65,6 +66,18 @@ TRANSITIONS = {
     "completed": set(),
 }
 STUDY_STATES = ("pending", "running", "completed", "failed", "cancelled", "stopped")
+#: what a Variant snapshot reads (plain rows: no ORM objects built for a read of thousands)
+_VARIANT_COLUMNS = (VariantRow.key, VariantRow.label, VariantRow.kind, VariantRow.config, VariantRow.deps,
+                    VariantRow.status, VariantRow.result, VariantRow.error, VariantRow.checkpoint_dir,
+                    VariantRow.mlflow_run_id, VariantRow.updated_at)
+#: keys per query of reads and writes by key list (sqlite's bound-parameter limit, and one
+#: transaction per batch of a study's up-front write)
+BATCH = 500
+
+
+def _chunks(keys: list, size: int = BATCH) -> Iterator[list]:
+    for i in range(0, len(keys), size):
+        yield keys[i:i + size]
 
 
 def readonly_url(url: str) -> str:
@@ -173,7 +186,7 @@ class Store:
         """Merge ``info`` into the study's stored layout (e.g. its MLflow experiment id)."""
         with self.session() as s:
             row = s.get(StudyRow, study_id)
-            row.spec = {**row.spec, **info}
+            row.spec, row.updated_at = {**row.spec, **info}, _now()
 
     def set_members(self, study_id: int, members: list[Member]) -> None:
         """Make the study's table membership exactly ``members`` (a changed spec adds and removes rows)."""
@@ -228,9 +241,9 @@ class Store:
 
     def members(self, study_id: int) -> list[Member]:
         with self.session() as s:
-            return [Member(r.variant_key, r.ablation, r.row, r.seed)
-                    for r in s.scalars(select(StudyVariantRow).where(StudyVariantRow.study_id == study_id)
-                                       .order_by(StudyVariantRow.id))]
+            return [Member(*r) for r in s.execute(
+                select(StudyVariantRow.variant_key, StudyVariantRow.ablation, StudyVariantRow.row, StudyVariantRow.seed)
+                .where(StudyVariantRow.study_id == study_id).order_by(StudyVariantRow.id))]
 
     # -- variants ---------------------------------------------------------------------------------
     def ensure_variant(self, key: str, label: str, kind: str, config: dict, deps: list[str]) -> Variant:
@@ -248,14 +261,122 @@ class Store:
             s.flush()
             return _variant(row)
 
+    def ensure_variants(self, wanted: list[tuple[str, str, str, dict, list[str]]]) -> None:
+        """:meth:`ensure_variant` for many (key, label, kind, config, deps) at once: one transaction
+        and two statements per :data:`BATCH` variants (a study's up-front write)."""
+        from sqlalchemy import insert
+
+        for chunk in _chunks(wanted):
+            with self.session() as s:
+                found = {r.key: r for r in s.scalars(select(VariantRow).where(VariantRow.key.in_([w[0] for w in chunk])))}
+                new = [{"key": key, "label": label, "kind": kind, "config": config, "deps": deps, "status": "pending",
+                        "created_at": _now(), "updated_at": _now()}
+                       for key, label, kind, config, deps in chunk if key not in found]
+                if new:
+                    s.execute(insert(VariantRow), new)
+                for row in found.values():
+                    if row.status in ("failed", "stopped", "interrupted"):
+                        self._move(row, "pending")
+                        row.error = None
+                    elif row.status == "running":
+                        self._move(row, "pending")
+                        self._end_attempt(s, row.key, "lost", "driver stopped")
+
     def variant(self, key: str) -> Variant | None:
         with self.session() as s:
             row = s.get(VariantRow, key)
             return _variant(row) if row else None
 
     def variants(self, keys: list[str]) -> dict[str, Variant]:
+        keys = list(dict.fromkeys(keys))
         with self.session() as s:
-            return {r.key: _variant(r) for r in s.scalars(select(VariantRow).where(VariantRow.key.in_(keys)))}
+            return {r.key: _variant(r) for chunk in _chunks(keys)
+                    for r in s.execute(select(*_VARIANT_COLUMNS).where(VariantRow.key.in_(chunk)))}
+
+    @staticmethod
+    def _of_study(study_id: int):
+        """The keys of a study's variants, as a subquery (reads by study are one query, any size)."""
+        return select(StudyVariantRow.variant_key).where(StudyVariantRow.study_id == study_id).scalar_subquery()
+
+    def study_variants(self, study_id: int, config: tuple[str, ...] | None = None) -> dict[str, Variant]:
+        """Every variant of a study, in one query. ``config``: only these top-level config values
+        are read (in the database: a page that needs two of a config's hundred values does not
+        decode the rest); their ``Variant.config`` holds only those."""
+        where = VariantRow.key.in_(self._of_study(study_id))
+        with self.session() as s:
+            if config is None:
+                return {r.key: _variant(r) for r in s.execute(select(*_VARIANT_COLUMNS).where(where))}
+            columns = [c for c in _VARIANT_COLUMNS if c is not VariantRow.config]
+            parts = [VariantRow.config[name].label(f"config_{i}") for i, name in enumerate(config)]
+            out = {}
+            for r in s.execute(select(*columns, *parts).where(where)):
+                values = dict(zip(config, r[len(columns):]))
+                out[r.key] = Variant(r.key, r.label, r.kind, {k: v for k, v in values.items() if v is not None},
+                                     list(r.deps), r.status, r.result, r.error, r.checkpoint_dir, r.mlflow_run_id,
+                                     r.updated_at)
+            return out
+
+    def study_attempts(self, study_id: int) -> dict[str, list[Attempt]]:
+        """The attempts of every variant of a study by variant (in order), in one query."""
+        out: dict[str, list[Attempt]] = {}
+        with self.session() as s:
+            for a in s.scalars(select(AttemptRow).where(AttemptRow.variant_key.in_(self._of_study(study_id)))
+                               .order_by(AttemptRow.variant_key, AttemptRow.number)):
+                out.setdefault(a.variant_key, []).append(_attempt(a))
+        return out
+
+    def attempts_of(self, keys: list[str]) -> dict[str, list[Attempt]]:
+        """The attempts of the variants ``keys`` by variant (in order), one query per BATCH keys."""
+        out: dict[str, list[Attempt]] = {}
+        with self.session() as s:
+            for chunk in _chunks(list(dict.fromkeys(keys))):
+                for a in s.scalars(select(AttemptRow).where(AttemptRow.variant_key.in_(chunk))
+                                   .order_by(AttemptRow.variant_key, AttemptRow.number)):
+                    out.setdefault(a.variant_key, []).append(_attempt(a))
+        return out
+
+    def attempt_counts(self, keys: list[str] | None = None, study_id: int | None = None) -> dict[str, int]:
+        """How many attempts each variant has had (absent: none): of ``keys`` (one query per BATCH),
+        or of the study ``study_id`` (one query)."""
+        wheres = [AttemptRow.variant_key.in_(self._of_study(study_id))] if study_id is not None else \
+            [AttemptRow.variant_key.in_(chunk) for chunk in _chunks(list(dict.fromkeys(keys or [])))]
+        with self.session() as s:
+            return {k: n for where in wheres for k, n in s.execute(
+                select(AttemptRow.variant_key, func.count()).where(where).group_by(AttemptRow.variant_key))}
+
+    def study_states(self, study_id: int) -> dict[str, str]:
+        """Each variant of a study and its state, in one query that reads an index only."""
+        with self.session() as s:
+            return dict(s.execute(select(VariantRow.key, VariantRow.status).where(
+                VariantRow.key.in_(self._of_study(study_id)))).all())
+
+    def study_counts(self) -> dict[int, tuple[dict[str, int], object]]:
+        """Per study id: its variants by state, and the last change of any of them; one aggregated
+        query over every study (the index page and `study list` count, never load)."""
+        out: dict[int, tuple[dict[str, int], object]] = {}
+        with self.session() as s:
+            q = (select(StudyVariantRow.study_id, VariantRow.status, func.count(func.distinct(VariantRow.key)),
+                        func.max(VariantRow.updated_at))
+                 .join(VariantRow, VariantRow.key == StudyVariantRow.variant_key)
+                 .group_by(StudyVariantRow.study_id, VariantRow.status))
+            for study_id, status, n, last in s.execute(q):
+                counts, before = out.get(study_id, ({}, None))
+                counts[status] = n
+                out[study_id] = (counts, last if before is None or (last is not None and last > before) else before)
+        return out
+
+    def stamp(self, study_id: int) -> tuple | None:
+        """The study's last-change stamp: it changes whenever anything its pages show changes (its
+        row, its membership, a variant's state, result or metrics); one aggregated query. None when
+        the study is gone."""
+        with self.session() as s:
+            study = s.get(StudyRow, study_id)
+            if study is None:
+                return None
+            members = s.execute(select(func.count(), func.max(StudyVariantRow.id))
+                                .where(StudyVariantRow.study_id == study_id)).one()
+            last = s.scalar(select(func.max(VariantRow.updated_at)).where(VariantRow.key.in_(self._of_study(study_id))))
+            return (study.id, study.status, str(study.updated_at), *members, str(last))
 
     @staticmethod
     def _move(row: VariantRow, new: str) -> None:
@@ -278,7 +399,7 @@ class Store:
         with self.session() as s:
             row = self._get(s, key)
             self._move(row, "running")
-            number = len(s.scalars(select(AttemptRow).where(AttemptRow.variant_key == key)).all()) + 1
+            number = (s.scalar(select(func.max(AttemptRow.number)).where(AttemptRow.variant_key == key)) or 0) + 1
             s.add(AttemptRow(variant_key=key, number=number, status="running", node=node))
             row.checkpoint_dir = checkpoint_dir
             return number
@@ -345,8 +466,8 @@ class Store:
 
     def attempts(self, key: str) -> list[Attempt]:
         with self.session() as s:
-            return [Attempt(a.variant_key, a.number, a.status, a.node, a.error, a.started_at, a.ended_at, a.node_id)
-                    for a in s.scalars(select(AttemptRow).where(AttemptRow.variant_key == key).order_by(AttemptRow.number))]
+            return [_attempt(a) for a in s.scalars(select(AttemptRow).where(AttemptRow.variant_key == key)
+                                                    .order_by(AttemptRow.number))]
 
     # -- leases: one driver per study or tuning -----------------------------------------------------
     def acquire_lease(self, name: str, holder: str, token: str, timeout_s: float, takeover: bool = False,
@@ -410,6 +531,9 @@ class Store:
                     existing[name].value = float(value)
                 else:
                     s.add(MetricRow(variant_key=key, epoch=epoch, name=name, value=float(value)))
+            row = s.get(VariantRow, key)
+            if row is not None:  # its pages changed: the study's stamp moves (see `stamp`)
+                row.updated_at = _now()
 
     def metric_epochs(self, key: str) -> set[int]:
         """The epochs of a variant that have metrics recorded."""
@@ -417,9 +541,25 @@ class Store:
             return set(s.scalars(select(MetricRow.epoch).where(MetricRow.variant_key == key).distinct()))
 
     def metrics(self, key: str) -> dict[str, list[tuple[int, float]]]:
+        return self.metrics_of([key]).get(key, {})
+
+    def metrics_of(self, keys: list[str], names: list[str] | None = None, study_id: int | None = None,
+                   state: str | None = None) -> dict[str, dict[str, list[tuple[int, float]]]]:
+        """Per variant, its metrics' histories ({name: [(epoch, value)]}), only ``names`` when
+        given; the variants of ``keys``, or of the study ``study_id`` (those in ``state`` when
+        given), in one query at any size."""
+        out: dict[str, dict[str, list[tuple[int, float]]]] = {}
+        columns = (MetricRow.variant_key, MetricRow.name, MetricRow.epoch, MetricRow.value)
+        where = [] if names is None else [MetricRow.name.in_(names)]
+        if study_id is not None and state is not None:
+            where.append(MetricRow.variant_key.in_(select(VariantRow.key).where(
+                VariantRow.key.in_(self._of_study(study_id)), VariantRow.status == state).scalar_subquery()))
+        batches = [MetricRow.variant_key.in_(self._of_study(study_id))] if study_id is not None else \
+            [MetricRow.variant_key.in_(chunk) for chunk in _chunks(list(dict.fromkeys(keys)))]
         with self.session() as s:
-            out: dict[str, list[tuple[int, float]]] = {}
-            for m in s.scalars(select(MetricRow).where(MetricRow.variant_key == key).order_by(MetricRow.epoch)):
-                out.setdefault(m.name, []).append((m.epoch, m.value))
-            return out
+            for batch in batches:
+                for key, name, epoch, value in s.execute(select(*columns).where(batch, *where)
+                                                         .order_by(MetricRow.variant_key, MetricRow.epoch)):
+                    out.setdefault(key, {}).setdefault(name, []).append((epoch, value))
+        return out
 

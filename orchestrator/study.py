@@ -155,12 +155,14 @@ def plan_items(plan: Plan, store: Store | None, opts: RunOptions) -> list[PlanIt
     """What a run with ``opts`` does with each variant of ``plan`` (read-only; ``store`` None: a
     study never run)."""
     stored = store.variants(list(plan.variants)) if store is not None else {}
+    unfinished = [k for k, s in stored.items() if s.status != "completed"]
+    tried = store.attempt_counts(unfinished) if store is not None and unfinished else {}
     chosen = select(plan, opts.only, opts.variant_keys)
     items: dict[str, PlanItem] = {}
     for v in plan.order():  # topological: dependencies first
         s = stored.get(v.key)
         status = s.status if s else None
-        attempts = len(store.attempts(v.key)) if store is not None and s is not None and status != "completed" else 0
+        attempts = tried.get(v.key, 0) if status != "completed" else 0
         if chosen is not None and v.key not in chosen:
             action = "not-selected" if status != "completed" else "reuse"
         elif status == "completed":
@@ -179,17 +181,23 @@ def plan_items(plan: Plan, store: Store | None, opts: RunOptions) -> list[PlanIt
 
 def run_study(path: str | Path, db: str | None = None, tracking_uri: str | None = None, address: str | None = None,
               cpus: int | None = None, max_parallel: int | None = None, events: Events | None = None,
-              track: bool = True, options: RunOptions | None = None) -> Outcome:
+              track: bool = True, options: RunOptions | None = None,
+              prepared: tuple[StudySpec, Plan] | None = None) -> Outcome:
     """Run (or continue) the study in ``path``. Finished variants are reused, unfinished ones resume;
     failed ones are skipped unless ``options.rerun_failed``.
 
-    ``options`` (when given) replaces the separate ``db`` ... ``track`` arguments."""
+    ``options`` (when given) replaces the separate ``db`` ... ``track`` arguments; ``prepared``: the
+    spec of ``path`` (with ``options.overrides``) and its plan, when the caller has them already
+    (the plan is built once per run)."""
     opts = options or RunOptions(db, tracking_uri, address, cpus, max_parallel, track)
-    spec = load_spec(path, dict(opts.overrides))
+    spec, plan = prepared if prepared is not None else (None, None)
+    if spec is None:
+        spec = load_spec(path, dict(opts.overrides))
     source = storage_source(opts.storage, spec.storage)
     if opts.storage is None and spec.storage is not None:  # --storage, then the spec's, then $BNNCTL_STORAGE
         opts = dataclasses.replace(opts, storage=spec.storage)
-    plan = build_plan(spec)
+    if plan is None or spec.statistics.adaptive is not None:
+        plan = build_plan(spec)
     select(plan, opts.only, opts.variant_keys)  # unknown rows or keys: refused before anything is written
     check_data(plan, spec)
     opts = preflight(spec, opts, source)  # storage, checkpoints, resources: before anything is written
@@ -197,7 +205,7 @@ def run_study(path: str | Path, db: str | None = None, tracking_uri: str | None 
     store = Store(opts.db)
     lease = LeaseKeeper(store, spec.name, opts)  # before anything is written: one driver per study
     try:
-        return _run_study(spec, path, store, opts, events, lease)
+        return _run_study(spec, path, store, opts, events, lease, plan)
     finally:
         lease.release()
 
@@ -217,19 +225,24 @@ class _Round:
         return [k for k, s in self.before.items() if s != "completed"]
 
 
-def _round(spec: StudySpec, store: Store, study_id: int, opts: RunOptions) -> _Round:
-    """Plan the study as the stored results say (adaptive seeds: the seeds each row needs now),
-    record its variants and membership, and pick the variants this round runs or reuses."""
-    allotted = adaptive_allotment(spec, store)[0] if spec.statistics.adaptive is not None else None
-    plan = build_plan(spec, allotted)
-    items = plan_items(plan, store, opts)
-    for item in items:
-        v = item.variant
-        if item.stored is None or item.runs:  # new rows exist for the tables; the ones to run are (re)queued
-            store.ensure_variant(v.key, v.label, v.kind, to_dict(v.config), list(v.deps))
+def record_plan(store: Store, study_id: int, plan: Plan, queued: list[Variant]) -> None:
+    """Write a plan into the store: the ``queued`` variants (new ones created, unfinished ones put
+    back to pending), in batches, and the study's membership (its rows and prerequisites)."""
+    store.ensure_variants([(v.key, v.label, v.kind, to_dict(v.config), list(v.deps)) for v in queued])
     members = [Member(key, ab, row, seed) for (ab, row, seed), key in plan.rows.items()]
     members += [Member(v.key, None, None, v.seed) for v in plan.order() if v.kind != "row"]
     store.set_members(study_id, members)
+
+
+def _round(spec: StudySpec, store: Store, study_id: int, opts: RunOptions, first: Plan | None = None) -> _Round:
+    """Plan the study as the stored results say (adaptive seeds: the seeds each row needs now),
+    record its variants and membership, and pick the variants this round runs or reuses. ``first``:
+    the plan the run already built (used when the seeds are not adaptive)."""
+    allotted = adaptive_allotment(spec, store)[0] if spec.statistics.adaptive is not None else None
+    plan = first if first is not None and allotted is None else build_plan(spec, allotted)
+    items = plan_items(plan, store, opts)
+    # new rows exist for the tables; the ones to run are (re)queued
+    record_plan(store, study_id, plan, [i.variant for i in items if i.stored is None or i.runs])
     running = {i.variant.key for i in items if i.runs or i.action == "reuse"}
     sub = Plan({k: v for k, v in plan.variants.items() if k in running},
                {r: k for r, k in plan.rows.items() if k in running})
@@ -262,9 +275,9 @@ def adaptive_allotment(spec: StudySpec, store: Store | None) -> tuple[dict[tuple
     return allotted, replays
 
 
-def _run_study(spec: StudySpec, path, store: Store, opts: RunOptions, events, lease) -> Outcome:
+def _run_study(spec: StudySpec, path, store: Store, opts: RunOptions, events, lease, plan: Plan) -> Outcome:
     study = store.upsert_study(spec.name, str(path), spec.spec_hash, table_layout(spec))
-    rnd = _round(spec, store, study.id, opts)
+    rnd = _round(spec, store, study.id, opts, plan)
     ran = set(rnd.todo)
     with DriverSession(store, study.id, spec.name, study.mlflow_run_id, str(path), spec.experiment, opts,
                        spec.execution, spec.resources, events, lease=lease) as session:

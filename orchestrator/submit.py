@@ -153,22 +153,33 @@ def follow_logs(study, address: str | None, out, poll: float = 1.0, follow: bool
         time.sleep(poll)
 
 
+#: what a cancelled submitted driver prints once it has said everything: its job may be stopped
+AWAITING_STOP = "bnnctl: the driver is done; the job server stops this job"
+
+
 def stop_job(study, address: str | None, grace: float = 30.0, released=lambda: False) -> str | None:
     """Stop the study's job: the driver has ``grace`` seconds to stop its variants by itself (after
     the study was marked cancelled); once it has (``released()``: it let the study go) or the grace is
     over, the job server stops the job, which ends STOPPED (a cancelled driver waits for that, see
-    ``cli.study``). Returns the job's final status (None: no job)."""
+    ``cli.study``; having let the study go, it has another ``grace`` to print its last words). Returns the job's final status (None: no job)."""
     found = job_of(study, address)
     if found is None:
         return None
     c, job_id = found
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
+    let_go = False
+    while time.monotonic() < deadline and not let_go:
         status = c.get_job_status(job_id).value
         if status in TERMINAL:
             return status
-        if released():
-            break
+        let_go = released()
+        if not let_go:
+            time.sleep(0.5)
+    # once it let the study go, the driver prints its last words, then waits for the stop (see
+    # cli.study.await_job_stop): stopped before that, its log would end without them
+    deadline = time.monotonic() + grace
+    while let_go and time.monotonic() < deadline and c.get_job_status(job_id).value not in TERMINAL \
+            and AWAITING_STOP not in c.get_job_logs(job_id)[-4096:]:
         time.sleep(0.5)
     c.stop_job(job_id)
     while (status := c.get_job_status(job_id).value) not in TERMINAL:

@@ -47,9 +47,17 @@ def flatten_values(data: Any, prefix: str = "") -> dict[str, Any]:
     """{"model": {"arch": "hourglass"}} -> {"model.arch": "hourglass"}, values keeping their types
     (lists as tuples, so that a DataFrame cell is hashable)."""
     out: dict[str, Any] = {}
+
+    def walk(node: dict, at: str) -> None:  # one call per section, not per value (results() of 10,000 variants)
+        for k, v in node.items():
+            path = f"{at}.{k}" if at else str(k)
+            if isinstance(v, dict):
+                walk(v, path)
+            else:
+                out[path] = tuple(v) if isinstance(v, list) else v
+
     if isinstance(data, dict):
-        for k, v in data.items():
-            out.update(flatten_values(v, f"{prefix}.{k}" if prefix else str(k)))
+        walk(data, prefix)
     else:
         out[prefix] = tuple(data) if isinstance(data, list) else data
     return out
@@ -82,6 +90,21 @@ def _creation_lock(uri: str):
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def params_of(config: dict) -> list:
+    """A config as MLflow params (flattened, values cut to what the UI's table shows)."""
+    from mlflow.entities import Param
+
+    return [Param(k, v[:MAX_PARAM_LENGTH]) for k, v in sorted(flatten(config).items())]
+
+
+def metrics_of(epoch: int, metrics: dict[str, float]) -> list:
+    """An epoch's metrics as MLflow metrics (step: the epoch)."""
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    return [Metric(metric_name(k), float(v), ts, epoch) for k, v in metrics.items()]
 
 
 class TrackingError(BnnctlError):
@@ -184,6 +207,7 @@ class Tracker:
 
         self.storage = storage or RunStorage()
         self.uri = uri or default_uri()
+        self.recovered = False  # see study_run
         if not os.environ.get("BNNCTL_VERBOSE"):  # MLflow's INFO lines about its own tables: --verbose shows them
             import logging
 
@@ -223,8 +247,13 @@ class Tracker:
         return runs[0].info.run_id if runs else None
 
     def study_run(self, name: str, existing: str | None, spec_file: str) -> str:
+        """The study's parent run: the one the store names, else one found by its tags (the store
+        lost it: :attr:`recovered` is then True, and its variants' runs are found by :meth:`children`),
+        else a new one."""
+        self.recovered = False
         if not self._alive(existing):
             existing = self._find(**{"bnnctl.study": name, "bnnctl.role": "study"})
+            self.recovered = existing is not None
         if existing is not None:
             self.client.update_run(existing, status="RUNNING")
             return existing
@@ -235,23 +264,48 @@ class Tracker:
     def variant_run(self, parent: str, existing: str | None, key: str, label: str, kind: str, seed: int,
                     config: dict, study: str, tags: dict[str, str] | None = None) -> str:
         """The variant's run: created once (params: the flattened config; tags: its place and
-        provenance, see ``Executor.provenance``), reopened when the variant runs again."""
+        provenance, see ``Executor.provenance``), reopened when the variant runs again. ``existing``:
+        the run the store names (:data:`CREATING`: a creation a killed driver may have finished;
+        None: never created)."""
+        run_id, created = self.open_variant_run(parent, existing, key, label, kind, seed, config, study, tags)
+        if created:
+            self._log_params(run_id, config)
+        return run_id
+
+    def open_variant_run(self, parent: str, existing: str | None, key: str, label: str, kind: str, seed: int,
+                         config: dict, study: str, tags: dict[str, str] | None = None) -> tuple[str, bool]:
+        """:meth:`variant_run` without a new run's params (its caller sends them with its first
+        batch); returns (the run id, whether it was created now)."""
         extra = dict(tags or {})
-        if self._alive(existing):
-            self._reopen(existing)  # type: ignore[arg-type]
-            self._tag(existing, extra)  # type: ignore[arg-type]
-            return existing  # type: ignore[return-value]
-        found = self._find(**{"bnnctl.variant": key})
-        if found is not None:  # created by a driver killed before it recorded the run
-            if not self._reopen(found).data.params:
+        # a run that may exist: the store names it, or names a creation a killed driver did not finish
+        found = existing if self._alive(existing) else \
+            self._find(**{"bnnctl.variant": key}) if existing is not None else None
+        if found is not None:
+            if not self._reopen(found).data.params:  # created, then its driver died before its params
                 self._log_params(found, config)
             self._tag(found, extra)
-            return found
+            return found, False
         base = {"mlflow.parentRunId": parent, "bnnctl.study": study, "bnnctl.variant": key,
                 "bnnctl.identity": key, "bnnctl.kind": kind, "bnnctl.seed": str(seed), "bnnctl.label": label}
         run = self.client.create_run(self.experiment_id, run_name=label, tags={**base, **extra})
-        self._log_params(run.info.run_id, config)
-        return run.info.run_id
+        return run.info.run_id, True
+
+    def children(self, parent: str) -> dict[str, str]:
+        """Variant key -> run id of a parent run's live children, oldest first wins (paged: one query
+        per 1,000 runs). Read once by a driver whose state store lost the runs' ids (a deleted or
+        replaced database), so that it continues those runs instead of creating second ones."""
+        found: dict[str, str] = {}
+        token = None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+                                           max_results=1000, order_by=["attributes.start_time ASC"], page_token=token)
+            for run in page:
+                key = run.data.tags.get("bnnctl.variant")
+                if key and key not in found:
+                    found[key] = run.info.run_id
+            token = page.token
+            if not token:
+                return found
 
     def _tag(self, run_id: str, tags: dict[str, str]) -> None:
         if tags:
@@ -278,59 +332,73 @@ class Tracker:
         return run
 
     def _log_params(self, run_id: str, config: dict) -> None:
-        from mlflow.entities import Param
-
-        params = [Param(k, v[:MAX_PARAM_LENGTH]) for k, v in sorted(flatten(config).items())]
-        for i in range(0, len(params), 100):
-            self.client.log_batch(run_id, params=params[i:i + 100])
+        self.log_batches(run_id, [], params_of(config), [])
 
     def log_metrics(self, run_id: str, epoch: int, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
+        self.log_batches(run_id, metrics_of(epoch, metrics), [], [])
 
-        ts = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(metric_name(k), float(v), ts, epoch) for k, v in metrics.items()])
-
-    def finish(self, run_id: str, result: dict | None, error: str | None = None, stopped: bool = False) -> None:
+    def finish(self, run_id: str, result: dict | None, error: str | None = None, stopped: bool = False,
+               pending: tuple[list, list] = ([], []), fresh: bool = False) -> None:
         """Final metrics and artifacts of a finished run; a run stopped early (a pruned trial) keeps
-        its metrics and ends KILLED; a failed run keeps its reason as a tag and ends FAILED."""
-        if result is not None and stopped:
-            self.client.set_tag(run_id, "bnnctl.state", "stopped")
-            self.client.set_terminated(run_id, "KILLED")
-        elif result is not None:
-            from mlflow.entities import Metric
+        its metrics and ends KILLED; a failed run keeps its reason as a tag and ends FAILED.
 
+        ``pending``: (metrics, params) not written yet, written in the same batch; ``fresh``: a run
+        created by this driver (no earlier attempt's error tag to clear). The checkpoints stay in the
+        run storage (one copy): the run's ``bnnctl.checkpoint`` tag says where the best one is."""
+        from mlflow.entities import Metric, RunTag
+
+        metrics, params = list(pending[0]), list(pending[1])
+        tags: list = []
+        if result is not None and stopped:
+            tags.append(RunTag("bnnctl.state", "stopped"))
+        elif result is not None:
             ts = int(time.time() * 1000)
             final = {f"final.{k}": v for k, v in result["metrics"].items()}
             final.update({f"accounting.{k}": v for k, v in result["accounting"].items()})
             final.update({f"latency.{k}": v for k, v in (result.get("latency") or {}).items()
                           if k in ("binary_ms", "float_ms", "speedup") and v is not None})
             final["best." + result["metric"]] = result["best_metric"]
-            self.client.log_batch(run_id, metrics=[Metric(metric_name(k), float(v), ts, result["epochs_done"])
-                                                   for k, v in final.items()])
-            with tempfile.TemporaryDirectory() as tmp:
-                summary = Path(tmp) / "result.json"
-                summary.write_text(json.dumps(result, indent=2, default=str))
-                self.client.log_artifact(run_id, str(summary))
-                if result.get("per_joint"):
-                    table = Path(tmp) / "per_joint.csv"
-                    table.write_text("joint,value\n" + "".join(f"{k},{'' if v is None else f'{v:.3f}'}\n"
-                                                                  for k, v in result["per_joint"].items()))
-                    self.client.log_artifact(run_id, str(table))
-            from .runstorage import resolve
+            metrics += [Metric(metric_name(k), float(v), ts, result["epochs_done"]) for k, v in final.items()]
+            for name, field_ in (("bnnctl.checkpoint", "best_checkpoint"), ("bnnctl.checkpoint_last", "last_checkpoint")):
+                if result.get(field_):
+                    where = result[field_]
+                    tags.append(RunTag(name, where if os.path.isabs(where) or "://" in where
+                                       else self.storage.location(where)))
+        elif error:
+            tags.append(RunTag("bnnctl.error", error[:5000]))
+        self.log_batches(run_id, metrics, params, tags)
+        if result is not None and not stopped:
+            self._artifacts(run_id, result)
+            if not fresh and "bnnctl.error" in self.client.get_run(run_id).data.tags:  # an earlier attempt's
+                self.client.delete_tag(run_id, "bnnctl.error")
+        self.client.set_terminated(run_id, "KILLED" if stopped else "FINISHED" if result is not None else "FAILED")
 
+    def _artifacts(self, run_id: str, result: dict) -> None:
+        """The result's summary, per-joint table and predictions image, in one upload."""
+        import shutil
+
+        from .runstorage import resolve
+
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "result.json").write_text(json.dumps(result, indent=2, default=str))
+            if result.get("per_joint"):
+                (Path(tmp) / "per_joint.csv").write_text(
+                    "joint,value\n" + "".join(f"{k},{'' if v is None else f'{v:.3f}'}\n"
+                                              for k, v in result["per_joint"].items()))
             image = resolve(self.storage, result.get("predictions_image"))
             if image is not None:
-                self.client.log_artifact(run_id, str(image))
-            ckpt = resolve(self.storage, result.get("best_checkpoint"))
-            if ckpt is not None:
-                self.client.log_artifact(run_id, str(ckpt), artifact_path="checkpoint")
-            if "bnnctl.error" in self.client.get_run(run_id).data.tags:  # an earlier attempt's failure
-                self.client.delete_tag(run_id, "bnnctl.error")
-            self.client.set_terminated(run_id, "FINISHED")
-        else:
-            if error:
-                self.client.set_tag(run_id, "bnnctl.error", error[:5000])
-            self.client.set_terminated(run_id, "FAILED")
+                shutil.copyfile(image, Path(tmp) / image.name)
+            self.client.log_artifacts(run_id, tmp)
+
+    def log_batches(self, run_id: str, metrics: list, params: list, tags: list) -> None:
+        """Everything in as few ``log_batch`` calls as MLflow's limits allow (100 params, 100 tags,
+        1000 items per call)."""
+        metrics, params, tags = list(metrics), list(params), list(tags)
+        while metrics or params or tags:
+            p, t = params[:100], tags[:100]
+            m = metrics[:1000 - len(p) - len(t)]
+            self.client.log_batch(run_id, metrics=m, params=p, tags=t)
+            metrics, params, tags = metrics[len(m):], params[len(p):], tags[len(t):]
 
     def reconcile(self, variants) -> dict[str, int]:
         """Bring MLflow in line with the state store after a driver died: the RUNNING runs of
@@ -387,3 +455,8 @@ class Tracker:
 
     def end_study(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, {"completed": "FINISHED", "cancelled": "KILLED", "stopped": "KILLED"}.get(status, "FAILED"))
+
+
+#: what the store holds as a variant's MLflow run while its creation is under way: a driver killed
+#: then leaves it, and the next one looks for the run by its tags instead of creating a second one
+CREATING = "creating"

@@ -108,7 +108,7 @@ class _Driver(Hooks):
     study_id: int
     studies: dict[str, Any]  # arm name -> optuna.Study
     teacher_keys: dict[str, str]
-    tracker: Any = None
+    tracker: Any = None  # the session's mlwriter.Writer (trials' tags by variant key)
     on_trial: Callable[[TrialEvent], None] = lambda e: None
     orphans: list[tuple[Arm, Any]] = field(default_factory=list)  # RUNNING trials of a previous driver
     active: dict[str, list[_Active]] = field(default_factory=dict)  # variant key -> its trials
@@ -195,10 +195,8 @@ class _Driver(Hooks):
         """Called by the executor's ``started`` event: the variant's MLflow run now exists."""
         if self.tracker is None or v.key not in self.active:
             return
-        stored = self.store.variant(v.key)
-        if stored and stored.mlflow_run_id:
-            for a in self.active[v.key]:
-                self.tracker.trial_started(stored.mlflow_run_id, a.arm.name, a.trial.number, dict(a.trial.params))
+        for a in self.active[v.key]:  # queued after the run's creation (see mlwriter)
+            self.tracker.trial_started(v.key, a.arm.name, a.trial.number, dict(a.trial.params))
 
     def judge(self, variant: Variant, epoch: int, metrics: dict) -> bool:
         trials = self.active.get(variant.key)
@@ -246,9 +244,7 @@ class _Driver(Hooks):
     def _record(self, arm: Arm, frozen, key: str | None, value: float | None, reason: str | None = None) -> None:
         state = frozen.state.name
         if self.tracker is not None and key:
-            stored = self.store.variant(key)
-            if stored and stored.mlflow_run_id:
-                self.tracker.trial_finished(stored.mlflow_run_id, state, value)
+            self.tracker.trial_finished(key, state, value)
         best_value = best_number = None
         try:
             bt = self.studies[arm.name].best_trial
@@ -328,7 +324,7 @@ def _run_tuning(spec: TuneSpec, path, store: Store, opts: RunOptions, events, on
         todo = driver.remaining() + len(orphans) + sum(1 for v in variants.values()
                                                        if store.variant(v.key).status != "completed")
         session.begin(work=bool(todo))
-        driver.tracker = session.tracker
+        driver.tracker = session.writer
         if todo:
             base_events = events or Events()
 

@@ -8,6 +8,7 @@ its path; :func:`from_dict` prefixes it with the path of the enclosing object.
 """
 from __future__ import annotations
 
+import functools
 import dataclasses
 import math
 import types
@@ -146,12 +147,14 @@ def _coerce_str(value: Any, path: str) -> str:
 
 
 _SCALARS: dict[Any, Any] = {bool: _coerce_bool, int: _coerce_int, float: _coerce_float, str: _coerce_str}
+_PLAIN = frozenset({bool, int, float, str})  # exactly these types (a subclass takes the general path)
 
 
-def field_types(cls: type) -> dict[str, Any]:
-    """The resolved annotations of a dataclass's init fields."""
+@functools.cache  # resolving annotations compiles every one of them: most of a large grid's planning time
+def field_types(cls: type) -> Mapping[str, Any]:
+    """The resolved annotations of a dataclass's init fields (read-only, computed once per class)."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+    return types.MappingProxyType({f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init})
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T:
@@ -189,10 +192,17 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
         raise _prefixed(err, path) from None
 
 
+@functools.cache
+def _init_fields(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.init)
+
+
 def to_dict(obj: Any) -> Any:
     """Plain-data form of a config object (dataclasses to dicts, tuples to lists)."""
+    if obj is None or type(obj) in _PLAIN:  # most values: no dataclass or ABC checks (a grid's planning time)
+        return obj
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+        return {name: to_dict(getattr(obj, name)) for name in _init_fields(type(obj))}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, Mapping):

@@ -149,7 +149,7 @@ def _run(file, db, tracking_uri, address, cpus, max_parallel, no_track, storage,
         os.environ["BNNCTL_VERBOSE"] = "1"
     stop_on_sigterm()
     with StudyProgress(out, total) as progress:
-        outcome = run_study(file, events=progress.events(), options=options)
+        outcome = run_study(file, events=progress.events(), options=options, prepared=(spec, plan))
     store, study = _load(outcome.study, db)
     print_tables(_tables(store, study), out)
     out.print(f"study {outcome.study}: {outcome.status} ({', '.join(f'{n} {s}' for s, n in sorted(outcome.counts.items()))}; "
@@ -174,8 +174,11 @@ def await_job_stop(wait_s: float = 60.0) -> None:
     import os
     import time
 
+    from bnnctl.orchestrator.submit import AWAITING_STOP
+
     if not os.environ.get("BNNCTL_JOB"):
         return
+    print(AWAITING_STOP, flush=True)  # `study cancel` stops the job once this line is in its log
     try:
         time.sleep(wait_s)
     except KeyboardInterrupt:  # the job server's SIGTERM (see stop_on_sigterm)
@@ -364,14 +367,21 @@ def show(
         raise fail(f"--format: unknown format {fmt!r}; allowed: table, md, csv, latex, html, json")
 
 
+#: a study with more variants than this is summarised by row unless --all or --page asks for them
+STATUS_PAGE = 100
+
+
 @app.command("status")
 @user_errors
 def status(study: Annotated[str, typer.Argument(help="Study name or spec file.")], db: DbOption = None,
            as_json: Annotated[bool, typer.Option("--json", help="One record per variant as JSON (the records "
-                                                 "of bnnctl.orchestrator.results).")] = False) -> None:
-    """Show the state of every variant of a study."""
-    from rich.table import Table as RichTable
-
+                                                 "of bnnctl.orchestrator.results).")] = False,
+           every: Annotated[bool, typer.Option("--all", help="Every variant, however many (a study of more "
+                                               f"than {STATUS_PAGE} is summarised by row without it).")] = False,
+           page: Annotated[Optional[int], typer.Option("--page", min=1, help=f"Variants {STATUS_PAGE} at a time: "
+                                                       "page N of the study's variants.")] = None) -> None:
+    """Show the state of every variant of a study (a large study: a summary by row, and the variants
+    that are running or failed; --all or --page for the rest)."""
     store, s = _load(study, db)
     if as_json:
         import json
@@ -382,22 +392,70 @@ def status(study: Annotated[str, typer.Argument(help="Study name or spec file.")
                               indent=2, default=str))
         return
     members = store.members(s.id)
-    variants = store.variants([m.variant_key for m in members])
+    states = store.study_states(s.id)  # the variants' states only: one query, whatever the size
     reason = f" ({s.layout.stopped_reason})" if s.status == "stopped" and s.layout.stopped_reason else ""
-    t = RichTable(title=f"{s.name}: {s.status}{reason}{_job_line(s)}")
+    title = f"{s.name}: {s.status}{reason}{_job_line(s)}"
+    order = list(dict.fromkeys(m.variant_key for m in members if m.variant_key in states))
+    if every or len(order) <= STATUS_PAGE and page is None:
+        console().print(_variant_table(store, title, order))
+        return
+    if page is not None:
+        pages = -(-len(order) // STATUS_PAGE)
+        if page > pages:
+            raise fail(f"--page {page}: {s.name} has {len(order)} variants, {pages} page(s) of {STATUS_PAGE}")
+        shown = order[(page - 1) * STATUS_PAGE:page * STATUS_PAGE]
+        console().print(_variant_table(store, f"{title} (variants {(page - 1) * STATUS_PAGE + 1}-"
+                                       f"{(page - 1) * STATUS_PAGE + len(shown)} of {len(order)}, page {page} of "
+                                       f"{pages})", shown))
+        return
+    console().print(_summary(title, members, states, store.attempt_counts(study_id=s.id)))
+    busy = [k for k in order if states[k] in ("running", "failed", "interrupted")]
+    if busy:
+        console().print(_variant_table(store, f"running and failed variants ({min(len(busy), STATUS_PAGE)} of "
+                                       f"{len(busy)})", busy[:STATUS_PAGE]))
+    console().print(f"{len(order)} variants: --all shows every one, --page N {STATUS_PAGE} at a time")
+
+
+def _variant_table(store, title: str, keys: list[str]):
+    """One line per variant: kind, state, attempts, where its last attempt ran, what it started
+    from, its result or error (the variants, their dependencies and attempts read in batches)."""
+    from rich.table import Table as RichTable
+
+    variants = store.variants(keys)
+    variants.update(store.variants([d for v in variants.values() for d in v.deps or () if d not in variants]))
+    attempts = store.attempts_of(keys)
+    t = RichTable(title=title)
     for col in ("variant", "kind", "status", "attempts", "node (last attempt)", "from", "result / error"):
         t.add_column(col)
-    seen = set()
-    for m in members:
-        v = variants.get(m.variant_key)
-        if v is None or v.key in seen:
-            continue
-        seen.add(v.key)
-        attempts = store.attempts(v.key)
+    for key in keys:
+        v, tried = variants[key], attempts.get(key, [])
         detail = v.error or (f"{v.result['metric']} {v.result['metrics'][v.result['metric']]:.2f}" if v.result else "")
-        t.add_row(v.label, v.kind, v.status, str(len(attempts)), node_label(attempts[-1]) if attempts else "",
+        t.add_row(v.label, v.kind, v.status, str(len(tried)), node_label(tried[-1]) if tried else "",
                   provenance(v, variants), detail)
-    console().print(t)
+    return t
+
+
+def _summary(title: str, members: list, states: dict[str, str], attempts: dict[str, int]):
+    """One line per table row (per table when the study has more than STATUS_PAGE rows), and one
+    for the prerequisites: its variants by state and their attempts."""
+    from rich.table import Table as RichTable
+
+    rows = {(m.ablation, m.row) for m in members if m.ablation is not None}
+    by_row = len(rows) <= STATUS_PAGE
+    groups: dict[tuple, set[str]] = {}
+    for m in members:
+        if m.variant_key in states:
+            group = ("prerequisites", "") if m.ablation is None else (m.ablation, m.row if by_row else "")
+            groups.setdefault(group, set()).add(m.variant_key)
+    found = sorted(set(states.values()))
+    t = RichTable(title=f"{title}, by {'row' if by_row else 'table'}")
+    for col in ("table", "row", "variants", *found, "attempts"):
+        t.add_column(col, justify="left" if col in ("table", "row") else "right")
+    for (table, row), keys in groups.items():
+        counts = {state: sum(1 for k in keys if states[k] == state) for state in found}
+        t.add_row(table, row if by_row else f"{len({r for a, r in rows if a == table})} rows", str(len(keys)),
+                  *(str(counts[state] or "") for state in found), str(sum(attempts.get(k, 0) for k in keys)))
+    return t
 
 
 def _job_line(study) -> str:
@@ -444,11 +502,10 @@ def list_studies(db: DbOption = None,
 
     store = _existing_store(db)
     studies = store.studies() if store is not None else []
+    by_study = store.study_counts() if store is not None else {}  # counted in SQL, nothing loaded
     listing = []
     for s in studies:
-        counts: dict[str, int] = {}
-        for v in store.variants([m.variant_key for m in store.members(s.id)]).values():
-            counts[v.status] = counts.get(v.status, 0) + 1
+        counts = by_study.get(s.id, ({}, None))[0]
         listing.append({"name": s.name, "kind": s.kind, "status": s.status,
                         "variants": counts, "updated": f"{s.updated_at:%Y-%m-%d %H:%M}", "spec_file": s.spec_file})
     if as_json:

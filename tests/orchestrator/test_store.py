@@ -56,7 +56,7 @@ def test_schema_1_database_is_migrated_in_place_keeping_everything(tmp_path):
     assert store.metrics("k1") == {"pckh": [(1, 41.5)]}
     assert [a.status for a in store.attempts("k1")] == ["completed"]
     with sqlite3.connect(db) as c:
-        assert c.execute("SELECT version FROM bnnctl_schema_info").fetchone()[0] == SCHEMA_VERSION == 3
+        assert c.execute("SELECT version FROM bnnctl_schema_info").fetchone()[0] == SCHEMA_VERSION == 4
         assert "node_id" in {r[1] for r in c.execute("PRAGMA table_info(bnnctl_attempts)")}  # schema 3
         # foreign keys follow the renamed tables
         fks = {r[2] for r in c.execute("PRAGMA foreign_key_list(bnnctl_study_variants)")}

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 from bnnctl.orchestrator.backends.inprocess import InProcessBackend
@@ -68,7 +69,16 @@ def test_run_reuse_and_tables(workdir, db_url):
     client = MlflowClient(f"sqlite:///{workdir / '.bnnctl' / 'mlflow.db'}")
     child = next(r for r in runs if r.data.tags.get("bnnctl.kind") == "row")
     names = {a.path for a in client.list_artifacts(child.info.run_id)}
-    assert {"result.json", "per_joint.csv", "predictions.png", "checkpoint"} <= names
+    assert {"result.json", "per_joint.csv", "predictions.png"} <= names and "checkpoint" not in names
+    # one copy of each checkpoint, in the run storage: the run says where (and every epoch's metrics
+    # arrived, sent in batches)
+    key = child.data.tags["bnnctl.variant"]
+    best = Path(child.data.tags["bnnctl.checkpoint"])
+    assert best == (workdir / ".bnnctl" / "runs" / key / "best.pt").resolve() and best.is_file()
+    assert Path(child.data.tags["bnnctl.checkpoint_last"]).is_file()
+    assert not list((workdir / ".bnnctl" / "mlartifacts").rglob("*.pt"))
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "pckh")] == [1, 2]
+    assert child.info.status == "FINISHED" and child.data.metrics["final.pckh"] == variants[key].result["metrics"]["pckh"]
     # artifacts live beside the local tracking store, never in ./mlruns of the working folder
     assert not (workdir / "mlruns").exists()
     assert (workdir / ".bnnctl" / "mlartifacts" / child.info.run_id / "artifacts" / "predictions.png").exists()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bnnctl.orchestrator.store import Store
+from bnnctl.orchestrator.submit import AWAITING_STOP
 
 from raynodes import CLI, RayNodes, free_port, run_cli, wait_for
 
@@ -97,6 +98,10 @@ def test_submit_follow_refuse_cancel_and_resume(tmp_path, cluster, pg_server):
     followed = follower.communicate(timeout=120)[0]
     assert re.search(r"job bnnctl-study-sub-1: STOPPED", followed), followed  # cancelled, not failed
     assert "study sub: cancelled" in " ".join(followed.split())  # the driver's own last words, from the cluster
+    # the job was stopped only once they were said (under load, a stop right at the lease's release
+    # once cut them off)
+    said = " ".join(followed.split())
+    assert said.index("study sub: cancelled") < said.index(AWAITING_STOP) < said.index("job bnnctl-study-sub-1: STOPPED")
     s = store.study("sub")
     states = [v.status for v in store.variants([m.variant_key for m in store.members(s.id)]).values()]
     assert s.status == "cancelled" and "running" not in states and "pending" in states

@@ -373,3 +373,18 @@ def test_lsp_in_mpii_layout_fine_tunes_an_mpii_network(synth_root, tmp_path):
     assert load_checkpoint(result.last_checkpoint)["model"]["stacks.0.head.weight"].shape[0] == 16
     with pytest.raises(ConfigError, match="mpii16"):
         DataConfig(dataset="mpii", pose_layout="mpii16")
+
+
+def test_the_best_checkpoint_is_the_last_ones_file_until_a_later_epoch_replaces_it(tmp_path):
+    """One copy on disk while the best epoch is the last one; the best survives the next epoch."""
+    from bnnctl.workers.train.checkpoint import load_checkpoint, save_checkpoint, share_checkpoint
+
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    save_checkpoint(last, {"model": {}, "epoch": 1})
+    share_checkpoint(last, best, {"model": {}, "epoch": 1})
+    assert last.stat().st_ino == best.stat().st_ino and best.stat().st_nlink == 2
+    save_checkpoint(last, {"model": {}, "epoch": 2})  # no better: last.pt is replaced, best.pt keeps epoch 1
+    assert (load_checkpoint(best)["epoch"], load_checkpoint(last)["epoch"]) == (1, 2)
+    assert best.stat().st_nlink == 1 and last.stat().st_ino != best.stat().st_ino
+    share_checkpoint(last, best, {"model": {}, "epoch": 2})  # better again
+    assert load_checkpoint(best)["epoch"] == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]

@@ -46,6 +46,23 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         raise
 
 
+def share_checkpoint(src: Path, dst: Path, payload: dict[str, Any]) -> None:
+    """``dst`` holding what ``src`` holds (just written from ``payload``): the same file under a
+    second name (a hard link, placed atomically), so the best checkpoint costs no space while it is
+    the last one; a file system without hard links gets a copy written from ``payload``. Safe because
+    a checkpoint is never written in place: ``save_checkpoint`` replaces the name, and the other
+    name keeps the old file."""
+    fd, tmp = tempfile.mkstemp(prefix=dst.name, dir=dst.parent)
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
+        save_checkpoint(dst, payload)
+
+
 def _disk_full(folder: Path, reserve: int = 1 << 20) -> bool:
     """Whether ``folder``'s file system has (almost) no space left."""
     try:

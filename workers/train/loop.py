@@ -29,7 +29,7 @@ from ..latency import measure as measure_latency
 from ..models import build_model
 from ..schedules import LambdaScheduler
 from .bnstats import recalibrate_batchnorm
-from .checkpoint import init_from_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
+from .checkpoint import init_from_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint, share_checkpoint
 from .config import TrainConfig, comparable
 from .parallel import ShardedBatches, all_reduce_gradients, broadcast_flag, sync_batchnorm, world
 from .reporter import Reporter
@@ -445,8 +445,8 @@ class _Run:
             "model_config": to_dict(self.model_cfg), "metrics": self.metrics, "history": self.history,
         }
         save_checkpoint(self.last_path, payload)
-        if improved:
-            save_checkpoint(self.best_path, payload)
+        if improved:  # the same state: one file under both names until the next epoch replaces last.pt
+            share_checkpoint(self.last_path, self.best_path, payload)
         self.epochs_done = epoch + 1
 
     # -- the result -------------------------------------------------------------------------------
