@@ -252,14 +252,20 @@ class Store:
             if row is None:
                 row = VariantRow(key=key, label=label, kind=kind, config=config, deps=deps, status="pending")
                 s.add(row)
-            elif row.status in ("failed", "stopped", "interrupted"):  # asked for again: retried / resumed
-                self._move(row, "pending")
-                row.error = None
-            elif row.status == "running":  # the previous driver died: the run resumes from its checkpoint
-                self._move(row, "pending")
-                self._end_attempt(s, key, "lost", "driver stopped")
+            else:
+                self._asked_again(s, row)
             s.flush()
             return _variant(row)
+
+    def _asked_again(self, s: Session, row: VariantRow) -> None:
+        """A variant a run asks for again: a failed, stopped or interrupted one is retried or resumed;
+        a running one's driver died, so its run resumes from its checkpoint."""
+        if row.status in ("failed", "stopped", "interrupted"):
+            self._move(row, "pending")
+            row.error = None
+        elif row.status == "running":
+            self._move(row, "pending")
+            self._end_attempt(s, row.key, "lost", "driver stopped")
 
     def ensure_variants(self, wanted: list[tuple[str, str, str, dict, list[str]]]) -> None:
         """:meth:`ensure_variant` for many (key, label, kind, config, deps) at once: one transaction
@@ -275,12 +281,7 @@ class Store:
                 if new:
                     s.execute(insert(VariantRow), new)
                 for row in found.values():
-                    if row.status in ("failed", "stopped", "interrupted"):
-                        self._move(row, "pending")
-                        row.error = None
-                    elif row.status == "running":
-                        self._move(row, "pending")
-                        self._end_attempt(s, row.key, "lost", "driver stopped")
+                    self._asked_again(s, row)
 
     def variant(self, key: str) -> Variant | None:
         with self.session() as s:
@@ -316,32 +317,27 @@ class Store:
                                      r.updated_at)
             return out
 
-    def study_attempts(self, study_id: int) -> dict[str, list[Attempt]]:
-        """The attempts of every variant of a study by variant (in order), in one query."""
-        out: dict[str, list[Attempt]] = {}
-        with self.session() as s:
-            for a in s.scalars(select(AttemptRow).where(AttemptRow.variant_key.in_(self._of_study(study_id)))
-                               .order_by(AttemptRow.variant_key, AttemptRow.number)):
-                out.setdefault(a.variant_key, []).append(_attempt(a))
-        return out
+    def _of(self, column, keys: list[str] | None, study_id: int | None) -> list:
+        """Conditions on a variant-key ``column``: the study ``study_id``'s variants (one condition,
+        one query), else the variants ``keys`` (one condition per :data:`BATCH` keys)."""
+        if study_id is not None:
+            return [column.in_(self._of_study(study_id))]
+        return [column.in_(chunk) for chunk in _chunks(list(dict.fromkeys(keys or [])))]
 
-    def attempts_of(self, keys: list[str]) -> dict[str, list[Attempt]]:
-        """The attempts of the variants ``keys`` by variant (in order), one query per BATCH keys."""
+    def attempts_of(self, keys: list[str] | None = None, study_id: int | None = None) -> dict[str, list[Attempt]]:
+        """The attempts by variant (in order) of ``keys`` or of the study ``study_id`` (see :meth:`_of`)."""
         out: dict[str, list[Attempt]] = {}
         with self.session() as s:
-            for chunk in _chunks(list(dict.fromkeys(keys))):
-                for a in s.scalars(select(AttemptRow).where(AttemptRow.variant_key.in_(chunk))
-                                   .order_by(AttemptRow.variant_key, AttemptRow.number)):
+            for where in self._of(AttemptRow.variant_key, keys, study_id):
+                for a in s.scalars(select(AttemptRow).where(where).order_by(AttemptRow.variant_key, AttemptRow.number)):
                     out.setdefault(a.variant_key, []).append(_attempt(a))
         return out
 
     def attempt_counts(self, keys: list[str] | None = None, study_id: int | None = None) -> dict[str, int]:
-        """How many attempts each variant has had (absent: none): of ``keys`` (one query per BATCH),
-        or of the study ``study_id`` (one query)."""
-        wheres = [AttemptRow.variant_key.in_(self._of_study(study_id))] if study_id is not None else \
-            [AttemptRow.variant_key.in_(chunk) for chunk in _chunks(list(dict.fromkeys(keys or [])))]
+        """How many attempts each variant has had (absent: none), of ``keys`` or of the study
+        ``study_id`` (see :meth:`_of`)."""
         with self.session() as s:
-            return {k: n for where in wheres for k, n in s.execute(
+            return {k: n for where in self._of(AttemptRow.variant_key, keys, study_id) for k, n in s.execute(
                 select(AttemptRow.variant_key, func.count()).where(where).group_by(AttemptRow.variant_key))}
 
     def study_states(self, study_id: int) -> dict[str, str]:
@@ -554,10 +550,8 @@ class Store:
         if study_id is not None and state is not None:
             where.append(MetricRow.variant_key.in_(select(VariantRow.key).where(
                 VariantRow.key.in_(self._of_study(study_id)), VariantRow.status == state).scalar_subquery()))
-        batches = [MetricRow.variant_key.in_(self._of_study(study_id))] if study_id is not None else \
-            [MetricRow.variant_key.in_(chunk) for chunk in _chunks(list(dict.fromkeys(keys)))]
         with self.session() as s:
-            for batch in batches:
+            for batch in self._of(MetricRow.variant_key, keys, study_id):
                 for key, name, epoch, value in s.execute(select(*columns).where(batch, *where)
                                                          .order_by(MetricRow.variant_key, MetricRow.epoch)):
                     out.setdefault(key, {}).setdefault(name, []).append((epoch, value))

@@ -164,7 +164,7 @@ def test_batch_reads_answer_what_the_per_variant_reads_answer(db_url):
     assert store.study_variants(a.id) == store.variants(keys) and set(store.variants(keys)) == set(keys)
     light = store.study_variants(a.id, config=("epochs", "schedule_offset", "missing"))
     assert light["a0"].config == {"epochs": 3, "schedule_offset": 0} and light["a0"].result == store.variant("a0").result
-    assert store.study_attempts(a.id) == {k: store.attempts(k) for k in ("a0", "a1")}
+    assert store.attempts_of(study_id=a.id) == {k: store.attempts(k) for k in ("a0", "a1")}
     assert store.attempts_of(["a0", "b1", "a5"]) == {"a0": store.attempts("a0"), "b1": store.attempts("b1")}
     assert store.attempt_counts(keys) == store.attempt_counts(study_id=a.id) == {"a0": 2, "a1": 1}
     assert store.study_states(b.id) == {"a0": "completed", "b1": "failed"}
