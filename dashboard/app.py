@@ -285,7 +285,8 @@ def _files(app, site: _Site) -> None:
         if ext not in EXPORTS:
             raise NotFound(f"no export {ext!r}; there are: {', '.join(EXPORTS)}")
         media, fmt = EXPORTS[ext]
-        body = formats.export(report.study_tables(store, views._study(store, name, "study")), fmt, name)
+        tables, cells = report.study_report(store, views._study(store, name, "study"))
+        body = formats.export(tables, fmt, name, cells)
         return Response(body, media_type=f"{media}; charset=utf-8",
                         headers={"Content-Disposition": f'attachment; filename="{name}-tables.{ext}"'})
 

@@ -11,7 +11,9 @@ from datetime import datetime
 
 from bnnctl.orchestrator.layouts import StudyLayout
 from bnnctl.orchestrator.formats import table_data
-from bnnctl.orchestrator.report import ALPHA, build_tables, reported, sources
+from bnnctl.orchestrator.records import shown_counts
+from bnnctl.orchestrator.store import collector_paused
+from bnnctl.orchestrator.report import ALPHA, build_tables, cell_variants, reported, sample_std, sources
 from bnnctl.orchestrator.tracking import CREATING, flatten
 from bnnctl.workers.metrics import CURVES, HEADLINE_METRICS, MPII_GROUPS, named_joint_groups
 
@@ -39,6 +41,7 @@ def studies(store) -> list[dict]:
     counted = store.study_counts()
     for s in store.studies():
         counts, last = counted.get(s.id, ({}, None))
+        counts = shown_counts(s.kind, counts)
         out.append({"name": s.name, "kind": s.kind, "spec_file": s.spec_file, "status": s.status,
                     "counts": counts, "total": sum(counts.values()),
                     "last_activity": _iso(s.updated_at if last is None else max(_aware(last), _aware(s.updated_at)))})
@@ -67,27 +70,27 @@ def _study(store, name: str, kind: str):
 
 def study(store, name: str) -> dict:
     """A study page: its tables, per-joint table, chart data and the variants behind every cell."""
+    with collector_paused():  # tens of thousands of acyclic objects (see the store's collector_paused)
+        return _study_view(store, name)
+
+
+def _study_view(store, name: str) -> dict:
     s = _study(store, name, "study")
     members = store.members(s.id)
     variants = store.study_variants(s.id, config=PAGE_CONFIG)
     layout = s.layout
     tables = build_tables(layout, members, variants)
-    cells: dict[tuple[str, str], list[dict]] = {}
-    for m in members:
-        if m.ablation is not None:
-            v = variants.get(m.variant_key)
-            cells.setdefault((m.ablation, m.row), []).append(
-                {"seed": m.seed, "key": m.variant_key, "status": v.status if v else "pending"})
+    cells = cell_variants(members, variants)
+    busy = [v for v in variants.values() if v.status == "running"]
     prereqs = [variants[m.variant_key] for m in members if m.ablation is None and m.variant_key in variants]
     metric = layout.metric
     return {
         "groups": joint_groups(layout, members, variants, metric),
         "curves": row_curves(store.metrics_of([], [metric], study_id=s.id), layout, members, variants, metric),
-        "progress": running(store.metrics_of([], study_id=s.id, state="running"),
-                            [v for v in variants.values() if v.status == "running"]),
+        "progress": running(store.metrics_of([], study_id=s.id, state="running") if busy else {}, busy),
         "name": s.name, "status": s.status, "spec_file": s.spec_file, "description": layout.description,
         "metric": metric, "seeds": list(layout.seeds), "alpha": ALPHA, "adaptive": layout.adaptive,
-        "counts": _counts([v.status for v in variants.values()]), "updated": _iso(s.updated_at),
+        "counts": _counts([v.shown for v in variants.values()]), "updated": _iso(s.updated_at),
         "tables": [table_data(t, cells) for t in tables],
         "seeds_over_time": [{"table": t.name, "traces": seeds_traces(t)} for t in tables if t.looks],
         "per_joint": per_joint(layout, members, variants),
@@ -116,21 +119,11 @@ def row_curves(histories: dict, layout: StudyLayout, members: list, variants: di
                 continue
             xs = sorted(per_epoch)
             means = [sum(per_epoch[x]) / len(per_epoch[x]) for x in xs]
-            stds = [_std(per_epoch[x]) for x in xs]
+            stds = [sample_std(per_epoch[x]) for x in xs]
             lines.append({"row": r.name, "epochs": xs, "mean": means, "low": [m - d for m, d in zip(means, stds)],
                           "high": [m + d for m, d in zip(means, stds)], "seeds": max(len(v) for v in per_epoch.values())})
         out.append({"ablation": ab.name, "metric": metric, "lines": lines, "traces": curve_traces(lines)})
     return out
-
-
-def _std(values: list[float]) -> float:
-    """The sample standard deviation in floats (a band to draw: statistics.stdev's exact rational
-    arithmetic cost most of a large study's page); 0 for one value."""
-    n = len(values)
-    if n < 2:
-        return 0.0
-    mean = math.fsum(values) / n
-    return math.sqrt(math.fsum((x - mean) ** 2 for x in values) / (n - 1))
 
 
 def curve_traces(lines: list[dict]) -> list[dict]:
@@ -321,7 +314,7 @@ def variant(store, key: str, study_name: str | None = None, mlflow_url: str | No
     run = None if v.mlflow_run_id == CREATING else v.mlflow_run_id  # CREATING: a creation a killed driver began
     return {
         "key": v.key, "label": v.label, "kind": v.kind, "status": v.status, "error": v.error,
-        "status_shown": "pruned" if v.kind == "trial" and v.status == "stopped" else v.status,
+        "status_shown": v.shown,
         "study": study_name, "place": place, "baseline": None if baseline is None else
         {"key": baseline.key, "label": baseline.label},
         "config": mine_flat, "diff": diff, "curves": curves,

@@ -242,12 +242,13 @@ def to_html(tables: list[Table], title: str) -> str:
 FORMATS = ("md", "csv", "latex", "html", "json")
 
 
-def export(tables: list[Table], fmt: str, study: str) -> str:
-    """``tables`` of ``study`` as one of FORMATS."""
+def export(tables: list[Table], fmt: str, study: str, cells: dict | None = None) -> str:
+    """``tables`` of ``study`` as one of FORMATS; ``cells`` (JSON): the variants behind each row
+    (:func:`~.report.cell_variants`)."""
     if fmt == "html":
         return to_html(tables, f"{study} — ablation tables")
     if fmt == "json":
         import json
 
-        return json.dumps({"study": study, "tables": [table_data(t) for t in tables]}, indent=2, default=str)
+        return json.dumps({"study": study, "tables": [table_data(t, cells) for t in tables]}, indent=2, default=str)
     return {"md": to_markdown, "csv": to_csv, "latex": to_latex}[fmt](tables)

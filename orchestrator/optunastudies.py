@@ -67,6 +67,8 @@ def open_studies(spec: TuneSpec, storage) -> tuple[dict[str, Any], list[tuple[Ar
                 defaults = default_params(spec, arm)
                 if spec.sampler.name != "grid" or all(defaults[p.path] in p.grid() for p in spec.params):
                     study.enqueue_trial(defaults, user_attrs={"bnnctl.default": True})
+        if study.metric_names is None:  # optuna-dashboard's axes name the objective, not "Objective 0"
+            _name_objective(study, spec.objective.metric)
         if study.trials:  # continued: not the seed's first values again
             study.sampler = make_sampler(spec, drawn(study.trials))
         studies[arm.name] = study
@@ -74,6 +76,14 @@ def open_studies(spec: TuneSpec, storage) -> tuple[dict[str, Any], list[tuple[Ar
             # Optuna has no public way to reopen a running trial by id; Trial(study, id) is its constructor
             orphans.append((arm, optuna.Trial(study, t._trial_id)))
     return studies, orphans
+
+
+def _name_objective(study, metric: str) -> None:
+    import warnings
+
+    with warnings.catch_warnings():  # set_metric_names is marked experimental (it has been since Optuna 3.2)
+        warnings.simplefilter("ignore")
+        study.set_metric_names([metric])
 
 
 def drawn(trials) -> int:

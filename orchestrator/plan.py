@@ -44,7 +44,9 @@ class Variant:
             from the dependencies' checkpoints.
         init_dep, teacher_dep: identity of the variant it is initialized from (its stage 1, or the
             pretrained run it is fine-tuned from) and of its teacher, when any.
-        ablation, row, seed: where the variant's result goes in the tables (rows only).
+        ablation, row, seed: where the variant's result goes in the tables (rows), or the row it is
+            the first stage of (stage 1: its MLflow run's tags; a stage 1 two rows share names the
+            first).
     """
 
     key: str
@@ -203,7 +205,7 @@ def build_plan(spec: StudySpec, allotted: dict[tuple[str, str], int] | None = No
             cfg = with_overrides(cfg, {"epochs": e2, "schedule_offset": e1, "schedule_epochs": e1 + e2})
             s1_deps = (t_key,) if t_key else ()
             init_key = add(Variant(identity(s1, s1_deps), f"{row.ablation} / {row.name} / stage 1 / seed {seed}",
-                                   "stage1", s1, spec.resources, seed, teacher_dep=t_key))
+                                   "stage1", s1, spec.resources, seed, row.ablation, row.name, teacher_dep=t_key))
         deps = tuple(d for d in (init_key, t_key) if d)
         key = identity(cfg, deps)
         return add(Variant(key, f"{row.ablation} / {row.name} / seed {seed}", "row", cfg, spec.resources, seed,

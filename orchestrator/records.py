@@ -171,6 +171,27 @@ class Variant:
     mlflow_run_id: str | None
     updated_at: datetime
 
+    @property
+    def shown(self) -> str:
+        """The state as a user reads it: a trial the pruner stopped is "pruned" (:func:`shown_state`)."""
+        return shown_state(self.kind, self.status)
+
+
+def shown_state(kind: str, status: str) -> str:
+    """A variant's state in what a user reads (CLI, dashboard, MLflow): a trial stopped early is one
+    its pruner stopped, so it reads "pruned" as in Optuna; the store keeps "stopped" for both."""
+    return "pruned" if kind == "trial" and status == "stopped" else status
+
+
+def shown_counts(study_kind: str, counts: dict[str, int]) -> dict[str, int]:
+    """A study's variants by state as a user reads them: a tuning's stopped variants are its pruned
+    trials (its teachers are never stopped early)."""
+    if study_kind != "tuning" or "stopped" not in counts:
+        return counts
+    out = {k: n for k, n in counts.items() if k != "stopped"}
+    out["pruned"] = out.get("pruned", 0) + counts["stopped"]
+    return out
+
 
 @dataclass(frozen=True)
 class Attempt:

@@ -98,6 +98,7 @@ class Outcome:
     trained: int
     skipped_failed: int = 0  # failed variants not retried (`study rerun` retries them)
     not_selected: int = 0  # variants outside --only / --variant
+    selected_done: bool = False  # --only / --variant: every selected variant completed (the study did not)
 
 
 @dataclass(frozen=True)
@@ -297,7 +298,8 @@ def _run_study(spec: StudySpec, path, store: Store, opts: RunOptions, events, le
         running = set(rnd.sub.variants)
         left_out = [i for i in items if i.variant.key not in running]
         ok = all(s == "completed" for s in status.values())
-        if ok and left_out and all(i.action == "not-selected" for i in left_out) and not session.halted:
+        selected_done = ok and bool(left_out) and all(i.action == "not-selected" for i in left_out)
+        if selected_done and not session.halted:
             session.halted = (f"ran the selected variants only (--only / --variant); {len(left_out)} others were "
                               "not run")
         final = session.final_status(ok and not left_out)
@@ -310,7 +312,8 @@ def _run_study(spec: StudySpec, path, store: Store, opts: RunOptions, events, le
     skipped = sum(1 for i in items if i.action in ("skip-failed", "blocked"))
     # what this run trained to an end (a cancelled or interrupted run: not the ones it put back)
     trained = sum(1 for k in ran if status.get(k) in ("completed", "failed", "stopped"))
-    return Outcome(spec.name, final, counts, trained, skipped, sum(1 for i in items if i.action == "not-selected"))
+    return Outcome(spec.name, final, counts, trained, skipped, sum(1 for i in items if i.action == "not-selected"),
+                   selected_done and final == "stopped")
 
 
 def log_tables(tracker, run_id: str, store: Store, study_id: int, spec_file: str) -> None:

@@ -17,6 +17,9 @@ from typing import Any
 from bnnctl.workers.errors import BnnctlError
 
 MAX_PARAM_LENGTH = 500  # MLflow accepts longer values, but the UI's table does not
+#: MLflow 3's UI opens an experiment by this tag's kind: without it, on its GenAI overview (traces,
+#: evaluations); "custom_model_development" opens on the training runs
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def default_uri() -> str:
@@ -43,6 +46,9 @@ def ui_hint(uri: str | None) -> str:
     return f"mlflow ui --backend-store-uri {mask_url(uri)}"
 
 
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def flatten_values(data: Any, prefix: str = "") -> dict[str, Any]:
     """{"model": {"arch": "hourglass"}} -> {"model.arch": "hourglass"}, values keeping their types
     (lists as tuples, so that a DataFrame cell is hashable)."""
@@ -50,14 +56,16 @@ def flatten_values(data: Any, prefix: str = "") -> dict[str, Any]:
 
     def walk(node: dict, at: str) -> None:  # one call per section, not per value (results() of 10,000 variants)
         for k, v in node.items():
-            path = f"{at}.{k}" if at else str(k)
-            if isinstance(v, dict):
-                walk(v, path)
+            kind = type(v)  # JSON's own types first: exact type tests are the cheap ones
+            if kind in _SCALARS:
+                out[f"{at}{k}"] = v
+            elif kind is dict or (kind is not list and isinstance(v, dict)):
+                walk(v, f"{at}{k}.")
             else:
-                out[path] = tuple(v) if isinstance(v, list) else v
+                out[f"{at}{k}"] = tuple(v) if kind is list or isinstance(v, list) else v
 
     if isinstance(data, dict):
-        walk(data, prefix)
+        walk(data, f"{prefix}." if prefix else "")
     else:
         out[prefix] = tuple(data) if isinstance(data, list) else data
     return out
@@ -227,6 +235,8 @@ class Tracker:
                         raise
             if exp is not None:
                 self.experiment_id = exp.experiment_id
+            if exp is None or exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+                self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
 
     def _alive(self, run_id: str | None) -> bool:
         if not run_id:

@@ -327,6 +327,7 @@ def _run_tuning(spec: TuneSpec, path, store: Store, opts: RunOptions, events, on
         driver.tracker = session.writer
         if todo:
             base_events = events or Events()
+            base_events.planned(todo)  # what this run trains: trials to reach the budget, orphans, teachers
 
             def on_started(v):
                 driver.started(v)

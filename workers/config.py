@@ -215,10 +215,14 @@ def with_overrides(obj: T, overrides: Mapping[str, Any], path: str = "") -> T:
     list items by index: ``{"lambda_groups[0].lambda_end": 50}``) and validated exactly as if the
     result had been parsed from data.
 
+    Only the sections on an override's path are taken apart and built again (each validated by its
+    class, and every enclosing one by its own); the others are kept as they are, already valid, as
+    parsing would build them again (a grid's rows: linear planning with small constants).
+
     Raises:
         ConfigError: a path that does not exist or a value that is not allowed.
     """
-    data = to_dict(obj)
+    data = _opened(obj)
     for dotted, value in overrides.items():
         parts = path_steps(dotted)
         node: Any = data
@@ -228,8 +232,11 @@ def with_overrides(obj: T, overrides: Mapping[str, Any], path: str = "") -> T:
                 if not isinstance(node, list) or part >= len(node):
                     size = len(node) if isinstance(node, list) else 0
                     raise ConfigError(where, f"no item {part} (the list has {size})")
+                node[part] = _opened(node[part])
                 node = node[part]
                 continue
+            if isinstance(node, dict) and part in node:
+                node[part] = _opened(node[part])
             if not isinstance(node, dict) or part not in node or not isinstance(node[part], (dict, list)):
                 raise ConfigError(where, "no such config section")
             node = node[part]
@@ -242,6 +249,18 @@ def with_overrides(obj: T, overrides: Mapping[str, Any], path: str = "") -> T:
             raise ConfigError(_join(path, dotted), f"unknown key; valid keys here: {valid}")
         node[last] = to_dict(value)
     return from_dict(type(obj), data, path)
+
+
+def _opened(value: Any) -> Any:
+    """One level of a config value as data to edit: a dataclass as a dict of its init fields, a list
+    or mapping as a copy (its items as they are; nothing the original holds is changed)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {name: getattr(value, name) for name in _init_fields(type(value))}
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value
 
 
 def path_steps(dotted: str) -> list[str | int]:

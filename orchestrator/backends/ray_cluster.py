@@ -719,8 +719,10 @@ class RayBackend(Backend):
 
         out: list[Message] = []
         try:
-            while not self._queue.empty():
-                msg = self._queue.get_nowait()
+            # two round trips to the queue's actor per read, however many messages wait (one per
+            # message cost most of a driver's CPU with short variants); later ones: the next read
+            size = self._queue.qsize()
+            for msg in self._queue.get_nowait_batch(size) if size else ():
                 if isinstance(msg, GroupOutcome):
                     self._outcomes[msg.key] = msg.finished
                 else:

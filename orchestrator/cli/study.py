@@ -46,11 +46,15 @@ def _load(ref: str, db: str | None):
     return store, study
 
 
+def _refuse_tuning(study) -> None:
+    if study.kind == "tuning":
+        raise fail(f"{study.name!r} is a tuning, not a study; see it with: bnnctl tune show {study.name}")
+
+
 def _tables(store, study):
     from bnnctl.orchestrator.report import study_tables
 
-    if study.kind == "tuning":
-        raise fail(f"{study.name!r} is a tuning, not a study; see it with: bnnctl tune show {study.name}")
+    _refuse_tuning(study)
     return study_tables(store, study)
 
 
@@ -163,7 +167,7 @@ def _run(file, db, tracking_uri, address, cpus, max_parallel, no_track, storage,
         out.print(f"compare the runs in MLflow: {ui_hint(tracking_uri)}")
     if outcome.status == "cancelled":
         await_job_stop()
-    if outcome.status != "completed":
+    if outcome.status != "completed" and not outcome.selected_done:  # selected variants that all succeeded: 0
         raise typer.Exit(code=1)
 
 
@@ -357,12 +361,15 @@ def show(
     if as_json:
         fmt = "json"
 
+    from bnnctl.orchestrator.report import study_report
+
     store, s = _load(study, db)
-    tables = _tables(store, s)
+    _refuse_tuning(s)
+    tables, cells = study_report(store, s)  # the variants behind each row too (--json lists them)
     if fmt == "table":
         print_tables(tables, console())
     elif fmt in FORMATS:
-        typer.echo(export(tables, fmt, s.name))
+        typer.echo(export(tables, fmt, s.name, cells))
     else:
         raise fail(f"--format: unknown format {fmt!r}; allowed: table, md, csv, latex, html, json")
 
@@ -382,6 +389,8 @@ def status(study: Annotated[str, typer.Argument(help="Study name or spec file.")
                                                        "page N of the study's variants.")] = None) -> None:
     """Show the state of every variant of a study (a large study: a summary by row, and the variants
     that are running or failed; --all or --page for the rest)."""
+    from bnnctl.orchestrator.records import shown_state
+
     store, s = _load(study, db)
     if as_json:
         import json
@@ -393,6 +402,8 @@ def status(study: Annotated[str, typer.Argument(help="Study name or spec file.")
         return
     members = store.members(s.id)
     states = store.study_states(s.id)  # the variants' states only: one query, whatever the size
+    if s.kind == "tuning":  # its stopped variants are the trials its pruner stopped
+        states = {k: shown_state("trial", st) for k, st in states.items()}
     reason = f" ({s.layout.stopped_reason})" if s.status == "stopped" and s.layout.stopped_reason else ""
     title = f"{s.name}: {s.status}{reason}{_job_line(s)}"
     order = list(dict.fromkeys(m.variant_key for m in members if m.variant_key in states))
@@ -430,7 +441,7 @@ def _variant_table(store, title: str, keys: list[str]):
     for key in keys:
         v, tried = variants[key], attempts.get(key, [])
         detail = v.error or (f"{v.result['metric']} {v.result['metrics'][v.result['metric']]:.2f}" if v.result else "")
-        t.add_row(v.label, v.kind, v.status, str(len(tried)), node_label(tried[-1]) if tried else "",
+        t.add_row(v.label, v.kind, v.shown, str(len(tried)), node_label(tried[-1]) if tried else "",
                   provenance(v, variants), detail)
     return t
 
@@ -499,13 +510,14 @@ def list_studies(db: DbOption = None,
 
     from rich.table import Table as RichTable
 
+    from bnnctl.orchestrator.records import shown_counts
 
     store = _existing_store(db)
     studies = store.studies() if store is not None else []
     by_study = store.study_counts() if store is not None else {}  # counted in SQL, nothing loaded
     listing = []
     for s in studies:
-        counts = by_study.get(s.id, ({}, None))[0]
+        counts = shown_counts(s.kind, by_study.get(s.id, ({}, None))[0])
         listing.append({"name": s.name, "kind": s.kind, "status": s.status,
                         "variants": counts, "updated": f"{s.updated_at:%Y-%m-%d %H:%M}", "spec_file": s.spec_file})
     if as_json:

@@ -58,10 +58,13 @@ def run(
                                                   "the spec's `trials`); more continues the same Optuna study.")] = None,
 ) -> None:
     """Run a tuning, or continue it up to its number of trials (the same command resumes it)."""
-    from bnnctl.orchestrator.executor import Events
+    import dataclasses
+
     from bnnctl.orchestrator.runcore import RunOptions
     from bnnctl.orchestrator.tunespec import load_tune_spec
     from bnnctl.orchestrator.tuning import run_tuning, with_trials
+
+    from .progress import TuneProgress
 
     spec = load_tune_spec(file)  # a bad spec (or --trials) is refused before anything is shown or started
     if trials is not None:
@@ -69,42 +72,13 @@ def run(
     out = console()
     header = (f"tuning {spec.name}: {spec.trials * len(spec.arms)} trials requested ({len(spec.arms)} arm(s) x "
               f"{spec.trials}); finished trials of an earlier run count")
-    printer = _TrialPrinter(out)
     stop_on_sigterm()
-    events = Events(finished=printer.finished, begun=lambda: out.print(header, highlight=False))  # once it passed its checks
-    outcome = run_tuning(file, events=events, on_trial=printer.trial,
-                         options=RunOptions(db, tracking_uri, address, cpus, max_parallel, not no_track, storage=storage,
-                                            takeover=takeover, trials=trials))
+    with TuneProgress(out, spec.objective.metric, _params) as progress:
+        events = dataclasses.replace(progress.events(), begun=lambda: progress.line(header))  # once it passed its checks
+        outcome = run_tuning(file, events=events, on_trial=progress.trial,
+                             options=RunOptions(db, tracking_uri, address, cpus, max_parallel, not no_track,
+                                                storage=storage, takeover=takeover, trials=trials))
     _closing(outcome, db, out, not no_track, tracking_uri)
-
-
-class _TrialPrinter:
-    """One line per finished trial (state, value, parameters, best so far, this run's tally), and
-    the teachers' and retries' news."""
-
-    def __init__(self, out) -> None:
-        self.out = out
-        self.counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
-
-    def trial(self, e) -> None:
-        from rich.markup import escape
-
-        counts = self.counts
-        counts[e.state] += 1
-        colour = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}[e.state]
-        value = f"{format_number(e.value)}" if e.value is not None else ""
-        best = f"  best so far {format_number(e.best_value)} (trial {e.best_number})" if e.best_number is not None else ""
-        reason = f"  [red]{escape(e.reason)}[/]" if e.reason else ""
-        state = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}[e.state]
-        tally = f"  [{sum(counts.values())} done in this run: {counts['PRUNED']} pruned, {counts['FAIL']} failed]"
-        self.out.print(f"{escape('[' + e.arm + ']')} trial {e.number:3d} [{colour}]{state:8s}[/] {value:>8s}  "
-                       f"{_params(e.params)}{best}{reason}{escape(tally)}", highlight=False)
-
-    def finished(self, v, status, error) -> None:
-        if v.kind == "teacher":
-            self.out.print(f"teacher {v.label}: {status}" + (f" ({error})" if error else ""))
-        elif status == "retrying":
-            self.out.print(f"[yellow]retrying[/] {v.label} ({error}); it resumes from its checkpoint")
 
 
 def _closing(outcome, db: str | None, out, track: bool, tracking_uri: str | None) -> None:

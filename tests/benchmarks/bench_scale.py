@@ -57,7 +57,8 @@ ablations:
 AXES = [("lr", "optim.lr", lambda i: round(1e-4 * (i + 1), 6)),
         ("wd", "optim.weight_decay", lambda i: round(1e-5 * i, 7)),
         ("bs", "batch_size", lambda i: 8 + i),
-        ("gamma", "optim.lr_gamma", lambda i: round(0.05 * (i + 1), 3))]
+        ("gamma", "optim.lr_gamma", lambda i: round(0.05 * (i + 1), 3)),
+        ("mom", "optim.momentum", lambda i: round(0.09 * i, 2))]  # 5 axes: a grid of up to 100,000
 
 
 def grid_spec(name: str, combos: int, seeds: int, root: Path) -> str:
@@ -231,7 +232,7 @@ def tiny_overheads(work: Path, n: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000, 50000])  # none: the tiny study only
     parser.add_argument("--tiny", type=int, default=1000)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bnnctl-bench-scale-"))

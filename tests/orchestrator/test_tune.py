@@ -192,6 +192,20 @@ def test_pruner_stops_trials_after_the_first_epoch(workdir):
         assert float(runs[n].data.params["trial.lambda_schedule.lambda_end"]) == pytest.approx(
             trials[int(n)].params["lambda_schedule.lambda_end"])
         assert runs[n].data.tags["mlflow.parentRunId"] == runs["0"].data.tags["mlflow.parentRunId"]
+    # what users of Optuna and MLflow read: the objective by name (optuna-dashboard's axes), the
+    # experiment opening on its runs (MLflow 3 opens an experiment of no kind on its GenAI overview)
+    assert study.metric_names == ["pckh"]
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(f"sqlite:///{workdir / '.bnnctl' / 'mlflow.db'}").get_experiment_by_name("tune-tests")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    # a pruned trial reads "pruned" everywhere (the store keeps "stopped")
+    import json
+
+    listing = json.loads(runner.invoke(app, ["study", "list", "--json"]).output)
+    assert [s["variants"] for s in listing if s["name"] == "prune"] == [{"completed": 1, "pruned": 3}]
+    status = runner.invoke(app, ["study", "status", "prune"], env={"COLUMNS": "200"}).output
+    assert status.count("pruned") == 3 and "stopped" not in status, status
 
 
 def test_four_parallel_trials_on_sqlite_never_lock(workdir):
@@ -370,3 +384,70 @@ def test_a_trial_its_driver_left_unsampled_is_sampled_and_trained_not_failed(wor
     assert run_tuning(f, cpus=2, track=False).trained == 1
     trials = _optuna(workdir, "half/base").trials
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 3
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from bnnctl.orchestrator.cli import main; main()", *args]
+
+
+def test_tune_run_piped_prints_one_timestamped_unwrapped_line_per_event(workdir):
+    """`tune run` into a pipe (a narrow 60-column setting): every event is one plain line that starts
+    with the time, however long it is (the trial's line carries its value, parameters and the best
+    so far), in the order things happened."""
+    import re
+
+    f = _spec(workdir, name="piped", epochs=2, trials=3, pruner="{name: threshold, lower: 1000}")
+    run = subprocess.run(_cli("tune", "run", str(f), "--no-track", "--cpus", "2"), cwd=workdir, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "COLUMNS": "60"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    stamp = r"\d\d:\d\d:\d\d "
+    assert re.match(stamp + r"tuning piped: 3 trials requested", lines[0]), lines[:3]
+    events = [line[9:] for line in lines if re.match(stamp, line)]
+    for n in range(3):
+        mine = [e for e in events if f"[base] trial {n} " in e or f"[base] trial   {n} " in e]
+        assert mine[0] == f"started  [base] trial {n} (2 epochs)", mine
+        assert mine[1].startswith(f"epoch    [base] trial {n} 1/2 pckh "), mine
+    default = [e for e in events if "trial   0 " in e and e.startswith("complete")]
+    assert len(default) == 1 and "best so far" in default[0] and "lambda_end=" in default[0]  # one line, not wrapped
+    pruned = [e for e in events if e.startswith("pruned   [base]")]
+    assert len(pruned) == 2 and all(len(e) > 60 and "[3 done in this run" in pruned[-1] for e in pruned), pruned
+    assert not [line for line in lines[:lines.index(next(li for li in lines if "3 done in this run" in li)) + 1]
+                if not re.match(stamp, line)]  # nothing before the summary without its time
+
+
+def test_tune_run_on_a_terminal_shows_a_live_table_of_trials(workdir):
+    """`tune run` in a pseudo-terminal: a live table of the trials (state, epoch, the objective's
+    last value, best so far) titled with the tally and an ETA, and one line per finished trial."""
+    import pty
+    import re
+
+    f = _spec(workdir, name="live", epochs=3, trials=4, pruner="{name: threshold, lower: 1000}")
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(_cli("tune", "run", str(f), "--no-track", "--cpus", "2"), cwd=workdir, stdin=follower,
+                            stdout=follower, stderr=follower, start_new_session=True,
+                            env={**os.environ, "COLUMNS": "160", "TERM": "xterm"})
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=300)
+    os.close(leader)
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+    assert proc.returncode == 0, screen[-3000:]
+    # the title: the tally of this run and an ETA (none before a trial has taken its time)
+    assert re.search(r"trials: 0/4 done in this run, [12] running, 0 pruned, 0 failed; ETA —", screen), screen[-3000:]
+    assert re.search(r"trials: [123]/4 done in this run, [012] running, [123] pruned, 0 failed; ETA \d+ s", screen), \
+        screen[-3000:]
+    header = re.search(r"arm\s+.\s+trial\s+.\s+state\s+.\s+epoch\s+.\s+pckh \(last\)\s+.\s+best so far", screen)
+    assert header, screen[-3000:]
+    assert re.search(r"base\s+.\s+0\s+.\s+running\s+.\s+[0-3]/3\s", screen), screen[-3000:]
+    assert re.search(r"base\s+.\s+[123]\s+.\s+pruned\s+.\s+1/3\s+.\s+[\d.]+\s", screen), screen[-3000:]
+    assert len(re.findall(r"pruned   \[base\] trial   [123] ", screen)) == 3  # the lines that stay
+    assert re.search(r"complete \[base\] trial   0 .*best so far [\d.]+ \(trial 0\)", screen), screen[-3000:]

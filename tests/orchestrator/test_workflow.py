@@ -72,6 +72,7 @@ def test_plan_only_set_rerun_and_the_results_dataframe(workdir):
     # --only one row: it and what it depends on, nothing else
     out = run_study(f, options=_opts(only=("reverse",)))
     assert out.status == "stopped" and out.trained == 4 and out.not_selected == 7
+    assert out.selected_done  # every selected variant completed: the CLI exits 0 (see the pseudo-terminal test)
     assert "selected variants only" in Store().study("flow").spec["stopped_reason"]
     plan = _plan_json(f)
     actions = {(v["row"], v["seed"], v["kind"]): v["action"] for v in plan["variants"]}
@@ -105,6 +106,17 @@ def test_plan_only_set_rerun_and_the_results_dataframe(workdir):
     assert rows.loc[("relu", 0), "env.torch"] and rows.loc[("exploding", 0), "status"] == "failed"
     assert "nan" in rows.loc[("exploding", 0), "error"].lower() or "inf" in rows.loc[("exploding", 0), "error"].lower()
 
+    # the DataFrame's config columns (read at once by pyarrow) are the records' own (flattened in Python)
+    import pandas as pd
+
+    from bnnctl.orchestrator.results import records
+
+    slow = pd.DataFrame.from_records(records("flow"))
+    assert set(df.columns) == set(slow.columns)
+    assert [c for c in slow.columns if not df[c].equals(slow[c])] == []
+    assert df.loc[0, "config.optim.lr_steps"] == slow.loc[0, "config.optim.lr_steps"] and isinstance(
+        df.loc[0, "config.optim.lr_steps"], tuple)
+
     # --json of status, show and list parse back and agree with the DataFrame
     status = json.loads(runner.invoke(app, ["study", "status", "flow", "--json"]).output)
     assert {r["variant"] for r in status["variants"]} == set(df["variant"])
@@ -112,6 +124,11 @@ def test_plan_only_set_rerun_and_the_results_dataframe(workdir):
     (table,) = shown["tables"]
     assert [r["name"] for r in table["rows"]] == ["relu", "reverse", "distilled", "exploding"]
     assert table["rows"][0]["mean"] == df[(df["row"] == "relu")]["reported"].mean()
+    for row in table["rows"]:  # each row names the variant behind each seed, with its state
+        mine = df[(df["kind"] == "row") & (df["row"] == row["name"])].sort_values("seed")
+        assert [(c["seed"], c["key"], c["status"]) for c in row["variants"]] == list(
+            zip(mine["seed"], mine["variant"], mine["status"]))
+    assert [c["status"] for c in table["rows"][3]["variants"]] == ["failed", "failed"]
     listing = json.loads(runner.invoke(app, ["study", "list", "--json"]).output)
     assert [(s["name"], s["kind"]) for s in listing] == [("flow", "study")]
     text = runner.invoke(app, ["study", "list"]).output
@@ -198,6 +215,7 @@ def test_on_a_terminal_the_study_bar_has_the_real_total(workdir):
     proc.wait(timeout=300)
     os.close(leader)
     screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+    assert proc.returncode == 0, screen[-2000:]  # the selected variants all succeeded (the study is not done)
     assert "variants done" in screen and "4/4" in screen and "ETA" in screen, screen[-2000:]
     assert "/None" not in screen and re.search(r"variants done\s.*0/4", screen), screen[-2000:]
     finished = set(re.findall(r"done {5}(t / \w+ / (?:stage 1 / )?seed \d)", screen))
@@ -243,3 +261,15 @@ def test_study_rerun_through_the_cli_retries_what_a_plain_run_skips(workdir):
     again = runner.invoke(app, ["study", "rerun", str(f), "--only", "exploding", "--no-track", "--cpus", "2"])
     assert again.exit_code == 1 and "2 trained or resumed in this run" in again.output, again.output
     assert [a.status for a in Store().attempts(key)] == ["failed", "failed"]
+
+
+def test_config_columns_pyarrow_cannot_type_fall_back_to_the_records_flattening():
+    """A config value whose type changes between variants (or a string pyarrow would read as a
+    time) is not for pyarrow's reader: results() then flattens the configs in Python."""
+    from bnnctl.orchestrator.results import _config_frame
+
+    assert _config_frame(['{"a": 1}', '{"a": "x"}']) is None
+    assert _config_frame(['{"when": "2026-12-06T10:00:00"}']) is None
+    frame = _config_frame(['{"a": {"b": [1, 2]}, "c": null}', None])
+    assert list(frame.columns) == ["config.a.b", "config.c"] and frame.loc[0, "config.a.b"] == (1, 2)
+    assert frame.loc[1, "config.a.b"] is None

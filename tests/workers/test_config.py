@@ -54,3 +54,68 @@ def test_override_of_a_missing_path_is_an_error():
     with pytest.raises(ConfigError) as err:
         with_overrides(ModelConfig(), {"activation.colour": 1}, "model")
     assert err.value.path == "model.activation.colour"
+
+
+def _parsed_again(cfg, overrides: dict):
+    """The definition with_overrides keeps: the whole config as data, the overrides written into it,
+    parsed again from scratch."""
+    from bnnctl.workers.config import path_steps
+
+    data = to_dict(cfg)
+    for dotted, value in overrides.items():
+        *head, last = path_steps(dotted)
+        node = data
+        for step in head:
+            node = node[step]
+        node[last] = to_dict(value)
+    return from_dict(type(cfg), data)
+
+
+def test_overrides_equal_parsing_the_edited_data_for_every_shipped_row():
+    """with_overrides rebuilds only the sections on an override's path: every row of every shipped
+    study gives the config that parsing the whole edited config from data gives, and the base is
+    left untouched (nothing it holds was edited in place)."""
+    from pathlib import Path
+
+    from bnnctl.orchestrator.yamlio import read_yaml
+    from bnnctl.workers.train.config import TrainConfig
+
+    rows = 0
+    for f in sorted(Path(__file__).resolve().parents[2].joinpath("studies").glob("*.yaml")):
+        spec = read_yaml(f)[0]  # the specs' own reader (YAML 1.2 numbers: 1e-3 is a number)
+        if "ablations" not in spec:
+            continue
+        base = from_dict(TrainConfig, {k: v for k, v in spec["base"].items() if k != "ranks"})
+        before = to_dict(base)
+        sets = [t.get("set") or {} for t in (spec.get("teachers") or {}).values()]
+        for ab in spec["ablations"]:
+            so_far: dict = {}
+            for row in ab.get("rows") or []:
+                so_far = {**so_far, **(row.get("set") or {})}  # an incremental table's rows add up
+                sets += [row.get("set") or {}, so_far]
+        for overrides in sets:
+            if not overrides:
+                continue
+            try:
+                expected = _parsed_again(base, overrides)
+            except ConfigError:
+                continue  # a combination that is not valid on its own (its table's base makes it so)
+            assert with_overrides(base, overrides) == expected, (f.name, overrides)
+            rows += 1
+        assert to_dict(base) == before
+    assert rows >= 20  # the check covered the shipped tables
+
+
+def test_overrides_of_list_items_and_mappings_leave_the_original_alone():
+    from bnnctl.workers.train.config import TrainConfig
+
+    base = from_dict(TrainConfig, {"optim": {"lr_steps": [4, 8]}, "lambda_groups": [{"group": "stem", "lambda_end": 10}]})
+    before = to_dict(base)
+    changed = with_overrides(base, {"optim.lr_steps[1]": 9, "lambda_groups[0].lambda_end": 50, "optim.lr": 0.5})
+    assert changed.optim.lr_steps == (4, 9) and changed.lambda_groups[0].lambda_end == 50 and changed.optim.lr == 0.5
+    assert to_dict(base) == before and changed == _parsed_again(base, {"optim.lr_steps[1]": 9,
+                                                                       "lambda_groups[0].lambda_end": 50,
+                                                                       "optim.lr": 0.5})
+    with pytest.raises(ConfigError) as err:
+        with_overrides(base, {"optim.lr_steps[5]": 1})
+    assert err.value.path == "optim.lr_steps[5]"
