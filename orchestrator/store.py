@@ -100,6 +100,8 @@ def _snapshot(r, config: dict | None = None) -> Variant:
     """A Variant of a row of :data:`_VARIANT_COLUMNS` (``config``: given, for a row read without it)."""
     return Variant(r.key, r.label, r.kind, _json(r.config) if config is None else config, _json(r.deps) or [],
                    r.status, _json(r.result), r.error, r.checkpoint_dir, r.mlflow_run_id, r.updated_at)
+
+
 #: keys per query of reads and writes by key list (sqlite's bound-parameter limit, and one
 #: transaction per batch of a study's up-front write)
 BATCH = 500
