@@ -419,28 +419,13 @@ def test_tune_run_piped_prints_one_timestamped_unwrapped_line_per_event(workdir)
 def test_tune_run_on_a_terminal_shows_a_live_table_of_trials(workdir):
     """`tune run` in a pseudo-terminal: a live table of the trials (state, epoch, the objective's
     last value, best so far) titled with the tally and an ETA, and one line per finished trial."""
-    import pty
     import re
 
+    from terminal import run_in_terminal
+
     f = _spec(workdir, name="live", epochs=3, trials=4, pruner="{name: threshold, lower: 1000}")
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen(_cli("tune", "run", str(f), "--no-track", "--cpus", "2"), cwd=workdir, stdin=follower,
-                            stdout=follower, stderr=follower, start_new_session=True,
-                            env={**os.environ, "COLUMNS": "160", "TERM": "xterm"})
-    os.close(follower)
-    chunks = []
-    while True:
-        try:
-            data = os.read(leader, 65536)
-        except OSError:  # the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    proc.wait(timeout=300)
-    os.close(leader)
-    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
-    assert proc.returncode == 0, screen[-3000:]
+    code, screen = run_in_terminal(_cli("tune", "run", str(f), "--no-track", "--cpus", "2"), workdir)
+    assert code == 0, screen[-3000:]
     # the title: the tally of this run and an ETA (none before a trial has taken its time)
     assert re.search(r"trials: 0/4 done in this run, [12] running, 0 pruned, 0 failed; ETA —", screen), screen[-3000:]
     assert re.search(r"trials: [123]/4 done in this run, [012] running, [123] pruned, 0 failed; ETA \d+ s", screen), \

@@ -190,32 +190,16 @@ def test_a_piped_run_prints_one_line_per_event(workdir):
 
 def test_on_a_terminal_the_study_bar_has_the_real_total(workdir):
     """The CLI in a pseudo-terminal (its own Ray cluster): the bar counts to the variants to run."""
-    import os
-    import pty
     import re
-    import subprocess
     import sys
 
+    from terminal import run_in_terminal
+
     f = _spec(workdir)
-    leader, follower = pty.openpty()
     cli = [sys.executable, "-c", "from bnnctl.orchestrator.cli import main; main()", "study", "run", str(f),
            "--only", "reverse", "--no-track", "--cpus", "2"]
-    proc = subprocess.Popen(cli, cwd=workdir, stdin=follower, stdout=follower, stderr=follower,
-                            env={**os.environ, "COLUMNS": "160", "TERM": "xterm"}, start_new_session=True)
-    os.close(follower)
-    chunks = []
-    while True:
-        try:
-            data = os.read(leader, 65536)
-        except OSError:  # the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    proc.wait(timeout=300)
-    os.close(leader)
-    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
-    assert proc.returncode == 0, screen[-2000:]  # the selected variants all succeeded (the study is not done)
+    code, screen = run_in_terminal(cli, workdir)
+    assert code == 0, screen[-2000:]  # the selected variants all succeeded (the study is not done)
     assert "variants done" in screen and "4/4" in screen and "ETA" in screen, screen[-2000:]
     assert "/None" not in screen and re.search(r"variants done\s.*0/4", screen), screen[-2000:]
     finished = set(re.findall(r"done {5}(t / \w+ / (?:stage 1 / )?seed \d)", screen))
