@@ -81,7 +81,9 @@ def templates():
     """The dashboard's pages, and the report's table markup (orchestrator/templates) they include."""
     from bnnctl.orchestrator.formats import jinja_env
 
-    return jinja_env(HERE / "templates")
+    env = jinja_env(HERE / "templates")
+    env.globals.update(metric_title=views.metric_title, whole_axis=views.whole_axis)  # axis titles and ticks
+    return env
 
 
 def _guard(token: str | None, answered: set[str]):
@@ -227,7 +229,8 @@ def _pages(app, site: _Site) -> None:
 
     @app.get("/", response_class=HTMLResponse)
     def index():
-        return page("studies.html", studies=views.studies(store))
+        listed = views.studies(store)
+        return page("studies.html", studies=listed, columns=views.config_columns([s["config"] for s in listed]))
 
     @app.get("/api/studies")
     def api_studies():

@@ -13,7 +13,7 @@ from bnnctl.orchestrator.layouts import StudyLayout
 from bnnctl.orchestrator.formats import table_data
 from bnnctl.orchestrator.records import shown_counts
 from bnnctl.orchestrator.store import collector_paused
-from bnnctl.orchestrator.report import ALPHA, build_tables, cell_variants, reported, sample_std, sources
+from bnnctl.orchestrator.report import ALPHA, budget, build_tables, cell_variants, reported, sample_std, sources
 from bnnctl.orchestrator.tracking import CREATING, flatten
 from bnnctl.workers.metrics import CURVES, HEADLINE_METRICS, MPII_GROUPS, named_joint_groups
 
@@ -35,17 +35,61 @@ def _counts(statuses: list[str]) -> dict[str, int]:
 
 
 def studies(store) -> list[dict]:
-    """The studies page: name, kind, spec file, status, variants by state, last activity (two
-    queries: the studies, and their variants counted by state in SQL)."""
+    """The studies page: name, version, kind, spec file, status, metric, variants by state, last
+    activity, and the base config's values (two queries: the studies, and their variants counted by
+    state in SQL)."""
     out = []
     counted = store.study_counts()
     for s in store.studies():
         counts, last = counted.get(s.id, ({}, None))
         counts = shown_counts(s.kind, counts)
+        layout = s.layout
+        base = layout.base if s.kind == "study" else flatten((layout.data or {}).get("base") or {})
         out.append({"name": s.name, "kind": s.kind, "spec_file": s.spec_file, "status": s.status,
+                    "version": s.name.partition("@")[2], "metric": layout.metric, "config": base,
                     "counts": counts, "total": sum(counts.values()),
                     "last_activity": _iso(s.updated_at if last is None else max(_aware(last), _aware(s.updated_at)))})
     return out
+
+
+def config_columns(configs: list[dict[str, str]], shown: int = 8) -> dict:
+    """The config columns of a table of ``configs`` (flattened): the paths whose values differ
+    between them (shown, at most ``shown``, the rest selectable), and every other path (selectable).
+    A config that lacks a path (a tuning's base as written) does not count for it; ``common``: the
+    value of each path that does not differ (nor is ``seed``)."""
+    paths = sorted({k for c in configs for k in c})
+    differ = [p for p in paths if p != "seed" and len({c[p] for c in configs if p in c}) > 1]
+    changing = set(differ) | {"seed"}
+    common = {p: next(c[p] for c in configs if p in c) for p in paths if p not in changing}
+    return {"paths": paths, "shown": differ[:shown], "differ": differ, "common": common}
+
+
+#: a study page lists its variants (with their configs) up to this many; beyond, results() has them
+VARIANTS_TABLE_MAX = 2000
+
+
+def variants_table(store, study_id: int, members: list, variants: dict, layout: StudyLayout) -> dict:
+    """The study page's variants table: one line per row and seed (ablation, row, seed, state,
+    reported value, budget: epochs over all its stages) with the config values, the ones that differ
+    between rows shown."""
+    import json
+
+    rows = [m for m in members if m.ablation is not None and m.variant_key in variants]
+    if len(rows) > VARIANTS_TABLE_MAX:
+        return {"rows": [], "too_many": len(rows), "columns": config_columns([])}
+    texts = store.config_texts(study_id)
+    flats = {k: flatten(json.loads(t)) for k, t in texts.items() if k in {m.variant_key for m in rows}}
+    lines = []
+    for m in rows:
+        v = variants[m.variant_key]
+        value = reported(v.result, layout.metric, layout.report) if v.result and v.status == "completed" else None
+        lines.append({"ablation": m.ablation, "row": m.row, "seed": m.seed, "key": v.key, "status": v.shown,
+                      "reported": value, "budget": budget(v.key, variants),
+                      "config": flats.get(v.key, {})})
+    columns = config_columns([line["config"] for line in lines])
+    for line in lines:  # a value every row shares is kept once (columns["common"]): a compact page and JSON
+        line["config"] = {p: x for p, x in line["config"].items() if p not in columns["common"]}
+    return {"rows": lines, "too_many": 0, "columns": columns}
 
 
 def _aware(t: datetime | str) -> datetime:
@@ -95,13 +139,45 @@ def _study_view(store, name: str) -> dict:
         "seeds_over_time": [{"table": t.name, "traces": seeds_traces(t)} for t in tables if t.looks],
         "per_joint": per_joint(layout, members, variants),
         "prerequisites": [{"key": v.key, "label": v.label, "status": v.status} for v in prereqs],
+        "variants_table": variants_table(store, s.id, members, variants, layout),
+        "version": s.name.partition("@")[2], "overrides": layout.overrides,
+        "versions": [o.name for o in store.studies() if o.name.partition("@")[0] == s.name.partition("@")[0]
+                     and o.name != s.name],
+        "units": unit_of(metric),
     }
 
 
+#: units of the metrics the pages plot: every axis says its metric and unit
+UNITS = {"pckh": "%", "pck": "%", "pckh@0.1": "%", "top1": "%", "top5": "%", "epoch_time": "s",
+         "flip_ratio": "fraction of binary weights", "clip_fraction": "fraction"}
+
+
+def unit_of(metric: str) -> str:
+    return UNITS.get(metric) or ("%" if metric.startswith(("pckh_", "pck_")) else "")
+
+
+def metric_title(metric: str) -> str:
+    """An axis title: the metric and its unit ("pckh (%)")."""
+    unit = unit_of(metric)
+    return f"{metric} ({unit})" if unit else metric
+
+
+def whole_axis(title: str, largest: float) -> dict:
+    """A Plotly axis of whole numbers (epochs, trials): ticks on integers only, every 1, 2, 5, 10,
+    20, 50... so that about ten show (never 1.2, 1.4, ...)."""
+    step = 1
+    for scale in (1, 10, 100, 1000, 10000):
+        step = next((m * scale for m in (1, 2, 5) if largest / (m * scale) <= 10), 0)
+        if step:
+            break
+    return {"title": {"text": title}, "tick0": 0, "dtick": max(step, 1), "tickformat": "d"}
+
+
 def row_curves(histories: dict, layout: StudyLayout, members: list, variants: dict, metric: str) -> list[dict]:
-    """Per table, each row's validation curve over epochs: the mean over its finished seeds and a
-    ± std band; a two-stage row's stage 2 is drawn after its stage 1's epochs (its budget).
-    ``histories``: the variants' metrics as ``Store.metrics_of`` reads them."""
+    """Per table, each row's validation curve over its whole budget: the mean over its finished
+    seeds and a ± std band. A two-stage row is drawn over both stages, its stage 1's epochs first
+    (1 .. e1), then its stage 2's (e1 + 1 .. e1 + e2), the change of stage marked. ``histories``:
+    the variants' metrics as ``Store.metrics_of`` reads them (a study's stage 1 variants included)."""
     by_row: dict[tuple, list] = {}
     for m in members:
         if m.ablation is not None and m.variant_key in variants:
@@ -111,19 +187,51 @@ def row_curves(histories: dict, layout: StudyLayout, members: list, variants: di
         lines = []
         for r in ab.rows:
             per_epoch: dict[int, list[float]] = {}
+            stage2 = None
             for v in by_row.get((ab.name, r.name), ()):
                 offset = int(v.config.get("schedule_offset") or 0)
-                for epoch, value in histories.get(v.key, {}).get(metric, []):
-                    per_epoch.setdefault(epoch + offset, []).append(value)
+                first = next((variants[d] for d in v.deps or () if d in variants and variants[d].kind == "stage1"), None)
+                parts = [(first, 0), (v, offset)] if first is not None else [(v, offset)]
+                if first is not None and offset:
+                    stage2 = offset + 1
+                for part, shift in parts:
+                    for epoch, value in histories.get(part.key, {}).get(metric, []):
+                        per_epoch.setdefault(epoch + shift, []).append(value)
             if not per_epoch:
                 continue
             xs = sorted(per_epoch)
             means = [sum(per_epoch[x]) / len(per_epoch[x]) for x in xs]
             stds = [sample_std(per_epoch[x]) for x in xs]
             lines.append({"row": r.name, "epochs": xs, "mean": means, "low": [m - d for m, d in zip(means, stds)],
-                          "high": [m + d for m, d in zip(means, stds)], "seeds": max(len(v) for v in per_epoch.values())})
-        out.append({"ablation": ab.name, "metric": metric, "lines": lines, "traces": curve_traces(lines)})
+                          "high": [m + d for m, d in zip(means, stds)], "stage2": stage2,
+                          "seeds": max(len(v) for v in per_epoch.values())})
+        title = f"{ab.name} — validation {metric} per epoch (mean ± std over seeds)"
+        out.append({"ablation": ab.name, "metric": metric, "lines": lines, "traces": curve_traces(lines),
+                    "layout": curve_layout(lines, metric, title)})
     return out
+
+
+def curve_layout(lines: list[dict], metric: str, title: str, height: int = 360) -> dict:
+    """The layout of validation curves: whole epochs on x, the metric and its unit on y, and a
+    dashed line where two-stage rows go from stage 1 to stage 2."""
+    largest = max((x for line in lines for x in line["epochs"]), default=1)
+    starts: dict[int, list[str]] = {}
+    for line in lines:
+        if line.get("stage2"):
+            starts.setdefault(line["stage2"], []).append(line["row"])
+    shapes, notes = [], []
+    for at, rows in sorted(starts.items()):
+        x = at - 0.5
+        shapes.append({"type": "line", "x0": x, "x1": x, "yref": "paper", "y0": 0, "y1": 1,
+                       "line": {"dash": "dash", "width": 1, "color": "#666"}})
+        who = "" if len(starts) == 1 else f" ({', '.join(rows)})"
+        notes.append({"x": x, "y": 1, "yref": "paper", "yanchor": "bottom", "showarrow": False,
+                      "text": f"stage 1 | stage 2{who}", "font": {"size": 11, "color": "#444"}})
+    return {"title": {"text": title}, "height": height, "margin": {"t": 60},
+            "xaxis": whole_axis("epoch of the row's budget (two-stage rows: stage 1, then stage 2)"
+                                if starts else "epoch", largest),
+            "yaxis": {"title": {"text": metric_title(metric)}, "rangemode": "nonnegative" if unit_of(metric) == "%" else "normal"},
+            "shapes": shapes, "annotations": notes}
 
 
 def curve_traces(lines: list[dict]) -> list[dict]:
@@ -224,7 +332,10 @@ def compare(store, names: list[str], selected: list[str]) -> dict:
                 ref = f"{name}/{c['ablation']}/{line['row']}"
                 if ref in selected:
                     lines.append({**line, "row": ref})
-    return {"studies": everything, "chosen": chosen, "selected": selected, "traces": curve_traces(lines)}
+    metrics = sorted({c["metric"] for c in chosen})
+    return {"studies": everything, "chosen": chosen, "selected": selected, "traces": curve_traces(lines),
+            "layout": curve_layout(lines, " / ".join(metrics) or "metric",
+                                   "validation curves (mean ± std over seeds)", height=420)}
 
 
 def per_joint(layout: StudyLayout, members: list, variants: dict) -> dict | None:
@@ -318,6 +429,10 @@ def variant(store, key: str, study_name: str | None = None, mlflow_url: str | No
         "study": study_name, "place": place, "baseline": None if baseline is None else
         {"key": baseline.key, "label": baseline.label},
         "config": mine_flat, "diff": diff, "curves": curves,
+        # flip ratios are fractions: their axis starts at 0 (Plotly puts a flat 0 line at -1..1)
+        "flip_range": [0, max([0.01] + [1.05 * x for x in curves.get("flip_ratio", {}).get("values", [])
+                                        if isinstance(x, (int, float))])],
+        "epoch_axis": whole_axis("epoch", max((e for c in curves.values() for e in c["epochs"]), default=1)),
         "metrics": result.get("metrics", {}), "best_metric": result.get("best_metric"),
         "best_epoch": result.get("best_epoch"), "metric": result.get("metric"),
         "accounting": result.get("accounting", {}), "per_joint": result.get("per_joint", {}),
@@ -354,7 +469,9 @@ def parallel_traces(paths: list[str], trials: list[dict], metric: str, maximize:
                        "name": f"trial {trials[i]['number']}", "line": {"color": f"rgb({shade},{shade},230)"},
                        "text": [f"{a} = {col[i]:.4g}" if isinstance(col[i], (int, float)) else f"{a} = {col[i]}"
                                 for a, col in zip(axes, columns)], "hoverinfo": "text+name"})
-    return {"traces": traces, "axes": axes}
+    # long dotted paths broken at their dots, so that the axes' names do not run into each other
+    labels = [a.replace(".", ".<br>") if len(a) > 14 else a for a in axes]
+    return {"traces": traces, "axes": axes, "labels": labels}
 
 
 def tuning(store, name: str, studies_by_arm: dict) -> dict:
@@ -399,13 +516,15 @@ def tuning(store, name: str, studies_by_arm: dict) -> dict:
                                          "few to rank them reliably (aim for 4 per parameter or more)") if few else None,
                      "intermediate": [{"x": list(t["intermediate"]), "y": list(t["intermediate"].values()),
                                        "name": f"trial {t['number']}" + (" (pruned)" if t["state"] == "PRUNED" else ""),
-                                       "mode": "lines", "line": {"dash": "dot" if t["state"] == "PRUNED" else "solid"}}
+                                       # markers too: a trial pruned after one epoch is one point, no line
+                                       "mode": "lines+markers", "line": {"dash": "dot" if t["state"] == "PRUNED" else "solid"}}
                                       for t in summary["trials"] if t["intermediate"]],
                      "parallel": parallel_traces(paths, complete, layout.metric, maximize) if len(complete) >= 2 else None,
                      "slices": [{"path": p, "log": logs.get(p, False),
                                  "x": [t["params"].get(p) for t in complete], "y": [t["value"] for t in complete],
                                  "text": [f"trial {t['number']}" for t in complete]} for p in paths],
                      "history": history, "best_so_far": best_so_far, "schedule": schedule,
+                     "epochs": max([1] + [e for t in summary["trials"] for e in t["intermediate"]]),
                      "finished": sum(1 for t in summary["trials"] if t["state"] in ("COMPLETE", "PRUNED", "FAIL"))})
     return {"name": s.name, "status": s.status, "spec_file": s.spec_file, "description": layout.description,
             "metric": layout.metric, "direction": layout.direction, "value": layout.value,

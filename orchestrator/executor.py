@@ -47,6 +47,8 @@ class Events:
     planned: Callable[[int], None] = lambda count: None
     #: the run passed its checks and started (the driver holds the study; nothing was refused)
     begun: Callable[[], None] = lambda: None
+    #: a line to show about the run as a whole (e.g. the quiet latency measurement at its end)
+    note: Callable[[str], None] = lambda text: None
 
 
 class Hooks:

@@ -56,11 +56,20 @@ def _size(n: int | None) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**17 else f"{n / 2**10:.1f} KiB"
 
 
-def format_latency(ms: float | None, float_ms: float | None = None) -> str:
-    """"2.68 ms (2.0x)": the binary model's latency and its speed-up over float32."""
+def format_latency(ms: float | None, float_ms: float | None = None, spread: tuple | list | None = None,
+                   quiet: bool | None = None) -> str:
+    """"2.68 ms [2.61–2.75] (2.0x)": the binary model's latency (median), the lowest and highest of
+    its rounds, and its speed-up over float32; "*" after the time when it was measured beside other
+    work (``quiet`` False)."""
     if ms is None:
         return "—"
-    text = f"{ms:.3g} ms" if ms < 100 else f"{ms:.0f} ms"
+
+    def t(x: float) -> str:
+        return f"{x:.3g}" if x < 100 else f"{x:.0f}"
+
+    text = f"{t(ms)} ms" + ("*" if quiet is False else "")
+    if spread and t(spread[0]) != t(spread[1]):
+        text += f" [{t(spread[0])}–{t(spread[1])}]"
     return text + (f" ({float_ms / ms:.1f}x)" if float_ms and ms > 0 else "")
 
 
@@ -103,7 +112,7 @@ def table_cells(t: Table) -> list[list[str]]:
         out.append([r.name, format_value(r.cell), format_delta(r), *decision, _reference(r.reference), *also,
                     "—" if r.epochs is None else str(r.epochs),
                     _millions(r.params), _giga(r.bops), _size(r.deployed_bytes),
-                    format_latency(r.latency_ms, r.latency_float_ms)])
+                    format_latency(r.latency_ms, r.latency_float_ms, r.latency_spread, r.latency_quiet)])
     return out
 
 
@@ -215,7 +224,8 @@ def table_data(t: Table, cells: dict | None = None) -> dict:
             "reference": r.reference, "params": r.params, "bops": r.bops, "deployed_bytes": r.deployed_bytes,
             "baseline": r.is_baseline, "best": r.best, "epochs": r.epochs, "p_adjusted": r.p_adjusted,
             "environment": r.environment, "latency_ms": r.latency_ms, "latency_float_ms": r.latency_float_ms,
-            "latency": format_latency(r.latency_ms, r.latency_float_ms),
+            "latency": format_latency(r.latency_ms, r.latency_float_ms, r.latency_spread, r.latency_quiet),
+            "latency_spread": list(r.latency_spread) if r.latency_spread else None, "latency_quiet": r.latency_quiet,
             "also": [{"metric": m, "value": format_value(c), "mean": c.mean, "std": c.std, "reference": ref}
                      for m, (c, ref) in zip(t.also, r.also)],
             "decision": r.decision, "decision_text": format_decision(r), "interval": list(r.interval or ()) or None,
@@ -250,5 +260,5 @@ def export(tables: list[Table], fmt: str, study: str, cells: dict | None = None)
     if fmt == "json":
         import json
 
-        return json.dumps({"study": study, "tables": [table_data(t, cells) for t in tables]}, indent=2, default=str)
+        return json.dumps({"study": study, "version": study.partition("@")[2], "tables": [table_data(t, cells) for t in tables]}, indent=2, default=str)
     return {"md": to_markdown, "csv": to_csv, "latex": to_latex}[fmt](tables)

@@ -71,6 +71,11 @@ class StudyLayout(Annotations):
     #: adaptive seeds (``statistics.adaptive`` as plain data: alpha, power, min_seeds, max_seeds,
     #: batch, margin); None: every row has every seed of ``seeds``
     adaptive: dict | None = None
+    #: a version of the study (``NAME@VERSION``): its name and the ``--set`` overrides it applies
+    version: str = ""
+    overrides: dict = field(default_factory=dict)
+    #: the base training config, flattened to dotted paths (the dashboard's config columns)
+    base: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict) -> StudyLayout:

@@ -76,6 +76,11 @@ class TableRow:
     #: the anytime-valid confidence sequence for the mean difference (None: unbounded)
     decision: str | None = None
     interval: tuple[float | None, float | None] | None = None
+    #: the lowest and highest round medians behind ``latency_ms`` (None: not kept, older results)
+    latency_spread: tuple[float, float] | None = None
+    #: every seed's latency measured at the end of the study on a quiet worker (False: one was
+    #: measured at the end of its training, beside other work; None: no latency)
+    latency_quiet: bool | None = None
 
     @property
     def significant(self) -> bool | None:
@@ -118,8 +123,13 @@ class Table:
         text = (f"{self.metric} {which}; mean ± std over seeds; Δ vs {self.baseline}: {test}; n=1: one seed, "
                 "no test; epochs: the row's training budget over all its stages")
         if self.latency_machines:
-            text += (f"; latency: the deployed model on the CPU, batch 1, one thread, median (in brackets: "
-                     f"speed-up over the same network in float32), measured on {' and '.join(self.latency_machines)}")
+            text += ("; latency: the deployed model on the CPU, batch 1, one thread, timed at the end of the "
+                     "study on a quiet worker (no other variant on its node): the median of its rounds, in square "
+                     "brackets the lowest and highest round, in brackets the speed-up over the same network in "
+                     f"float32; measured on {' and '.join(self.latency_machines)}")
+            if any(r.latency_quiet is False for r in self.rows):
+                text += ("; * measured at the end of the variant's training, possibly beside other variants on "
+                         "its node (the study did not reach its end: run it again to time it quietly)")
         if len(self.environments) > 1:
             text += (f". WARNING: its rows trained in {len(self.environments)} different environments "
                      f"({'; '.join(self.environments)}): numbers may differ for that reason alone")
@@ -183,15 +193,21 @@ def environment(result: dict | None) -> str | None:
     return ", ".join(str(p) for p in parts)
 
 
-def latency(results: list[dict | None], statuses: list[str]) -> tuple[float | None, float | None, set[str]]:
-    """(binary ms, float ms) medians over a row's completed seeds that measured them, and the machines."""
+def latency(results: list[dict | None], statuses: list[str]) -> dict:
+    """A row's latency: ``ms`` and ``float_ms`` (medians over its completed seeds that measured
+    them), ``spread`` (the lowest and highest of their rounds' medians, None when not kept),
+    ``quiet`` (every figure measured at the end of the study on a quiet worker; None: no figure)
+    and the ``machines``."""
     found = [r["latency"] for r, st in zip(results, statuses)
              if st == "completed" and r and (r.get("latency") or {}).get("binary_ms") is not None]
     if not found:
-        return None, None, set()
+        return {"ms": None, "float_ms": None, "spread": None, "quiet": None, "machines": set()}
     floats = [f["float_ms"] for f in found if f.get("float_ms") is not None]  # none for real-valued networks
-    return (statistics.median(f["binary_ms"] for f in found), statistics.median(floats) if floats else None,
-            {f.get("machine", "?") for f in found})
+    rounds = [x for f in found for x in (f.get("binary_rounds") or ())]
+    return {"ms": statistics.median(f["binary_ms"] for f in found),
+            "float_ms": statistics.median(floats) if floats else None,
+            "spread": (min(rounds), max(rounds)) if rounds else None,
+            "quiet": all(bool(f.get("quiet")) for f in found), "machines": {f.get("machine", "?") for f in found}}
 
 
 def budget(key: str, variants: dict) -> int | None:
@@ -262,8 +278,8 @@ def build_tables(layout: StudyLayout | dict, members: list, variants: dict) -> l
             budgets[r.name] = next((b for m in ms if (b := budget(m.variant_key, variants)) is not None), None)
             found = sorted({e for res, st in zip(results, statuses) if st == "completed" and (e := environment(res))})
             envs[r.name] = " | ".join(found) if found else None
-            *latencies[r.name], where = latency(results, statuses)
-            machines |= where
+            latencies[r.name] = latency(results, statuses)
+            machines |= latencies[r.name]["machines"]
         base = cells.get(ab.baseline)
         means = [c.mean for c in cells.values() if c.mean is not None]
         top = max(means) if means else None
@@ -281,10 +297,11 @@ def build_tables(layout: StudyLayout | dict, members: list, variants: dict) -> l
             rows.append(TableRow(r.name, c, _delta(c, base, paired.get(r.name)), r.reference, acc.get("params"), acc.get("bops"),
                                  acc.get("deployed_bytes"), r.name == ab.baseline, p,
                                  c.mean is not None and c.mean == top, budgets[r.name], p_adj, layout.alpha,
-                                 envs[r.name], *latencies[r.name],
+                                 envs[r.name], latencies[r.name]["ms"], latencies[r.name]["float_ms"],
                                  tuple((also_cells[(r.name, m)], r.also.get(m)) for m in also),
                                  decided[r.name].decision if r.name in decided else None,
-                                 (decided[r.name].low, decided[r.name].high) if r.name in decided else None))
+                                 (decided[r.name].low, decided[r.name].high) if r.name in decided else None,
+                                 latencies[r.name]["spread"], latencies[r.name]["quiet"]))
         distinct = tuple(sorted({e for row in rows if row.environment for e in row.environment.split(" | ")}))
         tables.append(Table(ab.name, ab.mode, metric, ab.baseline, tuple(rows), report, layout.alpha,
                             layout.correction, distinct, tuple(sorted(machines)), also, layout.adaptive, tuple(looks)))

@@ -1,8 +1,10 @@
 """Results as data: one record per variant of a study (or trial of a tuning), for notebooks
 (:func:`results` gives a pandas DataFrame) and for the CLI's ``--json`` (the same records).
 
-Columns: ``study``, ``ablation``, ``row``, ``seed``, ``variant`` (identity), ``label``, ``kind``,
-``status``, ``error``, ``epochs`` (the row's budget over its stages), ``reported`` (the study's
+Columns: ``study``, ``version`` (a study run with ``--set`` or ``--tag`` is a version of its spec,
+stored as ``NAME@VERSION``; ``""``: the spec as written), ``ablation``, ``row``, ``seed``, ``variant`` (identity), ``label``, ``kind``,
+``status``, ``error`` (``kind``: ``row`` for every row of a table, also one whose variant is a
+teacher's, the same function; ``teacher``, ``stage1``, ``pretrain`` for the others), ``epochs`` (the row's budget over its stages), ``reported`` (the study's
 metric by its reporting rule), ``report`` (that rule), ``metric.<name>`` (last epoch),
 ``best.<name>`` (best epoch), ``accounting.<name>``, ``env.<name>`` (where it trained),
 ``latency.<name>`` (the deployed model's measured CPU latency: ``binary_ms``, ``float_ms``, ...),
@@ -77,13 +79,16 @@ def _records(study: str, db: str | None, store: Store | None, texts: list | None
         variants = _stored_variants(store, [], s.id, config=TABLE_CONFIG)
         configs = store.config_texts(s.id)
     metric, rule = s.layout.metric, s.layout.report
+    version = s.name.partition("@")[2]  # "": the spec as written
     out = []
     for m in members:
         v = variants.get(m.variant_key)
         if v is None:
             continue
-        rec = {"study": s.name, "ablation": m.ablation, "row": m.row, "seed": m.seed}
+        rec = {"study": s.name, "version": version, "ablation": m.ablation, "row": m.row, "seed": m.seed}
         rec.update(_variant_record(v, variants, config=texts is None))
+        if m.ablation is not None:  # a row, even when its variant is also a teacher (the same function)
+            rec["kind"] = "row"
         rec["report"] = rule
         rec["reported"] = reported(v.result, metric, rule) if v.result and v.status == "completed" and metric else None
         out.append(rec)

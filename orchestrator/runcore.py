@@ -49,6 +49,8 @@ class RunOptions:
     lease_timeout_s: float = 60.0
     #: `--set PATH=VALUE`: applied last to every variant's config (part of the identities)
     overrides: tuple[tuple[str, Any], ...] = ()
+    #: `--tag NAME`: the version's name (default: the overrides written out; see spec.version_name)
+    tag: str | None = None
     #: `--only ROW` (a row name, or ABLATION/ROW) and `--variant KEY` (a key or a unique prefix):
     #: run only these (and what they depend on); empty: everything
     only: tuple[str, ...] = ()

@@ -40,6 +40,10 @@ Mode = str  # a name in ablations.ABLATION_MODES: "incremental", "isolated" or "
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 NAME_RULE = ("1 to 64 characters: letters, digits, '.', '_' and '-', starting with a letter or digit "
              "(it appears in URLs, file names and MLflow)")
+#: a version of a study (``--tag NAME``, or its ``--set`` overrides written out): the study is stored,
+#: listed, tracked and tabled as ``NAME@VERSION``, beside (never mixed with) the spec's own
+VERSION_RE = re.compile(r"^[A-Za-z0-9._=,:+-]{1,64}$")
+TAG_RULE = "1 to 64 characters: letters, digits, '.', '_' and '-', starting with a letter or digit"
 #: ablation, row, teacher and arm names: labels in tables (paper wording such as "1 stack ours w/o distil.")
 LABEL_MAX = 80
 LABEL_RULE = (f"1 to {LABEL_MAX} printable characters, no tabs, newlines or other control characters, "
@@ -204,9 +208,44 @@ class StudySpec:
         """The metric of the study's tables: ``metric``, else the task's (PCK@0.2 on LSP)."""
         return self.metric or table_metric(self.base)
 
+    #: ``""`` for the spec as written; else the version its ``--set`` overrides or ``--tag`` make
+    #: (then ``name`` is ``SPEC_NAME@VERSION``)
+    version: str = ""
+    overrides: tuple[tuple[str, Any], ...] = ()  # the ``--set`` overrides of this version
+
     @property
-    def experiment(self) -> str:
-        return self.tracking.experiment or self.name
+    def spec_name(self) -> str:
+        """The name the spec file gives (``name`` without its version)."""
+        return self.name.partition("@")[0]
+
+    @property
+    def experiment(self) -> str:  # the versions of a study share its MLflow experiment
+        return self.tracking.experiment or self.spec_name
+
+
+def version_of(name: str) -> str:
+    """The version part of a stored study name (``""``: the spec as written)."""
+    return name.partition("@")[2]
+
+
+def version_name(overrides: tuple[tuple[str, Any], ...], tag: str | None = None) -> str:
+    """The version of a run with ``--set`` ``overrides`` and ``--tag`` ``tag``: the tag; else the
+    overrides written out, sorted by path (``epochs=2,optim.lr=0.01``), or, when that is longer than
+    64 characters or has characters a name cannot (URLs, MLflow), ``set-`` and their hash."""
+    import json
+
+    if tag is not None:
+        if not NAME_RE.match(tag):
+            shown = tag if len(tag) <= 40 else tag[:40] + "..."
+            raise ConfigError("--tag", f"{shown!r} is not allowed as a version name: {TAG_RULE}")
+        return tag
+    if not overrides:
+        return ""
+    text = ",".join(f"{k}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}"
+                    for k, v in sorted(overrides, key=lambda kv: kv[0]))
+    if VERSION_RE.match(text):
+        return text
+    return "set-" + spec_hash(sorted([list(o) for o in overrides]))[:10]
 
 
 def table_metric(base: TrainConfig) -> str:
@@ -247,8 +286,9 @@ def same_names(names: list[str]) -> list[str]:
 
 class _Parser:
     def __init__(self, file: Path, data: Any, lines: dict[str, int],
-                 cli_overrides: tuple[tuple[str, Any], ...] = ()) -> None:
+                 cli_overrides: tuple[tuple[str, Any], ...] = (), tag: str | None = None) -> None:
         self.file, self.data, self.lines = str(file), data, lines
+        self.version = version_name(cli_overrides, tag)
         self.cli_overrides = cli_overrides  # `--set PATH=VALUE`: applied last, to every config
         #: the checkpoints configs start from (init_from, distill.teacher), where the spec sets them:
         #: checked before a run starts anything (see preflight.py)
@@ -453,14 +493,14 @@ class _Parser:
                 raise self.fail(section, f"duplicate names (compared ignoring case): {', '.join(map(repr, twice))}")
         description = top.get("description", "")
         return StudySpec(
-            name=name, description=str(description), file=self.file,
+            name=f"{name}@{self.version}" if self.version else name, version=self.version,
+            overrides=self.cli_overrides, description=str(description), file=self.file,
             spec_hash=spec_hash([self.data, [list(o) for o in self.cli_overrides]] if self.cli_overrides else self.data),
             base=base, seeds=tuple(seeds), resources=resources, teachers=teachers, ablations=ablations,
             tracking=tracking, execution=execution, metric=metric, storage=self.storage(top),
             report=self.report(top.get("report")), statistics=self.statistics(top.get("statistics")),
             pretrained=self.pretrained, checkpoints=tuple(self.checkpoints.values()),
-            data_roots=tuple(self.data_roots.values()),
-        )
+            data_roots=tuple(self.data_roots.values()))
 
     def report(self, value: Any) -> str:
         if value is None:
@@ -697,9 +737,11 @@ def spec_hash(data: Any) -> str:
     return hashlib.sha256(yaml.safe_dump(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> StudySpec:
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None, tag: str | None = None) -> StudySpec:
     """Parse and validate a study spec file. ``overrides`` (``--set``): dotted config paths applied
-    last to every variant's config (they become part of the variants' identities).
+    last to every variant's config (they become part of the variants' identities); with them, or
+    with a ``tag`` (``--tag``), the spec is a version of the study, named ``NAME@VERSION`` (see
+    :func:`version_name`).
 
     Raises:
         SpecError: the file is missing, not YAML, or invalid; the message names the YAML path and
@@ -707,5 +749,5 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Stud
     """
     path = Path(path)
     data, lines = load_yaml(path)
-    return _Parser(path, data, lines, tuple((overrides or {}).items())).parse()
+    return _Parser(path, data, lines, tuple((overrides or {}).items()), tag).parse()
 

@@ -497,6 +497,17 @@ class Store:
                                                AttemptRow.number == latest.scalar_subquery())
                       .values(node=node, node_id=node_id))
 
+    def set_latency(self, keys: list[str], latency: dict) -> None:
+        """The one change a completed variant's result may get: its deployed model's latency,
+        measured again at the end of a study on a quiet worker (``latency["quiet"]``); the rest of
+        the result is as its training wrote it."""
+        with self.session() as s:
+            for chunk in _chunks(list(keys)):
+                for row in s.scalars(select(VariantRow).where(VariantRow.key.in_(chunk),
+                                                              VariantRow.status == "completed")).all():
+                    row.result = {**(row.result or {}), "latency": dict(latency)}
+                    row.updated_at = _now()
+
     def set_mlflow_run(self, key: str, run_id: str) -> None:
         with self.session() as s:
             s.get(VariantRow, key).mlflow_run_id = run_id

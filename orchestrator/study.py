@@ -5,9 +5,11 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from bnnctl.workers.config import to_dict
+from bnnctl.workers.config import to_dict, with_overrides
 
 from .executor import Events
+from .latency import measure_quietly
+from .latency import pending as quiet_pending
 from .layouts import AblationLayout, RowLayout, StudyLayout
 from .plan import Plan, Variant, build_plan
 from .preflight import preflight, storage_source
@@ -16,6 +18,7 @@ from .runcore import DriverSession, LeaseKeeper, RunOptions
 from .sequential import Replay, replay
 from .spec import StudySpec, load_spec
 from .store import Member, Store
+from .tracking import flatten
 
 
 def table_layout(spec: StudySpec) -> dict:
@@ -29,6 +32,8 @@ def table_layout(spec: StudySpec) -> dict:
         ablations=tuple(AblationLayout(a.name, a.mode, a.baseline,
                                        tuple(RowLayout(r.name, r.reference, dict(r.also)) for r in a.rows))
                         for a in spec.ablations),
+        version=spec.version, overrides=dict(spec.overrides),
+        base=flatten(to_dict(with_overrides(spec.base, dict(spec.overrides)) if spec.overrides else spec.base)),
     ).to_dict()
 
 
@@ -193,7 +198,7 @@ def run_study(path: str | Path, db: str | None = None, tracking_uri: str | None 
     opts = options or RunOptions(db, tracking_uri, address, cpus, max_parallel, track)
     spec, plan = prepared if prepared is not None else (None, None)
     if spec is None:
-        spec = load_spec(path, dict(opts.overrides))
+        spec = load_spec(path, dict(opts.overrides), opts.tag)
     source = storage_source(opts.storage, spec.storage)
     if opts.storage is None and spec.storage is not None:  # --storage, then the spec's, then $BNNCTL_STORAGE
         opts = dataclasses.replace(opts, storage=spec.storage)
@@ -280,9 +285,11 @@ def _run_study(spec: StudySpec, path, store: Store, opts: RunOptions, events, le
     study = store.upsert_study(spec.name, str(path), spec.spec_hash, table_layout(spec))
     rnd = _round(spec, store, study.id, opts, plan)
     ran = set(rnd.todo)
+    # a finished study whose latencies were all taken beside other work still needs a worker
+    unquiet = not rnd.todo and bool(quiet_pending(store, study.id))
     with DriverSession(store, study.id, spec.name, study.mlflow_run_id, str(path), spec.experiment, opts,
                        spec.execution, spec.resources, events, lease=lease) as session:
-        session.begin(work=bool(rnd.todo))
+        session.begin(work=bool(rnd.todo) or unquiet)
         status = session.execute(rnd.sub) if rnd.todo else dict(rnd.before)
         # adaptive seeds: after each round, the stored results decide which rows get more seeds
         while (spec.statistics.adaptive is not None and rnd.todo and not session.halted
@@ -303,6 +310,9 @@ def _run_study(spec: StudySpec, path, store: Store, opts: RunOptions, events, le
             session.halted = (f"ran the selected variants only (--only / --variant); {len(left_out)} others were "
                               "not run")
         final = session.final_status(ok and not left_out)
+        if final == "completed" and session.backend is not None:  # every variant trained: time them quietly
+            measure_quietly(store, session.backend, session.storage.root, study.id, session.tracker,
+                            session.events.note)
         if session.tracker is not None and session.parent is not None:
             log_tables(session.tracker, session.parent, store, study.id, str(path))
         session.finish(final)
@@ -324,6 +334,33 @@ def log_tables(tracker, run_id: str, store: Store, study_id: int, spec_file: str
     study = store.study(study_id)
     tables = study_tables(store, study)
     tracker.study_files(run_id, spec_file, {f"tables.{fmt}": export(tables, fmt, study.name) for fmt in ("md", "csv", "html")})
+    tracker.link_runs(run_id, study.name, row_links(store, study_id, tracker.children(run_id)))
+
+
+def row_links(store: Store, study_id: int, own: dict[str, str]) -> list[dict]:
+    """The rows of a study whose variant's MLflow run is not that row's run under the study's
+    parent (``own``: variant key -> run id of its children): a result reused from another study or
+    tuning, a row that is the same function as a teacher, a variant that is a row of two ablations.
+    Each gets a link run (:meth:`Tracker.link_runs`)."""
+    from .tracking import CREATING
+
+    members = [m for m in store.members(study_id) if m.ablation is not None]
+    variants = store.variants(sorted({m.variant_key for m in members}))
+    links = []
+    for m in members:
+        v = variants.get(m.variant_key)
+        if v is None or v.status != "completed" or not v.mlflow_run_id or v.mlflow_run_id == CREATING:
+            continue
+        label = f"{m.ablation} / {m.row} / seed {m.seed}"
+        if own.get(v.key) == v.mlflow_run_id and v.kind == "row" and v.label == label:
+            continue  # the row's own run, tagged with its row
+        result = v.result or {}
+        links.append({"key": v.key, "run": v.mlflow_run_id, "ablation": m.ablation, "row": m.row, "seed": m.seed,
+                      "label": v.label, "config": v.config or {},
+                      "epoch": max(int((v.config or {}).get("epochs", 1)) - 1, 0),
+                      "metrics": {k: x for k, x in (result.get("metrics") or {}).items()
+                                  if isinstance(x, (int, float)) and not isinstance(x, bool)}})
+    return links
 
 
 def cancel_study(name: str, db: str | None = None) -> bool:

@@ -81,13 +81,15 @@ def _jobs_of(c, name: str) -> list:
 
 
 def submit(spec_path: Path, kind: str, address: str, db: str | None, storage: str | None,
-           tracking_uri: str | None, track: bool, max_parallel: int | None = None) -> Submitted:
-    """Submit the study (``kind="study"``) or tuning in ``spec_path`` as a Ray job."""
+           tracking_uri: str | None, track: bool, max_parallel: int | None = None,
+           overrides: tuple[tuple[str, Any], ...] = (), tag: str | None = None) -> Submitted:
+    """Submit the study (``kind="study"``) or tuning in ``spec_path`` as a Ray job; a study with
+    ``overrides`` (``--set``) or a ``tag`` is submitted as that version (``NAME@VERSION``)."""
     if kind == "study":
         from .spec import load_spec
         from .study import table_layout
 
-        spec = load_spec(spec_path)
+        spec = load_spec(spec_path, dict(overrides), tag)
         layout = table_layout(spec)
     else:
         from .tunespec import load_tune_spec
@@ -112,6 +114,10 @@ def submit(spec_path: Path, kind: str, address: str, db: str | None, storage: st
     args += ["--tracking-uri", tracking_uri] if track and tracking_uri else ["--no-track"]
     if max_parallel:
         args += ["--max-parallel", str(max_parallel)]
+    for path, value in overrides:  # the same version in the job: its overrides as the job's --set
+        args += ["--set", f"{path}={set_text(value)}"]
+    if tag is not None:
+        args += ["--tag", tag]
     entrypoint = "python -m bnnctl.orchestrator.cli " + " ".join(shlex.quote(a) for a in args)
     with tempfile.TemporaryDirectory(prefix="bnnctl-submit-") as ship:
         (Path(ship) / spec_path.name).write_bytes(spec_path.read_bytes())
@@ -124,6 +130,17 @@ def submit(spec_path: Path, kind: str, address: str, db: str | None, storage: st
                               f"{str(err).strip().splitlines()[0][:500]}") from None
     store.annotate_study(row.id, job={"address": address, "id": job_id, "submitted": time.time()})
     return Submitted(spec.name, job_id, address)
+
+
+def set_text(value: Any) -> str:
+    """``value`` as ``--set PATH=TEXT`` text that reads back as the same value (JSON is YAML)."""
+    import json
+
+    from .yamlio import parse_value
+
+    if isinstance(value, str) and parse_value(value) == value:
+        return value
+    return json.dumps(value)
 
 
 def job_of(study, address: str | None) -> tuple[Any, str] | None:

@@ -22,6 +22,13 @@ MAX_PARAM_LENGTH = 500  # MLflow accepts longer values, but the UI's table does 
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
+def version_tags(study: str) -> dict[str, str]:
+    """The ``bnnctl.version`` tag of a run of a study version (``NAME@VERSION``), with the spec's
+    name; none for the spec as written."""
+    name, _, version = study.partition("@")
+    return {"bnnctl.version": version, "bnnctl.spec_name": name} if version else {}
+
+
 def default_uri() -> str:
     """$MLFLOW_TRACKING_URI, else the sqlite store under ./.bnnctl as an absolute path (MLflow caches
     stores by URI within a process, so a relative path would follow the first working directory)."""
@@ -268,7 +275,7 @@ class Tracker:
             self.client.update_run(existing, status="RUNNING")
             return existing
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
-            "bnnctl.study": name, "bnnctl.role": "study", "bnnctl.spec_file": spec_file})
+            "bnnctl.study": name, "bnnctl.role": "study", "bnnctl.spec_file": spec_file, **version_tags(name)})
         return run.info.run_id
 
     def variant_run(self, parent: str, existing: str | None, key: str, label: str, kind: str, seed: int,
@@ -296,8 +303,11 @@ class Tracker:
             self._tag(found, extra)
             return found, False
         base = {"mlflow.parentRunId": parent, "bnnctl.study": study, "bnnctl.variant": key,
-                "bnnctl.identity": key, "bnnctl.kind": kind, "bnnctl.seed": str(seed), "bnnctl.label": label}
-        run = self.client.create_run(self.experiment_id, run_name=label, tags={**base, **extra})
+                "bnnctl.identity": key, "bnnctl.kind": kind, "bnnctl.seed": str(seed), "bnnctl.label": label,
+                **version_tags(study)}
+        version = base.get("bnnctl.version")  # the versions of a study share its experiment: names tell them apart
+        run = self.client.create_run(self.experiment_id, run_name=f"{label} @{version}" if version else label,
+                                     tags={**base, **extra})
         return run.info.run_id, True
 
     def children(self, parent: str) -> dict[str, str]:
@@ -316,6 +326,49 @@ class Tracker:
             token = page.token
             if not token:
                 return found
+
+    def link_runs(self, parent: str, study: str, links: list[dict]) -> int:
+        """A run under the study's ``parent`` for each row whose variant's run is not one of its own
+        rows: a result reused from another study or a tuning (``tune best``'s study), or a row that is
+        the same function as a teacher (one identity, one run, tagged ``kind=teacher``). So every row
+        of the table is a run of the study's experiment, with the study's tags, the variant's final
+        metrics and params, and ``bnnctl.same_as_run`` naming the run that trained it. ``links``:
+        ``{"key", "run", "ablation", "row", "seed", "label", "metrics", "epoch", "config"}`` each;
+        a link already there (same row and variant) is kept. Returns the links created."""
+        from mlflow.entities import RunTag
+
+        have: set[tuple[str, str, str, str]] = set()
+        token = None
+        while True:
+            page = self.client.search_runs([self.experiment_id], max_results=1000, page_token=token,
+                                           filter_string=f"tags.mlflow.parentRunId = '{parent}' and "
+                                                         "tags.`bnnctl.role` = 'link'")
+            for run in page:
+                t = run.data.tags
+                have.add((t.get("bnnctl.same_as", ""), t.get("bnnctl.ablation", ""), t.get("bnnctl.row", ""),
+                          t.get("bnnctl.seed", "")))
+            token = page.token
+            if not token:
+                break
+        made = 0
+        vtags = version_tags(study)
+        for link in links:
+            if (link["key"], link["ablation"], link["row"], str(link["seed"])) in have:
+                continue
+            name = f"{link['ablation']} / {link['row']} / seed {link['seed']}"
+            tags = {"mlflow.parentRunId": parent, "bnnctl.study": study, "bnnctl.role": "link", "bnnctl.kind": "row",
+                    "bnnctl.ablation": link["ablation"], "bnnctl.row": link["row"], "bnnctl.seed": str(link["seed"]),
+                    "bnnctl.label": name, "bnnctl.same_as": link["key"], "bnnctl.same_as_run": link["run"] or "",
+                    "bnnctl.same_as_label": link["label"], **vtags}
+            version = vtags.get("bnnctl.version")
+            run = self.client.create_run(self.experiment_id, run_name=f"{name} @{version}" if version else name,
+                                         tags={k: v for k, v in tags.items() if v})
+            self.log_batches(run.info.run_id, metrics_of(link["epoch"], link["metrics"]), params_of(link["config"]),
+                             [RunTag("mlflow.note.content", f"The same variant as run {link['run']} "
+                                     f"({link['label']}); trained once, reused by this row.")])
+            self.client.set_terminated(run.info.run_id, "FINISHED")
+            made += 1
+        return made
 
     def _tag(self, run_id: str, tags: dict[str, str]) -> None:
         if tags:

@@ -341,8 +341,31 @@ def _run_tuning(spec: TuneSpec, path, store: Store, opts: RunOptions, events, on
         final = session.final_status(all(n >= spec.trials and complete[a] for a, n in finished.items()))
         if session.tracker is not None and session.parent is not None:
             _log_summary(session.tracker, session.parent, spec, studies)
+            session.tracker.study_files(session.parent, str(path), trials_tables(store, spec.name))
         session.finish(final)
     return TuneOutcome(spec.name, final, finished, driver.trained)
+
+
+def trials_tables(store: Store, name: str) -> dict[str, str]:
+    """The tuning's trials table (arm, trial, state, objective, the sampled values, the variant and
+    its run) as CSV and Markdown, for its MLflow parent run."""
+    import csv
+    import io
+
+    from .results import records
+
+    recs = records(name, store=store)
+    params = sorted({k for r in recs for k in r if k.startswith("param.")})
+    cols = ["arm", "trial", "state", "objective", *params, "epochs", "variant", "mlflow_run_id"]
+    rows = [["" if r.get(c) is None else (f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c])) for c in cols]
+            for r in recs]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(cols)
+    writer.writerows(rows)
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return {"trials.csv": buf.getvalue(), "trials.md": "\n".join(md) + "\n"}
 
 
 def _log_summary(tracker, parent: str, spec: TuneSpec, studies: dict) -> None:

@@ -4,8 +4,14 @@ The model is materialized (re-parametrizations folded, as :func:`~bnnctl.workers
 does) and built twice from that state: with the float emulation ("float": what PyTorch does with
 the same network in float32) and with the XNOR backend ("xnor": fused binary inference where the
 kernel is available). Each is timed on one input of the task's size after a warm-up, in alternating
-rounds; the figure is the median over rounds of each round's median. Outputs of the two are
+rounds; the figure is the median over rounds of each round's median, and every round's median is
+kept (``binary_rounds``, ``float_rounds``: the spread a table shows). Outputs of the two are
 compared first: a latency is only reported for a binary model that gives the float model's bits.
+
+A study measures each trained model twice: at the end of its training (where other variants may
+run beside it: ``quiet`` False), then at the end of the study on a quiet worker (``quiet`` True,
+:func:`measure_checkpoint`, run by the orchestrator with a whole node held; see
+``bnnctl.orchestrator.latency``).
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from .models import ModelConfig, build_model
 from .reparam import materialize
 
 #: Timed calls per round and rounds (alternating float and binary), and the warm-up calls.
-REPEATS, ROUNDS, WARMUP = 5, 3, 2
+REPEATS, ROUNDS, WARMUP = 5, 7, 2
 
 
 @lru_cache(maxsize=1)
@@ -91,9 +97,22 @@ def measure(model: nn.Module, cfg: ModelConfig, input_size: int, *, repeats: int
         torch.set_num_threads(threads)
     where = machine() if kernels.available("cpu") else f"{machine()}, no XNOR kernel (no C compiler)"
     f = statistics.median(samples["float"])
+    medians = {k: [round(x, 3) for x in v] for k, v in samples.items()}  # each round's median, in order
+    common = {"machine": where, "threads": 1, "batch": 1, "input": input_size, "kernel": kernels.available("cpu"),
+              "rounds": rounds, "quiet": False}
     if not binary:  # a real-valued network: its latency, no binary counterpart to compare
-        return {"binary_ms": round(f, 3), "float_ms": None, "speedup": None, "machine": where, "threads": 1,
-                "batch": 1, "input": input_size, "kernel": kernels.available("cpu"), "binary_layers": False}
+        return {"binary_ms": round(f, 3), "float_ms": None, "speedup": None, "binary_layers": False,
+                "binary_rounds": medians["float"], "float_rounds": None, **common}
     b = statistics.median(samples["xnor"])
-    return {"binary_ms": round(b, 3), "float_ms": round(f, 3), "speedup": round(f / b, 2), "machine": where,
-            "threads": 1, "batch": 1, "input": input_size, "kernel": kernels.available("cpu"), "binary_layers": True}
+    return {"binary_ms": round(b, 3), "float_ms": round(f, 3), "speedup": round(f / b, 2), "binary_layers": True,
+            "binary_rounds": medians["xnor"], "float_rounds": medians["float"], **common}
+
+
+def measure_checkpoint(path) -> dict[str, Any]:
+    """:func:`measure` of the model a training checkpoint holds (its deployed form), on the input
+    size it trained at; for the quiet measurement at the end of a study (the caller sets ``quiet``)."""
+    from .train.checkpoint import model_from_checkpoint
+
+    model, cfg, data = model_from_checkpoint(path)
+    size = ((data.get("config") or {}).get("data") or {}).get("input_size") or cfg.input_size
+    return measure(model, cfg, int(size))

@@ -9,6 +9,26 @@ function drawCharts(root) {
   });
 }
 
+function choiceKey(el) {
+  return el.dataset.filterFor ? "filter/" + el.dataset.filterFor : "column/" + el.dataset.columnFor + "/" + el.value;
+}
+
+function keepChoices(root) {
+  var kept = {};
+  root.querySelectorAll("[data-filter-for], [data-column-for]").forEach(function (el) {
+    kept[choiceKey(el)] = el.type === "checkbox" ? el.checked : el.value;
+  });
+  return kept;
+}
+
+function restoreChoices(root, kept) {
+  root.querySelectorAll("[data-filter-for], [data-column-for]").forEach(function (el) {
+    var k = choiceKey(el);
+    if (!(k in kept)) return;
+    if (el.type === "checkbox") el.checked = kept[k]; else el.value = kept[k];
+  });
+}
+
 (function () {
   var main = document.querySelector("main");
   drawCharts(document);
@@ -21,10 +41,13 @@ function drawCharts(root) {
       if (last !== null && text !== last) {
         var html = await (await fetch(location.href, {cache: "no-store"})).text();
         var fresh = new DOMParser().parseFromString(html, "text/html").querySelector("main");
+        var kept = keepChoices(main);  // the reader's search words and chosen columns survive a refresh
         main.innerHTML = fresh.innerHTML;
+        restoreChoices(main, kept);
         main.dataset.live = fresh.dataset.live;
         main.dataset.refreshed = String(Number(main.dataset.refreshed || 0) + 1);
         drawCharts(main);
+        if (window.setUpTables) window.setUpTables(main);
       }
       last = text;
     } catch (e) { /* the server restarts or the network blips: try again next time */ }

@@ -67,6 +67,9 @@ class Task:
             (locations relative to the storage root).
         cpus, gpus: what each worker holds; workers: data-parallel workers training the variant
             together (see ``bnnctl.workers.train.parallel``).
+        kind: ``train``; or ``latency``: time the deployed model of the checkpoint in ``fetch``
+            (``checkpoint``), nothing trained or written (a study's quiet measurement at its end,
+            with a whole node's CPUs held: see ``bnnctl.orchestrator.latency``).
     """
 
     key: str
@@ -76,6 +79,7 @@ class Task:
     gpus: float = 0.0
     fetch: tuple[tuple[str, str], ...] = ()
     workers: int = 1
+    kind: str = "train"
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,11 @@ class Backend(ABC):
         """Why a submitted task that has not started never will (e.g. the cluster's autoscaler
         reports no node type can hold it): the executor fails it with this; "" otherwise."""
         return ""
+
+    def node_cpus(self) -> float:
+        """The CPUs of the largest node: a task that asks for them runs alone on its node (the
+        quiet latency measurement). Default: one variant's CPUs (a backend that cannot tell)."""
+        return 1.0
 
     def describe(self) -> str:
         """Where tasks run, for messages (e.g. the cluster's address)."""
@@ -365,6 +374,11 @@ def execute(task: Task, channel: Channel, node: str, rank: int = 0, node_id: str
     from ..runstorage import RunStorage, StorageError
 
     storage = RunStorage(task.storage)
+    if task.kind == "latency":
+        try:
+            return _measure(task, node, storage)
+        except StorageError as err:
+            return Finished(task.key, "lost" if err.machine else "failed", error=f"{err} (node {node})", node=node)
     folder = _worker_folder(storage, task, rank)
     if storage.remote:
         sweep_scratch()  # what killed tasks left on this machine
@@ -378,6 +392,23 @@ def execute(task: Task, channel: Channel, node: str, rank: int = 0, node_id: str
     finally:
         if storage.remote:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _measure(task: Task, node: str, storage) -> Finished:
+    """A ``latency`` task: the deployed model of the fetched checkpoint, timed on this worker (the
+    caller holds every CPU of its node, so no other variant runs beside it)."""
+    from bnnctl.workers.latency import measure_checkpoint
+
+    rel = dict(task.fetch)["checkpoint"]
+    with tempfile.TemporaryDirectory(prefix="bnnctl-latency-") as tmp:
+        path = Path(tmp) / "model.pt" if storage.remote else Path(storage.location(rel))
+        if storage.remote and not storage.download(rel, path):
+            return Finished(task.key, "failed", error=f"{rel} is missing from the run storage", node=node)
+        try:
+            latency = measure_checkpoint(path)
+        except (BnnctlError, ArithmeticError, RuntimeError) as err:
+            return Finished(task.key, "failed", error=f"{type(err).__name__}: {err}"[:500], node=node)
+    return Finished(task.key, "completed", {"latency": {**latency, "quiet": True, "node": node}}, node=node)
 
 
 def _execute(task: Task, channel: Channel, node: str, rank: int, storage, folder: Path) -> Finished:

@@ -113,5 +113,8 @@ class InProcessBackend(Backend):
             self._cancelled.add(key)
             self._free.notify_all()
 
+    def node_cpus(self) -> float:
+        return self.capacity
+
     def describe(self) -> str:
         return f"this process ({self.capacity:g} CPUs)"

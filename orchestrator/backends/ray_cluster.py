@@ -595,6 +595,10 @@ class RayBackend(Backend):
             ref = self._remote.options(**opts).remote(task, self._queue, decisions)
         self._running[ref] = task.key
 
+    def node_cpus(self) -> float:
+        """The CPUs of the largest alive node (a task asking for them has that node to itself)."""
+        return max((n["cpus"] for n in cluster_nodes()), default=1.0) or 1.0
+
     @property
     def may_grow(self) -> bool:
         """Whether the cluster has an autoscaler that may add nodes."""

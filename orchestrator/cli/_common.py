@@ -94,12 +94,14 @@ def stop_on_sigterm() -> None:
 
 
 def submit_and_report(file, kind: str, address: str, db, storage, tracking_uri, track: bool, max_parallel,
-                      follow_hint: str) -> None:
-    """`study submit` / `tune submit`: submit ``file`` as a Ray job and say how to follow it."""
+                      follow_hint: str, set_: list[str] | None = None, tag: str | None = None) -> None:
+    """`study submit` / `tune submit`: submit ``file`` as a Ray job and say how to follow it (a study
+    with ``--set`` or ``--tag``: as that version)."""
     from bnnctl.orchestrator.submit import submit
     from bnnctl.orchestrator.urls import mask_url
 
-    done = submit(file, kind, address, db, storage, tracking_uri, track, max_parallel)
+    overrides = tuple(parse_assignments(set_ or [], "--set").items())
+    done = submit(file, kind, address, db, storage, tracking_uri, track, max_parallel, overrides, tag)
     typer.echo(f"{kind} {done.study}: submitted as job {done.job_id} to {mask_url(done.address)}")
     typer.echo(f"follow it: bnnctl study logs {done.study}    {follow_hint} {done.study}    "
                f"stop it: bnnctl study cancel {done.study}   (each with the same --db)")

@@ -61,7 +61,10 @@ class StudyProgress:
         from bnnctl.orchestrator.executor import Events
 
         return Events(started=self.started, epoch=self.epoch, finished=self.finished, waiting=self.waiting,
-                      scaling=self.scaling, resumed=self.resumed, planned=self.planned)
+                      scaling=self.scaling, resumed=self.resumed, planned=self.planned, note=self.note)
+
+    def note(self, text: str) -> None:
+        self.line(text)
 
     def planned(self, count: int) -> None:
         """Adaptive seeds: the last look left comparisons open; ``count`` more variants run for them."""

@@ -46,6 +46,21 @@ def _load(ref: str, db: str | None):
     return store, study
 
 
+def _version_line(store, study) -> str | None:
+    """What version of its spec a study is ("version epochs=2 of quickstart: --set epochs=2"), and,
+    for the spec's own, the versions beside it; None when there are none."""
+    from bnnctl.orchestrator.spec import version_of
+
+    base, _, version = study.name.partition("@")
+    if version:
+        sets = " ".join(f"--set {k}={v}" for k, v in study.layout.overrides.items())
+        return f"version {version} of {base}" + (f": {sets}" if sets else " (tagged; the spec as written)")
+    others = [s.name for s in store.studies() if s.name.partition("@")[0] == base and version_of(s.name)]
+    if others:
+        return f"the spec as written; other versions: {', '.join(others)}"
+    return None
+
+
 def _refuse_tuning(study) -> None:
     if study.kind == "tuning":
         raise fail(f"{study.name!r} is a tuning, not a study; see it with: bnnctl tune show {study.name}")
@@ -75,6 +90,9 @@ def print_tables(tables, out) -> None:
 
 SetOption = Annotated[list[str], typer.Option("--set", help="Override a config value of every variant: PATH=VALUE "
                                               "(dotted, e.g. epochs=2); part of the variants' identities.")]
+TagOption = Annotated[Optional[str], typer.Option("--tag", help="Name this version of the study (default, with --set: "
+                                                "the overrides, e.g. quickstart@epochs=2); stored, listed and "
+                                                "tracked as NAME@TAG, never mixed with the spec's own.")]
 OnlyOption = Annotated[list[str], typer.Option("--only", help="Run only this row (its name, or ABLATION/ROW) and "
                                                "what it depends on; repeatable.")]
 VariantOption = Annotated[list[str], typer.Option("--variant", help="Run only this variant (a key or unique prefix "
@@ -95,6 +113,7 @@ def run(
     storage: StorageOption = None,
     takeover: TakeoverOption = False,
     set_: SetOption = [],
+    tag: TagOption = None,
     only: OnlyOption = [],
     variant: VariantOption = [],
     rerun_failed: Annotated[bool, typer.Option("--rerun-failed", help="Retry failed variants too (a plain run "
@@ -102,7 +121,7 @@ def run(
     verbose: VerboseOption = False,
 ) -> None:
     """Run a study (or continue it): finished variants are reused, unfinished ones resume."""
-    _run(file, db, tracking_uri, address, cpus, max_parallel, no_track, storage, takeover, set_, only, variant,
+    _run(file, db, tracking_uri, address, cpus, max_parallel, no_track, storage, takeover, set_, tag, only, variant,
          rerun_failed, verbose)
 
 
@@ -117,15 +136,16 @@ def rerun(
     no_track: NoTrackOption = False,
     storage: StorageOption = None,
     set_: SetOption = [],
+    tag: TagOption = None,
     only: OnlyOption = [],
     variant: VariantOption = [],
     verbose: VerboseOption = False,
 ) -> None:
     """Run a study again, retrying its failed variants (= study run --rerun-failed)."""
-    _run(file, db, tracking_uri, address, cpus, None, no_track, storage, False, set_, only, variant, True, verbose)
+    _run(file, db, tracking_uri, address, cpus, None, no_track, storage, False, set_, tag, only, variant, True, verbose)
 
 
-def _run(file, db, tracking_uri, address, cpus, max_parallel, no_track, storage, takeover, set_, only, variant,
+def _run(file, db, tracking_uri, address, cpus, max_parallel, no_track, storage, takeover, set_, tag, only, variant,
          rerun_failed, verbose) -> None:
     from bnnctl.orchestrator.plan import build_plan
     from bnnctl.orchestrator.runcore import RunOptions
@@ -138,9 +158,9 @@ def _run(file, db, tracking_uri, address, cpus, max_parallel, no_track, storage,
 
     overrides = tuple(parse_assignments(set_, "--set").items())
     options = RunOptions(db, tracking_uri, address, cpus, max_parallel, not no_track, storage=storage,
-                         takeover=takeover, overrides=overrides, only=tuple(only), variant_keys=tuple(variant),
+                         takeover=takeover, overrides=overrides, tag=tag, only=tuple(only), variant_keys=tuple(variant),
                          rerun_failed=rerun_failed)
-    spec = load_spec(file, dict(overrides))  # a bad spec is refused before anything is shown or started
+    spec = load_spec(file, dict(overrides), tag)  # a bad spec is refused before anything is shown or started
     store = _existing_store(db)
     # adaptive seeds: the first round is what the stored results say; later looks add to the total
     plan = build_plan(spec, adaptive_allotment(spec, store)[0] if spec.statistics.adaptive is not None else None)
@@ -207,6 +227,7 @@ def plan_cmd(
     file: Annotated[Path, typer.Argument(help="The study spec (YAML).")],
     db: DbOption = None,
     set_: SetOption = [],
+    tag: TagOption = None,
     only: OnlyOption = [],
     variant: VariantOption = [],
     rerun_failed: Annotated[bool, typer.Option("--rerun-failed", help="As `study run --rerun-failed` would.")] = False,
@@ -226,8 +247,7 @@ def plan_cmd(
     from ._common import parse_assignments
 
     overrides = tuple(parse_assignments(set_, "--set").items())
-    spec = load_spec(file, dict(overrides))
-    store = _existing_store(db)
+    spec, store = load_spec(file, dict(overrides), tag), _existing_store(db)
     adaptive = adaptive_budget(spec, store) if spec.statistics.adaptive is not None else None
     plan = build_plan(spec, adaptive["allotted"] if adaptive else None)
     items = plan_items(plan, store, RunOptions(db, overrides=overrides, only=tuple(only),
@@ -317,11 +337,13 @@ def submit(
     tracking_uri: TrackingUriOption = None,
     no_track: NoTrackOption = False,
     max_parallel: Annotated[Optional[int], typer.Option(help="Variants at once (default: the spec's).")] = None,
+    set_: SetOption = [],
+    tag: TagOption = None,
 ) -> None:
     """Run a study on a Ray cluster as a job: the driver runs there, this command returns at once.
     Follow it with `study status`, `study logs`; stop it with `study cancel`."""
     submit_and_report(file, "study", address, db, storage, tracking_uri, not no_track, max_parallel,
-                      "bnnctl study status")
+                      "bnnctl study status", set_, tag)
 
 
 @app.command("logs")
@@ -367,6 +389,9 @@ def show(
     _refuse_tuning(s)
     tables, cells = study_report(store, s)  # the variants behind each row too (--json lists them)
     if fmt == "table":
+        line = _version_line(store, s)
+        if line:
+            console().print(line, highlight=False)
         print_tables(tables, console())
     elif fmt in FORMATS:
         typer.echo(export(tables, fmt, s.name, cells))
@@ -406,6 +431,9 @@ def status(study: Annotated[str, typer.Argument(help="Study name or spec file.")
         states = {k: shown_state("trial", st) for k, st in states.items()}
     reason = f" ({s.layout.stopped_reason})" if s.status == "stopped" and s.layout.stopped_reason else ""
     title = f"{s.name}: {s.status}{reason}{_job_line(s)}"
+    line = _version_line(store, s)
+    if line:
+        title += f"\n{line}"
     order = list(dict.fromkeys(m.variant_key for m in members if m.variant_key in states))
     if every or len(order) <= STATUS_PAGE and page is None:
         console().print(_variant_table(store, title, order))
@@ -511,6 +539,7 @@ def list_studies(db: DbOption = None,
     from rich.table import Table as RichTable
 
     from bnnctl.orchestrator.records import shown_counts
+    from bnnctl.orchestrator.spec import version_of
 
     store = _existing_store(db)
     studies = store.studies() if store is not None else []
@@ -518,7 +547,7 @@ def list_studies(db: DbOption = None,
     listing = []
     for s in studies:
         counts = shown_counts(s.kind, by_study.get(s.id, ({}, None))[0])
-        listing.append({"name": s.name, "kind": s.kind, "status": s.status,
+        listing.append({"name": s.name, "version": version_of(s.name), "kind": s.kind, "status": s.status,
                         "variants": counts, "updated": f"{s.updated_at:%Y-%m-%d %H:%M}", "spec_file": s.spec_file})
     if as_json:
         typer.echo(json.dumps(listing, indent=2))

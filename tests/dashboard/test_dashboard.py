@@ -2,6 +2,7 @@
 against a store filled by the real driver running a small study and a small tuning (real training,
 MLflow, sqlite and PostgreSQL) on the in-process backend: what is tested here is the pages, so no
 Ray cluster starts (the study and tuning tests run the same drivers on Ray)."""
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -66,6 +67,46 @@ pruner: {{name: none}}
 execution: {{max_parallel: 2}}
 """
 
+STAGES = """
+name: dash-stages
+description: A two-stage row beside a single-stage one.
+base:
+  model: {{width: 8, depth: 2, binarize: {{quantizer: tanh}}}}
+  data: {{root: {root}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
+  epochs: 4
+  batch_size: 16
+  loss: mse
+  threads: 1
+  latency: false
+  lambda_schedule: {{kind: linear, lambda_start: 1.0, lambda_end: 20.0}}
+ablations:
+  - name: order
+    mode: isolated
+    rows:
+      - {{name: single, set: {{model.activation.kind: prelu}}}}
+      - {{name: reverse, set: {{model.activation.kind: prelu}}, stages: reverse_order}}
+tracking: {{experiment: dash}}
+"""
+
+PRUNE = """
+kind: tuning
+name: dash-prune
+base:
+  model: {{width: 8, depth: 2, binarize: {{quantizer: tanh}}}}
+  data: {{root: {root}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
+  epochs: 3
+  batch_size: 16
+  loss: mse
+  threads: 1
+  latency: false
+  lambda_schedule: {{kind: exponential, lambda_start: 1.0, lambda_end: 20.0}}
+search:
+  lambda_schedule.lambda_end: {{type: float, low: 5, high: 100, log: true}}
+trials: 3
+sampler: {{name: random, seed: 0}}
+pruner: {{name: threshold, lower: 1000}}  # no run passes: every trial but the default stops after epoch 1
+"""
+
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def filled(tmp_path_factory, request):
@@ -89,6 +130,12 @@ def filled(tmp_path_factory, request):
         assert run_study(root / "dash.yaml", options=inprocess).status == "completed"
         notrack = RunOptions(db=db, track=False, backend_instance=InProcessBackend(capacity=2))
         assert run_tuning(root / "tune.yaml", options=notrack).status == "completed"
+        (root / "stages.yaml").write_text(STAGES.format(root=root / "syn"))
+        (root / "prune.yaml").write_text(PRUNE.format(root=root / "syn"))
+        assert run_study(root / "stages.yaml", options=notrack).status == "completed"
+        version = dataclasses.replace(notrack, overrides=(("optim.lr", 0.01),))
+        assert run_study(root / "stages.yaml", options=version).study == "dash-stages@optim.lr=0.01"
+        assert run_tuning(root / "prune.yaml", options=notrack).status == "completed"
         before = _fingerprint(root, db)
         server = Server(db, root / ".bnnctl" / "runs", mlflow_url="http://127.0.0.1:5000")
         yield {"root": root, "db": db, "server": server, "fingerprint": before}
@@ -163,11 +210,51 @@ def test_studies_page(filled, browser, tmp_path):
 
     browser.get(filled["server"].url + "/")
     rows = {r.get_attribute("data-name"): r for r in browser.find_elements(By.CSS_SELECTOR, "#studies tbody tr")}
-    assert set(rows) == {"dash", "dash-tune"}
+    assert set(rows) == {"dash", "dash-tune", "dash-stages", "dash-stages@optim.lr=0.01", "dash-prune"}
     cells = [c.text for c in rows["dash"].find_elements(By.TAG_NAME, "td")]
-    assert cells[1] == "study" and cells[2].endswith("dash.yaml") and cells[3] == "completed"
-    assert cells[4] == "4 completed"  # 2 rows x 2 seeds, straight from the store
-    assert rows["dash-tune"].find_elements(By.TAG_NAME, "td")[1].text == "tuning"
+    assert cells[:7] == ["dash", "", "study", cells[3], "completed", "pckh", "4 completed"]  # 2 rows x 2 seeds
+    assert cells[3].endswith("dash.yaml")
+    assert rows["dash-tune"].find_elements(By.TAG_NAME, "td")[2].text == "tuning"
+    assert rows["dash-stages@optim.lr=0.01"].find_elements(By.TAG_NAME, "td")[1].text == "optim.lr=0.01"
+    assert rows["dash-prune"].find_elements(By.TAG_NAME, "td")[6].text == "1 completed 2 pruned"
+
+    def visible():
+        return [r.get_attribute("data-name") for r in browser.find_elements(By.CSS_SELECTOR, "#studies tbody tr")
+                if r.is_displayed()]
+
+    search = browser.find_element(By.ID, "studies-search")
+    search.send_keys("kind:tuning")
+    assert sorted(visible()) == ["dash-prune", "dash-tune"]
+    assert browser.find_element(By.CSS_SELECTOR, "[data-count-for=studies]").text == "2 of 5"
+    search.clear()
+    search.send_keys("stages")  # plain words: anywhere in the row
+    assert sorted(visible()) == ["dash-stages", "dash-stages@optim.lr=0.01"]
+    search.clear()
+    search.send_keys(" ")
+    header = browser.find_element(By.XPATH, "//table[@id='studies']/thead/tr/th[1]")
+    header.click()
+    assert visible() == sorted(rows)  # by name
+    header.click()
+    assert visible() == sorted(rows, reverse=True)
+    # config columns: the base config of each study; the ones that differ are offered and comparable
+    browser.find_element(By.CSS_SELECTOR, "details.columns summary").click()
+    box = browser.find_element(By.CSS_SELECTOR, "input[data-column-for=studies][value='optim.lr']")
+    if not box.is_selected():
+        box.click()
+    heads = [th.get_attribute("textContent") for th in browser.find_elements(By.CSS_SELECTOR, "#studies thead th")]
+    column = heads.index("optim.lr")
+    assert browser.find_elements(By.CSS_SELECTOR, "#studies thead th")[column].is_displayed()
+    lr = {r.get_attribute("data-name"): r.find_elements(By.TAG_NAME, "td")[column].text
+          for r in browser.find_elements(By.CSS_SELECTOR, "#studies tbody tr")}
+    assert lr["dash-stages@optim.lr=0.01"] == "0.01" and lr["dash"] == lr["dash-stages"] != "0.01"
+    search.clear()
+    search.send_keys("optim.lr<0.005 kind:study")
+    assert sorted(visible()) == ["dash", "dash-stages"]
+    search.clear()
+    search.send_keys("epochs>3")
+    assert sorted(visible()) == ["dash-stages", "dash-stages@optim.lr=0.01"]  # a config column compared as numbers
+    search.clear()
+    search.send_keys(" ")
     _shot(browser, "studies", tmp_path)
 
 
@@ -189,7 +276,10 @@ def test_study_page_numbers_match_the_store(filled, browser, tmp_path):
         assert row.find_element(By.CSS_SELECTOR, "td.paper").text == f"{expected.reference:.4g}"
         # the measured latency of the deployed model, with its speed-up over float32
         assert expected.latency_ms > 0 and row.find_element(By.CSS_SELECTOR, "td.latency").text == \
-            format_latency(expected.latency_ms, expected.latency_float_ms)
+            format_latency(expected.latency_ms, expected.latency_float_ms, expected.latency_spread, True)
+        assert expected.latency_quiet is True  # timed again at the end of the study, on a quiet worker
+        lo, hi = expected.latency_spread
+        assert lo <= expected.latency_ms <= hi
         assert ("best" in row.get_attribute("class").split()) == expected.best
         links = row.find_elements(By.CSS_SELECTOR, "td.links a")
         assert [a.text for a in links] == ["seed 0", "seed 1"]
@@ -235,7 +325,7 @@ def test_compare_page_puts_studies_side_by_side_and_overlays_rows(filled, browse
 
     browser.get(filled["server"].url + "/compare")
     boxes = browser.find_elements(By.CSS_SELECTOR, "input[name=study]")
-    assert [b.get_attribute("value") for b in boxes] == ["dash"]  # studies, not tunings
+    assert [b.get_attribute("value") for b in boxes] == ["dash", "dash-stages", "dash-stages@optim.lr=0.01"]  # not tunings
     boxes[0].click()
     browser.find_element(By.CSS_SELECTOR, "#compare-form button").click()
     assert _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "section.compared[data-study=dash] table.ablation-table"))
@@ -266,6 +356,7 @@ def test_variant_page(filled, browser, tmp_path):
     cells = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#latency td")]
     assert cells[0] == f"{lat['binary_ms']:.3g} ms ({lat['speedup']}x faster than float32: {lat['float_ms']:.3g} ms)"
     assert cells[1].startswith(lat["machine"]) and lat["speedup"] > 0
+    assert lat["quiet"] and len(lat["binary_rounds"]) == 7 and "end of the study on a quiet worker" in cells[1]
     attempts = browser.find_elements(By.CSS_SELECTOR, "#attempts tbody tr")
     assert len(attempts) == len(store.attempts(v.key)) >= 1
     last = store.attempts(v.key)[-1]
@@ -279,6 +370,161 @@ def test_variant_page(filled, browser, tmp_path):
     assert _wait(lambda: _charts_drawn(browser) >= 3)  # loss, metric, lambda + flips
     assert browser.execute_script("return document.getElementById('predictions').naturalWidth") > 0
     _shot(browser, "variant", tmp_path)
+
+
+def _layouts(browser) -> list[dict]:
+    """Every drawn chart's id, layout (axes' titles, ticks, shapes) and traces, as Plotly holds them."""
+    return browser.execute_script("""return Array.from(document.querySelectorAll('[data-plot]')).filter(el => el.layout)
+        .map(el => ({id: el.id, layout: el.layout, data: el.data.map(t => ({name: t.name, x: t.x, mode: t.mode,
+                     showlegend: t.showlegend, yaxis: t.yaxis}))}))""")
+
+
+def _titled(layout: dict, axis: str) -> str:
+    title = (layout.get(axis) or {}).get("title") or {}
+    return title.get("text", "") if isinstance(title, dict) else str(title)
+
+
+def _tick_labels(browser, chart_id: str, axis: str = "xtick") -> list[str]:
+    return browser.execute_script(
+        f"return Array.from(document.querySelectorAll('#{chart_id} .{axis} text')).map(t => t.textContent)")
+
+
+def test_two_stage_curves_axes_and_the_variants_table(filled, browser, tmp_path):
+    """A two-stage row's curve starts at epoch 1 of its stage 1 and runs over its whole budget, the
+    change of stage marked; every axis is titled, epochs are whole; the variants table sorts,
+    filters and shows the config values that differ between rows; a version says what it is."""
+    from selenium.webdriver.common.by import By
+
+    store = Store(filled["db"], readonly=True)
+    s = store.study("dash-stages")
+    members = {m.row: m for m in store.members(s.id) if m.ablation}
+    reverse = store.variant(members["reverse"].variant_key)
+    stage1 = store.variant(reverse.deps[0])
+    assert stage1.kind == "stage1"
+    browser.get(filled["server"].url + "/study/dash-stages")
+    assert _wait(lambda: _charts_drawn(browser) >= 2)
+    charts = {c["id"]: c for c in _layouts(browser)}
+    curves = charts["curves-1"]
+    line = next(t for t in curves["data"] if t["name"] == "reverse")
+    expected = [e for e, _ in store.metrics(stage1.key)["pckh"]] + [e + 2 for e, _ in store.metrics(reverse.key)["pckh"]]
+    assert line["x"] == expected == [1, 2, 3, 4]  # stage 1's epochs 1-2, then stage 2's as 3-4
+    assert next(t for t in curves["data"] if t["name"] == "single")["x"] == [1, 2, 3, 4]
+    (shape,) = curves["layout"]["shapes"]
+    assert shape["x0"] == shape["x1"] == 2.5 and shape["line"]["dash"] == "dash"
+    assert curves["layout"]["annotations"][0]["text"] == "stage 1 | stage 2"
+    assert _tick_labels(browser, "curves-1") == ["1", "2", "3", "4"]  # whole epochs only
+    for chart in charts.values():  # every axis titled, the metric with its unit
+        assert _titled(chart["layout"], "xaxis") and _titled(chart["layout"], "yaxis"), chart["id"]
+    assert _titled(curves["layout"], "yaxis") == "pckh (%)" and _titled(charts["chart-1"]["layout"], "yaxis") == "pckh (%)"
+
+    # the variants table: the config values that differ between the rows, sortable and filterable
+    heads = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#variants-table thead th") if th.is_displayed()]
+    assert heads[:6] == ["ablation", "row", "seed", "status", "pckh", "budget"]
+    assert {"schedule_offset", "schedule_epochs"} <= set(heads[6:]) and "seed" not in heads[6:]
+    assert "model.activation.kind" not in heads  # the same in both rows: selectable, not shown
+
+    def table():
+        return [[td.text for td in tr.find_elements(By.TAG_NAME, "td") if td.is_displayed()]
+                for tr in browser.find_elements(By.CSS_SELECTOR, "#variants-table tbody tr") if tr.is_displayed()]
+
+    offset, epochs = heads.index("schedule_offset"), heads.index("epochs")
+    assert {r[1]: (r[5], r[epochs], r[offset]) for r in table()} == {"single": ("4", "4", "0"),
+                                                                      "reverse": ("4", "2", "2")}  # budget: both stages
+    values = {r: store.variant(m.variant_key).result["metrics"]["pckh"] for r, m in members.items()}
+    pckh = browser.find_element(By.XPATH, "//table[@id='variants-table']/thead/tr/th[5]")
+    pckh.click()
+    pckh.click()  # descending
+    shown = [values[r[1]] for r in table()]
+    assert len(shown) == 2 and shown == sorted(shown, reverse=True)
+    search = browser.find_element(By.ID, "variants-search")
+    search.send_keys("row:reverse")
+    assert [r[1] for r in table()] == ["reverse"]
+    search.clear()
+    search.send_keys(f"pckh>={max(values.values())}")
+    assert sorted(r[1] for r in table()) == sorted(r for r, x in values.items() if x >= max(values.values()))
+    search.clear()
+    search.send_keys(f"pckh<{min(values.values())}")
+    assert table() == []
+    search.clear()
+    search.send_keys(" ")
+    browser.find_element(By.CSS_SELECTOR, "details.columns summary").click()
+    browser.find_element(By.CSS_SELECTOR, "input[data-column-for=variants-table][value='model.activation.kind']").click()
+    heads = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#variants-table thead th") if th.is_displayed()]
+    kind = heads.index("model.activation.kind")
+    assert [r[kind] for r in table()] == ["prelu", "prelu"]
+    assert "its versions: dash-stages@optim.lr=0.01" in browser.find_element(By.ID, "version").text
+    _shot(browser, "study-two-stage", tmp_path)
+    browser.get(filled["server"].url + "/study/dash-stages@optim.lr=0.01")
+    assert browser.find_element(By.ID, "version").text == \
+        "version optim.lr=0.01 of dash-stages: --set optim.lr=0.01"
+    heads = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#variants-table thead th") if th.is_displayed()]
+    assert "optim.lr" not in heads  # the same in every row of the version
+    _shot(browser, "study-version", tmp_path)
+
+
+def test_variant_page_axes_and_predictions_with_ground_truth(filled, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    store = Store(filled["db"], readonly=True)
+    s = store.study("dash")
+    key = next(m.variant_key for m in store.members(s.id) if m.row == "relu" and m.seed == 0)
+    browser.get(f"{filled['server'].url}/study/dash/variant/{key}")
+    assert _wait(lambda: _charts_drawn(browser) >= 3)
+    charts = {c["id"]: c for c in _layouts(browser)}
+    for chart in charts.values():
+        assert _titled(chart["layout"], "xaxis") == "epoch" and _titled(chart["layout"], "yaxis"), chart["id"]
+        assert _tick_labels(browser, chart["id"]) == ["1", "2"]  # 2 epochs: no 1.2, 1.4...
+    assert _titled(charts["chart-metric"]["layout"], "yaxis") == "pckh (%)"
+    flips = charts["chart-lambda"]["layout"]["yaxis2"]
+    assert flips["title"]["text"].startswith("flip ratio") and flips["range"][0] == 0  # its own axis, from 0
+    ticks = [float(t.replace("−", "-")) for t in _tick_labels(browser, "chart-lambda", "y2tick")]
+    assert ticks and min(ticks) >= 0
+    caption = browser.find_element(By.CSS_SELECTOR, "#predictions-figure figcaption").text
+    assert "ground truth as white rings" in caption and "legend" in caption
+    assert browser.execute_script("return document.getElementById('predictions').naturalHeight") > 128  # + legend
+    _shot(browser, "variant-axes", tmp_path)
+
+
+def test_pruned_trials_are_drawn_and_parallel_coordinates_are_readable(filled, browser, tmp_path):
+    import optuna
+
+    from selenium.webdriver.common.by import By
+
+    storage = optuna.storages.RDBStorage(filled["db"])
+    study = optuna.load_study(study_name="dash-prune/base", storage=storage)
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    assert len(pruned) == 2 and all(list(t.intermediate_values) == [1] for t in pruned)
+    browser.get(filled["server"].url + "/tuning/dash-prune")
+    assert _wait(lambda: _charts_drawn(browser) >= 2)
+    chart = next(c for c in _layouts(browser) if c["id"].startswith("intermediate-"))
+    lines = {t["name"]: t for t in chart["data"]}
+    for t in pruned:
+        trace = lines[f"trial {t.number} (pruned)"]
+        assert trace["x"] == [1] and "markers" in trace["mode"]  # one epoch: a point, not an invisible line
+    points = browser.execute_script(
+        f"return document.querySelectorAll('#{chart['id']} .scatterlayer .trace .points path').length")
+    assert points == 3 + 1 + 1  # the default's 3 epochs and each pruned trial's one
+    assert _tick_labels(browser, chart["id"]) == ["1", "2", "3"]
+    assert _titled(chart["layout"], "yaxis") == "pckh (%)"
+    rows = browser.find_elements(By.CSS_SELECTOR, "table.trials tbody tr")
+    assert sorted(r.find_elements(By.TAG_NAME, "td")[1].text for r in rows) == ["complete", "pruned", "pruned"]
+    search = browser.find_element(By.CSS_SELECTOR, "input[data-filter-for=trials-1]")
+    search.send_keys("state:pruned")
+    assert sorted(int(r.get_attribute("data-trial")) for r in rows if r.is_displayed()) == sorted(t.number for t in pruned)
+    _shot(browser, "tuning-pruned", tmp_path)
+    # parallel coordinates (the other tuning): the title and every axis name inside the chart, none overlapping
+    browser.get(filled["server"].url + "/tuning/dash-tune")
+    assert _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "[id^=parallel-] .main-svg"))
+    boxes = browser.execute_script("""var el = document.querySelector('[id^=parallel-]'), out = {chart: el.getBoundingClientRect(), ticks: []};
+        el.querySelectorAll('.xtick text').forEach(t => out.ticks.push(t.getBoundingClientRect()));
+        out.title = el.querySelector('.gtitle').getBoundingClientRect(); return out;""")
+    chart_box, ticks = boxes["chart"], sorted(boxes["ticks"], key=lambda b: b["left"])
+    assert len(ticks) == 3  # two parameters and the objective
+    for a, b in zip(ticks, ticks[1:]):
+        assert a["right"] <= b["left"], (a, b)  # no two axis names overlap
+    for box in [*ticks, boxes["title"]]:
+        assert chart_box["left"] <= box["left"] and box["right"] <= chart_box["right"] and box["top"] >= chart_box["top"]
+    _shot(browser, "tuning-parallel", tmp_path)
 
 
 def test_the_measured_latency_reaches_mlflow_and_the_results_frame(filled):

@@ -57,6 +57,9 @@ ablations:
       - {name: prelu, set: {model.activation.kind: prelu}}
 """)
     layout = parse(table_layout(load_spec(spec_file)))
+    assert layout.base["model.activation.kind"] == "prelu" and layout.base["epochs"] == str(load_spec(spec_file).base.epochs)
+    assert layout.version == "" and layout.overrides == {}
+    layout = dataclasses.replace(layout, base={})  # the base config (the dashboard's columns) aside
     assert layout == StudyLayout(name="lay", seeds=(0, 1), metric="pckh", report="best", alpha=0.1, correction="holm",
                                  ablations=(AblationLayout("T", "incremental", "relu",
                                                            (RowLayout("relu", 76.3), RowLayout("prelu"))),))

@@ -83,6 +83,9 @@ def test_runs_metrics_and_artifacts_reach_a_tracking_server(workdir, mlflow_serv
         names = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"result.json", "predictions.png"} <= names and "checkpoint" not in names
         assert Path(child.data.tags["bnnctl.checkpoint"]).is_file()  # in the run storage, once
+    # artifact locations relative to the server's store (mlflow-artifacts:), no path of this machine
+    assert exp.artifact_location.startswith("mlflow-artifacts:") and str(folder) not in exp.artifact_location
+    assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in runs)
     # the artifacts went through the server into its own store, not into the project folder
     assert list((folder / "artifacts").rglob("predictions.png")) and not (workdir / "mlruns").exists()
     assert not (workdir / ".bnnctl" / "mlartifacts").exists()

@@ -130,7 +130,7 @@ pruner: {{name: none}}
 def test_a_trials_value_in_tune_show_is_the_value_its_study_table_shows(workdir):
     spec = workdir / "rule.yaml"
     spec.write_text(TUNING.format(root=workdir / "syn"))
-    assert run_tuning(spec, options=_options(track=False)).status == "completed"
+    assert run_tuning(spec, options=_options()).status == "completed"
     _, _, studies = load_tuning("rule")
     summary = summarize(studies["base"])
     out = workdir / "best.yaml"
@@ -138,7 +138,7 @@ def test_a_trials_value_in_tune_show_is_the_value_its_study_table_shows(workdir)
     assert result.exit_code == 0, result.output
     written = yaml.safe_load(out.read_text())
     assert written["report"] == "best"  # the tuning's rule travels with its values
-    assert run_study(out, options=_options(track=False)).trained == 0  # the trials' own runs, reused
+    assert run_study(out, options=_options()).trained == 0  # the trials' own runs, reused
     csv_out = runner.invoke(app, ["study", "show", "rule-best", "--format", "csv"]).output
     rows = {r["row"]: r for r in __import__("csv").DictReader(__import__("io").StringIO(csv_out))}
     default, best = summary["default"], summary["best"]
@@ -149,3 +149,93 @@ def test_a_trials_value_in_tune_show_is_the_value_its_study_table_shows(workdir)
     history = [v for _, v in store.metrics(best["variant"])["pckh"]]
     assert best["value"] == max(history) == trained.result["best_metrics"]["pckh"]
     assert json.loads(json.dumps(written))["ablations"][0]["rows"][0]["name"] == "default"
+
+    # MLflow: the tuning's parent run holds its spec and its trials table; the study of its best
+    # values, which trained nothing, is not an empty parent: each row links to the trial that made it
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / '.bnnctl' / 'mlflow.db'}")
+    tuning_parent = store.study("rule").mlflow_run_id
+    files = {a.path for a in client.list_artifacts(tuning_parent, "tables")} | \
+        {a.path for a in client.list_artifacts(tuning_parent, "spec")}
+    assert {"tables/trials.csv", "tables/trials.md", "spec/rule.yaml"} <= files, files
+    table = list(__import__("csv").DictReader(open(client.download_artifacts(tuning_parent, "tables/trials.csv",
+                                                                             str(workdir / "dl")))))
+    assert len(table) == len(studies["base"].trials)
+    by_trial = {int(r["trial"]): r for r in table}
+    assert by_trial[best["number"]]["variant"] == best["variant"] and by_trial[best["number"]]["state"] == "COMPLETE"
+    assert float(by_trial[best["number"]]["objective"]) == float(f"{best['value']:.6g}")
+    study = store.study("rule-best")
+    links = client.search_runs([client.get_run(study.mlflow_run_id).info.experiment_id],
+                               f"tags.mlflow.parentRunId = '{study.mlflow_run_id}'")
+    assert sorted(r.data.tags["bnnctl.row"] for r in links) == sorted(rows)  # one run per row, none empty
+    link = next(r for r in links if r.data.tags["bnnctl.row"] == f"tuned (trial {best['number']})")
+    assert link.data.tags["bnnctl.same_as"] == best["variant"] and link.data.tags["bnnctl.kind"] == "row"
+    assert link.data.tags["bnnctl.same_as_run"] == trained.mlflow_run_id
+    assert link.data.metrics["pckh"] == trained.result["metrics"]["pckh"]
+    assert link.data.params["epochs"] == "4" and link.info.status == "FINISHED"
+    assert run_study(out, options=_options()).trained == 0  # run again: the links are kept, not doubled
+    again = client.search_runs([link.info.experiment_id], f"tags.mlflow.parentRunId = '{study.mlflow_run_id}'")
+    assert sorted(r.info.run_id for r in again) == sorted(r.info.run_id for r in links)
+
+
+LINKS = """
+name: links
+base:
+  model: {{width: 8, depth: 2}}
+  data: {{root: {root}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
+  epochs: 2
+  batch_size: 16
+  loss: mse
+  threads: 1
+  latency: false
+teachers:
+  real: {{set: {{model.binarize.activations: false, model.binarize.weights: false}}}}
+ablations:
+  - name: t
+    mode: isolated
+    rows:
+      - {{name: binary}}
+      - {{name: distilled, teacher: real}}
+      - {{name: real-valued, set: {{model.binarize.activations: false, model.binarize.weights: false}}}}
+tracking: {{experiment: links}}
+"""
+
+
+def test_every_row_is_a_row_in_mlflow_and_results_and_versions_are_named(workdir):
+    """The real-valued row is the teacher's function (one identity, trained once, kind=teacher):
+    it is still a row in results() and has a row run in MLflow. A --set version's runs carry its
+    name and a version tag, in the same experiment."""
+    from mlflow.tracking import MlflowClient
+
+    from bnnctl.orchestrator.results import results
+
+    spec = workdir / "links.yaml"
+    spec.write_text(LINKS.format(root=workdir / "syn"))
+    assert run_study(spec, options=_options()).status == "completed"
+    df = results("links")
+    rows = df[df.kind == "row"]
+    assert sorted(rows["row"]) == ["binary", "distilled", "real-valued"]  # the README's example keeps every row
+    store = Store()
+    teacher = next(v for v in store.study_variants(store.study("links").id).values() if v.kind == "teacher")
+    assert rows[rows.row == "real-valued"]["variant"].tolist() == [teacher.key]
+    assert df[df.kind == "teacher"]["variant"].tolist() == [teacher.key]  # and it is the teacher too
+
+    client = MlflowClient(f"sqlite:///{workdir / '.bnnctl' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("links").experiment_id
+    real = client.search_runs([exp], "tags.`bnnctl.row` = 'real-valued'")
+    assert len(real) == 1 and real[0].data.tags["bnnctl.same_as_run"] == teacher.mlflow_run_id
+    assert real[0].data.tags["bnnctl.kind"] == "row" and real[0].info.run_name == "t / real-valued / seed 0"
+    assert real[0].data.metrics["pckh"] == teacher.result["metrics"]["pckh"]
+    assert len(client.search_runs([exp], "tags.`bnnctl.role` = 'link'")) == 1  # the others are their own runs
+
+    version = run_study(spec, options=_options(overrides=(("epochs", 3),)))
+    assert (version.study, version.status) == ("links@epochs=3", "completed")
+    runs = client.search_runs([exp], "tags.`bnnctl.version` = 'epochs=3'")
+    parent = store.study("links@epochs=3").mlflow_run_id
+    assert parent in {r.info.run_id for r in runs}
+    children = [r for r in runs if r.info.run_id != parent]
+    assert len(children) == 4  # the teacher, two rows, and the real-valued row's link to the teacher
+    assert all(r.info.run_name.endswith(" @epochs=3") and r.data.tags["bnnctl.study"] == "links@epochs=3"
+               and r.data.tags["bnnctl.spec_name"] == "links" for r in children)
+    assert all(r.data.params["epochs"] == "3" for r in children)

@@ -121,9 +121,22 @@ def test_submit_follow_refuse_cancel_and_resume(tmp_path, cluster, pg_server):
         assert len(store.attempts(k)) == 1  # not retrained
     assert all(v.result["best_checkpoint"] == f"{k}/best.pt" for k, v in variants.items())
     assert all((tmp_path / "shared-runs" / k / "best.pt").exists() for k in variants)
+    # a version (--tag, --set) is submitted as that version: its own study and job; the same
+    # configs here, so every variant is reused
+    attempts = {k: len(store.attempts(k)) for k in variants}
+    tagged = run_cli(submit + ["--tag", "again"], env, laptop)
+    assert tagged.returncode == 0 and "study sub@again: submitted as job bnnctl-study-sub@again-1" in tagged.stdout, \
+        tagged.stdout + tagged.stderr
+    tagged_logs = run_cli(["study", "logs", "sub@again", "--db", db], env, laptop, timeout=600)
+    assert "job bnnctl-study-sub@again-1: SUCCEEDED" in tagged_logs.stdout, tagged_logs.stdout + tagged_logs.stderr
+    version = store.study("sub@again")
+    assert version.status == "completed" and version.layout.version == "again"
+    assert {m.variant_key for m in store.members(version.id)} == set(variants)
+    assert {k: len(store.attempts(k)) for k in variants} == attempts  # nothing trained again
+    assert store.study("sub").status == "completed"  # the spec's own study, untouched
     # nothing the laptop saw shows the database password
     for text in (out.stdout, out.stderr, again.stderr, status.stdout, status.stderr, cancel.stdout, followed,
-                 logs.stdout, logs.stderr):
+                 logs.stdout, logs.stderr, tagged.stdout, tagged_logs.stdout):
         assert pg_server.password not in text
 
 

@@ -151,6 +151,78 @@ def test_set_changes_the_identities_and_applies_to_every_config(workdir):
     assert bad.exit_code == 1 and "no row 'nope'; rows: t/distilled, t/exploding, t/relu, t/reverse" in bad.output
 
 
+def test_set_and_tag_runs_are_versions_of_the_study_never_mixed_with_its_own(workdir):
+    """A run with --set (or --tag) is a version, NAME@VERSION: listed, shown, tabled and returned by
+    results() apart from the spec as written, whose `study show NAME` is unchanged."""
+    from bnnctl.orchestrator.results import results
+
+    f = _spec(workdir)
+    assert run_study(f, options=_opts(only=("relu",))).trained == 2
+    own = json.loads(runner.invoke(app, ["study", "show", "flow", "--json"]).output)
+    cli = ["study", "run", str(f), "--only", "relu", "--no-track", "--cpus", "2"]
+    r = runner.invoke(app, [*cli, "--set", "epochs=3"])
+    assert r.exit_code == 0 and "study flow@epochs=3: stopped" in r.output, r.output
+    r = runner.invoke(app, [*cli, "--set", "model.width=16", "--tag", "wide"])
+    assert r.exit_code == 0 and "study flow@wide: stopped" in r.output, r.output
+    listing = json.loads(runner.invoke(app, ["study", "list", "--json"]).output)
+    assert sorted((s["name"], s["version"]) for s in listing) == [
+        ("flow", ""), ("flow@epochs=3", "epochs=3"), ("flow@wide", "wide")]
+
+    def relu_keys(shown):
+        row = next(r for r in shown["tables"][0]["rows"] if r["name"] == "relu")
+        return sorted(c["key"] for c in row["variants"])
+
+    again = json.loads(runner.invoke(app, ["study", "show", "flow", "--json"]).output)
+    assert again == own and again["version"] == ""  # the spec's own: not changed by its versions
+    one = json.loads(runner.invoke(app, ["study", "show", "flow@epochs=3", "--json"]).output)
+    wide = json.loads(runner.invoke(app, ["study", "show", "flow@wide", "--json"]).output)
+    assert (one["study"], one["version"], wide["version"]) == ("flow@epochs=3", "epochs=3", "wide")
+    keys = [relu_keys(own), relu_keys(one), relu_keys(wide)]
+    assert all(len(k) == 2 for k in keys) and len({k for ks in keys for k in ks}) == 6  # three tables, no shared cell
+    text = runner.invoke(app, ["study", "show", "flow"]).output
+    assert "the spec as written; other versions: flow@epochs=3, flow@wide" in text, text
+    text = runner.invoke(app, ["study", "show", "flow@wide"]).output
+    assert "version wide of flow: --set model.width=16" in text, text
+    assert "version epochs=3 of flow" in runner.invoke(app, ["study", "status", "flow@epochs=3"]).output
+
+    frames = {name: results(name) for name in ("flow", "flow@epochs=3", "flow@wide")}
+    for name, df in frames.items():
+        assert set(df["study"]) == {name} and set(df["version"]) == {name.partition("@")[2]}
+    rows = {name: df[df["row"] == "relu"] for name, df in frames.items()}
+    assert set(rows["flow"]["config.epochs"]) == {2} and set(rows["flow@epochs=3"]["config.epochs"]) == {3}
+    assert set(rows["flow@wide"]["config.model.width"]) == {16} and set(rows["flow@epochs=3"]["config.model.width"]) == {8}
+    # the plan of a version is the version's: its variants, already trained
+    plan = _plan_json(f, "--set", "epochs=3", "--only", "relu")
+    assert plan["summary"]["study"] == "flow@epochs=3"
+    assert {v["action"] for v in plan["variants"] if v["row"] == "relu"} == {"reuse"}
+
+
+def test_version_names():
+    from bnnctl.orchestrator.spec import version_name
+    from bnnctl.workers.errors import ConfigError
+
+    assert version_name(()) == ""
+    assert version_name((("optim.lr", 0.001), ("epochs", 2))) == "epochs=2,optim.lr=0.001"  # sorted by path
+    assert version_name((("epochs", 2), ("optim.lr", 0.001))) == "epochs=2,optim.lr=0.001"
+    assert version_name((("model.binarize.weights", False),)) == "model.binarize.weights=false"
+    odd = version_name((("data.root", "/data/my set"),))  # a space and '/': not in a name
+    assert odd.startswith("set-") and len(odd) == 14 and odd == version_name((("data.root", "/data/my set"),))
+    assert odd != version_name((("data.root", "/data/other"),))
+    assert version_name((("epochs", 2),), tag="v2") == "v2"
+    # a submitted version's overrides travel as --set text that reads back as the same values
+    from bnnctl.orchestrator.submit import set_text
+    from bnnctl.orchestrator.yamlio import parse_value
+
+    for value in ("prelu", "true", "1e-3", "a b", 0.001, 2, True, None, [1, 2], {"kind": "tanh"}):
+        assert parse_value(set_text(value)) == value, value
+    assert set_text("prelu") == "prelu" and set_text(16) == "16"
+    try:
+        version_name((), tag="my run")
+        raise AssertionError("a tag with a space was accepted")
+    except ConfigError as err:
+        assert err.path == "--tag" and "letters, digits" in err.message
+
+
 def test_delete_removes_a_study_and_keeps_what_another_study_uses(workdir):
     f = _spec(workdir)
     assert run_study(f, options=_opts(only=("relu",))).trained == 2

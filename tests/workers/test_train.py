@@ -44,8 +44,16 @@ def test_short_training_lowers_the_loss(synth_root, tmp_path):
     assert ckpt["epoch"] == 4 and ckpt["config"]["epochs"] == 4
     from PIL import Image
 
-    with Image.open(result.predictions_image) as im:  # predictions drawn on 8 validation crops
-        assert im.size == (8 * 128, 128)
+    from bnnctl.workers.train.tasks import CENTRE_COLOUR, LEFT_COLOUR, RIGHT_COLOUR, TRUTH_COLOUR
+
+    with Image.open(result.predictions_image) as im:  # predictions drawn on 8 validation crops, a legend under them
+        assert im.size[0] == 8 * 128 and 128 + 10 <= im.size[1] <= 128 + 40
+        legend = im.crop((0, 128, im.size[0], im.size[1])).convert("RGB")
+        colours = {c for _, c in legend.getcolors(1 << 16)}
+        assert {LEFT_COLOUR, RIGHT_COLOUR, CENTRE_COLOUR, TRUTH_COLOUR} <= colours
+        crops = im.crop((0, 0, im.size[0], 128)).convert("RGB")
+        # every labeled true joint is a white ring: the pixel 3 to the right of its centre, in some crop
+        assert sum(n for n, c in crops.getcolors(1 << 20) if c == TRUTH_COLOUR) > 8 * 4
 
 
 def test_stop_and_resume_ends_exactly_like_an_uninterrupted_run(synth_root, tmp_path):

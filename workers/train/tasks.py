@@ -164,8 +164,9 @@ class PoseTask:
 
     @torch.no_grad()
     def render_predictions(self, model: nn.Module, path: Path, device: torch.device, count: int = 8) -> Path | None:
-        """A PNG of the first validation crops with the predicted (red/blue by side) and true (white)
-        joints, for the run's artifacts."""
+        """A PNG of the first validation crops: each predicted joint a dot (red: left, blue: right,
+        yellow: centre), each labeled true joint a white ring joined to its prediction by a grey
+        line (the error), and a legend under the crops. For the run's artifacts and the dashboard."""
         from PIL import Image, ImageDraw
 
         from ..data.pose import IMAGENET_MEAN, IMAGENET_STD
@@ -177,25 +178,69 @@ class PoseTask:
         coords, _ = self.codec.decode(self.heatmaps(model(images)[-1]).float().cpu())
         size = self.codec.input_size
         scale = max(1, 128 // size)
-        sheet = Image.new("RGB", (size * scale * len(items), size * scale))
+        tile_px = size * scale
+        legend = _legend(tile_px * len(items))
+        sheet = Image.new("RGB", (tile_px * len(items), tile_px + legend.height), (255, 255, 255))
+        sheet.paste(legend, (0, tile_px))
         mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
         for k, (item, pred) in enumerate(zip(items, coords.numpy())):
             pixels = ((item["image"] * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-            tile = Image.fromarray(pixels).resize((size * scale, size * scale), Image.Resampling.NEAREST)
+            tile = Image.fromarray(pixels).resize((tile_px, tile_px), Image.Resampling.NEAREST)
             draw = ImageDraw.Draw(tile)
             truth = apply_affine(self.val_set.records[item["index"]].joints, item["crop"].numpy())
-            for j, (x, y) in enumerate(pred):
-                name = self.output_joints[j]
-                colour = (255, 80, 60) if name.startswith("l_") else (
-                    (60, 140, 255) if name.startswith("r_") else (255, 230, 0))
-                cx, cy = (x + 0.5) * scale - 0.5, (y + 0.5) * scale - 0.5
-                draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=colour)
-                if item["weight"][j] > 0:
-                    tx, ty = (truth[j] + 0.5) * scale - 0.5
-                    draw.line([(cx, cy), (tx, ty)], fill=(255, 255, 255))
-            sheet.paste(tile, (k * size * scale, 0))
+            points = [((x + 0.5) * scale - 0.5, (y + 0.5) * scale - 0.5) for x, y in pred]
+            labeled = [j for j in range(len(points)) if item["weight"][j] > 0]
+            for j in labeled:  # errors first, under the markers
+                tx, ty = (truth[j] + 0.5) * scale - 0.5
+                draw.line([points[j], (tx, ty)], fill=ERROR_COLOUR)
+            for j in labeled:
+                tx, ty = (truth[j] + 0.5) * scale - 0.5
+                draw.ellipse([tx - 3, ty - 3, tx + 3, ty + 3], outline=TRUTH_COLOUR)
+            for j, (cx, cy) in enumerate(points):
+                draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=side_colour(self.output_joints[j]))
+            sheet.paste(tile, (k * tile_px, 0))
         sheet.save(path)
         return path
+
+
+#: the colours of the predictions image (and of its legend)
+LEFT_COLOUR, RIGHT_COLOUR, CENTRE_COLOUR = (255, 80, 60), (60, 140, 255), (255, 230, 0)
+TRUTH_COLOUR, ERROR_COLOUR = (255, 255, 255), (170, 170, 170)
+
+
+def side_colour(joint: str) -> tuple[int, int, int]:
+    return LEFT_COLOUR if joint.startswith("l_") else RIGHT_COLOUR if joint.startswith("r_") else CENTRE_COLOUR
+
+
+def _legend(width: int):
+    """The legend strip of the predictions image: its entries left to right, wrapped to ``width``,
+    on a dark background (the markers as drawn on the crops)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    entries = [("dot", LEFT_COLOUR, "predicted, left"), ("dot", RIGHT_COLOUR, "predicted, right"),
+               ("dot", CENTRE_COLOUR, "predicted, centre"), ("ring", TRUTH_COLOUR, "ground truth (labeled joints)"),
+               ("line", ERROR_COLOUR, "error (prediction to truth)")]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h, x, y, placed = 14, 6, 3, []
+    for kind, colour, text in entries:
+        w = 18 + int(measure.textlength(text, font=font)) + 14
+        if x + w > width and x > 6:
+            x, y = 6, y + line_h
+        placed.append((x, y, kind, colour, text))
+        x += w
+    strip = Image.new("RGB", (width, y + line_h + 3), (40, 40, 40))
+    draw = ImageDraw.Draw(strip)
+    for x, y, kind, colour, text in placed:
+        cy = y + line_h // 2
+        if kind == "dot":
+            draw.ellipse([x + 4, cy - 2, x + 8, cy + 2], fill=colour)
+        elif kind == "ring":
+            draw.ellipse([x + 3, cy - 3, x + 9, cy + 3], outline=colour)
+        else:
+            draw.line([(x, cy), (x + 12, cy)], fill=colour)
+        draw.text((x + 18, y + 1), text, fill=(235, 235, 235), font=font)
+    return strip
 
 
 class ClassificationTask:
