@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; on a CUDA machine install your torch build into the venv first (README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run test bench clean browser postgres gpu-check
+.PHONY: setup run test test-fast bench clean browser postgres gpu-check
 
 setup: $(VENV)/.bnnctl-installed
 
@@ -40,6 +40,11 @@ postgres:
 
 test: setup browser postgres
 	$(PY) -m pytest -q
+
+# Everything not marked slow (a real browser, drivers killed, > ~5 s) or cluster (several Ray nodes or
+# processes): the inner loop while editing; `make test` (and CI) runs them all.
+test-fast: setup postgres
+	$(PY) -m pytest -q -m "not slow and not cluster"
 
 bench: setup
 	$(PY) tests/benchmarks/bench_binary_vs_real.py

@@ -478,7 +478,8 @@ def tuning(store, name: str, studies_by_arm: dict) -> dict:
     """A tuning page: per arm the trials, optimization history, importances and the best schedule."""
     from bnnctl.orchestrator.tuneresults import summarize
     from bnnctl.workers.config import from_dict, with_overrides
-    from bnnctl.workers.schedules import LambdaSchedule
+    from bnnctl.workers.schedules import LambdaSchedule, epoch_values
+    from bnnctl.workers.train import TrainConfig
 
     s = _study(store, name, "tuning")
     layout = s.layout
@@ -501,11 +502,9 @@ def tuning(store, name: str, studies_by_arm: dict) -> dict:
                 base = from_dict(LambdaSchedule, base_data.get("lambda_schedule") or {})
                 sched = with_overrides(base, {p.removeprefix("lambda_schedule."): v for p, v in params.items()
                                               if p.startswith("lambda_schedule.")})
-                epochs = int(base_data.get("epochs", 120))
-                last = max(epochs - 1, 1)  # as the trainer: epoch k (1-based) runs at t = k - 1, the last at lambda_end
-                schedule = {"epochs": list(range(1, epochs + 1)),
-                            "best": [sched.value(e, last) for e in range(epochs)],
-                            "default": [base.value(e, last) for e in range(epochs)]}
+                epochs = int(base_data.get("epochs", TrainConfig.__dataclass_fields__["epochs"].default))
+                schedule = {"epochs": list(range(1, epochs + 1)), "best": epoch_values(sched, epochs),
+                            "default": epoch_values(base, epochs)}  # the trainer's own rule (workers/schedules.py)
         complete = [t for t in summary["trials"] if t["state"] == "COMPLETE" and t["value"] is not None]
         paths = layout.param_paths
         logs = {p.path: p.log for p in layout.params}

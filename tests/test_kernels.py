@@ -271,6 +271,7 @@ def test_whole_model_with_the_xnor_backend_matches_the_float_one():
         assert torch.equal(fast(x)[-1], fast(x)[-1])  # the cached packed weights stay valid
 
 
+@pytest.mark.slow
 def test_cuda_sources_compile_for_sm80_and_sm90(tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:

@@ -93,6 +93,19 @@ def check_groups(model: nn.Module, groups: tuple[LambdaSchedule, ...]) -> None:
                     f"model: {', '.join(known) or 'none'}")
 
 
+def epoch_values(schedule: LambdaSchedule, epochs: int, steps_per_epoch: int = 1000) -> list[float]:
+    """lambda at each epoch (1 to ``epochs``) of a run, as :class:`LambdaScheduler` steps it in the
+    trainer: epoch k (1-based) trains at t = k - 1 and the last epoch at lambda_end (the horizon is
+    ``epochs - 1``). A schedule counted in steps: its value at each epoch's first step, for
+    ``steps_per_epoch`` steps an epoch (the trainer knows the real number; the curve's shape is the
+    same). The dashboard draws schedules with this, never with a copy of the rule."""
+    if schedule.unit == "step":
+        last = max(epochs * steps_per_epoch - 1, 1)
+        return [schedule.value(e * steps_per_epoch, last) for e in range(epochs)]
+    last = max(epochs - 1, 1)
+    return [schedule.value(e, last) for e in range(epochs)]
+
+
 class LambdaScheduler:
     """Steps the lambda buffers of a model by a schedule: call ``step(t)`` at each epoch or step.
 

@@ -19,6 +19,8 @@ from bnnctl.orchestrator.report import build_tables
 from bnnctl.orchestrator.store import Store
 from dashserver import Server, free_port
 
+pytestmark = pytest.mark.slow
+
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 if not (CHROMIUM and DRIVER):
     if os.environ.get("CI"):

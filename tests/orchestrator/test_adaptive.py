@@ -36,6 +36,7 @@ def _simulate(rng, effects: dict[str, float], cfg: Adaptive = SIM, studies: int 
     return out
 
 
+@pytest.mark.slow
 def test_under_no_effect_the_rate_of_better_or_worse_stays_below_alpha():
     """2,000 simulated studies of three rows with no effect, looked at after every batch of 2 seeds
     from 3 to 20: the family-wise rate of any "better" or "worse" stays <= alpha."""
@@ -206,6 +207,7 @@ def _outcome(folder):
     return values, {r.name: (r.decision, len(r.cell.values), r.p_adjusted, r.interval) for r in table.rows}, table
 
 
+@pytest.mark.slow
 def test_an_adaptive_study_spends_seeds_on_the_open_row_and_a_kill_changes_no_decision(tmp_path):
     """The real-valued row (a large effect) stops as soon as it is decided (at min_seeds, or one batch
     later: how decisive 5 seeds are depends on the trained values); the row that changes PReLU's

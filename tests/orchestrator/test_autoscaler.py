@@ -14,7 +14,7 @@ from bnnctl.orchestrator.study import transient
 
 from raynodes import RayNodes, free_port, run_cli, wait_for
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Ray's fake multi-node provider: Linux")
+pytestmark = [pytest.mark.cluster, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Ray's fake multi-node provider: Linux")]
 
 #: the fake provider's ids: the head's, then fff…00001, fff…00002 for the nodes it adds
 HEAD_ID = "f" * 51 + "00000"

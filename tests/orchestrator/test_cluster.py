@@ -19,8 +19,8 @@ from bnnctl.orchestrator.store import Store
 from conftest import BUCKET
 from raynodes import RayNodes, run_cli, wait_for
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
-                                reason="needs root and unshare for the second node's private mount namespace")
+pytestmark = [pytest.mark.cluster, pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                                                        reason="needs root and unshare for the second node's private mount namespace")]
 
 SPEC = """
 name: cluster

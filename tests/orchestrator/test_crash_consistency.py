@@ -22,6 +22,8 @@ from bnnctl.orchestrator.tuning import objective_value, run_tuning
 from bnnctl.workers.config import from_dict
 from bnnctl.workers.train import LocalReporter, TrainConfig, run_variant
 
+pytestmark = pytest.mark.slow
+
 CLI = [sys.executable, "-c", "from bnnctl.orchestrator.cli import main; main()"]
 HISTORY = ("pckh", "val_loss", "train_loss")
 

@@ -2,6 +2,7 @@
 database, its errors and hints, and what reaches MLflow."""
 import re
 
+import pytest
 from typer.testing import CliRunner
 
 from bnnctl.orchestrator.cli import app
@@ -52,6 +53,7 @@ def test_masking_rules():
     assert mask_text("gs://b/x?token=zz&sig=yy") == "gs://b/x?token=***&sig=***"
 
 
+@pytest.mark.slow
 def test_no_output_shows_the_database_password(workdir, pg_server):
     db = pg_server.database()
     password = pg_server.password

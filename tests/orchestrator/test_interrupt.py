@@ -9,7 +9,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from bnnctl.orchestrator.store import Store
+
+pytestmark = pytest.mark.slow
 
 SPEC = """
 name: sig

@@ -4,6 +4,8 @@ the end of training (a study stopped early) is marked in the tables. Real traini
 on the in-process backend."""
 import json
 
+import pytest
+
 from bnnctl.orchestrator.backends.inprocess import InProcessBackend
 from bnnctl.orchestrator.formats import format_latency
 from bnnctl.orchestrator.report import latency, study_tables
@@ -35,6 +37,7 @@ def _run(spec, backend, **kw):
     return run_study(spec, options=RunOptions(track=False, backend_instance=backend, **kw))
 
 
+@pytest.mark.slow
 def test_each_network_is_timed_once_at_the_end_on_a_quiet_worker(workdir):
     spec = workdir / "quiet.yaml"
     spec.write_text(SPEC.format(root=workdir / "syn"))

@@ -13,6 +13,8 @@ from bnnctl.orchestrator.cli import app
 
 from raynodes import free_port, wait_for
 
+pytestmark = pytest.mark.slow
+
 STUDY = """
 name: served
 base:

@@ -260,6 +260,7 @@ def test_imagenet_rows_and_mt_recipe():
     assert (mt.epochs, mt.optim.lr_steps, mt.model.arch) == (90, (30, 60), "resnet18") and mt.optim.weight_decay > 0
 
 
+@pytest.mark.slow
 def test_equal_parameter_budgets_where_the_papers_compare_at_one():
     sg = rows("mpii_soft_gates.yaml", "SG connection type")
     counts = {n: params(r.config.model) for n, r in sg.items()}

@@ -2,11 +2,15 @@
 import dataclasses
 import json
 
+import pytest
+
 from bnnctl.orchestrator.plan import build_plan
 from bnnctl.orchestrator.spec import load_spec
 from bnnctl.orchestrator.store import Store
 from bnnctl.orchestrator.study import run_study
 from bnnctl.workers.train import LocalReporter, run_variant
+
+pytestmark = pytest.mark.cluster
 
 SPEC = """
 name: dp

@@ -9,6 +9,8 @@ from bnnctl.orchestrator.store import Store
 
 from raynodes import RECORD, RayNodes, run_cli, wait_for
 
+pytestmark = pytest.mark.cluster
+
 SPEC = """
 name: {name}
 base:

@@ -2,6 +2,7 @@
 real MLflow store: provenance, the budget column, one reporting rule from tuning to table."""
 import json
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -43,6 +44,7 @@ def _options(**kw):
     return RunOptions(backend_instance=InProcessBackend(capacity=1), **kw)
 
 
+@pytest.mark.slow
 def test_provenance_budgets_and_the_rule_reach_tables_pages_and_mlflow(workdir):
     from mlflow.tracking import MlflowClient
 
@@ -62,6 +64,9 @@ def test_provenance_budgets_and_the_rule_reach_tables_pages_and_mlflow(workdir):
     # lambda over the row's whole budget: stage 1 runs epochs 0-1, stage 2 epochs 2-3 and ends at lambda_end
     lambdas = [v for _, v in store.metrics(stage1.key)["lambda"]] + [v for _, v in store.metrics(reverse.key)["lambda"]]
     assert lambdas == [1.0, 1.0 + 19 / 3, 1.0 + 38 / 3, 20.0]
+    from bnnctl.workers.schedules import LambdaSchedule, epoch_values
+
+    assert epoch_values(LambdaSchedule("linear", 1.0, 20.0), 4) == lambdas  # the dashboard's curve is the trainer's
 
     # the tables: an epochs column (equal budgets), the rule under each table
     result = runner.invoke(app, ["study", "show", "prov", "--format", "csv"])
@@ -127,6 +132,7 @@ pruner: {{name: none}}
 """
 
 
+@pytest.mark.slow
 def test_a_trials_value_in_tune_show_is_the_value_its_study_table_shows(workdir):
     spec = workdir / "rule.yaml"
     spec.write_text(TUNING.format(root=workdir / "syn"))
@@ -202,6 +208,7 @@ tracking: {{experiment: links}}
 """
 
 
+@pytest.mark.slow
 def test_every_row_is_a_row_in_mlflow_and_results_and_versions_are_named(workdir):
     """The real-valued row is the teacher's function (one identity, trained once, kind=teacher):
     it is still a row in results() and has a row run in MLflow. A --set version's runs carry its

@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 
 from bnnctl.orchestrator.backends.inprocess import InProcessBackend
 from bnnctl.orchestrator.runcore import RunOptions
@@ -13,6 +14,8 @@ from bnnctl.orchestrator.store import SCHEMA_VERSION, Store
 from bnnctl.orchestrator.study import run_study
 from bnnctl.workers.config import from_dict
 from bnnctl.workers.train import LocalReporter, TrainConfig, run_variant
+
+pytestmark = pytest.mark.slow
 
 SPEC = """
 name: e2e

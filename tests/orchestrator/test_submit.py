@@ -13,6 +13,8 @@ from bnnctl.orchestrator.submit import AWAITING_STOP
 
 from raynodes import CLI, RayNodes, free_port, run_cli, wait_for
 
+pytestmark = pytest.mark.cluster
+
 SPEC = """
 name: sub
 base:

@@ -208,6 +208,7 @@ def test_pruner_stops_trials_after_the_first_epoch(workdir):
     assert status.count("pruned") == 3 and "stopped" not in status, status
 
 
+@pytest.mark.slow
 def test_four_parallel_trials_on_sqlite_never_lock(workdir):
     """4 trials at once on Ray (4 worker slots), Optuna storage and state in one sqlite file, MLflow
     in another, and a reader polling the tuning meanwhile (as `tune show` or the dashboard would).
@@ -215,6 +216,7 @@ def test_four_parallel_trials_on_sqlite_never_lock(workdir):
     _four_parallel_trials(workdir, "par", None)
 
 
+@pytest.mark.slow
 def test_four_parallel_trials_on_postgresql(workdir, pg_server):
     """The same on a real PostgreSQL server: state and Optuna's storage in one database."""
     _four_parallel_trials(workdir, "pg", pg_server.database())
@@ -253,6 +255,7 @@ def _four_parallel_trials(workdir, name, db):
     assert peak == 4
 
 
+@pytest.mark.slow
 def test_interrupted_tuning_resumes_to_exactly_the_requested_trials(workdir):
     f = _spec(workdir, name="resume", epochs=4, trials=6, parallel=2)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -390,6 +393,7 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-c", "from bnnctl.orchestrator.cli import main; main()", *args]
 
 
+@pytest.mark.slow
 def test_tune_run_piped_prints_one_timestamped_unwrapped_line_per_event(workdir):
     """`tune run` into a pipe (a narrow 60-column setting): every event is one plain line that starts
     with the time, however long it is (the trial's line carries its value, parameters and the best
@@ -416,6 +420,7 @@ def test_tune_run_piped_prints_one_timestamped_unwrapped_line_per_event(workdir)
                 if not re.match(stamp, line)]  # nothing before the summary without its time
 
 
+@pytest.mark.slow
 def test_tune_run_on_a_terminal_shows_a_live_table_of_trials(workdir):
     """`tune run` in a pseudo-terminal: a live table of the trials (state, epoch, the objective's
     last value, best so far) titled with the tally and an ETA, and one line per finished trial."""

@@ -3,6 +3,7 @@ lines of a piped run. Real training on the in-process backend (no cluster) and a
 the CLI in-process through Typer's runner."""
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from bnnctl.orchestrator.backends.inprocess import InProcessBackend
@@ -260,6 +261,7 @@ def test_a_piped_run_prints_one_line_per_event(workdir):
     assert len(done) == 4 and done[-1].endswith("[4/4]") and "pckh" in done[0]
 
 
+@pytest.mark.slow
 def test_on_a_terminal_the_study_bar_has_the_real_total(workdir):
     """The CLI in a pseudo-terminal (its own Ray cluster): the bar counts to the variants to run."""
     import re

@@ -20,6 +20,8 @@ from bnnctl.workers.train.config import comparable
 from bnnctl.workers.config import to_dict
 from bnnctl.workers.train.parallel import shard, sync_batchnorm
 
+pytestmark = pytest.mark.slow
+
 
 def _port() -> int:
     with socket.socket() as s:

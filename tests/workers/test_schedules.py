@@ -130,3 +130,15 @@ def test_results_of_a_changed_meaning_get_new_identities_and_no_other_does():
     assert meaning_rules(with_overrides(base, {"distill.feature_weight": 1.0})) == {"feature_matching_rule": 1}
     keys = {identity(c, ()) for c in (base, progressive, stage2, late)}
     assert len(keys) == 4
+
+
+def test_epoch_values_follow_the_trainers_rule():
+    from bnnctl.workers.schedules import epoch_values
+
+    assert epoch_values(LambdaSchedule("linear", 1.0, 4.0), 4) == [1.0, 2.0, 3.0, 4.0]  # the last epoch at lambda_end
+    exp = epoch_values(LambdaSchedule("exponential", 1.0, 100.0), 3)
+    assert exp == [1.0, pytest.approx(10.0), pytest.approx(100.0)]
+    assert epoch_values(LambdaSchedule("constant", 2.0, 2.0), 5) == [2.0] * 5
+    steps = epoch_values(LambdaSchedule("linear", 1.0, 2.0, unit="step"), 4, steps_per_epoch=10)
+    assert steps == [1.0 + k * 10 / 39 for k in range(4)]  # each epoch's first step of 40
+    assert epoch_values(LambdaSchedule("linear", 1.0, 2.0), 1) == [1.0]

@@ -257,6 +257,7 @@ def _progressive(root, **kw):
     return tiny(root, model=model, lambda_schedule=LambdaSchedule("exponential", 1.0, 20.0), **kw)
 
 
+@pytest.mark.slow
 def test_progressive_weights_end_binary_and_the_diagnostics_say_so(synth_root, tmp_path):
     """At the end of the lambda schedule the trained network is the binary one: >= 99% of the binary
     weights have |lambda W / mean|W|| >= 3 (|tanh| > 0.995); every epoch reports how far the smooth
