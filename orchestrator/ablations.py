@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 from .spec import RowSpec, SpecError
 
 if TYPE_CHECKING:
-    from .spec import _Parser
+    from .spec import SpecParser
 
 #: Ablation modes by name: each expands an ablation's body into its rows (RowSpec). Adding one =
 #: registering its function here.
@@ -32,7 +32,7 @@ def ablation_mode(name: str):
     return decorator
 
 
-def _listed_rows(p: "_Parser", body: dict, path: str, name: str, base_data: dict, teachers: dict,
+def _listed_rows(p: "SpecParser", body: dict, path: str, name: str, base_data: dict, teachers: dict,
                  cumulative_rows: bool) -> list[RowSpec]:
     """Rows as listed; ``cumulative_rows``: each row adds its overrides (and stages, teacher) to
     the previous rows' (incremental), else each row stands alone on the base (isolated)."""
@@ -71,19 +71,19 @@ def _listed_rows(p: "_Parser", body: dict, path: str, name: str, base_data: dict
 
 
 @ablation_mode("incremental")
-def _incremental(p: "_Parser", body: dict, path: str, name: str, base_data: dict, teachers: dict) -> list[RowSpec]:
+def _incremental(p: "SpecParser", body: dict, path: str, name: str, base_data: dict, teachers: dict) -> list[RowSpec]:
     """Each row adds its overrides to all the previous rows' (IT Table 1)."""
     return _listed_rows(p, body, path, name, base_data, teachers, cumulative_rows=True)
 
 
 @ablation_mode("isolated")
-def _isolated(p: "_Parser", body: dict, path: str, name: str, base_data: dict, teachers: dict) -> list[RowSpec]:
+def _isolated(p: "SpecParser", body: dict, path: str, name: str, base_data: dict, teachers: dict) -> list[RowSpec]:
     """Each row applies only its own overrides to the base."""
     return _listed_rows(p, body, path, name, base_data, teachers, cumulative_rows=False)
 
 
 @ablation_mode("grid")
-def _grid(p: "_Parser", body: dict, path: str, name: str, base_data: dict, teachers: dict) -> list[RowSpec]:
+def _grid(p: "SpecParser", body: dict, path: str, name: str, base_data: dict, teachers: dict) -> list[RowSpec]:
     """The cross product of the axes' levels, one row per combination (named level/level/...)."""
     axes = p.mapping(body.get("axes"), f"{path}.axes")
     if not axes:

@@ -27,7 +27,9 @@ SCHEMA_VERSION = 4
 #: states and change times (status counts, last activity, a study's change stamp).
 PREFIX = "bnnctl_"
 V1_TABLES = ("schema_info", "studies", "variants", "study_variants", "attempts", "metrics")
-def _now() -> datetime:
+
+
+def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
@@ -64,8 +66,8 @@ class StudyRow(Base):
     spec: Mapped[dict] = mapped_column(JSON)  # the table layout: ablations, rows, references, seeds
     status: Mapped[str] = mapped_column(String(20), default="pending")
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class VariantRow(Base):
@@ -81,8 +83,8 @@ class VariantRow(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     checkpoint_dir: Mapped[str | None] = mapped_column(Text, nullable=True)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class StudyVariantRow(Base):
@@ -106,7 +108,7 @@ class AttemptRow(Base):
     node: Mapped[str | None] = mapped_column(String(200), nullable=True)  # host name
     node_id: Mapped[str | None] = mapped_column(String(100), nullable=True)  # e.g. Ray's node id
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
@@ -117,8 +119,8 @@ class LeaseRow(Base):
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
     holder: Mapped[str] = mapped_column(String(300))  # host:pid of the driver
     token: Mapped[str] = mapped_column(String(64))
-    acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class MetricRow(Base):
@@ -224,15 +226,15 @@ class Member:
     seed: int
 
 
-def _study(r: StudyRow) -> Study:
+def study_of(r: StudyRow) -> Study:
     return Study(r.id, r.name, r.spec_file, r.spec_hash, dict(r.spec), r.status, r.mlflow_run_id, r.created_at, r.updated_at)
 
 
-def _attempt(a: AttemptRow) -> Attempt:
+def attempt_of(a: AttemptRow) -> Attempt:
     return Attempt(a.variant_key, a.number, a.status, a.node, a.error, a.started_at, a.ended_at, a.node_id)
 
 
-def _variant(r: VariantRow) -> Variant:
+def variant_of(r: VariantRow) -> Variant:
     return Variant(r.key, r.label, r.kind, dict(r.config), list(r.deps), r.status, r.result, r.error,
                    r.checkpoint_dir, r.mlflow_run_id, r.updated_at)
 

@@ -14,6 +14,7 @@ import statistics
 from dataclasses import dataclass
 
 from .layouts import StudyLayout
+from .sequential import holm  # the tables' and the adaptive looks' one correction
 
 #: Significance level of the paired test against the baseline row.
 ALPHA = 0.05
@@ -165,18 +166,6 @@ def cell(results: list[dict | None], statuses: list[str], metric: str, expected:
     else:
         status = "pending"
     return Cell(values, expected, failed, status, by_seed)
-
-
-def holm(p_values: list[float | None]) -> list[float | None]:
-    """Holm-Bonferroni adjusted p-values (None stays None; the family is the tested rows)."""
-    tested = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
-    m = len(tested)
-    out: list[float | None] = [None] * len(p_values)
-    running = 0.0
-    for rank, (p, i) in enumerate(tested):
-        running = max(running, min(1.0, (m - rank) * p))
-        out[i] = running
-    return out
 
 
 def environment(result: dict | None) -> str | None:

@@ -39,6 +39,19 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
+
+def holm(p_values: list[float | None]) -> list[float | None]:
+    """Holm-Bonferroni adjusted p-values (None stays None; the family is the tested rows)."""
+    tested = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    m = len(tested)
+    out: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
 #: Prior variances of the standardized effect mixed (equal weights) in the test: effects from a
 #: quarter of the seed-to-seed spread to 16 times it.
 G_GRID = (0.25, 1.0, 4.0, 16.0, 64.0, 256.0)
@@ -162,7 +175,6 @@ class Comparison:
 
 
 def _holm(ps: list[float | None]) -> list[float | None]:
-    from .report import holm
 
     return holm(ps)
 

@@ -284,7 +284,7 @@ def same_names(names: list[str]) -> list[str]:
     return sorted({n for n, f in zip(names, folded) if counts[f] > 1})
 
 
-class _Parser:
+class SpecParser:
     def __init__(self, file: Path, data: Any, lines: dict[str, int],
                  cli_overrides: tuple[tuple[str, Any], ...] = (), tag: str | None = None) -> None:
         self.file, self.data, self.lines = str(file), data, lines
@@ -749,5 +749,5 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None, tag: st
     """
     path = Path(path)
     data, lines = load_yaml(path)
-    return _Parser(path, data, lines, tuple((overrides or {}).items()), tag).parse()
+    return SpecParser(path, data, lines, tuple((overrides or {}).items()), tag).parse()
 

@@ -44,13 +44,13 @@ from .records import (  # noqa: F401 - the snapshots are the store's vocabulary:
     StudyVariantRow,
     Variant,
     VariantRow,
-    _attempt,
-    _now,
-    _study,
-    _variant,
+    attempt_of,
     check_version,
     migrate,
     open_engine,
+    study_of,
+    utcnow,
+    variant_of,
 )
 from .urls import mask_text, mask_url
 
@@ -191,26 +191,26 @@ class Store:
                 s.add(row)
             else:
                 kept = {k: v for k, v in row.spec.items() if k in KEPT_ANNOTATIONS}
-                row.spec_file, row.spec_hash, row.spec, row.updated_at = spec_file, spec_hash, {**spec, **kept}, _now()
+                row.spec_file, row.spec_hash, row.spec, row.updated_at = spec_file, spec_hash, {**spec, **kept}, utcnow()
             s.flush()
-            return _study(row)
+            return study_of(row)
 
     def study(self, name_or_id: str | int) -> Study | None:
         with self.session() as s:
             q = select(StudyRow).where(StudyRow.id == int(name_or_id)) if str(name_or_id).isdigit() \
                 else select(StudyRow).where(StudyRow.name == str(name_or_id))
             row = s.scalar(q)
-            return _study(row) if row else None
+            return study_of(row) if row else None
 
     def studies(self) -> list[Study]:
         with self.session() as s:
-            return [_study(r) for r in s.scalars(select(StudyRow).order_by(StudyRow.id))]
+            return [study_of(r) for r in s.scalars(select(StudyRow).order_by(StudyRow.id))]
 
     def set_study_status(self, study_id: int, status: str, mlflow_run_id: str | None = None) -> None:
         assert status in STUDY_STATES, status
         with self.session() as s:
             row = s.get(StudyRow, study_id)
-            row.status, row.updated_at = status, _now()
+            row.status, row.updated_at = status, utcnow()
             if mlflow_run_id:
                 row.mlflow_run_id = mlflow_run_id
 
@@ -218,7 +218,7 @@ class Store:
         """Merge ``info`` into the study's stored layout (e.g. its MLflow experiment id)."""
         with self.session() as s:
             row = s.get(StudyRow, study_id)
-            row.spec, row.updated_at = {**row.spec, **info}, _now()
+            row.spec, row.updated_at = {**row.spec, **info}, utcnow()
 
     def set_members(self, study_id: int, members: list[Member]) -> None:
         """Make the study's table membership exactly ``members`` (a changed spec adds and removes rows)."""
@@ -251,7 +251,7 @@ class Store:
             shared = set(s.scalars(select(StudyVariantRow.variant_key).where(
                 StudyVariantRow.study_id != row.id, StudyVariantRow.variant_key.in_(mine))))
             gone = sorted(mine - shared)
-            removed = [_variant(v) for v in s.scalars(select(VariantRow).where(VariantRow.key.in_(gone)))]
+            removed = [variant_of(v) for v in s.scalars(select(VariantRow).where(VariantRow.key.in_(gone)))]
             s.execute(delete(StudyVariantRow).where(StudyVariantRow.study_id == row.id))
             s.execute(delete(MetricRow).where(MetricRow.variant_key.in_(gone)))
             s.execute(delete(AttemptRow).where(AttemptRow.variant_key.in_(gone)))
@@ -287,7 +287,7 @@ class Store:
             else:
                 self._asked_again(s, row)
             s.flush()
-            return _variant(row)
+            return variant_of(row)
 
     def _asked_again(self, s: Session, row: VariantRow) -> None:
         """A variant a run asks for again: a failed, stopped or interrupted one is retried or resumed;
@@ -306,7 +306,7 @@ class Store:
             with self.session() as s:
                 found = {r.key: r for r in s.scalars(select(VariantRow).where(VariantRow.key.in_([w[0] for w in chunk])))}
                 new = [{"key": key, "label": label, "kind": kind, "config": config, "deps": deps, "status": "pending",
-                        "created_at": _now(), "updated_at": _now()}
+                        "created_at": utcnow(), "updated_at": utcnow()}
                        for key, label, kind, config, deps in chunk if key not in found]
                 if new:
                     s.execute(insert(VariantRow), new)
@@ -316,7 +316,7 @@ class Store:
     def variant(self, key: str) -> Variant | None:
         with self.session() as s:
             row = s.get(VariantRow, key)
-            return _variant(row) if row else None
+            return variant_of(row) if row else None
 
     def variants(self, keys: list[str]) -> dict[str, Variant]:
         keys = list(dict.fromkeys(keys))
@@ -367,7 +367,7 @@ class Store:
         with self.session() as s:
             for where in self._of(AttemptRow.variant_key, keys, study_id):
                 for a in s.scalars(select(AttemptRow).where(where).order_by(AttemptRow.variant_key, AttemptRow.number)):
-                    out.setdefault(a.variant_key, []).append(_attempt(a))
+                    out.setdefault(a.variant_key, []).append(attempt_of(a))
         return out
 
     def attempt_counts(self, keys: list[str] | None = None, study_id: int | None = None) -> dict[str, int]:
@@ -419,7 +419,7 @@ class Store:
                 raise StoreError(f"variant {row.key} is completed; it is never trained again")
             raise StoreError(f"variant {row.key}: forbidden state change {row.status} -> {new} "
                              f"(allowed from {row.status}: {', '.join(sorted(TRANSITIONS[row.status])) or 'none'})")
-        row.status, row.updated_at = new, _now()
+        row.status, row.updated_at = new, utcnow()
 
     def _get(self, s: Session, key: str) -> VariantRow:
         row = s.get(VariantRow, key)
@@ -441,7 +441,7 @@ class Store:
         attempt = s.scalar(select(AttemptRow).where(AttemptRow.variant_key == key, AttemptRow.status == "running")
                            .order_by(AttemptRow.number.desc()))
         if attempt is not None:
-            attempt.status, attempt.error, attempt.ended_at = status, error, _now()
+            attempt.status, attempt.error, attempt.ended_at = status, error, utcnow()
 
     def finish(self, key: str, result: dict) -> None:
         """running -> completed with its result (final)."""
@@ -506,7 +506,7 @@ class Store:
                 for row in s.scalars(select(VariantRow).where(VariantRow.key.in_(chunk),
                                                               VariantRow.status == "completed")).all():
                     row.result = {**(row.result or {}), "latency": dict(latency)}
-                    row.updated_at = _now()
+                    row.updated_at = utcnow()
 
     def set_mlflow_run(self, key: str, run_id: str) -> None:
         with self.session() as s:
@@ -514,7 +514,7 @@ class Store:
 
     def attempts(self, key: str) -> list[Attempt]:
         with self.session() as s:
-            return [_attempt(a) for a in s.scalars(select(AttemptRow).where(AttemptRow.variant_key == key)
+            return [attempt_of(a) for a in s.scalars(select(AttemptRow).where(AttemptRow.variant_key == key)
                                                     .order_by(AttemptRow.number))]
 
     # -- leases: one driver per study or tuning -----------------------------------------------------
@@ -527,7 +527,7 @@ class Store:
         from sqlalchemy import or_, update
         from sqlalchemy.exc import IntegrityError
 
-        now = _now()
+        now = utcnow()
         try:
             with self._sessions() as s, s.begin():
                 s.add(LeaseRow(name=name, holder=holder, token=token, acquired_at=now, heartbeat_at=now))
@@ -556,7 +556,7 @@ class Store:
 
         with self.session() as s:
             return bool(s.execute(update(LeaseRow).where(LeaseRow.name == name, LeaseRow.token == token)
-                                  .values(heartbeat_at=_now())).rowcount)
+                                  .values(heartbeat_at=utcnow())).rowcount)
 
     def release_lease(self, name: str, token: str) -> None:
         from sqlalchemy import delete
@@ -585,7 +585,7 @@ class Store:
             for name in existing.intersection(metrics):  # an epoch re-run after a resume: keep the latest value
                 s.execute(update(MetricRow).where(*this, MetricRow.name == name).values(value=float(metrics[name])))
             # its pages changed: the study's stamp moves (see `stamp`)
-            s.execute(update(VariantRow).where(VariantRow.key == key).values(updated_at=_now()))
+            s.execute(update(VariantRow).where(VariantRow.key == key).values(updated_at=utcnow()))
 
     def metric_epochs(self, key: str) -> set[int]:
         """The epochs of a variant that have metrics recorded."""

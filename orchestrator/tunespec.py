@@ -36,7 +36,7 @@ from .spec import (
     Resources,
     TeacherSpec,
     Tracking,
-    _Parser,
+    SpecParser,
     same_names,
     load_yaml,
     spec_hash,
@@ -169,7 +169,7 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-class _TuneParser(_Parser):
+class _TuneParser(SpecParser):
     def parse_tuning(self) -> TuneSpec:
         if not isinstance(self.data, dict) or self.data.get("kind") != "tuning":
             raise self.fail("kind", "a tuning spec starts with `kind: tuning` (a study spec has ablations "

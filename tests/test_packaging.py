@@ -112,3 +112,19 @@ def test_no_function_is_longer_than_a_screen():
                     if lines > MAX_FUNCTION_LINES:
                         long.append((lines, f"{path.relative_to(ROOT)}:{node.name}"))
     assert sorted(long, reverse=True) == []
+
+
+def test_no_module_imports_another_modules_private_names():
+    """A name with a leading underscore is its module's own: another module that needs it gets a
+    public name (the seams between modules are what a reader of one module can rely on)."""
+    found = []
+    for layer in ("orchestrator", "workers", "kernels", "dashboard"):
+        for path in sorted((ROOT / layer).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.ImportFrom):
+                    continue
+                project = node.level > 0 or (node.module or "").startswith("bnnctl")
+                for alias in node.names:
+                    if project and alias.name.startswith("_") and not alias.name.startswith("__"):
+                        found.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {alias.name}")
+    assert found == []

@@ -31,7 +31,7 @@ ConvBackend = Callable[["BinaryConv2d", Tensor, Tensor, "Tensor | None", bool], 
 CONV_BACKENDS: Registry[ConvBackend] = Registry("conv backend")
 
 
-def _scale(y: Tensor, alpha: Tensor | None) -> Tensor:
+def scale_output(y: Tensor, alpha: Tensor | None) -> Tensor:
     if alpha is None:
         return y
     return y * alpha.view(1, -1, *([1] * (y.dim() - 2)))
@@ -40,7 +40,7 @@ def _scale(y: Tensor, alpha: Tensor | None) -> Tensor:
 @CONV_BACKENDS.register("float")
 def float_conv(layer: "BinaryConv2d", x: Tensor, w: Tensor, alpha: Tensor | None, exact: bool) -> Tensor:
     """The float emulation: F.conv2d(x, w) * alpha. Zero padding contributes 0 to the sum."""
-    return _scale(F.conv2d(x, w, None, layer.stride, layer.padding, 1, layer.groups), alpha)
+    return scale_output(F.conv2d(x, w, None, layer.stride, layer.padding, 1, layer.groups), alpha)
 
 
 class _XnorConvFunction(torch.autograd.Function):
@@ -103,7 +103,7 @@ def _kept_while_weight_unchanged(layer: "BinaryConv2d", attr: str, extra: tuple,
     return kept(layer, attr, version_key(src.weight) + extra, compute)
 
 
-def _packed_weight(layer: "BinaryConv2d", w: Tensor):
+def packed_weight(layer: "BinaryConv2d", w: Tensor):
     """Pack the binary weight, reusing the packing while the stored weight is unchanged (inference)."""
     from bnnctl import kernels
 
@@ -117,8 +117,8 @@ def xnor_conv(layer: "BinaryConv2d", x: Tensor, w: Tensor, alpha: Tensor | None,
     groups = 1; the float emulation otherwise. Outputs are bit-identical to the float backend."""
     if not _xnor_possible(layer, x, exact):
         return float_conv(layer, x, w, alpha, exact)
-    y = _XnorConvFunction.apply(x, w, layer.stride, layer.padding, _packed_weight(layer, w))
-    return _scale(y, alpha)
+    y = _XnorConvFunction.apply(x, w, layer.stride, layer.padding, packed_weight(layer, w))
+    return scale_output(y, alpha)
 
 
 #: (device type, input shape, weight shape, stride, padding) -> whether XNOR was faster.
@@ -155,7 +155,7 @@ def auto_conv(layer: "BinaryConv2d", x: Tensor, w: Tensor, alpha: Tensor | None,
         with torch.no_grad():
             xd, wd = x.detach(), w.detach()
             t_float = _time(lambda: F.conv2d(xd, wd, None, layer.stride, layer.padding), sync)
-            packed = _packed_weight(layer, wd)
+            packed = packed_weight(layer, wd)
             from bnnctl import kernels
 
             t_xnor = _time(lambda: kernels.xnor_conv2d(xd, wd, None, layer.stride, layer.padding, packed), sync)
@@ -190,11 +190,11 @@ def xnor_from_raw(layer: "BinaryConv2d", x: Tensor) -> Tensor | None:
     if not kernels.available(x.device.type):
         return None
     latent = layer.latent_weight()
-    return kernels.xnor_conv2d(x, latent, _inference_alpha(layer, latent), layer.stride, layer.padding,
-                               _packed_weight(layer, latent))
+    return kernels.xnor_conv2d(x, latent, inference_alpha(layer, latent), layer.stride, layer.padding,
+                               packed_weight(layer, latent))
 
 
-def _inference_alpha(layer: "BinaryConv2d", latent: Tensor) -> Tensor | None:
+def inference_alpha(layer: "BinaryConv2d", latent: Tensor) -> Tensor | None:
     """alpha for inference; the analytic one (mean |W| per output channel) is kept while the stored
     weight is unchanged, like the packed weight."""
     assert layer.alpha is not None

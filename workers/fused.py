@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .backends import _inference_alpha, _packed_weight, kept, version_key
+from .backends import inference_alpha, kept, packed_weight, version_key
 from .layers import BinaryConv2d, BinaryLinear
 
 #: kernels.cpu activation codes by activation module type.
@@ -203,10 +203,10 @@ def _make_plan(layer: BinaryConv2d | BinaryLinear, shape: tuple[int, int, int, i
     from bnnctl.kernels import cpu
 
     latent = layer.latent_weight().detach()
-    alpha = _inference_alpha(layer, latent) if isinstance(layer, BinaryConv2d) else layer.alpha(latent)
+    alpha = inference_alpha(layer, latent) if isinstance(layer, BinaryConv2d) else layer.alpha(latent)
     act, slope = _activation(layer)  # type: ignore[misc]
     if isinstance(layer, BinaryConv2d):
-        packed, stride, padding = _packed_weight(layer, latent), layer.stride, layer.padding
+        packed, stride, padding = packed_weight(layer, latent), layer.stride, layer.padding
     else:  # a linear layer is a 1x1 convolution of a 1x1 map
         packed, stride, padding = cpu.pack_weight(latent.reshape(*latent.shape, 1, 1)), 1, 0
     return cpu.ConvPlan(shape, packed, stride, padding, thresholds=sign_thresholds(layer.bn, prefix),

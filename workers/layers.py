@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .binarize import AlphaScale, BinarizeConfig, Quantizer
 from .config import require
-from .backends import CONV_BACKENDS, _scale, xnor_from_raw
+from .backends import CONV_BACKENDS, scale_output, xnor_from_raw
 from .registry import Registry
 
 # --------------------------------------------------------------------------- activations
@@ -268,7 +268,7 @@ class BinaryLinear(_BinaryLayer):
         return super().forward(x)
 
     def _operate(self, x: Tensor, w: Tensor, alpha: Tensor | None) -> Tensor:
-        return _scale(F.linear(x, w), alpha)
+        return scale_output(F.linear(x, w), alpha)
 
     def extra_repr(self) -> str:
         b = self.binarize

@@ -87,10 +87,10 @@ def fill_history(store, keys: list[str], epochs: int = 5) -> None:
     """One finished attempt, a result and ``epochs`` x 2 metrics per variant, bulk-inserted."""
     from sqlalchemy import insert, update
 
-    from bnnctl.orchestrator.records import AttemptRow, MetricRow, VariantRow, _now
+    from bnnctl.orchestrator.records import AttemptRow, MetricRow, VariantRow, utcnow
 
     rng = random.Random(0)
-    now = _now()
+    now = utcnow()
     with store.session() as s:
         for i in range(0, len(keys), 2000):
             chunk = keys[i:i + 2000]
