@@ -10,12 +10,55 @@ its checks and messages naming file, line and field), the ablation's body and wh
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
 
-from .spec import RowSpec, SpecError
+from bnnctl.workers.train import TrainConfig
 
-if TYPE_CHECKING:
-    from .spec import SpecParser
+from .errors import SpecError
+
+
+class Parser(Protocol):
+    """What a mode uses of the spec's parser (``spec.SpecParser``): its checks and messages."""
+
+    def fail(self, path: str, message: str) -> SpecError: ...
+    def config(self, base_data: dict, overrides: tuple, path: str) -> TrainConfig: ...
+    def label(self, value: Any, path: str, what: str, extra: str = "") -> str: ...
+    def mapping(self, value: Any, path: str, allowed: Any = None) -> dict: ...
+    def overrides(self, value: Any, path: str) -> tuple: ...
+    def references(self, value: Any, path: str) -> tuple: ...
+    def row_init(self, init: Any, path: str, stages: str | None) -> str | None: ...
+    def row_extras(self, body: dict, path: str, teachers: dict) -> tuple[str | None, str | None]: ...
+    def stage_epochs(self, body: dict, path: str, stages: str, cfg: TrainConfig) -> tuple[int, int] | None: ...
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One row of an ablation table, fully resolved."""
+
+    name: str
+    ablation: str
+    mode: str  # a name in ABLATION_MODES
+    overrides: tuple[tuple[str, Any], ...]  # cumulative for incremental rows
+    stages: str = "single"
+    teacher: str | None = None
+    reference: float | None = None  # the paper's value of the table's metric
+    config: TrainConfig = field(default_factory=TrainConfig)
+    #: epochs of stage 1 and stage 2 of a two-stage row; None: the row's `epochs` split in half
+    #: (stage 1 gets the smaller half), so that it trains as long as a one-stage row
+    stage_epochs: tuple[int, int] | None = None
+    #: the paper's values of other metrics (e.g. top-5 beside a top-1 table): (metric, value) pairs
+    also: tuple[tuple[str, float], ...] = ()
+    #: a run under ``pretrained`` whose last checkpoint initializes this row (fine-tuning)
+    init: str | None = None
+
+    def split(self) -> tuple[int, int]:
+        """Stage 1's and stage 2's epochs of a two-stage row."""
+        if self.stage_epochs is not None:
+            return self.stage_epochs
+        total = self.config.epochs
+        return total // 2, total - total // 2
+
 
 #: Ablation modes by name: each expands an ablation's body into its rows (RowSpec). Adding one =
 #: registering its function here.
@@ -32,7 +75,7 @@ def ablation_mode(name: str):
     return decorator
 
 
-def _listed_rows(p: "SpecParser", body: dict, path: str, name: str, base_data: dict, teachers: dict,
+def _listed_rows(p: Parser, body: dict, path: str, name: str, base_data: dict, teachers: dict,
                  cumulative_rows: bool) -> list[RowSpec]:
     """Rows as listed; ``cumulative_rows``: each row adds its overrides (and stages, teacher) to
     the previous rows' (incremental), else each row stands alone on the base (isolated)."""
@@ -71,19 +114,19 @@ def _listed_rows(p: "SpecParser", body: dict, path: str, name: str, base_data: d
 
 
 @ablation_mode("incremental")
-def _incremental(p: "SpecParser", body: dict, path: str, name: str, base_data: dict, teachers: dict) -> list[RowSpec]:
+def _incremental(p: Parser, body: dict, path: str, name: str, base_data: dict, teachers: dict) -> list[RowSpec]:
     """Each row adds its overrides to all the previous rows' (IT Table 1)."""
     return _listed_rows(p, body, path, name, base_data, teachers, cumulative_rows=True)
 
 
 @ablation_mode("isolated")
-def _isolated(p: "SpecParser", body: dict, path: str, name: str, base_data: dict, teachers: dict) -> list[RowSpec]:
+def _isolated(p: Parser, body: dict, path: str, name: str, base_data: dict, teachers: dict) -> list[RowSpec]:
     """Each row applies only its own overrides to the base."""
     return _listed_rows(p, body, path, name, base_data, teachers, cumulative_rows=False)
 
 
 @ablation_mode("grid")
-def _grid(p: "SpecParser", body: dict, path: str, name: str, base_data: dict, teachers: dict) -> list[RowSpec]:
+def _grid(p: Parser, body: dict, path: str, name: str, base_data: dict, teachers: dict) -> list[RowSpec]:
     """The cross product of the axes' levels, one row per combination (named level/level/...)."""
     axes = p.mapping(body.get("axes"), f"{path}.axes")
     if not axes:

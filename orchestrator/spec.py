@@ -30,6 +30,8 @@ from bnnctl.workers.config import from_dict, with_overrides
 from bnnctl.workers.errors import ConfigError
 from bnnctl.workers.train import TrainConfig
 
+from . import ablations as ablation_modes
+from .ablations import RowSpec
 from .errors import SpecError
 from .sequential import Adaptive, seed_sequence
 from .yamlio import read_yaml
@@ -99,34 +101,6 @@ class Tracking:
 
 
 @dataclass(frozen=True)
-class RowSpec:
-    """One row of an ablation table, fully resolved."""
-
-    name: str
-    ablation: str
-    mode: Mode
-    overrides: tuple[tuple[str, Any], ...]  # cumulative for incremental rows
-    stages: str = "single"
-    teacher: str | None = None
-    reference: float | None = None  # the paper's value of the table's metric
-    config: TrainConfig = field(default_factory=TrainConfig)
-    #: epochs of stage 1 and stage 2 of a two-stage row; None: the row's `epochs` split in half
-    #: (stage 1 gets the smaller half), so that it trains as long as a one-stage row
-    stage_epochs: tuple[int, int] | None = None
-    #: the paper's values of other metrics (e.g. top-5 beside a top-1 table): (metric, value) pairs
-    also: tuple[tuple[str, float], ...] = ()
-    #: a run under ``pretrained`` whose last checkpoint initializes this row (fine-tuning)
-    init: str | None = None
-
-    def split(self) -> tuple[int, int]:
-        """Stage 1's and stage 2's epochs of a two-stage row."""
-        if self.stage_epochs is not None:
-            return self.stage_epochs
-        total = self.config.epochs
-        return total // 2, total - total // 2
-
-
-@dataclass(frozen=True)
 class Checkpoint:
     """A path a config reads (a checkpoint it starts from: ``init_from``, ``distill.teacher``; a data
     root), as the spec gives it: ``field`` (its YAML path, or ``--set FIELD``) and ``line`` name where."""
@@ -139,6 +113,9 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class TeacherSpec:
+    """A named training config: a study's teacher or pretrained run, a tuning's arm (``Arm``): the
+    base with its ``overrides``, and the teacher it distils from."""
+
     name: str
     overrides: tuple[tuple[str, Any], ...]
     teacher: str | None
@@ -661,12 +638,10 @@ class SpecParser:
     def parse_ablation(self, raw: Any, path: str, base_data: dict, teachers: dict) -> Ablation:
         body = self.mapping(raw, path, {"name", "mode", "rows", "axes", "references", "baseline"})
         name = self.label(body.get("name"), f"{path}.name", "ablation")
-        from .ablations import ABLATION_MODES
-
         mode = body.get("mode", "incremental")
-        if mode not in ABLATION_MODES:
-            raise self.fail(f"{path}.mode", f"unknown mode {mode!r}; allowed: {', '.join(ABLATION_MODES)}")
-        rows = ABLATION_MODES[mode](self, body, path, name, base_data, teachers)
+        if mode not in ablation_modes.ABLATION_MODES:
+            raise self.fail(f"{path}.mode", f"unknown mode {mode!r}; allowed: {', '.join(ablation_modes.ABLATION_MODES)}")
+        rows = ablation_modes.ABLATION_MODES[mode](self, body, path, name, base_data, teachers)
         baseline = body.get("baseline", rows[0].name)
         if baseline not in [r.name for r in rows]:
             raise self.fail(f"{path}.baseline", f"no row named {baseline!r} in this ablation")

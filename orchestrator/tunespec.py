@@ -121,14 +121,9 @@ class Component:
         return dict(self.options).get(key, default)
 
 
-@dataclass(frozen=True)
-class Arm:
-    """One tuned variant of the base (the base itself when the spec has no arms)."""
-
-    name: str
-    overrides: tuple[tuple[str, Any], ...]
-    teacher: str | None
-    config: TrainConfig
+#: One tuned variant of the base (the base itself when the spec has no arms): a named config with
+#: its overrides and teacher, the same record as a study's teacher (one class, spec.TeacherSpec).
+Arm = TeacherSpec
 
 
 @dataclass(frozen=True)
