@@ -9,7 +9,7 @@ import dataclasses
 import math
 from datetime import datetime
 
-from bnnctl.orchestrator.layouts import StudyLayout
+from bnnctl.orchestrator.layouts import StudyLayout, split_name, versions_of
 from bnnctl.orchestrator.formats import table_data
 from bnnctl.orchestrator.records import shown_counts
 from bnnctl.orchestrator.store import collector_paused
@@ -46,7 +46,7 @@ def studies(store) -> list[dict]:
         layout = s.layout
         base = layout.base if s.kind == "study" else flatten((layout.data or {}).get("base") or {})
         out.append({"name": s.name, "kind": s.kind, "spec_file": s.spec_file, "status": s.status,
-                    "version": s.name.partition("@")[2], "metric": layout.metric, "config": base,
+                    "version": split_name(s.name)[1], "metric": layout.metric, "config": base,
                     "counts": counts, "total": sum(counts.values()),
                     "last_activity": _iso(s.updated_at if last is None else max(_aware(last), _aware(s.updated_at)))})
     return out
@@ -140,9 +140,8 @@ def _study_view(store, name: str) -> dict:
         "per_joint": per_joint(layout, members, variants),
         "prerequisites": [{"key": v.key, "label": v.label, "status": v.status} for v in prereqs],
         "variants_table": variants_table(store, s.id, members, variants, layout),
-        "version": s.name.partition("@")[2], "overrides": layout.overrides,
-        "versions": [o.name for o in store.studies() if o.name.partition("@")[0] == s.name.partition("@")[0]
-                     and o.name != s.name],
+        "version": split_name(s.name)[1], "overrides": layout.overrides,
+        "versions": versions_of(split_name(s.name)[0], [o.name for o in store.studies()]),
         "units": unit_of(metric),
     }
 

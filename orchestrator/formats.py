@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .layouts import split_name
 from .report import ALPHA, Cell, Table, TableRow
 
 
@@ -260,5 +261,5 @@ def export(tables: list[Table], fmt: str, study: str, cells: dict | None = None)
     if fmt == "json":
         import json
 
-        return json.dumps({"study": study, "version": study.partition("@")[2], "tables": [table_data(t, cells) for t in tables]}, indent=2, default=str)
+        return json.dumps({"study": study, "version": split_name(study)[1], "tables": [table_data(t, cells) for t in tables]}, indent=2, default=str)
     return {"md": to_markdown, "csv": to_csv, "latex": to_latex}[fmt](tables)

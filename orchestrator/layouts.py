@@ -18,6 +18,18 @@ DEFAULT_ALPHA = 0.05
 T = TypeVar("T")
 
 
+def split_name(name: str) -> tuple[str, str]:
+    """A stored study's name as (the spec's name, its version): a run with ``--set`` or ``--tag`` is
+    stored as ``NAME@VERSION``; ``""`` is the spec as written."""
+    spec_name, _, version = name.partition("@")
+    return spec_name, version
+
+
+def versions_of(spec_name: str, names: list[str]) -> list[str]:
+    """Those of ``names`` that are versions of the spec ``spec_name`` (not the spec's own)."""
+    return [n for n in names if split_name(n)[0] == spec_name and split_name(n)[1]]
+
+
 def _build(cls: type[T], data: dict) -> T:
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     return cls(**{k: v for k, v in data.items() if k in names})

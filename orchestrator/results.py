@@ -19,6 +19,7 @@ from typing import Any
 
 from .report import TABLE_CONFIG, budget, reported, sources
 from .store import Store, collector_paused
+from .layouts import split_name
 from .tracking import CREATING, flatten_values
 
 
@@ -79,7 +80,7 @@ def _records(study: str, db: str | None, store: Store | None, texts: list | None
         variants = _stored_variants(store, [], s.id, config=TABLE_CONFIG)
         configs = store.config_texts(s.id)
     metric, rule = s.layout.metric, s.layout.report
-    version = s.name.partition("@")[2]  # "": the spec as written
+    version = split_name(s.name)[1]  # "": the spec as written
     out = []
     for m in members:
         v = variants.get(m.variant_key)

@@ -33,6 +33,7 @@ from bnnctl.workers.train import TrainConfig
 from . import ablations as ablation_modes
 from .ablations import RowSpec
 from .errors import SpecError
+from .layouts import split_name
 from .sequential import Adaptive, seed_sequence
 from .yamlio import read_yaml
 
@@ -193,16 +194,11 @@ class StudySpec:
     @property
     def spec_name(self) -> str:
         """The name the spec file gives (``name`` without its version)."""
-        return self.name.partition("@")[0]
+        return split_name(self.name)[0]
 
     @property
     def experiment(self) -> str:  # the versions of a study share its MLflow experiment
         return self.tracking.experiment or self.spec_name
-
-
-def version_of(name: str) -> str:
-    """The version part of a stored study name (``""``: the spec as written)."""
-    return name.partition("@")[2]
 
 
 def version_name(overrides: tuple[tuple[str, Any], ...], tag: str | None = None) -> str:

@@ -16,6 +16,8 @@ from typing import Any
 
 from bnnctl.workers.errors import BnnctlError
 
+from .layouts import split_name
+
 MAX_PARAM_LENGTH = 500  # MLflow accepts longer values, but the UI's table does not
 #: MLflow 3's UI opens an experiment by this tag's kind: without it, on its GenAI overview (traces,
 #: evaluations); "custom_model_development" opens on the training runs
@@ -25,7 +27,7 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 def version_tags(study: str) -> dict[str, str]:
     """The ``bnnctl.version`` tag of a run of a study version (``NAME@VERSION``), with the spec's
     name; none for the spec as written."""
-    name, _, version = study.partition("@")
+    name, version = split_name(study)
     return {"bnnctl.version": version, "bnnctl.spec_name": name} if version else {}
 
 

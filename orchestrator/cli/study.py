@@ -49,13 +49,13 @@ def _load(ref: str, db: str | None):
 def _version_line(store, study) -> str | None:
     """What version of its spec a study is ("version epochs=2 of quickstart: --set epochs=2"), and,
     for the spec's own, the versions beside it; None when there are none."""
-    from bnnctl.orchestrator.spec import version_of
+    from bnnctl.orchestrator.layouts import split_name, versions_of
 
-    base, _, version = study.name.partition("@")
+    base, version = split_name(study.name)
     if version:
         sets = " ".join(f"--set {k}={v}" for k, v in study.layout.overrides.items())
         return f"version {version} of {base}" + (f": {sets}" if sets else " (tagged; the spec as written)")
-    others = [s.name for s in store.studies() if s.name.partition("@")[0] == base and version_of(s.name)]
+    others = versions_of(base, [s.name for s in store.studies()])
     if others:
         return f"the spec as written; other versions: {', '.join(others)}"
     return None
@@ -539,7 +539,7 @@ def list_studies(db: DbOption = None,
     from rich.table import Table as RichTable
 
     from bnnctl.orchestrator.records import shown_counts
-    from bnnctl.orchestrator.spec import version_of
+    from bnnctl.orchestrator.layouts import split_name
 
     store = _existing_store(db)
     studies = store.studies() if store is not None else []
@@ -547,7 +547,7 @@ def list_studies(db: DbOption = None,
     listing = []
     for s in studies:
         counts = shown_counts(s.kind, by_study.get(s.id, ({}, None))[0])
-        listing.append({"name": s.name, "version": version_of(s.name), "kind": s.kind, "status": s.status,
+        listing.append({"name": s.name, "version": split_name(s.name)[1], "kind": s.kind, "status": s.status,
                         "variants": counts, "updated": f"{s.updated_at:%Y-%m-%d %H:%M}", "spec_file": s.spec_file})
     if as_json:
         typer.echo(json.dumps(listing, indent=2))
