@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; on a CUDA machine install your torch build into the venv first (README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run test test-fast bench clean browser postgres gpu-check
+.PHONY: setup run test test-fast bench clean browser postgres gpu-check docs docs-serve
 
 setup: $(VENV)/.bnnctl-installed
 
@@ -46,6 +46,14 @@ test: setup browser postgres
 test-fast: setup postgres
 	$(PY) -m pytest -q -m "not slow and not cluster"
 
+# The documentation site (docs/, mkdocs.yml): built with every link and reference checked; the
+# test suite builds it too (tests/test_docs.py).
+docs: setup
+	$(VENV)/bin/mkdocs build --strict
+
+docs-serve: setup
+	$(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8000
+
 bench: setup
 	$(PY) tests/benchmarks/bench_binary_vs_real.py
 
@@ -58,4 +66,4 @@ gpu-check:
 	$(PYTHON) tests/benchmarks/bench_xnor_conv.py --gpu-only
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache

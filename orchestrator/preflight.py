@@ -18,18 +18,6 @@ from .runcore import RunOptions, StorageNotShared, shared_storage_problem
 from .spec import Checkpoint, Resources
 
 
-def storage_source(cli_storage: str | None, spec_storage: str | None) -> str:
-    """Where the run storage comes from, for messages: an option, the spec's field, the environment
-    or the default."""
-    if cli_storage is not None:
-        return "--storage"
-    if spec_storage is not None:
-        return "storage"
-    if os.environ.get("BNNCTL_STORAGE"):
-        return "$BNNCTL_STORAGE"
-    return "the default run storage (.bnnctl/runs; --storage or `storage:` in the spec to choose)"
-
-
 def check_storage(opts: RunOptions, spec_file: str, source: str) -> None:
     from .runstorage import RunStorage, StorageError
 
@@ -92,10 +80,7 @@ def _unreadable(path: str) -> str:
 def check_resources(opts: RunOptions, resources: Resources, parallel: int) -> RunOptions:
     """The backend checks the request against what it can see without starting workers; a cluster it
     joined for that is kept for the run (returned in the options)."""
-    from .backends import make_backend
-
-    backend = opts.backend_instance or make_backend(
-        opts.backend, **({"address": opts.address, "cpus": opts.cpus} if opts.backend == "ray" else {}))
+    backend = opts.make_backend()
     backend.preflight(parallel, resources.cpus, resources.gpus, resources.workers)
     problem = shared_storage_problem(backend, opts)
     if problem:
@@ -103,12 +88,14 @@ def check_resources(opts: RunOptions, resources: Resources, parallel: int) -> Ru
     return dataclasses.replace(opts, backend_instance=backend)
 
 
-def preflight(spec, opts: RunOptions, source: str) -> RunOptions:
-    """Every check above, in order of cost; returns the options the run goes on with."""
+def preflight(spec, opts: RunOptions) -> RunOptions:
+    """Every check above, in order of cost, on resolved options (:meth:`RunOptions.resolve`);
+    returns the options the run goes on with."""
     from .backends import ResourceError
 
+    assert opts.resolved, "preflight checks resolved options"
     check_checkpoints(spec.checkpoints)
-    check_storage(opts, spec.file, source)
+    check_storage(opts, spec.file, opts.storage_source)
     try:  # last: it may join a cluster (kept for the run)
         return check_resources(opts, spec.resources, opts.max_parallel or spec.execution.max_parallel)
     except ResourceError as err:

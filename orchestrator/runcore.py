@@ -8,14 +8,15 @@ If anything escapes (the cluster went away, Ctrl-C, a database error), the study
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
-from bnnctl.workers.errors import BnnctlError
+from bnnctl.workers.errors import BnnctlError, UnknownNameError
 
 from .backends import Backend, make_backend
 from .errors import LeaseHeld, StoreError
@@ -37,7 +38,8 @@ class RunOptions:
     cpus: int | None = None
     max_parallel: int | None = None
     track: bool = True
-    backend: str = "ray"
+    #: `--backend NAME` (default: the spec's `execution.backend`, $BNNCTL_BACKEND, else "ray")
+    backend: str | None = None
     #: run storage root: a folder or an fsspec URL (default: the spec's `storage`, $BNNCTL_STORAGE,
     #: else .bnnctl/runs)
     storage: str | None = None
@@ -59,6 +61,60 @@ class RunOptions:
     rerun_failed: bool = False
     #: a tuning's trials per arm instead of the spec's (`tune run --trials N`)
     trials: int | None = None
+    #: where ``storage`` and ``backend`` came from, for messages (set by :meth:`resolve`)
+    storage_source: str = ""
+    backend_source: str = ""
+    resolved: bool = False
+
+    @classmethod
+    def resolve(cls, spec: Any, cli: "RunOptions | None" = None, env: Mapping[str, str] | None = None) -> "RunOptions":
+        """The options a run of ``spec`` (a study or tuning spec) uses, each decided here once by
+        one rule -- the command line, then the spec, then the environment, then the default:
+
+        - storage: ``--storage``, the spec's ``storage``, ``$BNNCTL_STORAGE``, ``.bnnctl/runs``;
+        - backend: ``--backend``, the spec's ``execution.backend``, ``$BNNCTL_BACKEND``, ``ray``
+          (a name the registry knows: :func:`~bnnctl.orchestrator.backends.backend_class`);
+        - max_parallel: ``--max-parallel``, the spec's ``execution.max_parallel``.
+
+        ``db`` and ``tracking_uri`` are resolved by the store and the tracker the same way (option,
+        then environment, then default). Resolving resolved options returns them unchanged."""
+        cli = cli or cls()
+        if cli.resolved:
+            return cli
+        env = os.environ if env is None else env
+        storage, storage_source = _first((cli.storage, "--storage"), (spec.storage, "storage"),
+                                         (env.get("BNNCTL_STORAGE") or None, "$BNNCTL_STORAGE"))
+        if storage is None:
+            storage_source = "the default run storage (.bnnctl/runs; --storage or `storage:` in the spec to choose)"
+        execution = spec.execution
+        backend, backend_source = _first((cli.backend, "--backend"), (execution.backend, "execution.backend"),
+                                         (env.get("BNNCTL_BACKEND") or None, "$BNNCTL_BACKEND"))
+        if backend is None:
+            backend, backend_source = "ray", "the default backend"
+        from .backends import backend_class, backend_names
+
+        try:
+            backend_class(backend)
+        except UnknownNameError:
+            raise UnknownNameError("backend", backend, backend_names(), backend_source) from None
+        return dataclasses.replace(cli, storage=storage, storage_source=storage_source, backend=backend,
+                                   backend_source=backend_source,
+                                   max_parallel=cli.max_parallel or execution.max_parallel, resolved=True)
+
+    def make_backend(self) -> Backend:
+        """The run's backend: the injected one, else the one named, built from the options."""
+        if self.backend_instance is not None:
+            return self.backend_instance
+        assert self.backend is not None, "RunOptions.resolve names the backend"
+        return make_backend(self.backend, address=self.address, cpus=self.cpus)
+
+
+def _first(*candidates: tuple[Any, str]) -> tuple[Any, str]:
+    """The first (value, where) whose value is given; (None, "") when none is."""
+    for value, where in candidates:
+        if value is not None:
+            return value, where
+    return None, ""
 
 
 def _dead_here(holder: str) -> bool:
@@ -238,9 +294,7 @@ class DriverSession:
         self.events.begun()
 
     def _start_backend(self) -> None:
-        self.backend = self.options.backend_instance or make_backend(
-            self.options.backend, **({"address": self.options.address, "cpus": self.options.cpus}
-                                     if self.options.backend == "ray" else {}))
+        self.backend = self.options.make_backend()
         self.backend.start(self.parallel, self.resources.cpus, self.resources.gpus, self.resources.workers)
         problem = shared_storage_problem(self.backend, self.options)
         if problem:

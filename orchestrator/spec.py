@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from bnnctl.workers.config import from_dict, with_overrides
-from bnnctl.workers.errors import ConfigError
+from bnnctl.workers.errors import ConfigError, UnknownNameError
 from bnnctl.workers.train import TrainConfig
 
 from . import ablations as ablation_modes
@@ -94,6 +94,8 @@ class Execution:
     #: seconds a variant may wait for a worker with its resources before the progress display says
     #: so (an autoscaling cluster may take minutes to add a node)
     wait_warning_s: float = 60.0
+    #: what runs the variants: a registered backend's name (None: --backend, $BNNCTL_BACKEND, "ray")
+    backend: str | None = None
 
 
 @dataclass(frozen=True)
@@ -520,6 +522,15 @@ class SpecParser:
                 and 0 < execution.wait_warning_s <= 86400):
             raise self.fail("execution", "max_parallel (variants at once) must be in [1, 1024], retries in [0, 100] "
                             "and wait_warning_s in (0, 86400]")
+        if execution.backend is not None:
+            from .backends import backend_class, backend_names
+
+            try:
+                backend_class(execution.backend)
+            except (UnknownNameError, TypeError, ImportError) as err:
+                detail = (f"unknown backend {execution.backend!r}" if isinstance(err, UnknownNameError)
+                          else f"backend {execution.backend!r} cannot be loaded: {err}")
+                raise self.fail("execution.backend", f"{detail}; valid names: {', '.join(backend_names())}") from None
         tracking = self.typed(Tracking, top.get("tracking"), "tracking")
         if tracking.experiment is not None:  # an MLflow experiment's name: the same rule as a study's
             self.name(tracking.experiment, "tracking.experiment", "MLflow experiment")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bnnctl.workers.config import to_dict, with_overrides
 
@@ -12,7 +13,7 @@ from .latency import measure_quietly
 from .latency import pending as quiet_pending
 from .layouts import AblationLayout, RowLayout, StudyLayout
 from .plan import Plan, Variant, build_plan
-from .preflight import preflight, storage_source
+from .preflight import preflight
 from .report import reported
 from .runcore import DriverSession, LeaseKeeper, RunOptions
 from .sequential import Replay, replay
@@ -185,33 +186,30 @@ def plan_items(plan: Plan, store: Store | None, opts: RunOptions) -> list[PlanIt
     return list(items.values())
 
 
-def run_study(path: str | Path, db: str | None = None, tracking_uri: str | None = None, address: str | None = None,
-              cpus: int | None = None, max_parallel: int | None = None, events: Events | None = None,
-              track: bool = True, options: RunOptions | None = None,
-              prepared: tuple[StudySpec, Plan] | None = None) -> Outcome:
-    """Run (or continue) the study in ``path``. Finished variants are reused, unfinished ones resume;
+def run_study(spec: StudySpec | str | Path, options: RunOptions | None = None, *, events: Events | None = None,
+              plan: Plan | None = None, **cli: Any) -> Outcome:
+    """Run (or continue) the study ``spec``. Finished variants are reused, unfinished ones resume;
     failed ones are skipped unless ``options.rerun_failed``.
 
-    ``options`` (when given) replaces the separate ``db`` ... ``track`` arguments; ``prepared``: the
-    spec of ``path`` (with ``options.overrides``) and its plan, when the caller has them already
-    (the plan is built once per run)."""
-    opts = options or RunOptions(db, tracking_uri, address, cpus, max_parallel, track)
-    spec, plan = prepared if prepared is not None else (None, None)
-    if spec is None:
-        spec = load_spec(path, dict(opts.overrides), opts.tag)
-    source = storage_source(opts.storage, spec.storage)
-    if opts.storage is None and spec.storage is not None:  # --storage, then the spec's, then $BNNCTL_STORAGE
-        opts = dataclasses.replace(opts, storage=spec.storage)
+    ``spec``: the parsed spec (a path is loaded here, with ``options.overrides`` and ``tag``: a
+    convenience for Python callers); ``options``: the command line's, resolved here once against
+    the spec and the environment (:meth:`RunOptions.resolve`); ``cli``: RunOptions fields given as
+    keywords (``run_study("s.yaml", cpus=2, track=False)``); ``plan``: the spec's plan when the
+    caller has built it already (the plan is built once per run)."""
+    opts = dataclasses.replace(options or RunOptions(), **cli) if cli else (options or RunOptions())
+    if not isinstance(spec, StudySpec):
+        spec = load_spec(spec, dict(opts.overrides), opts.tag)
+    opts = RunOptions.resolve(spec, opts)
     if plan is None or spec.statistics.adaptive is not None:
         plan = build_plan(spec)
     select(plan, opts.only, opts.variant_keys)  # unknown rows or keys: refused before anything is written
     check_data(plan, spec)
-    opts = preflight(spec, opts, source)  # storage, checkpoints, resources: before anything is written
+    opts = preflight(spec, opts)  # storage, checkpoints, resources: before anything is written
     prepare_data([v.config for v in plan.order()])
     store = Store(opts.db)
     lease = LeaseKeeper(store, spec.name, opts)  # before anything is written: one driver per study
     try:
-        return _run_study(spec, path, store, opts, events, lease, plan)
+        return _run_study(spec, spec.file, store, opts, events, lease, plan)
     finally:
         lease.release()
 

@@ -15,7 +15,6 @@ through the state database (``study status``, ``study show``) and the job server
 """
 from __future__ import annotations
 
-import os
 import shlex
 import tempfile
 import time
@@ -98,7 +97,9 @@ def submit(spec_path: Path, kind: str, address: str, db: str | None, storage: st
         spec = load_tune_spec(spec_path)
         layout = tuning_layout(spec)
     db = db or default_url()
-    storage = storage or spec.storage or os.environ.get("BNNCTL_STORAGE") or ""
+    from .runcore import RunOptions
+
+    storage = RunOptions.resolve(spec, RunOptions(storage=storage)).storage or ""  # --storage, spec, environment
     check_reachable(db, storage, tracking_uri, track)
     c = client(address)
     jobs = _jobs_of(c, spec.name)

@@ -32,7 +32,7 @@ from .errors import SpecError, StoreError
 from .executor import Events, Hooks
 from .layouts import ArmLayout, ParamLayout, TuningLayout
 from .plan import Plan, Variant, add_teacher, identity
-from .preflight import preflight, storage_source
+from .preflight import preflight
 from .runcore import DriverSession, LeaseKeeper, RunOptions
 from .store import Member, Store
 from .urls import mask_text
@@ -266,28 +266,26 @@ def with_trials(spec: TuneSpec, trials: int) -> TuneSpec:
     return dataclasses.replace(spec, trials=trials)
 
 
-def run_tuning(path: str | Path, db: str | None = None, tracking_uri: str | None = None, address: str | None = None,
-               cpus: int | None = None, max_parallel: int | None = None, events: Events | None = None,
-               track: bool = True, on_trial: Callable[[TrialEvent], None] | None = None,
-               options: RunOptions | None = None) -> TuneOutcome:
-    """Run (or continue) the tuning in ``path`` until every arm has ``trials`` finished trials.
+def run_tuning(spec: TuneSpec | str | Path, options: RunOptions | None = None, *, events: Events | None = None,
+               on_trial: Callable[[TrialEvent], None] | None = None, **cli: Any) -> TuneOutcome:
+    """Run (or continue) the tuning ``spec`` until every arm has ``trials`` finished trials.
 
-    ``options`` (when given) replaces the separate ``db`` ... ``track`` arguments."""
-    opts = options or RunOptions(db, tracking_uri, address, cpus, max_parallel, track)
-    spec = load_tune_spec(path)
+    ``spec``: the parsed tuning spec (a path is loaded here); ``options``: the command line's,
+    resolved here once (:meth:`RunOptions.resolve`); ``cli``: RunOptions fields as keywords."""
+    opts = dataclasses.replace(options or RunOptions(), **cli) if cli else (options or RunOptions())
+    if not isinstance(spec, TuneSpec):
+        spec = load_tune_spec(spec)
     if opts.trials is not None:
         spec = with_trials(spec, opts.trials)
-    source = storage_source(opts.storage, spec.storage)
-    if opts.storage is None and spec.storage is not None:  # --storage, then the spec's, then $BNNCTL_STORAGE
-        opts = dataclasses.replace(opts, storage=spec.storage)
+    opts = RunOptions.resolve(spec, opts)
     configs = [a.config for a in spec.arms] + [t.config for t in spec.teachers.values()]
     check_configs(configs, spec)
-    opts = preflight(spec, opts, source)  # storage, checkpoints, resources: before anything is written
+    opts = preflight(spec, opts)  # storage, checkpoints, resources: before anything is written
     prepare_data(configs)
     store = Store(opts.db)
     lease = LeaseKeeper(store, spec.name, opts)  # before anything is written: one driver per tuning
     try:
-        return _run_tuning(spec, path, store, opts, events, on_trial, lease)
+        return _run_tuning(spec, spec.file, store, opts, events, on_trial, lease)
     finally:
         lease.release()
 

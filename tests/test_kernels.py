@@ -199,11 +199,12 @@ def test_xnor_backend_runs_the_kernel_only_when_both_operands_are_binary(monkeyp
 @pytest.mark.parametrize("backend", ["xnor", "auto"])
 @pytest.mark.parametrize("alpha", ["analytic", "learned"])
 def test_inference_runs_the_whole_layer_in_the_kernel_with_the_same_bits(backend, alpha, monkeypatch):
-    """Under no_grad in eval the whole layer (BatchNorm + sign folded into thresholds, conv, alpha,
-    PReLU) is one fused kernel call on the raw input; the result equals the float backend bit for
-    bit, also after the weights change in place (the prepared call is rebuilt). With gradients on,
-    the quantized operands go through autograd and the per-layer kernel as before."""
-    from bnnctl.workers import backends
+    """Compiled by fuse(), under no_grad in eval the whole layer (BatchNorm + sign folded into
+    thresholds, conv, alpha, PReLU) is one fused kernel call on the raw input; the result equals the
+    float backend bit for bit, also after the weights change in place (the prepared call is
+    rebuilt). With gradients on, the quantized operands go through autograd and the per-layer
+    kernel as before."""
+    from bnnctl.workers import backends, fused
 
     monkeypatch.setattr(backends, "_AUTO_CHOICE", {})
     fused_calls, plain_calls = [], []
@@ -225,13 +226,14 @@ def test_inference_runs_the_whole_layer_in_the_kernel_with_the_same_bits(backend
     x[0, 0, :3, :3] = 0.0
     if backend == "auto":
         backends._AUTO_CHOICE[backends._auto_key(fast, x)] = True  # as if measured faster
+    compiled = fused.fuse(fast)
     with torch.no_grad():
-        assert torch.equal(fast(x), ref(x))
-        assert torch.equal(fast(x), ref(x))  # the prepared call is kept
+        assert torch.equal(compiled(x), ref(x))
+        assert torch.equal(compiled(x), ref(x))  # the prepared call is kept
         noise = torch.randn_like(ref.weight_source.weight)
         ref.weight_source.weight.add_(noise)
-        fast.weight_source.weight.add_(noise)
-        assert torch.equal(fast(x), ref(x))
+        fast.weight_source.weight.add_(noise)  # the compiled layer shares it
+        assert torch.equal(compiled(x), ref(x))
     assert fused_calls == ["Tensor"] * 3
     # auto checks the fused result once per weight version against the layer-by-layer path
     assert plain_calls == ([] if backend == "xnor" else [(True, True)] * 2)

@@ -5,12 +5,15 @@
   (bit-identical to the emulation; the straight-through backward in float); the emulation elsewhere.
 - "auto": the kernel where it is measured faster for the layer's shape and gave the same bits.
 
-In inference (no gradients) the CPU path is fused further: see ``fused.py``. Adding a backend =
-registering its function in CONV_BACKENDS.
+A backend is a :class:`ConvBackend` object registered in CONV_BACKENDS; the layers, :func:`fuse
+<bnnctl.workers.fused.fuse>` and the glue read its properties (``kernel``, ``fuses``, ``exact``,
+``verifies``), never its name. Adding a backend = registering one object here (or from any module:
+``CONV_BACKENDS.register("name")(ConvBackend(...))``).
 """
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -23,11 +26,45 @@ if TYPE_CHECKING:
     from .layers import BinaryConv2d
 
 
-#: A backend computes the layer's linear operation from the quantized input ``x``, the quantized
-#: weight ``w`` (±1 when the weights are binarized) and the per-output-channel ``alpha`` (or None).
-#: ``exact`` says both operands are exactly ±1, which is when an XNOR kernel may be used; the
-#: result must equal the float emulation ``op(x, w) * alpha``.
-ConvBackend = Callable[["BinaryConv2d", Tensor, Tensor, "Tensor | None", bool], Tensor]
+#: A backend's operation computes the layer's linear operation from the quantized input ``x``, the
+#: quantized weight ``w`` (±1 when the weights are binarized) and the per-output-channel ``alpha``
+#: (or None). ``exact`` says both operands are exactly ±1, which is when an XNOR kernel may be used.
+ConvOp = Callable[["BinaryConv2d", Tensor, Tensor, "Tensor | None", bool], Tensor]
+
+
+def _always(layer: "BinaryConv2d", x: Tensor) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class ConvBackend:
+    """How binary layers compute their convolution, as a registered object.
+
+    Attributes:
+        name: its name in specs (``model.backend``).
+        op: the operation used in training and wherever nothing faster applies (see ConvOp).
+        kernel: runs the XNOR-popcount kernel where both operands are exactly ±1 (groups = 1,
+            float32, a kernel compiled for the device); in inference straight from the raw input's
+            signs (:func:`xnor_from_raw`).
+        fuses: :func:`~bnnctl.workers.fused.fuse` compiles its inference into whole-layer and
+            whole-block kernel calls and faster exact pooling/upsampling.
+        exact: its outputs are bit-identical to the float emulation ``F.conv2d(x, w) * alpha``
+            (the property test_fused and test_kernels hold every exact backend to).
+        verifies: compares each kernel path with the emulation once per shape (and after the
+            parameters change) and keeps the emulation, with a warning, where they differ.
+        chooses: ``(layer, raw input) -> bool``: whether the kernel is used for this layer and shape
+            in inference (auto: where it was measured faster).
+    """
+
+    name: str
+    op: ConvOp
+    kernel: bool = False
+    fuses: bool = False
+    exact: bool = True
+    verifies: bool = False
+    chooses: Callable[["BinaryConv2d", Tensor], bool] = _always
+
+
 CONV_BACKENDS: Registry[ConvBackend] = Registry("conv backend")
 
 
@@ -37,7 +74,6 @@ def scale_output(y: Tensor, alpha: Tensor | None) -> Tensor:
     return y * alpha.view(1, -1, *([1] * (y.dim() - 2)))
 
 
-@CONV_BACKENDS.register("float")
 def float_conv(layer: "BinaryConv2d", x: Tensor, w: Tensor, alpha: Tensor | None, exact: bool) -> Tensor:
     """The float emulation: F.conv2d(x, w) * alpha. Zero padding contributes 0 to the sum."""
     return scale_output(F.conv2d(x, w, None, layer.stride, layer.padding, 1, layer.groups), alpha)
@@ -95,12 +131,10 @@ def version_key(*tensors: Tensor | None) -> tuple:
 def _kept_while_weight_unchanged(layer: "BinaryConv2d", attr: str, extra: tuple, compute: Callable[[], Any]) -> Any:
     """:func:`kept` while the layer's stored dense weight is unchanged and no gradients are wanted
     (inference); computed afresh otherwise."""
-    from .layers import DenseWeight
-
-    src = layer.weight_source
-    if torch.is_grad_enabled() or not isinstance(src, DenseWeight):
+    stored = layer.stored_weight()
+    if torch.is_grad_enabled() or stored is None:
         return compute()
-    return kept(layer, attr, version_key(src.weight) + extra, compute)
+    return kept(layer, attr, version_key(stored) + extra, compute)
 
 
 def packed_weight(layer: "BinaryConv2d", w: Tensor):
@@ -111,7 +145,6 @@ def packed_weight(layer: "BinaryConv2d", w: Tensor):
                                         lambda: kernels.pack_weight(w))
 
 
-@CONV_BACKENDS.register("xnor")
 def xnor_conv(layer: "BinaryConv2d", x: Tensor, w: Tensor, alpha: Tensor | None, exact: bool) -> Tensor:
     """The XNOR kernel whenever both operands are exactly ±1 (eval, or training with plain sign) and
     groups = 1; the float emulation otherwise. Outputs are bit-identical to the float backend."""
@@ -142,7 +175,6 @@ def _auto_key(layer: "BinaryConv2d", x: Tensor) -> tuple:
     return (x.device.type, tuple(x.shape), tuple(layer.weight_shape), layer.stride, layer.padding)
 
 
-@CONV_BACKENDS.register("auto")
 def auto_conv(layer: "BinaryConv2d", x: Tensor, w: Tensor, alpha: Tensor | None, exact: bool) -> Tensor:
     """XNOR where it is measured faster than the float emulation for this layer shape (timed once
     per shape and device) and gave the same bits on that measurement's input; the float emulation
@@ -177,13 +209,9 @@ def xnor_from_raw(layer: "BinaryConv2d", x: Tensor) -> Tensor | None:
     alpha, so evaluation skips materializing sign(x), sign(W) and the scaled product. Same bits as
     the float emulation. None where it does not apply (gradients wanted, operands not exactly binary,
     groups > 1, no kernel, or auto has not chosen the kernel for this shape)."""
-    if torch.is_grad_enabled() or not layer.exact_binary() or layer.groups != 1 or x.dim() != 4 \
-            or x.dtype != torch.float32:
-        return None
-    if layer.backend == "auto":
-        if not _AUTO_CHOICE.get(_auto_key(layer, x)):
-            return None
-    elif layer.backend != "xnor":
+    backend = layer.conv_backend
+    if not backend.kernel or torch.is_grad_enabled() or not layer.exact_binary() or layer.groups != 1 \
+            or x.dim() != 4 or x.dtype != torch.float32 or not backend.chooses(layer, x):
         return None
     from bnnctl import kernels
 
@@ -201,3 +229,13 @@ def inference_alpha(layer: "BinaryConv2d", latent: Tensor) -> Tensor | None:
     if not layer.alpha.kind.analytic:
         return layer.alpha(latent)
     return _kept_while_weight_unchanged(layer, "_xnor_alpha", (latent.device,), lambda: layer.alpha(latent))
+
+
+def _auto_chose_kernel(layer: "BinaryConv2d", x: Tensor) -> bool:
+    return bool(_AUTO_CHOICE.get(_auto_key(layer, x)))
+
+
+CONV_BACKENDS.register("float")(ConvBackend("float", float_conv))
+CONV_BACKENDS.register("xnor")(ConvBackend("xnor", xnor_conv, kernel=True, fuses=True))
+CONV_BACKENDS.register("auto")(ConvBackend("auto", auto_conv, kernel=True, fuses=True, verifies=True,
+                                           chooses=_auto_chose_kernel))

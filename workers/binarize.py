@@ -59,24 +59,65 @@ def sign_ste(x: Tensor) -> Tensor:
     return SignSTE.apply(x)
 
 
+#: A custom straight-through backward: ``(grad, x, lam) -> gradient of x`` for the exact sign's
+#: forward (``x`` is the quantizer's argument, ``lam`` its sharpness).
+Backward = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+class _SignCustomBackward(torch.autograd.Function):
+    """sign(x) forward (exactly ±1); the kind's own backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, lam: Tensor, backward: Backward) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, lam)
+        ctx.rule = backward
+        return hard_sign(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, lam = ctx.saved_tensors
+        return ctx.rule(grad, x, lam), None, None
+
+
 @dataclass(frozen=True)
 class QuantizerKind:
-    """A registered way to map real values to ±1 in training.
+    """A registered way to map real values to ±1 in training, as a forward and a backward.
 
     Attributes:
-        approximate: the smooth approximation ``(x, lam) -> (-1, 1)`` used in training, or None for
-            sign with the straight-through estimator.
+        forward: the smooth approximation ``(x, lam) -> (-1, 1)`` used as the training forward (its
+            gradient is its true derivative), or None for the exact sign (±1, what an XNOR kernel
+            takes).
+        backward: with the exact sign's forward, the gradient rule ``(grad, x, lam) -> dx``; None
+            is the straight-through estimator ``grad * 1[|x| <= 1]`` (IT §3.1). An exact forward with
+            a custom backward (ApproxSign, Bi-Real Net's piecewise-polynomial STE) is exact: the
+            kernel runs in training too.
+        reads_lambda: the forward or backward depends on the sharpness ``lam``, so lambda schedules
+            drive it (default: exactly when there is a smooth forward).
     """
 
-    approximate: Callable[[Tensor, Tensor], Tensor] | None = None
+    forward: Callable[[Tensor, Tensor], Tensor] | None = None
+    backward: Backward | None = None
+    reads_lambda: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.forward is not None and self.backward is not None:
+            raise ValueError("a smooth forward's backward is its derivative: give forward or backward, not both")
+        if self.reads_lambda is None:
+            object.__setattr__(self, "reads_lambda", self.forward is not None)
 
     @property
     def exact(self) -> bool:
         """Whether its training output is exactly ±1 (what an XNOR kernel needs)."""
-        return self.approximate is None
+        return self.forward is None
+
+    @property
+    def approximate(self) -> Callable[[Tensor, Tensor], Tensor] | None:
+        """The smooth forward (None for an exact one)."""
+        return self.forward
 
 
-#: Quantizers by name. Adding one = registering it here (``approximation("name")`` for a smooth one).
+#: Quantizers by name. Adding one = registering it here (``approximation("name")`` for a smooth
+#: forward, ``QuantizerKind(backward=...)`` for an exact forward with its own gradient).
 QUANTIZERS: Registry[QuantizerKind] = Registry("quantizer")
 QUANTIZERS.register("sign")(QuantizerKind())
 
@@ -85,7 +126,7 @@ def approximation(name: str) -> Callable[[Callable[[Tensor, Tensor], Tensor]], C
     """Register a smooth approximation of sign as the quantizer ``name``."""
 
     def decorator(fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
-        QUANTIZERS.register(name)(QuantizerKind(fn))
+        QUANTIZERS.register(name)(QuantizerKind(forward=fn))
         return fn
 
     return decorator
@@ -170,8 +211,14 @@ class Quantizer(nn.Module):
 
     @property
     def approximating(self) -> bool:
-        """Whether training uses a smooth approximation (whose sharpness schedules drive)."""
+        """Whether training uses a smooth approximation (a forward that is not exactly ±1)."""
         return not self.spec.exact
+
+    @property
+    def reads_lambda(self) -> bool:
+        """Whether the kind reads its sharpness in training (a smooth forward, or an exact forward
+        whose backward depends on lambda): what lambda schedules drive."""
+        return bool(self.spec.reads_lambda)
 
     @property
     def exact(self) -> bool:
@@ -184,7 +231,9 @@ class Quantizer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.exact:
-            return sign_ste(x)
+            if self.spec.backward is None or not self.training:
+                return sign_ste(x)
+            return _SignCustomBackward.apply(self.argument(x), self.lam.to(x.dtype), self.spec.backward)
         assert self.spec.approximate is not None
         lam, u = self.lam.to(x.dtype), self.argument(x)
         if self.tally is not None:

@@ -8,6 +8,11 @@
 Every conv is a :class:`BinaryConv2d` (BatchNorm -> binarize -> conv -> activation), so the
 pre-activation order is built into the layer. When channel counts or resolution change, the skip is a
 1x1 projection. SG's soft gate multiplies the skip path by a learned scalar or per-channel value.
+
+A block's ``forward`` is its definition and nothing else. For fused inference a block *declares*
+its structure with :meth:`fusion_plan` (the chain of convs its residual is, or None), and
+``fused.fuse(model)`` compiles the blocks that declare one; a block returning None (the default)
+runs layer by layer, each of its binary layers still fused on its own.
 """
 from __future__ import annotations
 
@@ -17,9 +22,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from . import fused
 from .config import require
-from .layers import ActivationConfig, ConvFactory
+from .layers import ActivationConfig, BinaryConv2d, ConvFactory
 from .registry import Registry
 
 
@@ -97,6 +101,19 @@ class SoftGate(nn.Module):
         return f"kind={self.kind}"
 
 
+@dataclass(frozen=True, eq=False)
+class FusionPlan:
+    """What a residual block is, for fused inference: ``out = residual(x) + gate(skip(x))`` where
+    the residual chains ``convs`` (each conv's output is the next one's only input) and is the
+    concatenation of every conv's output (``concat``, HPM) or the last conv's output; ``proj`` is
+    the skip's 1x1 projection (None: the identity) and ``gate`` the skip's :class:`SoftGate`."""
+
+    convs: tuple[BinaryConv2d, ...]
+    concat: bool
+    proj: BinaryConv2d | None
+    gate: "SoftGate"
+
+
 class BlockBuilder(Protocol):
     def __call__(self, in_channels: int, out_channels: int, conv: ConvFactory, *, stride: int = 1,
                  groups: int = 1, gate: GateConfig = ..., project: ConvFactory | None = None) -> nn.Module: ...
@@ -107,7 +124,7 @@ BLOCKS: Registry[BlockBuilder] = Registry("block")
 _LINEAR = ActivationConfig(kind="none")
 
 
-class _Residual(nn.Module):
+class Residual(nn.Module):
     """out = residual(x) + gate(skip(x)); subclasses define ``residual``."""
 
     def _init_skip(self, in_channels: int, out_channels: int, stride: int, groups: int,
@@ -119,31 +136,27 @@ class _Residual(nn.Module):
             self.proj = None
         self.gate = SoftGate(gate, out_channels)
 
-    #: The chained convs of the residual, and whether it concatenates their outputs (for fused inference).
-    CONVS: tuple[str, ...] = ()
-    CONCAT = False
-
     def residual(self, x: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled() and not self.training:
-            y = fused.block_forward(self, [getattr(self, name) for name in self.CONVS], x, self.CONCAT,
-                                    lambda: self._layer_by_layer(x))
-            if y is not None:
-                return y
-        return self._layer_by_layer(x)
+    def fusion_plan(self) -> FusionPlan | None:
+        """The block's structure for ``fused.fuse``, or None: run it layer by layer (the default:
+        a block is fused only where its author declared what it computes)."""
+        return None
 
-    def _layer_by_layer(self, x: Tensor) -> Tensor:
+    def _chain(self, *convs: nn.Module, concat: bool = False) -> FusionPlan | None:
+        if not all(isinstance(c, BinaryConv2d) for c in convs) or not isinstance(self.proj, (BinaryConv2d, type(None))):
+            return None  # e.g. a layer replaced by something else: nothing to promise
+        return FusionPlan(tuple(convs), concat, self.proj, self.gate)  # type: ignore[arg-type]
+
+    def forward(self, x: Tensor) -> Tensor:
         skip = x if self.proj is None else self.proj(x)
         return self.residual(x) + self.gate(skip)
 
 
 @BLOCKS.register("hpm")
-class HPMBlock(_Residual):
+class HPMBlock(Residual):
     """HB's hierarchical, parallel & multi-scale block: C/2, C/4, C/4 chained 3x3 convs, concatenated."""
-
-    CONVS, CONCAT = ("conv1", "conv2", "conv3"), True
 
     def __init__(self, in_channels: int, out_channels: int, conv: ConvFactory, *, stride: int = 1,
                  groups: int = 1, gate: GateConfig = GateConfig(), project: ConvFactory | None = None) -> None:
@@ -164,12 +177,13 @@ class HPMBlock(_Residual):
         c = self.conv3(b)
         return torch.cat((a, b, c), dim=1)
 
+    def fusion_plan(self) -> FusionPlan | None:
+        return self._chain(self.conv1, self.conv2, self.conv3, concat=True)
+
 
 @BLOCKS.register("basic")
-class PreActBasicBlock(_Residual):
+class PreActBasicBlock(Residual):
     """Pre-activation basic block: two 3x3 convs (each BatchNorm -> binarize -> conv -> activation)."""
-
-    CONVS = ("conv1", "conv2")
 
     def __init__(self, in_channels: int, out_channels: int, conv: ConvFactory, *, stride: int = 1,
                  groups: int = 1, gate: GateConfig = GateConfig(), project: ConvFactory | None = None) -> None:
@@ -181,12 +195,13 @@ class PreActBasicBlock(_Residual):
     def residual(self, x: Tensor) -> Tensor:
         return self.conv2(self.conv1(x))
 
+    def fusion_plan(self) -> FusionPlan | None:
+        return self._chain(self.conv1, self.conv2)
+
 
 @BLOCKS.register("bottleneck")
-class BottleneckBlock(_Residual):
+class BottleneckBlock(Residual):
     """Bottleneck block: 1x1 to C/4, 3x3 (carrying the stride), 1x1 back to C."""
-
-    CONVS = ("conv1", "conv2", "conv3")
 
     def __init__(self, in_channels: int, out_channels: int, conv: ConvFactory, *, stride: int = 1,
                  groups: int = 1, gate: GateConfig = GateConfig(), project: ConvFactory | None = None) -> None:
@@ -199,6 +214,9 @@ class BottleneckBlock(_Residual):
 
     def residual(self, x: Tensor) -> Tensor:
         return self.conv3(self.conv2(self.conv1(x)))
+
+    def fusion_plan(self) -> FusionPlan | None:
+        return self._chain(self.conv1, self.conv2, self.conv3)
 
 
 def make_block(name: str, in_channels: int, out_channels: int, conv: ConvFactory, **kwargs) -> nn.Module:

@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import from_dict, to_dict
 from .errors import TrainingError
+from .fused import fuse
 from .layers import binary_layers
 from .models import ModelConfig, build_model
 from .reparam import materialize
@@ -85,7 +86,8 @@ def export_model(model: nn.Module, cfg: ModelConfig, path: str | Path) -> Export
 
 
 def load_exported(path: str | Path, backend: str | None = "auto") -> nn.Module:
-    """The model stored by :func:`export_model`, in eval mode.
+    """The model stored by :func:`export_model`, in eval mode and compiled for inference
+    (:func:`~bnnctl.workers.fused.fuse`).
 
     ``backend`` is the binary convolutions' backend for inference: "auto" (default: the XNOR-popcount
     kernel wherever it is measured faster and gives the same bits), "xnor", "float", or None for
@@ -105,4 +107,4 @@ def load_exported(path: str | Path, backend: str | None = "auto") -> nn.Module:
     for key, bits in data["packed"].items():
         state[key] = _unpack(bits, tuple(data["shapes"][key]))
     model.load_state_dict(state)
-    return model.eval()
+    return fuse(model.eval(), inplace=True)

@@ -1,8 +1,13 @@
-"""Fused binary inference on the CPU: whole binary layers and residual blocks in the XNOR kernel.
+"""Fused binary inference on the CPU: ``fuse(model)`` compiles whole binary layers and residual
+blocks into XNOR kernel calls.
 
-In evaluation (no gradients, eval mode) with backend "xnor" or "auto", a binary layer's
-BatchNorm -> sign -> binary conv -> alpha -> activation runs as one kernel call, and a residual block
-as one call per convolution:
+``fuse`` is an explicit inference-compilation step, like ``torch.ao``'s convert or timm's
+re-parametrisation: it returns a model whose binary layers, declared blocks (``fusion_plan()``),
+pooling and upsampling are replaced by compiled modules *sharing the original's parameters and
+buffers under the same names* (``state_dict`` keys unchanged). Models, blocks and layers carry no
+inference branch of their own. Where the backend fuses (``ConvBackend.fuses``: "xnor", "auto"), in
+evaluation (no gradients, eval mode) a binary layer's BatchNorm -> sign -> binary conv -> alpha ->
+activation runs as one kernel call, and a residual block as one call per convolution:
 
 - BatchNorm followed by sign is a per-channel comparison ``x >= t`` (``x <= t`` where the BatchNorm
   scale is negative, a constant where it is zero), done while the kernel packs its input. The
@@ -16,25 +21,28 @@ as one call per convolution:
   block's output and the next convolution's packed bits in the same pass: no ``torch.cat``.
 - The residual sum ``out + skip * gate`` is applied once, where the output value is written.
 - Per-channel modules before a block whose input only binary layers read (the hourglass stem's
-  BatchNorm and ReLU) fold into those layers' thresholds too (:func:`prefixed_block`); binary linear
+  BatchNorm and ReLU) fold into those layers' thresholds too (:class:`FusedSequential`); binary linear
   layers run as 1x1 convolutions; max-pooling and nearest upsampling + sum take compiled exact forms
-  (:class:`MaxPool2d`, :func:`upsample_add`).
+  (:class:`FusedMaxPool2d`, :class:`FusedUpsampleAdd`).
 
 Every step is the float emulation's operation in its order and precision (alpha product, then the
 activation, then the gated sum), so outputs are identical to ``backend: float`` (tests/workers/test_fused.py
-holds every model family to that). Anything else -- training, gradients, inexact quantizers,
-grouped convolutions, CUDA tensors, no compiled kernel -- takes the layer-by-layer path.
+holds every model family, and every registered block with every conv backend, to that). Anything
+else -- training, gradients, inexact quantizers, grouped convolutions, CUDA tensors, no compiled
+kernel, a block that declares no plan -- takes the layer-by-layer path of the original modules.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from .backends import inference_alpha, kept, packed_weight, version_key
-from .layers import BinaryConv2d, BinaryLinear
+from .backends import ConvBackend, inference_alpha, kept, packed_weight, version_key
+from .blocks import FusionPlan
+from .layers import BinaryConv2d, BinaryLinear, UpsampleAdd
 
 #: kernels.cpu activation codes by activation module type.
 _NONE, _RELU, _SLOPE = 0, 1, 2
@@ -162,7 +170,7 @@ def fusable(layer: nn.Module, x: Tensor) -> bool:
     if not isinstance(layer, (BinaryConv2d, BinaryLinear)) or torch.is_grad_enabled() or layer.training \
             or layer.bn.training or layer.bn.running_mean is None:
         return False
-    if layer.backend not in ("xnor", "auto") or not layer.exact_binary():
+    if not layer.conv_backend.fuses or not layer.exact_binary():
         return False
     if x.dtype != torch.float32 or x.device.type != "cpu":
         return False
@@ -214,11 +222,11 @@ def _make_plan(layer: BinaryConv2d | BinaryLinear, shape: tuple[int, int, int, i
                         act=act, slope=slope)
 
 
-def _checked(module: nn.Module, backend: str, x: Tensor, out: Tensor, reference: Callable[[], Tensor]) -> bool:
-    """Backend "auto" compares the fused result with the layer-by-layer one once per module and
-    input shape (and again after its parameters change) and keeps the layer-by-layer path, with a
-    warning, where they differ; "xnor" trusts the kernel."""
-    if backend != "auto":
+def _checked(module: nn.Module, backend: ConvBackend, x: Tensor, out: Tensor, reference: Callable[[], Tensor]) -> bool:
+    """A backend that ``verifies`` ("auto") compares the fused result with the layer-by-layer one
+    once per module and input shape (and again after its parameters change) and keeps the
+    layer-by-layer path, with a warning, where they differ; others ("xnor") trust the kernel."""
+    if not backend.verifies:
         return True
     key = (tuple(x.shape),) + version_key(*_state(module))
 
@@ -248,35 +256,35 @@ def layer_forward(layer: BinaryConv2d | BinaryLinear, x: Tensor, reference: Call
     plan.run(x, out=out)
     if linear:
         out, x = out.view(out.shape[:2]), x.view(x.shape[:2])
-    return out if _checked(layer, layer.backend, x, out, reference) else None
+    return out if _checked(layer, layer.conv_backend, x, out, reference) else None
 
 
 # --------------------------------------------------------------------------- residual blocks
 
 
-def _gate(block: nn.Module, channels: int) -> Tensor | None:
-    g = block.gate.gate
+def _gate(gate: nn.Module, channels: int) -> Tensor | None:
+    g = gate.gate
     if g is None:
         return None
     g = g.detach().to(torch.float32)
-    return kept(block.gate, "_bnnctl_gate", version_key(block.gate.gate),
-                   lambda: g.reshape(-1).expand(channels).contiguous() if g.numel() == 1 else g.reshape(-1).contiguous())
+    return kept(gate, "_bnnctl_gate", version_key(gate.gate),
+                lambda: g.reshape(-1).expand(channels).contiguous() if g.numel() == 1 else g.reshape(-1).contiguous())
 
 
-def block_forward(block: nn.Module, convs: list[BinaryConv2d], x: Tensor, concat: bool,
-                  reference: Callable[[], Tensor], prefix: tuple[nn.Module, ...] = ()) -> Tensor | None:
-    """A residual block ``residual(x) + gate(skip(x))`` whose residual chains ``convs`` (each
-    conv's output the next one's input), fused; ``concat``: the residual is the concatenation of
-    every conv's output (HPM), else the last conv's output. None where it does not apply.
-    ``reference`` computes the layer-by-layer result (see :func:`_checked`).
+def block_forward(block: nn.Module, fusion: FusionPlan, x: Tensor, reference: Callable[[], Tensor],
+                  prefix: tuple[nn.Module, ...] = ()) -> Tensor | None:
+    """The residual block ``block`` as its :class:`~bnnctl.workers.blocks.FusionPlan` declares it
+    (``residual(x) + gate(skip(x))``, the residual chaining ``plan.convs``), fused. None where it
+    does not apply. ``reference`` computes the layer-by-layer result (see :func:`_checked`).
 
     ``prefix``: per-channel monotone modules (BatchNorm, ReLU) still to be applied to ``x``, folded
     into the thresholds of the first conv and of the skip's projection, which are the only readers
     of the block's input then (no float copy of it is ever made); a block with an identity skip
     needs that input as floats and returns None."""
+    convs, concat, proj = fusion.convs, fusion.concat, fusion.proj
     if not all(fusable(c, x) for c in convs):
         return None
-    if prefix and (block.proj is None or not fusable(block.proj, x)):
+    if prefix and (proj is None or not fusable(proj, x)):
         return None
     plans, shape = [], tuple(x.shape)
     for layer in convs:
@@ -288,17 +296,18 @@ def block_forward(block: nn.Module, convs: list[BinaryConv2d], x: Tensor, concat
     n, _, oh, ow = shape
     channels = sum(p.out_shape[1] for p in plans) if concat else shape[1]
     if prefix:
-        proj = _prefixed_plan(block.proj, tuple(x.shape), prefix)
-        if proj is None:
+        assert proj is not None
+        proj_plan = _prefixed_plan(proj, tuple(x.shape), prefix)
+        if proj_plan is None:
             return None
-        skip = torch.empty(proj.out_shape)
-        proj.run(x, out=skip)
+        skip = torch.empty(proj_plan.out_shape)
+        proj_plan.run(x, out=skip)
     else:
-        skip = x if block.proj is None else block.proj(x)
+        skip = x if proj is None else _layer(proj, x)
     if tuple(skip.shape) != (n, channels, oh, ow) or skip.dtype != torch.float32:
         return None
     skip = skip.contiguous()
-    gate = _gate(block, channels)
+    gate = _gate(fusion.gate, channels)
     out = torch.empty((n, channels, oh, ow))
     source: Any = x
     first = 0
@@ -314,28 +323,16 @@ def block_forward(block: nn.Module, convs: list[BinaryConv2d], x: Tensor, concat
         else:
             plan.run(source, packed_out=packed_out, out_thresholds=out_thresholds)
         source = packed_out
-    return out if _checked(block, convs[0].backend, x, out, reference) else None
+    return out if _checked(block, convs[0].conv_backend, x, out, reference) else None
 
 
-def prefixed_block(block: nn.Module, x: Tensor, prefix: tuple[nn.Module, ...]) -> Tensor | None:
-    """``block(prefix(x))`` fused with ``prefix`` folded into the block's input thresholds (see
-    :func:`block_forward`), or None where that does not apply."""
-    def reference() -> Tensor:
-        y = x
-        for m in prefix:
-            y = m(y.clone())
-        return block(y)
-
-    return block_forward(block, [getattr(block, n) for n in block.CONVS], x, block.CONCAT, reference, prefix)
+def _layer(layer: BinaryConv2d | BinaryLinear, x: Tensor) -> Tensor:
+    """The layer fused where that applies, else its own forward."""
+    y = layer_forward(layer, x, lambda: layer(x))
+    return layer(x) if y is None else y
 
 
 # --------------------------------------------------------------------------- pooling and upsampling
-
-
-def fast_glue(backend: str, x: Tensor) -> bool:
-    """Whether the float operations between binary layers take the faster exact forms below:
-    inference with an XNOR backend on the CPU (the float backend keeps PyTorch's own operations)."""
-    return backend != "float" and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dim() == 4
 
 
 def max_pool2d(x: Tensor, kernel: int, stride: int, padding: int) -> Tensor:
@@ -373,14 +370,184 @@ def upsample_add(x: Tensor, skip: Tensor) -> Tensor:
     return torch.nn.functional.interpolate(x, size=skip.shape[-2:], mode="nearest") + skip
 
 
-class MaxPool2d(nn.MaxPool2d):
-    """nn.MaxPool2d that takes :func:`max_pool2d` in inference with an XNOR backend (same values)."""
+# --------------------------------------------------------------------------- fuse()
 
-    def __init__(self, kernel_size: int, stride: int | None = None, padding: int = 0, backend: str = "float") -> None:
-        super().__init__(kernel_size, stride, padding)
-        self.backend = backend
+
+def _inference(x: Tensor) -> bool:
+    return not torch.is_grad_enabled() and x.device.type == "cpu" and x.dim() == 4
+
+
+class Compiled(nn.Module):
+    """A compiled stand-in for ``original``: it holds the original's children, parameters and
+    buffers as its own (the same objects under the same names, so ``state_dict`` and
+    ``load_state_dict`` are unchanged) and runs ``original``'s own forward wherever its compiled
+    path does not apply."""
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        for name in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
+            self.__dict__[name] = original.__dict__[name]
+        self.__dict__["original"] = original  # a plain attribute: its state is already ours
+        self.training = original.training
+
+    def train(self, mode: bool = True) -> "Compiled":
+        super().train(mode)
+        self.original.training = mode
+        return self
+
+    def extra_repr(self) -> str:
+        return f"compiled {type(self.original).__name__}"
+
+
+class FusedLayer(Compiled):
+    """A binary layer (conv or linear) as one kernel call in inference (:func:`layer_forward`)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if fast_glue(self.backend, x) and not self.ceil_mode and self.dilation == 1:
-            return max_pool2d(x, self.kernel_size, self.stride, self.padding)  # type: ignore[arg-type]
-        return super().forward(x)
+        return _layer(self.original, x)
+
+
+class FusedBlock(Compiled):
+    """A residual block compiled from its :class:`~bnnctl.workers.blocks.FusionPlan`: one kernel
+    call per conv in inference (:func:`block_forward`); ``prefixed`` also folds per-channel modules
+    before it into its input thresholds."""
+
+    def __init__(self, original: nn.Module, plan: FusionPlan) -> None:
+        super().__init__(original)
+        self.__dict__["plan"] = plan
+
+    def forward(self, x: Tensor) -> Tensor:
+        block = self.original
+        y = block_forward(block, self.plan, x, lambda: block(x)) if not self.training else None
+        return block(x) if y is None else y
+
+    def prefixed(self, x: Tensor, prefix: tuple[nn.Module, ...]) -> Tensor | None:
+        """``self(prefix(x))`` with ``prefix`` folded into the thresholds of the block's first conv
+        and projection, or None where that does not apply."""
+        if self.training:
+            return None
+
+        def reference() -> Tensor:
+            y = x
+            for m in prefix:
+                y = m(y.clone())
+            return self.original(y)
+
+        return block_forward(self.original, self.plan, x, reference, prefix)
+
+
+#: Per-channel monotone modules that may fold into the next binary layers' sign thresholds.
+_FOLDABLE = (nn.BatchNorm2d, nn.ReLU)
+
+
+class FusedSequential(Compiled, nn.Sequential):
+    """An ``nn.Sequential`` in which BatchNorm and ReLU directly before a fused block with a
+    projection fold into that block's input thresholds (the hourglass stem: no float map between
+    them)."""
+
+    def __init__(self, original: nn.Sequential, folds: dict[int, int]) -> None:
+        super().__init__(original)
+        self.__dict__["folds"] = folds  # index of the first folded module -> index of the block
+
+    def forward(self, x: Tensor) -> Tensor:
+        modules = list(self._modules.values())
+        i = 0
+        while i < len(modules):
+            end = self.folds.get(i)
+            if end is not None and not self.training and _inference(x):
+                y = modules[end].prefixed(x, tuple(modules[i:end]))
+                if y is not None:
+                    x, i = y, end + 1
+                    continue
+            x = modules[i](x)
+            i += 1
+        return x
+
+
+class FusedMaxPool2d(Compiled):
+    """nn.MaxPool2d through :func:`max_pool2d` in inference (the same values, several times faster)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        pool = self.original
+        if _inference(x) and not pool.ceil_mode and pool.dilation == 1:
+            k, s, p = (v if isinstance(v, int) else v[0] for v in (pool.kernel_size, pool.stride, pool.padding))
+            return max_pool2d(x, k, s, p)
+        return pool(x)
+
+
+class FusedUpsampleAdd(Compiled):
+    """:class:`~bnnctl.workers.layers.UpsampleAdd` through :func:`upsample_add` in inference."""
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return upsample_add(x, skip) if _inference(x) else self.original(x, skip)
+
+
+def _fuses(model: nn.Module) -> bool:
+    return any(isinstance(m, (BinaryConv2d, BinaryLinear)) and m.conv_backend.fuses for m in model.modules())
+
+
+def _copy_structure(module: nn.Module) -> nn.Module:
+    """A copy of the module tree sharing every parameter and buffer tensor (containers and hooks
+    copied, so replacing modules in the copy leaves the original as it was)."""
+    clone = copy.copy(module)
+    for name, value in list(clone.__dict__.items()):
+        if isinstance(value, (dict, set)):
+            clone.__dict__[name] = copy.copy(value)
+    clone.__dict__["_modules"] = {n: None if c is None else _copy_structure(c) for n, c in module._modules.items()}
+    return clone
+
+
+def _compiled(module: nn.Module, glue: bool) -> nn.Module:
+    if isinstance(module, (BinaryConv2d, BinaryLinear)):
+        return FusedLayer(module) if module.conv_backend.fuses else module
+    plan_of = getattr(module, "fusion_plan", None)
+    plan = plan_of() if callable(plan_of) else None
+    if plan is not None and isinstance(plan, FusionPlan) and plan.convs and plan.convs[0].conv_backend.fuses:
+        return FusedBlock(module, plan)
+    if glue and type(module) is nn.MaxPool2d:
+        return FusedMaxPool2d(module)
+    if glue and type(module) is UpsampleAdd:
+        return FusedUpsampleAdd(module)
+    return module
+
+
+def _fold_sites(seq: nn.Sequential) -> dict[int, int]:
+    modules = list(seq._modules.values())
+    folds = {}
+    for i in range(len(modules) - 2):
+        if isinstance(modules[i], nn.BatchNorm2d) and isinstance(modules[i + 1], _FOLDABLE) \
+                and isinstance(modules[i + 2], FusedBlock) and modules[i + 2].plan.proj is not None:
+            folds[i] = i + 2
+    return folds
+
+
+def _fuse_children(module: nn.Module, glue: bool) -> None:
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        compiled = _compiled(child, glue)
+        _fuse_children(compiled, glue)  # a compiled module's children are the original's: fused too
+        if glue and type(compiled) is nn.Sequential:
+            folds = _fold_sites(compiled)
+            if folds:
+                compiled = FusedSequential(compiled, folds)
+        module._modules[name] = compiled
+
+
+def fuse(model: nn.Module, *, inplace: bool = False, glue: bool = True) -> nn.Module:
+    """The model compiled for inference: binary layers and blocks that declare a
+    :class:`~bnnctl.workers.blocks.FusionPlan` run as XNOR kernel calls where their backend
+    ``fuses`` (the outputs are bit-identical to the layer-by-layer forward); ``glue`` also gives
+    max-pooling and the hourglass's upsample + sum their faster exact forms and folds BatchNorm +
+    ReLU before a block into its thresholds (:class:`FusedSequential`).
+
+    Returns a copy that shares every parameter and buffer with ``model`` under the same names
+    (``inplace``: ``model`` itself, changed), or ``model`` unchanged where no layer's backend fuses.
+    The compiled modules fall back to the original forward in training or with gradients, so the
+    result is correct in every mode; it is meant for evaluation, latency and deployment."""
+    if not _fuses(model):
+        return model
+    root = model if inplace else _copy_structure(model)
+    holder = nn.Module()
+    holder._modules["root"] = root
+    _fuse_children(holder, glue)
+    return holder._modules["root"]

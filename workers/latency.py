@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .fused import fuse
 from .layers import binary_layers
 from .models import ModelConfig, build_model
 from .reparam import materialize
@@ -54,7 +55,7 @@ def _deployed(model: nn.Module, cfg: ModelConfig, backend: str) -> nn.Module:
     state = materialize(copy.deepcopy(model).cpu()).state_dict()
     deployed = materialize(build_model(dataclasses.replace(cfg, backend=backend)))
     deployed.load_state_dict(state)
-    return deployed.eval()
+    return fuse(deployed.eval(), inplace=True)
 
 
 def _median_ms(fn, repeats: int) -> float:

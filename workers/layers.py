@@ -7,7 +7,8 @@ changes what is injected, not the model code.
 The latent (real-valued) weight comes from a *weight source*: a plain parameter by default, or a
 matrix/tensor re-parametrization (see ``reparam.py``). The convolution itself goes through a
 *backend* seam (``backends.py``): "float" is the emulation with ``F.conv2d``, "xnor" and "auto" the
-XNOR kernels; in inference the whole layer may run fused (``fused.py``).
+XNOR kernels. Fused inference is a separate, explicit step (``fused.fuse(model)``): nothing here
+branches on it.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from .binarize import AlphaScale, BinarizeConfig, Quantizer
 from .config import require
-from .backends import CONV_BACKENDS, scale_output, xnor_from_raw
+from .backends import CONV_BACKENDS, ConvBackend, scale_output, xnor_from_raw
 from .registry import Registry
 
 # --------------------------------------------------------------------------- activations
@@ -167,6 +168,12 @@ class _BinaryLayer(nn.Module):
         return (self.input_quantizer is not None and self.input_quantizer.exact
                 and self.weight_quantizer is not None and self.weight_quantizer.exact)
 
+    def stored_weight(self) -> Tensor | None:
+        """The stored dense weight parameter, or None when the weight is re-parametrized (what
+        inference may key derived values on: packed bits, alphas)."""
+        src = self.weight_source
+        return src.weight if isinstance(src, DenseWeight) else None
+
     def set_weight_source(self, source: WeightSource) -> None:
         assert tuple(source.shape) == tuple(self.weight_shape), (source.shape, self.weight_shape)
         self.weight_source = source
@@ -200,8 +207,8 @@ class BinaryConv2d(_BinaryLayer):
         activation: the non-linearity after the conv.
         reparametrizable: on the binary path (MT decompositions re-parametrize it); False for
             layers kept real.
-        backend: a name in CONV_BACKENDS: "float" (the emulation), "xnor" or "auto" (the XNOR kernels;
-            in inference also fused, see fused.py).
+        backend: a name in CONV_BACKENDS: "float" (the emulation), "xnor" or "auto" (the XNOR
+            kernels); its :class:`~bnnctl.workers.backends.ConvBackend` is ``conv_backend``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
@@ -216,25 +223,16 @@ class BinaryConv2d(_BinaryLayer):
         self.kernel_size, self.stride, self.groups = kernel_size, stride, groups
         self.padding = kernel_size // 2 if padding is None else padding
         self.backend = backend
-        self._backend_fn = CONV_BACKENDS.get(backend, "backend")
+        self.conv_backend: ConvBackend = CONV_BACKENDS.get(backend, "backend")
         self.bn = nn.BatchNorm2d(in_channels)
         self._init_binary(binarize, activation, out_channels,
                           (out_channels, in_channels // groups, kernel_size, kernel_size), reparametrizable)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.backend != "float" and not torch.is_grad_enabled():
-            from . import fused
-
-            y = fused.layer_forward(self, x, lambda: super(BinaryConv2d, self).forward(x))
-            if y is not None:
-                return y
-        return super().forward(x)
-
     def _operate(self, x: Tensor, w: Tensor, alpha: Tensor | None) -> Tensor:
-        return self._backend_fn(self, x, w, alpha, self.exact_binary())
+        return self.conv_backend.op(self, x, w, alpha, self.exact_binary())
 
     def _from_raw(self, x: Tensor) -> Tensor | None:
-        return xnor_from_raw(self, x) if self.backend != "float" else None
+        return xnor_from_raw(self, x) if self.conv_backend.kernel else None
 
     def extra_repr(self) -> str:
         b = self.binarize
@@ -245,8 +243,8 @@ class BinaryConv2d(_BinaryLayer):
 
 class BinaryLinear(_BinaryLayer):
     """BatchNorm1d -> binarize input -> linear with alpha * sign(W) -> activation (AlexNet's FCs).
-    Training and the float backend use F.linear; inference with "xnor"/"auto" runs it in the XNOR
-    kernel as a 1x1 convolution (workers/fused.py)."""
+    It computes F.linear; a fused model (``fused.fuse``) with a fusing backend runs it in the XNOR
+    kernel as a 1x1 convolution."""
 
     def __init__(self, in_features: int, out_features: int,
                  binarize: BinarizeConfig = BinarizeConfig(),
@@ -254,18 +252,9 @@ class BinaryLinear(_BinaryLayer):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.backend = backend
-        CONV_BACKENDS.get(backend, "backend")
+        self.conv_backend: ConvBackend = CONV_BACKENDS.get(backend, "backend")
         self.bn = nn.BatchNorm1d(in_features)
         self._init_binary(binarize, activation, out_features, (out_features, in_features))
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.backend != "float" and not torch.is_grad_enabled():  # inference: a 1x1 XNOR conv, fused
-            from . import fused
-
-            y = fused.layer_forward(self, x, lambda: super(BinaryLinear, self).forward(x))
-            if y is not None:
-                return y
-        return super().forward(x)
 
     def _operate(self, x: Tensor, w: Tensor, alpha: Tensor | None) -> Tensor:
         return scale_output(F.linear(x, w), alpha)
@@ -307,3 +296,12 @@ class ConvFactory:
     def real(self) -> "ConvFactory":
         """The same factory with nothing binarized (for layers kept real-valued)."""
         return ConvFactory(BinarizeConfig.real(), self.activation, "float", reparametrizable=False)
+
+
+class UpsampleAdd(nn.Module):
+    """``F.interpolate(x, size=skip's, mode="nearest") + skip``: the hourglass's merge of a level's
+    upsampled features with its skip (a module, so :func:`~bnnctl.workers.fused.fuse` can give it
+    its faster exact form)."""
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return F.interpolate(x, size=skip.shape[-2:], mode="nearest") + skip

@@ -2,28 +2,50 @@
 
 The scheduling loop (:mod:`bnnctl.orchestrator.executor`: DAG, parallelism, retries, recording
 results) knows nothing of Ray. A backend starts tasks, hands back the workers' messages and the
-tasks' outcomes, and cancels tasks; that is all. Backends:
+tasks' outcomes, and cancels tasks; that is all. Built-in backends:
 
 - ``ray`` (:mod:`.ray_cluster`): Ray tasks on a local or remote Ray cluster (the product's default);
 - ``inprocess`` (:mod:`.inprocess`): threads of the driver's own process, for the loop's fast tests
   and for debugging a variant without a cluster.
 
-Adding one (Ray Jobs, SLURM, a queue) is one new module with a class that implements
-:class:`Backend`, registered with :func:`register`.
+A run picks one by name: ``--backend NAME`` on the command line, else ``execution.backend`` in the
+spec, else ``$BNNCTL_BACKEND``, else ``ray`` (:meth:`RunOptions.resolve
+<bnnctl.orchestrator.runcore.RunOptions.resolve>`). Names resolve through a registry
+(:func:`backend_class`): classes registered with :func:`register` (from any module, a test module
+included), the built-ins (imported when first named), and third-party packages that declare an
+entry point in the group ``bnnctl.backends`` (``dask = "mypkg.backend:DaskBackend"`` under
+``[project.entry-points."bnnctl.backends"]``). Nothing in the project names a backend otherwise.
 
-Contract:
+Contract (what a Dask, Slurm or queue backend implements):
 
-- ``start`` connects, refuses a per-variant resource request that no node can satisfy
-  (:class:`ResourceError`, with the cluster's resources in the message); ``warm``, once the driver
-  has accepted the run, may start worker processes ahead of the first task.
-- ``submit(task)`` starts a task. Its worker sends a :class:`Started` message naming its node when it
-  really starts (a task waiting for resources has sent none), then :class:`EpochMetrics` and
-  :class:`Progress` messages; ``messages()`` returns (and forgets) those that arrived.
+- ``from_options(address=..., cpus=...)`` builds it from the run's ``--address`` / ``--cpus``
+  (ignore what does not apply). ``start`` connects and refuses a per-variant resource request that
+  no node can satisfy (:class:`ResourceError`, with the cluster's resources in the message);
+  ``preflight`` refuses the same before anything is written, without starting anything; ``warm``,
+  once the driver has accepted the run, may start worker processes ahead of the first task.
+- ``submit(task)`` starts a :class:`Task` (plain data: its config, the run storage URL, what to
+  fetch, cpus/gpus/workers). On the worker, the task body is :func:`execute(task, channel, node)
+  <execute>`: the backend only has to carry the :class:`Channel` -- the message channel -- back to
+  the driver. ``channel.send`` delivers :class:`Started` (naming the node, when the task really
+  starts: a task waiting for resources has sent none), then :class:`EpochMetrics` and
+  :class:`Progress`; the backend queues them for ``messages()``, which returns (and forgets) those
+  that arrived, in order. ``channel.verdict(key, epoch)`` returns the driver's pruning decision, or
+  None while there is none (the worker polls it); ``channel.cancelled()`` says the task was
+  cancelled (the worker stops after its epoch). Over a process or network boundary this is a queue
+  and a small key-value store (Ray: an actor; Dask: a ``Queue`` and ``Variable``s; Slurm: files on
+  the shared run storage).
 - ``wait(timeout)`` returns the tasks that ended within ``timeout`` seconds as :class:`Finished`
   (``completed``, ``stopped``, ``failed`` with the reason, or ``lost``: the worker or its node died
   or ran out of memory; the executor retries those). A cancelled task never comes back.
 - With ``verdicts=True`` a worker waits after each epoch for ``decide(key, epoch, stop)``.
+- ``cancel(key)`` stops a task; ``close()`` releases what ``start`` acquired (the cluster stays).
+- Optional: ``node_count`` (more than one needs shared run storage), ``node_cpus()`` (the quiet
+  latency measurement holds a whole node), ``waiting_for``/``refused`` (an autoscaler's word on a
+  task that has not started), ``describe()``.
 - Errors of the backend itself (the cluster went away) raise :class:`BackendError`.
+
+tests/orchestrator/test_extensions.py registers a backend from the test module alone and runs a
+study on it.
 """
 from __future__ import annotations
 
@@ -124,6 +146,11 @@ class Backend(ABC):
     #: machines the tasks may land on (known after ``start``); more than one needs shared run storage
     node_count: int = 1
 
+    @classmethod
+    def from_options(cls, *, address: str | None = None, cpus: float | None = None) -> "Backend":
+        """The backend for a run's ``--address`` and ``--cpus`` (default: neither applies)."""
+        return cls()
+
     @abstractmethod
     def start(self, workers: int, cpus: float, gpus: float, ranks: int = 1) -> None:
         """Connect; refuse (ResourceError) a request of ``ranks`` workers of ``cpus``/``gpus`` per
@@ -182,13 +209,20 @@ class Backend(ABC):
         """Release what ``start`` acquired (actors, threads); the cluster itself stays."""
 
 
-BACKENDS: dict[str, Callable[..., Backend]] = {}
+BACKENDS: dict[str, type[Backend]] = {}
+#: The built-in backends, as ``module:Class``: imported when first named (this module imports neither).
+BUILTIN = {"ray": "bnnctl.orchestrator.backends.ray_cluster:RayBackend",
+           "inprocess": "bnnctl.orchestrator.backends.inprocess:InProcessBackend"}
+#: The entry-point group through which installed packages add backends.
+ENTRY_POINTS = "bnnctl.backends"
 
 
 def register(name: str):
-    """Class decorator: make a Backend available under ``name``."""
+    """Class decorator: make a Backend available under ``name`` (from any module)."""
 
     def deco(cls):
+        if BACKENDS.get(name, cls) is not cls:
+            raise ValueError(f"backend {name!r} is registered twice")
         cls.name = name
         BACKENDS[name] = cls
         return cls
@@ -196,15 +230,43 @@ def register(name: str):
     return deco
 
 
-def make_backend(name: str, **options) -> Backend:
-    """The backend registered as ``name`` (``ray`` or ``inprocess``), built with ``options``."""
-    from . import inprocess, ray_cluster  # noqa: F401  (registration; both import lazily inside)
+def _entry_points() -> dict[str, object]:
+    from importlib.metadata import entry_points
 
-    if name not in BACKENDS:
-        from bnnctl.workers.errors import UnknownNameError
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINTS)}
 
-        raise UnknownNameError("backend", name, sorted(BACKENDS))
-    return BACKENDS[name](**options)
+
+def backend_names() -> list[str]:
+    """Every backend a run may name: registered, built in, or declared by an installed package."""
+    return sorted(set(BACKENDS) | set(BUILTIN) | set(_entry_points()))
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The Backend class named ``name`` (raises UnknownNameError listing the valid names)."""
+    if name in BACKENDS:
+        return BACKENDS[name]
+    if name in BUILTIN:
+        import importlib
+
+        module, _, attr = BUILTIN[name].partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+    else:
+        ep = _entry_points().get(name) if isinstance(name, str) else None
+        if ep is None:
+            from bnnctl.workers.errors import UnknownNameError
+
+            raise UnknownNameError("backend", name, backend_names())
+        cls = ep.load()  # type: ignore[attr-defined]
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise TypeError(f"backend {name!r} is {cls!r}, not a subclass of bnnctl.orchestrator.backends.Backend")
+    BACKENDS.setdefault(name, cls)
+    cls.name = name
+    return cls
+
+
+def make_backend(name: str, *, address: str | None = None, cpus: float | None = None) -> Backend:
+    """The backend named ``name``, built for the run's ``--address`` and ``--cpus``."""
+    return backend_class(name).from_options(address=address, cpus=cpus)
 
 
 # --------------------------------------------------------------------------- the worker side

@@ -510,6 +510,10 @@ class RayBackend(Backend):
     """Ray tasks with the variant's resources (``num_cpus``, fractional ``num_gpus``), no Ray retries
     (the executor retries lost workers itself, resuming from the checkpoint)."""
 
+    @classmethod
+    def from_options(cls, *, address: str | None = None, cpus: float | None = None) -> "RayBackend":
+        return cls(address=address, cpus=cpus)
+
     def __init__(self, address: str | None = None, cpus: float | None = None) -> None:
         self.address, self.cpus = address, cpus
         self.where = "a Ray cluster"

@@ -22,6 +22,27 @@ TakeoverOption = Annotated[bool, typer.Option(
 StorageOption = Annotated[Optional[str], typer.Option(
     help="Run storage for checkpoints and images: a folder or an fsspec URL (s3://bucket/prefix, gs://..., "
          "file:///nfs/...) that every node reaches (default: the spec's `storage`, $BNNCTL_STORAGE, else .bnnctl/runs).")]
+BackendOption = Annotated[Optional[str], typer.Option(
+    help="What runs the variants: a registered backend (ray, inprocess, or one a package adds through the "
+         "`bnnctl.backends` entry point; default: the spec's execution.backend, $BNNCTL_BACKEND, else ray).")]
+MaxParallelOption = Annotated[Optional[int], typer.Option(help="Variants at once (default: the spec's "
+                                                          "execution.max_parallel).")]
+
+
+def run_options(*, db: str | None = None, tracking_uri: str | None = None, address: str | None = None,
+                cpus: int | None = None, max_parallel: int | None = None, no_track: bool = False,
+                backend: str | None = None, storage: str | None = None, takeover: bool = False,
+                set_: list[str] | tuple = (), tag: str | None = None, only: list[str] | tuple = (),
+                variant: list[str] | tuple = (), rerun_failed: bool = False, trials: int | None = None):
+    """The run option group shared by ``study run``/``rerun`` and ``tune run``, parsed once into
+    the command line's :class:`~bnnctl.orchestrator.runcore.RunOptions` (resolved against the spec
+    and the environment by ``RunOptions.resolve``)."""
+    from bnnctl.orchestrator.runcore import RunOptions
+
+    return RunOptions(db=db, tracking_uri=tracking_uri, address=address, cpus=cpus, max_parallel=max_parallel,
+                      track=not no_track, backend=backend, storage=storage, takeover=takeover,
+                      overrides=tuple(parse_assignments(list(set_), "--set").items()), tag=tag, only=tuple(only),
+                      variant_keys=tuple(variant), rerun_failed=rerun_failed, trials=trials)
 
 
 def fail(message: str) -> "typer.Exit":

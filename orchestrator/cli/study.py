@@ -8,11 +8,14 @@ import typer
 
 from ._common import (
     AddressOption,
+    BackendOption,
     CpusOption,
+    MaxParallelOption,
     NoTrackOption,
     StorageOption,
     TrackingUriOption,
     console,
+    run_options,
     fail,
     stop_on_sigterm,
     submit_and_report,
@@ -108,8 +111,9 @@ def run(
     tracking_uri: TrackingUriOption = None,
     address: AddressOption = None,
     cpus: CpusOption = None,
-    max_parallel: Annotated[Optional[int], typer.Option(help="Variants at once (default: the spec's).")] = None,
+    max_parallel: MaxParallelOption = None,
     no_track: NoTrackOption = False,
+    backend: BackendOption = None,
     storage: StorageOption = None,
     takeover: TakeoverOption = False,
     set_: SetOption = [],
@@ -121,8 +125,9 @@ def run(
     verbose: VerboseOption = False,
 ) -> None:
     """Run a study (or continue it): finished variants are reused, unfinished ones resume."""
-    _run(file, db, tracking_uri, address, cpus, max_parallel, no_track, storage, takeover, set_, tag, only, variant,
-         rerun_failed, verbose)
+    _run(file, run_options(db=db, tracking_uri=tracking_uri, address=address, cpus=cpus, max_parallel=max_parallel,
+                           no_track=no_track, backend=backend, storage=storage, takeover=takeover, set_=set_, tag=tag,
+                           only=only, variant=variant, rerun_failed=rerun_failed), verbose)
 
 
 @app.command("rerun")
@@ -134,6 +139,7 @@ def rerun(
     address: AddressOption = None,
     cpus: CpusOption = None,
     no_track: NoTrackOption = False,
+    backend: BackendOption = None,
     storage: StorageOption = None,
     set_: SetOption = [],
     tag: TagOption = None,
@@ -142,25 +148,25 @@ def rerun(
     verbose: VerboseOption = False,
 ) -> None:
     """Run a study again, retrying its failed variants (= study run --rerun-failed)."""
-    _run(file, db, tracking_uri, address, cpus, None, no_track, storage, False, set_, tag, only, variant, True, verbose)
+    _run(file, run_options(db=db, tracking_uri=tracking_uri, address=address, cpus=cpus, no_track=no_track,
+                           backend=backend, storage=storage, set_=set_, tag=tag, only=only, variant=variant,
+                           rerun_failed=True), verbose)
 
 
-def _run(file, db, tracking_uri, address, cpus, max_parallel, no_track, storage, takeover, set_, tag, only, variant,
-         rerun_failed, verbose) -> None:
+def _run(file: Path, options, verbose: bool) -> None:
+    """``study run``: the spec parsed once, the options resolved once, the plan built once; all
+    three handed to ``run_study``."""
     from bnnctl.orchestrator.plan import build_plan
     from bnnctl.orchestrator.runcore import RunOptions
     from bnnctl.orchestrator.spec import load_spec
     from bnnctl.orchestrator.study import adaptive_allotment, plan_items, run_study, select
     from bnnctl.orchestrator.tracking import ui_hint
 
-    from ._common import parse_assignments
     from .progress import StudyProgress
 
-    overrides = tuple(parse_assignments(set_, "--set").items())
-    options = RunOptions(db, tracking_uri, address, cpus, max_parallel, not no_track, storage=storage,
-                         takeover=takeover, overrides=overrides, tag=tag, only=tuple(only), variant_keys=tuple(variant),
-                         rerun_failed=rerun_failed)
-    spec = load_spec(file, dict(overrides), tag)  # a bad spec is refused before anything is shown or started
+    db, tracking_uri = options.db, options.tracking_uri
+    spec = load_spec(file, dict(options.overrides), options.tag)  # refused before anything is shown or started
+    options = RunOptions.resolve(spec, options)
     store = _existing_store(db)
     # adaptive seeds: the first round is what the stored results say; later looks add to the total
     plan = build_plan(spec, adaptive_allotment(spec, store)[0] if spec.statistics.adaptive is not None else None)
@@ -173,7 +179,7 @@ def _run(file, db, tracking_uri, address, cpus, max_parallel, no_track, storage,
         os.environ["BNNCTL_VERBOSE"] = "1"
     stop_on_sigterm()
     with StudyProgress(out, total) as progress:
-        outcome = run_study(file, events=progress.events(), options=options, prepared=(spec, plan))
+        outcome = run_study(spec, options, events=progress.events(), plan=plan)
     store, study = _load(outcome.study, db)
     print_tables(_tables(store, study), out)
     out.print(f"study {outcome.study}: {outcome.status} ({', '.join(f'{n} {s}' for s, n in sorted(outcome.counts.items()))}; "
@@ -183,7 +189,7 @@ def _run(file, db, tracking_uri, address, cpus, max_parallel, no_track, storage,
                   f"with: bnnctl study rerun {file}")
     if outcome.status == "stopped" and study.layout.stopped_reason:
         out.print(f"[yellow]stopped[/]: {study.layout.stopped_reason}")
-    if not no_track:
+    if options.track:
         out.print(f"compare the runs in MLflow: {ui_hint(tracking_uri)}")
     if outcome.status == "cancelled":
         await_job_stop()

@@ -10,11 +10,13 @@ from bnnctl.orchestrator.formats import format_number
 
 from ._common import (
     AddressOption,
+    BackendOption,
     CpusOption,
     NoTrackOption,
     StorageOption,
     TrackingUriOption,
     console,
+    run_options,
     fail,
     stop_on_sigterm,
     submit_and_report,
@@ -52,6 +54,7 @@ def run(
     cpus: CpusOption = None,
     max_parallel: Annotated[Optional[int], typer.Option(help="Trials at once (default: the spec's execution.max_parallel).")] = None,
     no_track: NoTrackOption = False,
+    backend: BackendOption = None,
     storage: StorageOption = None,
     takeover: TakeoverOption = False,
     trials: Annotated[Optional[int], typer.Option("--trials", help="Finished trials per arm to reach (default: "
@@ -66,18 +69,19 @@ def run(
 
     from .progress import TuneProgress
 
+    options = run_options(db=db, tracking_uri=tracking_uri, address=address, cpus=cpus, max_parallel=max_parallel,
+                          no_track=no_track, backend=backend, storage=storage, takeover=takeover, trials=trials)
     spec = load_tune_spec(file)  # a bad spec (or --trials) is refused before anything is shown or started
     if trials is not None:
         spec = with_trials(spec, trials)
+    options = RunOptions.resolve(spec, options)
     out = console()
     header = (f"tuning {spec.name}: {spec.trials * len(spec.arms)} trials requested ({len(spec.arms)} arm(s) x "
               f"{spec.trials}); finished trials of an earlier run count")
     stop_on_sigterm()
     with TuneProgress(out, spec.objective.metric, _params) as progress:
         events = dataclasses.replace(progress.events(), begun=lambda: progress.line(header))  # once it passed its checks
-        outcome = run_tuning(file, events=events, on_trial=progress.trial,
-                             options=RunOptions(db, tracking_uri, address, cpus, max_parallel, not no_track,
-                                                storage=storage, takeover=takeover, trials=trials))
+        outcome = run_tuning(spec, dataclasses.replace(options, trials=None), events=events, on_trial=progress.trial)
     _closing(outcome, db, out, not no_track, tracking_uri)
 
 

@@ -101,19 +101,12 @@ def run_networks(threads: int, repeats: int, rounds: int) -> None:
         models = {}
         for backend in ("float", "xnor"):
             torch.manual_seed(0)
-            models[backend] = build_model(ModelConfig(backend=backend, **kw)).eval()
+            models[backend] = fused.fuse(build_model(ModelConfig(backend=backend, **kw)).eval())
+        torch.manual_seed(0)
+        models["convs only"] = fused.fuse(build_model(ModelConfig(backend="xnor", **kw)).eval(), glue=False)
+        models["convs only"].load_state_dict(models["xnor"].state_dict())
         models["real"] = build_model(ModelConfig(**kw).real()).eval()
-        glue = fused.fast_glue
-        calls = {"float": lambda: models["float"](x), "xnor": lambda: models["xnor"](x),
-                 "real": lambda: models["real"](x)}
-
-        def convs_only():
-            fused.fast_glue = lambda backend, t: False
-            try:
-                return models["xnor"](x)
-            finally:
-                fused.fast_glue = glue
-        calls["convs only"] = convs_only
+        calls = {k: (lambda m=m: m(x)) for k, m in models.items()}
         with torch.no_grad():
             outs = {k: fn() for k, fn in calls.items()}
             last = {k: o[-1] if isinstance(o, list) else o for k, o in outs.items()}

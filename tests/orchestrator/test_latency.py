@@ -5,6 +5,7 @@ on the in-process backend."""
 import json
 
 import pytest
+import studies as specs
 
 from bnnctl.orchestrator.backends.inprocess import InProcessBackend
 from bnnctl.orchestrator.formats import format_latency
@@ -13,24 +14,11 @@ from bnnctl.orchestrator.runcore import RunOptions
 from bnnctl.orchestrator.store import Store
 from bnnctl.orchestrator.study import run_study
 
-SPEC = """
-name: quiet
-base:
-  model: {{width: 8, depth: 2}}
-  data: {{root: {root}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
-  epochs: 2
-  batch_size: 16
-  loss: mse
-  threads: 1
-seeds: [0, 1]
-ablations:
-  - name: t
-    mode: isolated
-    rows:
-      - {{name: relu, set: {{model.activation.kind: relu}}}}
-      - {{name: relu again, set: {{model.activation.kind: relu, optim.lr: 0.001}}}}
-      - {{name: wide, set: {{model.width: 16}}}}
-"""
+def _spec(folder):
+    relu = {"model.activation.kind": "relu"}
+    return specs.write(folder, specs.study("quiet", folder / "syn", specs.rows(
+        ("relu", relu), ("relu again", {**relu, "optim.lr": 0.001}), ("wide", {"model.width": 16})),
+        seeds=(0, 1), base_fields={"latency": True}))
 
 
 def _run(spec, backend, **kw):
@@ -39,8 +27,7 @@ def _run(spec, backend, **kw):
 
 @pytest.mark.slow
 def test_each_network_is_timed_once_at_the_end_on_a_quiet_worker(workdir):
-    spec = workdir / "quiet.yaml"
-    spec.write_text(SPEC.format(root=workdir / "syn"))
+    spec = _spec(workdir)
     backend = InProcessBackend(capacity=2)
     assert _run(spec, backend, only=("relu",)).status == "stopped"  # a part: no quiet phase yet
     store = Store()

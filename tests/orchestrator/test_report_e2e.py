@@ -3,6 +3,7 @@ real MLflow store: provenance, the budget column, one reporting rule from tuning
 import json
 
 import pytest
+import studies as specs
 import yaml
 from typer.testing import CliRunner
 
@@ -15,29 +16,16 @@ from bnnctl.orchestrator.tuning import load_tuning, run_tuning, summarize
 
 runner = CliRunner()
 
-STUDY = """
-name: prov
-base:
-  model: {{width: 8, depth: 2, binarize: {{quantizer: tanh}}}}
-  data: {{root: {root}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
-  epochs: 4
-  batch_size: 16
-  loss: mse
-  threads: 1
-  latency: false
-  lambda_schedule: {{kind: linear, lambda_start: 1.0, lambda_end: 20.0}}
-teachers:
-  real: {{set: {{model.binarize.activations: false, model.binarize.weights: false}}}}
-ablations:
-  - name: order
-    mode: isolated
-    rows:
-      - {{name: prelu, set: {{model.activation.kind: prelu}}}}
-      - {{name: reverse, set: {{model.activation.kind: prelu}}, stages: reverse_order}}
-      - {{name: distilled, set: {{model.activation.kind: prelu}}, teacher: real}}
-      - {{name: standard, set: {{model.activation.kind: prelu}}, stages: standard}}
-tracking: {{experiment: prov}}
-"""
+PRELU = {"model.activation.kind": "prelu"}
+
+
+def _study(root):
+    return specs.study("prov", root, specs.rows(
+        ("prelu", PRELU), {"name": "reverse", "set": PRELU, "stages": "reverse_order"},
+        {"name": "distilled", "set": PRELU, "teacher": "real"}, {"name": "standard", "set": PRELU, "stages": "standard"},
+    ), ablation="order", teachers=specs.REAL_TEACHER, tracking={"experiment": "prov"},
+        base_fields={"epochs": 4, "model": {"binarize": {"quantizer": "tanh"}},
+                     "lambda_schedule": {"kind": "linear", "lambda_start": 1.0, "lambda_end": 20.0}})
 
 
 def _options(**kw):
@@ -50,8 +38,7 @@ def test_provenance_budgets_and_the_rule_reach_tables_pages_and_mlflow(workdir):
 
     from bnnctl.dashboard import views
 
-    spec = workdir / "prov.yaml"
-    spec.write_text(STUDY.format(root=workdir / "syn"))
+    spec = specs.write(workdir, _study(workdir / "syn"))
     assert run_study(spec, options=_options()).status == "completed"
     store = Store()
     study = store.study("prov")
@@ -111,31 +98,17 @@ def test_provenance_budgets_and_the_rule_reach_tables_pages_and_mlflow(workdir):
     assert "reverse" in open(local).read()
 
 
-TUNING = """
-kind: tuning
-name: rule
-base:
-  model: {{width: 8, depth: 2, binarize: {{quantizer: tanh}}}}
-  data: {{root: {root}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
-  epochs: 4
-  batch_size: 16
-  loss: mse
-  threads: 1
-  latency: false
-  lambda_schedule: {{kind: exponential, lambda_start: 1.0, lambda_end: 20.0}}
-search:
-  lambda_schedule.lambda_end: {{type: float, low: 10, high: 200, log: true}}
-objective: {{metric: pckh, value: best}}
-trials: 3
-sampler: {{name: random, seed: 1}}
-pruner: {{name: none}}
-"""
+def _tuning(root):
+    return specs.tuning("rule", root, {"lambda_schedule.lambda_end": {"type": "float", "low": 10, "high": 200, "log": True}},
+                        trials=3, sampler={"name": "random", "seed": 1}, pruner={"name": "none"},
+                        objective={"metric": "pckh", "value": "best"},
+                        base_fields={"epochs": 4, "model": {"binarize": {"quantizer": "tanh"}},
+                                     "lambda_schedule": {"kind": "exponential", "lambda_start": 1.0, "lambda_end": 20.0}})
 
 
 @pytest.mark.slow
 def test_a_trials_value_in_tune_show_is_the_value_its_study_table_shows(workdir):
-    spec = workdir / "rule.yaml"
-    spec.write_text(TUNING.format(root=workdir / "syn"))
+    spec = specs.write(workdir, _tuning(workdir / "syn"))
     assert run_tuning(spec, options=_options()).status == "completed"
     _, _, studies = load_tuning("rule")
     summary = summarize(studies["base"])
@@ -185,27 +158,11 @@ def test_a_trials_value_in_tune_show_is_the_value_its_study_table_shows(workdir)
     assert sorted(r.info.run_id for r in again) == sorted(r.info.run_id for r in links)
 
 
-LINKS = """
-name: links
-base:
-  model: {{width: 8, depth: 2}}
-  data: {{root: {root}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
-  epochs: 2
-  batch_size: 16
-  loss: mse
-  threads: 1
-  latency: false
-teachers:
-  real: {{set: {{model.binarize.activations: false, model.binarize.weights: false}}}}
-ablations:
-  - name: t
-    mode: isolated
-    rows:
-      - {{name: binary}}
-      - {{name: distilled, teacher: real}}
-      - {{name: real-valued, set: {{model.binarize.activations: false, model.binarize.weights: false}}}}
-tracking: {{experiment: links}}
-"""
+def _links(root):
+    real = {"model.binarize.activations": False, "model.binarize.weights": False}
+    return specs.study("links", root, specs.rows({"name": "binary"}, {"name": "distilled", "teacher": "real"},
+                                                 ("real-valued", real)),
+                       teachers=specs.REAL_TEACHER, tracking={"experiment": "links"})
 
 
 @pytest.mark.slow
@@ -217,8 +174,7 @@ def test_every_row_is_a_row_in_mlflow_and_results_and_versions_are_named(workdir
 
     from bnnctl.orchestrator.results import results
 
-    spec = workdir / "links.yaml"
-    spec.write_text(LINKS.format(root=workdir / "syn"))
+    spec = specs.write(workdir, _links(workdir / "syn"))
     assert run_study(spec, options=_options()).status == "completed"
     df = results("links")
     rows = df[df.kind == "row"]

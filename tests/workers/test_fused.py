@@ -44,7 +44,7 @@ def _pair(cfg: ModelConfig, backend: str = "xnor"):
     _randomize(ref)
     fast = build_model(ModelConfig(**{**cfg.__dict__, "backend": backend})).eval()
     fast.load_state_dict(ref.state_dict())
-    return ref, fast
+    return ref, fused.fuse(fast)
 
 
 def _fusable_convs(model: nn.Module) -> int:
@@ -104,11 +104,11 @@ def test_fused_outputs_equal_the_float_emulation(name, monkeypatch):
     for a, b in zip(got, expected):
         assert torch.equal(a, b), f"{name}: max difference {(a - b).abs().max().item()}"
     # every binary conv that the kernel can take (groups = 1) ran fused, once
-    assert len(calls) == _fusable_convs(fast) > 0
+    assert len(calls) == _fusable_convs(ref) > 0
     if cfg.arch == "alexnet":
-        assert sum(isinstance(m, BinaryLinear) for m in fast.modules()) == 2  # both FCs in the kernel too
+        assert sum(isinstance(m, BinaryLinear) for m in ref.modules()) == 2  # both FCs in the kernel too
     if cfg.arch == "unet_hourglass" and cfg.merge_groups == 2:
-        assert _fusable_convs(fast) < sum(isinstance(m, BinaryConv2d) for m in fast.modules())
+        assert _fusable_convs(ref) < sum(isinstance(m, BinaryConv2d) for m in ref.modules())
 
 
 def test_auto_takes_the_fused_path_with_the_same_outputs(monkeypatch):
@@ -118,7 +118,7 @@ def test_auto_takes_the_fused_path_with_the_same_outputs(monkeypatch):
     assert torch.equal(_outputs(fast, x)[-1], _outputs(ref, x)[-1])  # checked against layer by layer
     calls.clear()
     assert torch.equal(_outputs(fast, x)[-1], _outputs(ref, x)[-1])
-    assert len(calls) == _fusable_convs(fast)  # then fused only
+    assert len(calls) == _fusable_convs(ref)  # then fused only
 
 
 def test_basic_and_bottleneck_blocks_keep_activations_packed_between_their_convs(monkeypatch):
@@ -299,7 +299,7 @@ def test_nan_statistics_fold_exactly_and_a_failed_fold_runs_layer_by_layer(monke
     calls = _runs(monkeypatch)
     for a, b in zip(_outputs(fast, x), _outputs(ref, x)):
         assert torch.equal(a, b)
-    assert len(calls) == _fusable_convs(fast)  # everything fused, the NaN channel too
+    assert len(calls) == _fusable_convs(ref)  # everything fused, the NaN channel too
     calls.clear()
     real = fused._calibrate
     broken = fast.stacks[0].post[0].conv2.bn
@@ -316,4 +316,102 @@ def test_nan_statistics_fold_exactly_and_a_failed_fold_runs_layer_by_layer(monke
     for a, b in zip(_outputs(fast, x), _outputs(ref, x)):
         assert torch.equal(a, b)
     # the post block ran layer by layer: its conv1 and conv3 fused one at a time, conv2 not at all
-    assert len(calls) == _fusable_convs(fast) - 1
+    assert len(calls) == _fusable_convs(ref) - 1
+
+
+# ------------------------------------------------------------------ fuse() as an explicit step
+
+
+def _block_pair(name: str, backend: str, cin: int = 16, cout: int = 16, stride: int = 1):
+    from bnnctl.workers.blocks import make_block
+    from bnnctl.workers.layers import ConvFactory
+
+    torch.manual_seed(3)
+    gate = GateConfig("channel", init_range=(0.3, 1.2))
+    ref = make_block(name, cin, cout, ConvFactory(), stride=stride, gate=gate).eval()
+    _randomize(ref)
+    other = make_block(name, cin, cout, ConvFactory(backend=backend), stride=stride, gate=gate).eval()
+    other.load_state_dict(ref.state_dict())
+    return ref, other
+
+
+def _registered(registry_path: str) -> list[str]:
+    from bnnctl.workers import backends, blocks
+
+    return {"blocks": blocks.BLOCKS, "backends": backends.CONV_BACKENDS}[registry_path].names()
+
+
+@pytest.mark.parametrize("backend", _registered("backends"))
+@pytest.mark.parametrize("name", _registered("blocks"))
+@pytest.mark.parametrize("shape", [(16, 16, 1), (8, 16, 2)])  # identity skip; projection with stride
+def test_every_registered_block_with_every_conv_backend_in_eval_without_gradients(name, backend, shape, monkeypatch):
+    """The path validation takes (eval + no_grad), for every block and conv backend registered: the
+    block as built, and fuse(block), give the float emulation's bits; where the backend fuses and
+    the block declares a plan, the fused path runs, one kernel call per conv (projection included)."""
+    from bnnctl.workers.backends import CONV_BACKENDS
+
+    assert {"hpm", "basic", "bottleneck"} <= set(_registered("blocks"))
+    assert {"float", "xnor", "auto"} <= set(_registered("backends"))
+    cin, cout, stride = shape
+    ref, block = _block_pair(name, backend, cin, cout, stride)
+    x = torch.randn(2, cin, 12, 12)
+    calls = _runs(monkeypatch)
+    with torch.no_grad():
+        expected = ref(x)
+        assert calls == []  # nothing runs fused unless fuse() compiled it
+        assert torch.equal(block(x), expected)
+        compiled = fused.fuse(block)
+        assert torch.equal(compiled(x), expected)  # "auto" also compares with layer by layer here
+        calls.clear()
+        assert torch.equal(compiled(x), expected)
+    plan = block.fusion_plan()
+    fuses = CONV_BACKENDS.get(backend).fuses and plan is not None
+    assert isinstance(compiled, fused.FusedBlock) == fuses
+    if fuses:
+        assert len(calls) == len(plan.convs) + (plan.proj is not None)
+    if name in ("hpm", "basic", "bottleneck") and fuses:
+        assert len(calls) == {"hpm": 3, "basic": 2, "bottleneck": 3}[name] + (cin != cout)
+    if not CONV_BACKENDS.get(backend).fuses:
+        assert calls == [] and compiled is block
+    assert list(compiled.state_dict()) == list(ref.state_dict())  # the same names for the same tensors
+    assert not any(isinstance(m, fused.Compiled) for m in block.modules())  # the original is unchanged
+
+
+def test_a_block_that_is_not_a_chain_runs_unfused_layer_by_layer(monkeypatch):
+    """A block whose residual is not a chain of convs (two parallel convs, summed) declares no
+    fusion plan: fuse() leaves it to its own forward, each binary layer fused on its own, and the
+    model's outputs stay the emulation's. Registered from this test module alone."""
+    from bnnctl.workers.blocks import BLOCKS, Residual, GateConfig as Gate
+
+    class ParallelBlock(Residual):
+        def __init__(self, in_channels, out_channels, conv, *, stride=1, groups=1, gate=Gate(), project=None):
+            super().__init__()
+            self.left = conv(in_channels, out_channels, 3, stride, groups)
+            self.right = conv(in_channels, out_channels, 1, stride, groups)
+            self._init_skip(in_channels, out_channels, stride, groups, gate, project or conv)
+
+        def residual(self, x):
+            return self.left(x) + self.right(x)
+
+    monkeypatch.setattr(BLOCKS, "_items", dict(BLOCKS._items))  # undone after the test
+    BLOCKS.register("parallel")(ParallelBlock)
+    ref, fast = _pair(ModelConfig(block="parallel", **HOURGLASS))
+    x = torch.randn(1, 3, 32, 32)
+    calls = _runs(monkeypatch)
+    for a, b in zip(_outputs(fast, x), _outputs(ref, x)):
+        assert torch.equal(a, b)
+    assert not any(isinstance(m, fused.FusedBlock) for m in fast.modules())
+    assert sum(isinstance(m, fused.FusedLayer) for m in fast.modules()) == _fusable_convs(ref)
+    assert len(calls) == _fusable_convs(ref) > 0  # every binary layer in the kernel, one call each
+
+
+def test_fuse_shares_the_parameters_and_leaves_a_float_model_alone():
+    ref, fast = _pair(CASES["hourglass-1-stack"])
+    assert fused.fuse(ref) is ref  # nothing fuses with the float backend
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    built = build_model(ModelConfig(backend="xnor", **HOURGLASS)).eval()
+    compiled = fused.fuse(built)
+    assert compiled is not built and not any(isinstance(m, fused.Compiled) for m in built.modules())
+    with torch.no_grad():  # a write to the original's weights is seen by the compiled copy
+        for (_, a), (_, b) in zip(built.named_parameters(), compiled.named_parameters()):
+            assert a is b

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..fused import MaxPool2d
 from .config import MODELS, Architecture, ModelConfig
 
 _CONV_WIDTHS = (96, 256, 384, 384, 256)
@@ -25,13 +24,13 @@ class BinaryAlexNet(nn.Module):
         self.features = nn.Sequential(
             nn.Conv2d(cfg.in_channels, c[0], 11, 4, 2),  # the first layer stays real
             nn.ReLU(inplace=True),
-            MaxPool2d(3, 2, backend=cfg.backend),
+            nn.MaxPool2d(3, 2),
             conv(c[0], c[1], 5),
-            MaxPool2d(3, 2, backend=cfg.backend),
+            nn.MaxPool2d(3, 2),
             conv(c[1], c[2], 3),
             conv(c[2], c[3], 3),
             conv(c[3], c[4], 3),
-            MaxPool2d(3, 2, backend=cfg.backend),
+            nn.MaxPool2d(3, 2),
             nn.AdaptiveAvgPool2d(6),
         )
         self.classifier = nn.Sequential(

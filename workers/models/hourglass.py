@@ -19,9 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..blocks import make_block
-from .. import fused
-from ..fused import MaxPool2d, fast_glue, max_pool2d, upsample_add
-from ..layers import ActivationConfig
+from ..layers import ActivationConfig, UpsampleAdd
 from .config import MODELS, Architecture, ModelConfig
 
 BlockMaker = Callable[..., nn.Module]
@@ -40,9 +38,11 @@ class Hourglass(nn.Module):
     """One hourglass of ``depth`` levels at constant width."""
 
     def __init__(self, depth: int, width: int, blocks_per_level: int, make: BlockMaker,
-                 merge: str = "sum", merge_groups: int = 1, backend: str = "float") -> None:
+                 merge: str = "sum", merge_groups: int = 1) -> None:
         super().__init__()
-        self.merge, self.backend = merge, backend
+        self.merge = merge
+        self.pool = nn.MaxPool2d(2)
+        self.upsample_add = UpsampleAdd()
         self.levels = nn.ModuleList(
             nn.ModuleList(_blocks(make, width, blocks_per_level) for _ in PATHWAYS) for _ in range(depth)
         )
@@ -51,22 +51,18 @@ class Hourglass(nn.Module):
             self.merges = nn.ModuleList(make(2 * width, width, groups=merge_groups) for _ in range(depth))
 
     def forward(self, x: Tensor) -> Tensor:
-        fast = fast_glue(self.backend, x)  # inference: the same values from faster operations
         skips = []
         for up, low1, _ in self.levels:
             skips.append(up(x))
-            x = low1(max_pool2d(x, 2, 2, 0) if fast else F.max_pool2d(x, 2))
+            x = low1(self.pool(x))
         x = self.bottom(x)
         for d in reversed(range(len(self.levels))):
             x = self.levels[d][2](x)
-            if self.merge == "sum" and fast:
-                x = upsample_add(x, skips[d])
-                continue
-            x = F.interpolate(x, size=skips[d].shape[-2:], mode="nearest")
             if self.merge == "concat":
+                x = F.interpolate(x, size=skips[d].shape[-2:], mode="nearest")
                 x = self.merges[d](torch.cat((skips[d], x), dim=1))
             else:
-                x = x + skips[d]
+                x = self.upsample_add(x, skips[d])
         return x
 
 
@@ -77,8 +73,7 @@ class HourglassStack(nn.Module):
         super().__init__()
         width, conv = cfg.width, cfg.conv_factory()
         assert width is not None and cfg.num_outputs is not None
-        self.hourglass = Hourglass(cfg.depth, width, cfg.blocks_per_level, make, merge, cfg.merge_groups,
-                                  cfg.backend)
+        self.hourglass = Hourglass(cfg.depth, width, cfg.blocks_per_level, make, merge, cfg.merge_groups)
         self.post = _blocks(make, width, cfg.blocks_per_level)
         self.lin = conv(width, width, 1)
         self.head = nn.Conv2d(width, cfg.num_outputs, 1)  # the last layer stays real
@@ -100,7 +95,6 @@ class StackedHourglass(nn.Module):
         cfg = cfg.resolved()
         assert cfg.width is not None and cfg.block is not None
         w = cfg.width
-        self.backend = cfg.backend
         conv = cfg.conv_factory()
 
         def make(cin: int, cout: int, **kwargs) -> nn.Module:
@@ -111,7 +105,7 @@ class StackedHourglass(nn.Module):
             nn.BatchNorm2d(w // 4),
             nn.ReLU(inplace=True),
             make(w // 4, w // 2),
-            MaxPool2d(2, backend=cfg.backend),
+            nn.MaxPool2d(2),
             make(w // 2, w // 2),
             make(w // 2, w),
         )
@@ -119,19 +113,10 @@ class StackedHourglass(nn.Module):
             HourglassStack(cfg, make, last=(i == cfg.stacks - 1), merge=merge) for i in range(cfg.stacks)
         )
 
-    def _stem(self, x: Tensor) -> Tensor:
-        if fast_glue(self.backend, x):  # inference: the stem's BatchNorm and ReLU folded into the
-            y = self.stem[0](x)          # first block's input thresholds (no float map between them)
-            z = fused.prefixed_block(self.stem[3], y, (self.stem[1], self.stem[2]))
-            if z is not None:
-                return self.stem[4:](z)
-            return self.stem[1:](y)
-        return self.stem(x)
-
     def forward(self, x: Tensor, return_features: bool = False):
         """Heatmaps of every stack; with ``return_features``, also each stack's features before
         its head (used for feature-matching distillation)."""
-        x = self._stem(x)
+        x = self.stem(x)
         outputs, features_out = [], []
         for stack in self.stacks:
             features, heatmaps = stack(x)

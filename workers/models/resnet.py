@@ -9,7 +9,6 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..blocks import make_block
-from ..fused import MaxPool2d
 from .config import MODELS, Architecture, ModelConfig
 
 #: Blocks per stage of ResNet-18.
@@ -28,7 +27,7 @@ class BinaryResNet(nn.Module):
             nn.Conv2d(cfg.in_channels, w, 7, 2, 3, bias=False),
             nn.BatchNorm2d(w),
             nn.ReLU(inplace=True),
-            MaxPool2d(3, 2, 1, backend=cfg.backend),
+            nn.MaxPool2d(3, 2, 1),
         )
         stages = []
         cin = w

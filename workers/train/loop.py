@@ -25,6 +25,7 @@ from ..binarize import Quantizer
 from ..config import to_dict
 from ..diagnostics import FlipTracker, clip_fractions, soft_activation_tally, soft_weight_fraction
 from ..errors import ConfigError, TrainingError
+from ..fused import fuse
 from ..latency import measure as measure_latency
 from ..models import build_model
 from ..schedules import LambdaScheduler
@@ -377,7 +378,7 @@ class _Run:
         if config.recalibrates:
             recalibrate_batchnorm(model, self._calibration_inputs(epoch))
         model.eval()
-        metrics = task.evaluate(model, self.val_loader, self.device)
+        metrics = task.evaluate(fuse(model), self.val_loader, self.device)  # fused where the backend fuses
         if smooth:
             smooth["smooth_gap"] = smooth[f"{task.metric}_approx"] - metrics[task.metric]
             metrics.update(smooth)
