@@ -140,9 +140,11 @@ class StorageNotShared(BnnctlError):
 
 def shared_storage_problem(backend: Backend, options: RunOptions) -> str:
     """Why the run storage does not fit the backend's cluster (several nodes, or an autoscaler that
-    adds machines, with the default folder of this machine); "" when it does (or is not known yet)."""
+    adds machines, with the default folder of this machine); "" when it does (or is not known yet).
+    ``options`` are resolved (:meth:`RunOptions.resolve`): a storage from the option, the spec or the
+    environment is given; None is the default folder."""
     grows = getattr(backend, "may_grow", False)
-    if not (backend.node_count > 1 or grows) or options.storage is not None or os.environ.get("BNNCTL_STORAGE"):
+    if not (backend.node_count > 1 or grows) or options.storage is not None:
         return ""
     nodes = ("has an autoscaler (the nodes it adds are other machines)" if grows and backend.node_count == 1
              else f"has {backend.node_count} nodes")

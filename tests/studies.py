@@ -58,3 +58,8 @@ def write(folder: Path, doc: dict, file: str | None = None) -> Path:
     path = Path(folder) / (file or f"{doc['name']}.yaml")
     path.write_text(yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=120))
     return path
+
+
+#: The activation rows several tests train: ReLU, PReLU and LeakyReLU, each alone.
+ACTIVATIONS = rows(("relu", {"model.activation.kind": "relu"}), ("prelu", {"model.activation.kind": "prelu"}),
+                   ("leaky", {"model.activation.kind": "leaky_relu"}))

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import studies as specs
 
 from bnnctl.orchestrator.formats import format_latency, format_value
 from bnnctl.orchestrator.report import build_tables
@@ -27,87 +28,41 @@ if not (CHROMIUM and DRIVER):
         raise RuntimeError("CI must install Debian's chromium and chromium-driver (.ci/run does)")
     pytest.skip("headless Chromium not installed (apt-get install chromium chromium-driver)", allow_module_level=True)
 
-STUDY = """
-name: dash
-description: A tiny isolated ablation over two seeds.
-base:
-  model: {{width: 8, depth: 2}}
-  data: {{root: {root}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
-  epochs: 2
-  batch_size: 16
-  loss: mse
-  threads: 1
-seeds: [0, 1]
-ablations:
-  - name: acts
-    mode: isolated
-    rows:
-      - {{name: relu, set: {{model.activation.kind: relu}}, reference: 76.3}}
-      - {{name: prelu, set: {{model.activation.kind: prelu}}, reference: 79.1}}
-tracking: {{experiment: dash}}
-execution: {{max_parallel: 2}}
-"""
+TANH = {"model": {"binarize": {"quantizer": "tanh"}}}
 
-TUNING = """
-kind: tuning
-name: dash-tune
-base:
-  model: {{width: 8, depth: 2, binarize: {{quantizer: tanh}}}}
-  data: {{root: {root}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
-  epochs: 2
-  batch_size: 16
-  loss: mse
-  threads: 1
-  latency: false  # the tuning page shows no latency (the study above measures it)
-  lambda_schedule: {{kind: exponential, lambda_start: 1.0, lambda_end: 20.0}}
-search:
-  lambda_schedule.lambda_start: {{type: float, low: 0.5, high: 2, log: true}}
-  lambda_schedule.lambda_end: {{type: float, low: 5, high: 100, log: true}}
-trials: 4
-sampler: {{name: random, seed: 0}}
-pruner: {{name: none}}
-execution: {{max_parallel: 2}}
-"""
 
-STAGES = """
-name: dash-stages
-description: A two-stage row beside a single-stage one.
-base:
-  model: {{width: 8, depth: 2, binarize: {{quantizer: tanh}}}}
-  data: {{root: {root}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
-  epochs: 4
-  batch_size: 16
-  loss: mse
-  threads: 1
-  latency: false
-  lambda_schedule: {{kind: linear, lambda_start: 1.0, lambda_end: 20.0}}
-ablations:
-  - name: order
-    mode: isolated
-    rows:
-      - {{name: single, set: {{model.activation.kind: prelu}}}}
-      - {{name: reverse, set: {{model.activation.kind: prelu}}, stages: reverse_order}}
-tracking: {{experiment: dash}}
-"""
+def _study(root):
+    return specs.study("dash", root, specs.rows(
+        {"name": "relu", "set": {"model.activation.kind": "relu"}, "reference": 76.3},
+        {"name": "prelu", "set": {"model.activation.kind": "prelu"}, "reference": 79.1},
+    ), ablation="acts", seeds=(0, 1), description="A tiny isolated ablation over two seeds.",
+        base_fields={"latency": True}, tracking={"experiment": "dash"}, execution={"max_parallel": 2})
 
-PRUNE = """
-kind: tuning
-name: dash-prune
-base:
-  model: {{width: 8, depth: 2, binarize: {{quantizer: tanh}}}}
-  data: {{root: {root}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
-  epochs: 3
-  batch_size: 16
-  loss: mse
-  threads: 1
-  latency: false
-  lambda_schedule: {{kind: exponential, lambda_start: 1.0, lambda_end: 20.0}}
-search:
-  lambda_schedule.lambda_end: {{type: float, low: 5, high: 100, log: true}}
-trials: 3
-sampler: {{name: random, seed: 0}}
-pruner: {{name: threshold, lower: 1000}}  # no run passes: every trial but the default stops after epoch 1
-"""
+
+def _tuning(root):
+    # the tuning page shows no latency (the study above measures it)
+    return specs.tuning("dash-tune", root, {
+        "lambda_schedule.lambda_start": {"type": "float", "low": 0.5, "high": 2, "log": True},
+        "lambda_schedule.lambda_end": {"type": "float", "low": 5, "high": 100, "log": True},
+    }, trials=4, sampler={"name": "random", "seed": 0}, pruner={"name": "none"}, execution={"max_parallel": 2},
+        base_fields={**TANH, "lambda_schedule": {"kind": "exponential", "lambda_start": 1.0, "lambda_end": 20.0}})
+
+
+def _stages(root):
+    prelu = {"model.activation.kind": "prelu"}
+    return specs.study("dash-stages", root, specs.rows(
+        ("single", prelu), {"name": "reverse", "set": prelu, "stages": "reverse_order"},
+    ), ablation="order", description="A two-stage row beside a single-stage one.", tracking={"experiment": "dash"},
+        base_fields={**TANH, "epochs": 4, "lambda_schedule": {"kind": "linear", "lambda_start": 1.0, "lambda_end": 20.0}})
+
+
+def _prune(root):
+    # no run passes the threshold: every trial but the default stops after epoch 1
+    return specs.tuning("dash-prune", root, {
+        "lambda_schedule.lambda_end": {"type": "float", "low": 5, "high": 100, "log": True},
+    }, trials=3, sampler={"name": "random", "seed": 0}, pruner={"name": "threshold", "lower": 1000},
+        base_fields={**TANH, "epochs": 3,
+                     "lambda_schedule": {"kind": "exponential", "lambda_start": 1.0, "lambda_end": 20.0}})
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -123,8 +78,8 @@ def filled(tmp_path_factory, request):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        (root / "dash.yaml").write_text(STUDY.format(root=root / "syn"))
-        (root / "tune.yaml").write_text(TUNING.format(root=root / "syn"))
+        specs.write(root, _study(root / "syn"), "dash.yaml")
+        specs.write(root, _tuning(root / "syn"), "tune.yaml")
         db = f"sqlite:///{root / '.bnnctl' / 'state.db'}"
         if request.param == "postgresql":
             db = request.getfixturevalue("pg_server").database()
@@ -132,8 +87,8 @@ def filled(tmp_path_factory, request):
         assert run_study(root / "dash.yaml", options=inprocess).status == "completed"
         notrack = RunOptions(db=db, track=False, backend_instance=InProcessBackend(capacity=2))
         assert run_tuning(root / "tune.yaml", options=notrack).status == "completed"
-        (root / "stages.yaml").write_text(STAGES.format(root=root / "syn"))
-        (root / "prune.yaml").write_text(PRUNE.format(root=root / "syn"))
+        specs.write(root, _stages(root / "syn"), "stages.yaml")
+        specs.write(root, _prune(root / "syn"), "prune.yaml")
         assert run_study(root / "stages.yaml", options=notrack).status == "completed"
         version = dataclasses.replace(notrack, overrides=(("optim.lr", 0.01),))
         assert run_study(root / "stages.yaml", options=version).study == "dash-stages@optim.lr=0.01"

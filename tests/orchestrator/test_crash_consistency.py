@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import studies as specs
 
 from bnnctl.orchestrator.backends.inprocess import InProcessBackend
 from bnnctl.orchestrator.runcore import RunOptions
@@ -27,50 +28,20 @@ pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-c", "from bnnctl.orchestrator.cli import main; main()"]
 HISTORY = ("pckh", "val_loss", "train_loss")
 
-STUDY = """
-name: crash
-base:
-  model: {{width: 8, depth: 2}}
-  data: {{root: {root}, synthetic: {{train: 48, valid: 16}}, input_size: 32}}
-  epochs: {epochs}
-  batch_size: 16
-  loss: mse
-  threads: 1
-  latency: false
-seeds: [0]
-ablations:
-  - name: acts
-    mode: isolated
-    rows:
-      - {{name: relu, set: {{model.activation.kind: relu}}}}
-      - {{name: prelu, set: {{model.activation.kind: prelu}}}}
-      - {{name: leaky, set: {{model.activation.kind: leaky_relu}}}}
-      - {{name: reverse, set: {{model.activation.kind: prelu}}, stages: reverse_order}}
-tracking: {{experiment: crash}}
-execution: {{max_parallel: 2, retries: 2}}
-"""
+def _study(root, epochs):
+    return specs.study("crash", root, specs.ACTIVATIONS + specs.rows(
+        {"name": "reverse", "set": {"model.activation.kind": "prelu"}, "stages": "reverse_order"}),
+        ablation="acts", tracking={"experiment": "crash"}, execution={"max_parallel": 2, "retries": 2},
+        base_fields={"epochs": epochs, "train": 48})
 
-TUNING = """
-kind: tuning
-name: tcrash
-base:
-  model: {{width: 8, depth: 2, binarize: {{quantizer: tanh}}}}
-  data: {{root: {root}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
-  epochs: 3
-  batch_size: 16
-  loss: mse
-  threads: 1
-  latency: false
-  lambda_schedule: {{kind: exponential, lambda_start: 1.0, lambda_end: 20.0}}
-search:
-  lambda_schedule.lambda_start: {{type: float, low: 0.5, high: 5, log: true}}
-  lambda_schedule.lambda_end: {{type: float, low: 10, high: 200, log: true}}
-trials: 5
-sampler: {{name: random, seed: 7}}
-pruner: {{name: none}}
-execution: {{max_parallel: 2, retries: 2}}
-tracking: {{experiment: tcrash}}
-"""
+def _tuning(root):
+    return specs.tuning("tcrash", root, {
+        "lambda_schedule.lambda_start": {"type": "float", "low": 0.5, "high": 5, "log": True},
+        "lambda_schedule.lambda_end": {"type": "float", "low": 10, "high": 200, "log": True},
+    }, trials=5, sampler={"name": "random", "seed": 7}, pruner={"name": "none"},
+        execution={"max_parallel": 2, "retries": 2}, tracking={"experiment": "tcrash"},
+        base_fields={"epochs": 3, "model": {"binarize": {"quantizer": "tanh"}},
+                     "lambda_schedule": {"kind": "exponential", "lambda_start": 1.0, "lambda_end": 20.0}})
 
 
 # --------------------------------------------------------------------------- helpers
@@ -158,8 +129,7 @@ def _histories(store: Store, keys) -> dict[str, dict[str, list]]:
 # --------------------------------------------------------------------------- kill loops
 
 def test_a_study_killed_at_every_kind_of_moment_ends_as_if_never_interrupted(workdir, tmp_path_factory):
-    spec = workdir / "crash.yaml"
-    spec.write_text(STUDY.format(root="syn", epochs=4))  # relative: the reference folder has the same identities
+    spec = specs.write(workdir, _study("syn", 4))  # relative: the reference folder has the same identities
     moments = ["started", "epoch", "completed"]  # one kill of each kind (each restart costs a Ray start)
     kills = _kill_loop(workdir, ["study", "run", str(spec), "--cpus", "2"], "crash", moments)
     assert kills == moments  # the study outlived one kill of each kind before it finished
@@ -191,8 +161,7 @@ def test_a_study_killed_at_every_kind_of_moment_ends_as_if_never_interrupted(wor
 def test_a_tuning_killed_at_every_kind_of_moment_ends_with_exactly_its_trials(workdir):
     import optuna
 
-    spec = workdir / "tcrash.yaml"
-    spec.write_text(TUNING.format(root=workdir / "syn"))
+    spec = specs.write(workdir, _tuning(workdir / "syn"))
     moments = ["started", "completed", "epoch"]
     kills = _kill_loop(workdir, ["tune", "run", str(spec), "--cpus", "2"], "tcrash", moments)
     assert kills == moments
@@ -232,8 +201,9 @@ def _report(kind: str, figures: dict) -> None:
 # --------------------------------------------------------------------------- the state database vanishes
 
 def test_a_deleted_state_database_stops_the_driver_and_a_rerun_recovers_everything(workdir):
-    spec = workdir / "crash.yaml"
-    spec.write_text(STUDY.format(root=workdir / "syn", epochs=6).replace("max_parallel: 2", "max_parallel: 1"))
+    one_at_a_time = _study(workdir / "syn", 6)
+    one_at_a_time["execution"]["max_parallel"] = 1
+    spec = specs.write(workdir, one_at_a_time)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(CLI + ["study", "run", str(spec), "--cpus", "2"], cwd=workdir, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -3,6 +3,7 @@ database, its errors and hints, and what reaches MLflow."""
 import re
 
 import pytest
+import studies as specs
 from typer.testing import CliRunner
 
 from bnnctl.orchestrator.cli import app
@@ -10,34 +11,19 @@ from bnnctl.orchestrator.urls import mask_text, mask_url
 
 runner = CliRunner()
 
-STUDY = """
-name: creds
-base:
-  model: {{width: 8, depth: 2}}
-  data: {{root: {root}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
-  epochs: 1
-  batch_size: 16
-  threads: 1
-  latency: false
-ablations:
-  - {{name: a, mode: isolated, rows: [{{name: relu, set: {{model.activation.kind: relu}}}}]}}
-"""
-TUNING = """
-kind: tuning
-name: creds-tune
-base:
-  model: {{width: 8, depth: 2, binarize: {{quantizer: tanh}}}}
-  data: {{root: {root}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
-  epochs: 1
-  batch_size: 16
-  threads: 1
-  latency: false
-search:
-  lambda_schedule.lambda_end: {{type: float, low: 10, high: 200, log: true}}
-trials: 2
-sampler: {{name: random, seed: 0}}
-pruner: {{name: none}}
-"""
+def _study(root):
+    doc = specs.study("creds", root, specs.rows(("relu", {"model.activation.kind": "relu"})), ablation="a",
+                      base_fields={"epochs": 1})
+    del doc["base"]["loss"]  # the task's default loss
+    return doc
+
+
+def _tuning(root):
+    doc = specs.tuning("creds-tune", root, {"lambda_schedule.lambda_end": {"type": "float", "low": 10, "high": 200, "log": True}},
+                       trials=2, sampler={"name": "random", "seed": 0}, pruner={"name": "none"},
+                       base_fields={"epochs": 1, "model": {"binarize": {"quantizer": "tanh"}}})
+    del doc["base"]["loss"]
+    return doc
 
 
 def test_masking_rules():
@@ -57,8 +43,8 @@ def test_masking_rules():
 def test_no_output_shows_the_database_password(workdir, pg_server):
     db = pg_server.database()
     password = pg_server.password
-    (workdir / "s.yaml").write_text(STUDY.format(root=workdir / "syn"))
-    (workdir / "t.yaml").write_text(TUNING.format(root=workdir / "syn"))
+    specs.write(workdir, _study(workdir / "syn"), "s.yaml")
+    specs.write(workdir, _tuning(workdir / "syn"), "t.yaml")
     outputs = {}
     for name, args in {
         "study run": ["study", "run", "s.yaml", "--db", db, "--cpus", "2"],

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import studies as specs
 
 from bnnctl.orchestrator.backends.inprocess import InProcessBackend
 from bnnctl.orchestrator.runcore import RunOptions
@@ -17,32 +18,11 @@ from bnnctl.workers.train import LocalReporter, TrainConfig, run_variant
 
 pytestmark = pytest.mark.slow
 
-SPEC = """
-name: e2e
-base:
-  model: {{width: 16, depth: 2}}
-  data: {{root: {root}, synthetic: {{train: 64, valid: 16}}, input_size: 32}}
-  epochs: {epochs}
-  batch_size: 16
-  loss: mse
-  threads: 1
-  latency: false
-seeds: [0]
-ablations:
-  - name: acts
-    mode: isolated
-    rows:
-      - {{name: relu, set: {{model.activation.kind: relu}}}}
-      - {{name: prelu, set: {{model.activation.kind: prelu}}}}
-      - {{name: leaky, set: {{model.activation.kind: leaky_relu}}}}
-tracking: {{experiment: e2e}}
-execution: {{max_parallel: 2, retries: 2}}
-"""
-
-
 def _spec(tmp_path, epochs):
-    f = tmp_path / "e2e.yaml"
-    f.write_text(SPEC.format(root=tmp_path / "syn", epochs=epochs))
+    f = specs.write(tmp_path, specs.study(
+        "e2e", tmp_path / "syn", specs.ACTIVATIONS, ablation="acts", tracking={"experiment": "e2e"},
+        execution={"max_parallel": 2, "retries": 2},
+        base_fields={"epochs": epochs, "train": 64, "model": {"width": 16}}))
     return f
 
 

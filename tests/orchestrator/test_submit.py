@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import studies as specs
 
 from bnnctl.orchestrator.store import Store
 from bnnctl.orchestrator.submit import AWAITING_STOP
@@ -15,24 +16,11 @@ from raynodes import CLI, RayNodes, free_port, run_cli, wait_for
 
 pytestmark = pytest.mark.cluster
 
-SPEC = """
-name: sub
-base:
-  model: {{width: 8, depth: 2}}
-  data: {{root: {root}, synthetic: {{train: 64, valid: 16}}, input_size: 32}}
-  epochs: 40
-  batch_size: 16
-  threads: 1
-  latency: false
-ablations:
-  - name: acts
-    mode: isolated
-    rows:
-      - {{name: relu, set: {{model.activation.kind: relu}}}}
-      - {{name: prelu, set: {{model.activation.kind: prelu}}}}
-      - {{name: leaky, set: {{model.activation.kind: leaky_relu}}}}
-execution: {{max_parallel: 1}}
-"""
+def _spec(root):
+    doc = specs.study("sub", root, specs.ACTIVATIONS, ablation="acts", execution={"max_parallel": 1},
+                      base_fields={"epochs": 40, "train": 64})
+    del doc["base"]["loss"]  # the task's default loss
+    return doc
 
 
 @pytest.fixture()
@@ -66,8 +54,7 @@ def test_submit_follow_refuse_cancel_and_resume(tmp_path, cluster, pg_server):
     db = pg_server.database()
     laptop = tmp_path / "laptop"
     laptop.mkdir()
-    spec = laptop / "sub.yaml"
-    spec.write_text(SPEC.format(root=tmp_path / "syn"))
+    spec = specs.write(laptop, _spec(tmp_path / "syn"))
     storage = f"file://{tmp_path / 'shared-runs'}"
     env = nodes.env
     submit = ["study", "submit", str(spec), "--address", job_server, "--db", db, "--storage", storage, "--no-track"]

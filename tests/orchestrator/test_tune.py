@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import studies as specs
 import yaml
 from typer.testing import CliRunner
 
@@ -22,34 +23,22 @@ from bnnctl.orchestrator.tuning import load_tuning, objective_value, run_tuning,
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
-TINY = """
-kind: tuning
-name: {name}
-base:
-  model: {{width: 8, depth: 2, binarize: {{quantizer: tanh}}}}
-  data: {{root: {root}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
-  epochs: {epochs}
-  batch_size: 16
-  loss: mse
-  threads: 1
-  latency: false
-  lambda_schedule: {{kind: exponential, lambda_start: 1.0, lambda_end: 20.0}}
-search:
-  lambda_schedule.lambda_start: {{type: float, low: 0.5, high: 5, log: true}}
-  lambda_schedule.lambda_end: {{type: float, low: 10, high: 200, log: true}}
-trials: {trials}
-sampler: {{name: random, seed: 3}}
-pruner: {pruner}
-execution: {{max_parallel: {parallel}, retries: 2}}
-tracking: {{experiment: tune-tests}}
-"""
+def _tiny(name, root, epochs=3, trials=4, parallel=2, pruner="{name: none}", extra=""):
+    """The tiny tuning of lambda_start and lambda_end; ``pruner`` and ``extra`` (more top-level
+    sections) as YAML text."""
+    doc = specs.tuning(name, root, {
+        "lambda_schedule.lambda_start": {"type": "float", "low": 0.5, "high": 5, "log": True},
+        "lambda_schedule.lambda_end": {"type": "float", "low": 10, "high": 200, "log": True},
+    }, trials=trials, sampler={"name": "random", "seed": 3}, pruner=yaml.safe_load(pruner),
+        execution={"max_parallel": parallel, "retries": 2}, tracking={"experiment": "tune-tests"},
+        base_fields={"epochs": epochs, "model": {"binarize": {"quantizer": "tanh"}},
+                     "lambda_schedule": {"kind": "exponential", "lambda_start": 1.0, "lambda_end": 20.0}})
+    doc.update(yaml.safe_load(extra) or {})
+    return doc
 
 
 def _spec(tmp_path, name="t", epochs=3, trials=4, parallel=2, pruner="{name: none}", extra=""):
-    f = tmp_path / f"{name}.yaml"
-    f.write_text(TINY.format(name=name, root=tmp_path / "syn", epochs=epochs, trials=trials, parallel=parallel,
-                             pruner=pruner) + extra)
-    return f
+    return specs.write(tmp_path, _tiny(name, tmp_path / "syn", epochs, trials, parallel, pruner, extra))
 
 
 def _optuna(tmp_path, name, db=None):

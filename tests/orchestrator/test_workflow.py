@@ -4,6 +4,7 @@ the CLI in-process through Typer's runner."""
 import json
 
 import pytest
+import studies as specs
 from typer.testing import CliRunner
 
 from bnnctl.orchestrator.backends.inprocess import InProcessBackend
@@ -16,34 +17,18 @@ from bnnctl.orchestrator.study import run_study
 
 runner = CliRunner()
 
-SPEC = """
-name: flow
-base:
-  model: {{width: 8, depth: 2}}
-  data: {{root: {root}, synthetic: {{train: 32, valid: 16}}, input_size: 32}}
-  epochs: 2
-  batch_size: 16
-  loss: mse
-  threads: 1
-  latency: false
-seeds: [0, 1]
-teachers:
-  real: {{set: {{model.binarize.activations: false, model.binarize.weights: false}}}}
-ablations:
-  - name: t
-    mode: isolated
-    rows:
-      - {{name: relu, set: {{model.activation.kind: relu}}}}
-      - {{name: reverse, set: {{model.activation.kind: prelu}}, stages: reverse_order}}
-      - {{name: distilled, teacher: real}}
-      - {{name: exploding, set: {{optim.lr: 1e30}}}}
-"""
+def _flow(root):
+    """Four rows of the tiny study, two seeds: a plain row, a two-stage row, a distilled row and
+    one whose loss explodes (a variant that fails for its config)."""
+    return specs.study("flow", root, specs.rows(
+        ("relu", {"model.activation.kind": "relu"}),
+        {"name": "reverse", "set": {"model.activation.kind": "prelu"}, "stages": "reverse_order"},
+        {"name": "distilled", "teacher": "real"},
+        ("exploding", {"optim.lr": 1e30})), seeds=(0, 1), teachers=specs.REAL_TEACHER)
 
 
 def _spec(workdir):
-    f = workdir / "flow.yaml"
-    f.write_text(SPEC.format(root=workdir / "syn"))
-    return f
+    return specs.write(workdir, _flow(workdir / "syn"))
 
 
 def _opts(**kw):
@@ -290,8 +275,7 @@ def test_a_moved_project_folder_keeps_its_results_and_images(workdir, monkeypatc
     first = workdir / "first"
     first.mkdir()
     monkeypatch.chdir(first)
-    spec = first / "flow.yaml"
-    spec.write_text(SPEC.format(root="syn"))  # a data root relative to the project folder
+    spec = specs.write(first, _flow("syn"))  # a data root relative to the project folder
     assert run_study(spec, options=_opts(only=("relu",))).trained == 2
     keys = {m.variant_key for m in Store().members(Store().study("flow").id) if m.row == "relu"}
     moved = workdir / "moved"
