@@ -22,11 +22,39 @@ TINY = {
 DECOMPOSITIONS = ["none", "svd", "tucker", "holistic_tucker"]
 
 
+def _pairwise(cases: list[tuple]) -> set[tuple]:
+    """A subset of ``cases`` in which every pair of values of two dimensions that some case holds
+    appears at least once (greedy: each pick covers the most pairs not yet covered)."""
+    def pairs(case):
+        return {(i, a, j, b) for i, a in enumerate(case) for j, b in enumerate(case) if i < j}
+
+    todo, chosen = set().union(*map(pairs, cases)), set()
+    while todo:
+        best = max(cases, key=lambda c: len(pairs(c) & todo))
+        chosen.add(best)
+        todo -= pairs(best)
+    return chosen
+
+
 def _cases():
-    for arch in MODELS.names():
-        blocks = BLOCKS.names() if MODELS.get(arch).block else [None]
-        for block, act, dec, binary in itertools.product(blocks, ACTIVATIONS.names(), DECOMPOSITIONS, (True, False)):
-            yield pytest.param(arch, block, act, dec, binary, id=f"{arch}-{block}-{act}-{dec}-{'bin' if binary else 'real'}")
+    """Every combination; those outside a pairwise cover of them are marked slow (``make test``
+    runs them all, ``make test-fast`` every pair of choices)."""
+    full = [(arch, block, act, dec, binary) for arch in MODELS.names()
+            for block in (BLOCKS.names() if MODELS.get(arch).block else [None])
+            for act, dec, binary in itertools.product(ACTIVATIONS.names(), DECOMPOSITIONS, (True, False))]
+    cover = _pairwise(full)
+    for case in full:
+        arch, block, act, dec, binary = case
+        yield pytest.param(*case, id=f"{arch}-{block}-{act}-{dec}-{'bin' if binary else 'real'}",
+                           marks=() if case in cover else pytest.mark.slow)
+
+
+def test_the_fast_subset_covers_every_pair_of_choices():
+    cases = [tuple(p.values) for p in _cases()]
+    fast = [c for c, p in zip(cases, _cases()) if not p.marks]
+    assert len(fast) < len(cases) / 5
+    for i, j in itertools.combinations(range(5), 2):
+        assert {(c[i], c[j]) for c in fast} == {(c[i], c[j]) for c in cases}
 
 
 @pytest.mark.parametrize("arch,block,act,dec,binary", list(_cases()))
