@@ -354,7 +354,6 @@ def _cli(args: list[str], cwd: Path, env: dict | None = None):
     return out, time.monotonic() - t0
 
 
-@pytest.mark.slow  # the CLI in a subprocess, timed against a Ray start: over 5 s
 def test_resources_beyond_this_machine_are_refused_before_the_private_cluster_starts(tmp_path):
     """The private local cluster would get this machine's CPUs (or --cpus) and the GPUs Ray finds: a
     request beyond them is refused from those figures, without starting Ray, writing nothing."""

@@ -111,7 +111,6 @@ def _metrics(name, db=None):
     return {row: {k: v for k, v in metrics.items() if "time" not in k} for row, metrics in results.items()}
 
 
-@pytest.mark.slow  # two studies trained, one per backend
 def test_a_backend_registered_from_a_test_module_runs_a_study(workdir, toy):
     """Named in the spec (`execution.backend: toy`), the toy backend trains every variant; the
     results are those of the built-in in-process backend, bit for bit."""
@@ -273,7 +272,6 @@ def test_approx_sign_is_exact_and_its_backward_is_its_own(approx_sign, monkeypat
     assert torch.equal(fast.weight_source.weight.grad, ref.weight_source.weight.grad)
 
 
-@pytest.mark.slow  # two runs of a study
 def test_approx_sign_trains_end_to_end_in_the_kernel(workdir, approx_sign, monkeypatch):
     """A study with a row per quantizer on the XNOR backend: ApproxSign's rows train with the kernel
     in the training forward (operands exactly +-1), and its gradient, not the STE's, trains them."""

@@ -154,7 +154,6 @@ def test_grid_values_and_objective_reduction():
 
 # --------------------------------------------------------------------------- running
 
-@pytest.mark.slow  # about 10 s: four trials on a real local Ray cluster
 def test_pruner_stops_trials_after_the_first_epoch(workdir):
     """A threshold pruner no run can pass: every trial but the default stops after epoch 1,
     recorded as PRUNED in Optuna and in MLflow; the default trial is never pruned."""
@@ -300,7 +299,6 @@ def test_interrupted_tuning_resumes_to_exactly_the_requested_trials(workdir):
     assert Store().study("resume").spec == layout  # refused before anything was written
 
 
-@pytest.mark.slow  # 4-9 s: two arms' trials on a real local Ray cluster
 def test_arms_get_the_same_budget_and_best_becomes_a_study_spec(workdir):
     extra = ("arms:\n  - {name: relu, set: {model.activation.kind: relu}}\n"
              "  - {name: prelu, set: {model.activation.kind: prelu}}\n")

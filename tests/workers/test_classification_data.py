@@ -43,7 +43,6 @@ def test_embedded_digits_are_real_digits_in_the_imagefolder_layout(tmp_path):
     assert img.shape == (32, 32) and img.max() > 200 and img.min() < 30
 
 
-@pytest.mark.slow  # about 5 s: several processes importing torch at once
 def test_processes_writing_the_embedded_digits_at_once_all_succeed(tmp_path):
     """Parallel variants preparing the embedded data in a fresh folder at the same moment."""
     import racers
