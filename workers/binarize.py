@@ -110,11 +110,6 @@ class QuantizerKind:
         """Whether its training output is exactly ±1 (what an XNOR kernel needs)."""
         return self.forward is None
 
-    @property
-    def approximate(self) -> Callable[[Tensor, Tensor], Tensor] | None:
-        """The smooth forward (None for an exact one)."""
-        return self.forward
-
 
 #: Quantizers by name. Adding one = registering it here (``approximation("name")`` for a smooth
 #: forward, ``QuantizerKind(backward=...)`` for an exact forward with its own gradient).
@@ -234,12 +229,12 @@ class Quantizer(nn.Module):
             if self.spec.backward is None or not self.training:
                 return sign_ste(x)
             return _SignCustomBackward.apply(self.argument(x), self.lam.to(x.dtype), self.spec.backward)
-        assert self.spec.approximate is not None
+        assert self.spec.forward is not None
         lam, u = self.lam.to(x.dtype), self.argument(x)
         if self.tally is not None:
             self.tally[0] += int((lam * u.detach()).abs().lt(1).sum())
             self.tally[1] += u.numel()
-        return self.spec.approximate(u, lam)
+        return self.spec.forward(u, lam)
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind}, lam={float(self.lam):g}" + (", scale_free" if self.scale_free else "")

@@ -501,7 +501,7 @@ def _compiled(module: nn.Module, glue: bool) -> nn.Module:
         return FusedLayer(module) if module.conv_backend.fuses else module
     plan_of = getattr(module, "fusion_plan", None)
     plan = plan_of() if callable(plan_of) else None
-    if plan is not None and isinstance(plan, FusionPlan) and plan.convs and plan.convs[0].conv_backend.fuses:
+    if isinstance(plan, FusionPlan) and plan.convs and plan.convs[0].conv_backend.fuses:
         return FusedBlock(module, plan)
     if glue and type(module) is nn.MaxPool2d:
         return FusedMaxPool2d(module)

@@ -81,7 +81,7 @@ def run(
     stop_on_sigterm()
     with TuneProgress(out, spec.objective.metric, _params) as progress:
         events = dataclasses.replace(progress.events(), begun=lambda: progress.line(header))  # once it passed its checks
-        outcome = run_tuning(spec, dataclasses.replace(options, trials=None), events=events, on_trial=progress.trial)
+        outcome = run_tuning(spec, options, events=events, on_trial=progress.trial)
     _closing(outcome, db, out, not no_track, tracking_uri)
 
 

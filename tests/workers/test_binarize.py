@@ -20,7 +20,7 @@ def test_ste_gradient_is_one_inside_clip_and_zero_outside():
 
 @pytest.mark.parametrize("kind", [n for n in QUANTIZERS.names() if not QUANTIZERS.get(n).exact])
 def test_approximation_tends_to_sign_with_finite_gradient(kind):
-    fn = QUANTIZERS.get(kind).approximate
+    fn = QUANTIZERS.get(kind).forward
     x = torch.cat([torch.linspace(-2, -0.05, 50), torch.linspace(0.05, 2, 50)])
     errors = []
     for lam in (1.0, 10.0, 100.0, 1e3, 1e4, 1e5):
